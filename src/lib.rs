@@ -1,0 +1,6 @@
+//! catalog-bridge keeps Consul, etcd and ZooKeeper service catalogs in sync with Kubernetes,
+//! both ways. See `docs/architecture.md` for how the pieces fit together.
+
+#![deny(warnings)]
+
+pub mod cli;

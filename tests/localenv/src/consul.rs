@@ -1,0 +1,104 @@
+//! A real Consul agent (v1.14, `-dev` server mode) on loopback. A dev agent keeps nothing on
+//! disk: starting it again gives an empty catalog, which is exactly the fault a restart of a
+//! real Consul cluster that lost its state would cause.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::ports::free_port;
+use crate::process::{Process, Spec};
+use crate::programs;
+use crate::ready::wait_ready;
+
+pub struct Consul {
+    process: Process,
+    http_port: u16,
+    node: String,
+    http: reqwest::Client,
+}
+
+impl Consul {
+    /// Starts a dev agent with every port on a free loopback port and waits until it has a
+    /// leader and has registered its own node.
+    pub async fn start(dir: &Path, name: &str) -> Result<Consul> {
+        let http_port = free_port()?;
+        let node = format!("{name}-{http_port}");
+        let mut spec = Spec::new(name, programs::consul()?, dir).args([
+            "agent",
+            "-dev",
+            "-bind=127.0.0.1",
+            "-client=127.0.0.1",
+            "-log-level=warn",
+            "-disable-host-node-id",
+        ]);
+        spec = spec.arg(format!("-node={node}"));
+        spec = spec.arg(format!("-http-port={http_port}"));
+        for flag in [
+            "-dns-port",
+            "-grpc-port",
+            "-grpc-tls-port",
+            "-serf-lan-port",
+            "-serf-wan-port",
+            "-server-port",
+        ] {
+            spec = spec.arg(format!("{flag}={}", free_port()?));
+        }
+        let consul = Consul {
+            process: Process::start(spec)?,
+            http_port,
+            node,
+            http: crate::http_client()?,
+        };
+        consul.wait_ready().await?;
+        Ok(consul)
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let leader = format!("{}/v1/status/leader", self.url());
+        let node = format!("{}/v1/catalog/node/{}", self.url(), self.node);
+        wait_ready(&self.process, Duration::from_secs(60), || async {
+            let l: String = self.http.get(&leader).send().await?.json().await?;
+            if l.is_empty() {
+                return Ok(false);
+            }
+            let n: serde_json::Value = self.http.get(&node).send().await?.json().await?;
+            Ok(!n.is_null())
+        })
+        .await
+    }
+
+    /// `127.0.0.1:<http port>`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
+    }
+
+    /// `http://127.0.0.1:<http port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address())
+    }
+
+    /// The name of the agent's own node.
+    pub fn agent_node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn stop(&self) -> Result<()> {
+        self.process.stop()
+    }
+
+    pub fn kill(&self) -> Result<()> {
+        self.process.kill()
+    }
+
+    /// Starts the agent again (same ports, empty catalog) and waits until it is ready.
+    pub async fn start_again(&self) -> Result<()> {
+        self.process.restart_process()?;
+        self.wait_ready().await
+    }
+
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+}

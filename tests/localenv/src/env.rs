@@ -1,0 +1,256 @@
+//! A set of peers started together: dedicated ones for a test that stops or kills them, or the
+//! shared set that the tests of one test binary use side by side, each in its own [`Scope`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, PostParams};
+use tokio::sync::OnceCell;
+
+use crate::consul::Consul;
+use crate::etcd::Etcd;
+use crate::kube::Kube;
+use crate::zookeeper::ZooKeeper;
+
+/// Which peers to start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Builder {
+    kube: bool,
+    controller_manager: bool,
+    consul: bool,
+    etcd: bool,
+    zookeeper: bool,
+}
+
+impl Builder {
+    /// The API server (with its own etcd for storage).
+    pub fn kube(mut self) -> Self {
+        self.kube = true;
+        self
+    }
+    /// The API server plus kube-controller-manager (EndpointSlices from Pods).
+    pub fn controller_manager(mut self) -> Self {
+        self.kube = true;
+        self.controller_manager = true;
+        self
+    }
+    pub fn consul(mut self) -> Self {
+        self.consul = true;
+        self
+    }
+    /// An etcd used as a service catalog (separate from the API server's storage).
+    pub fn etcd(mut self) -> Self {
+        self.etcd = true;
+        self
+    }
+    pub fn zookeeper(mut self) -> Self {
+        self.zookeeper = true;
+        self
+    }
+    /// Every peer.
+    pub fn all(self) -> Self {
+        self.controller_manager().consul().etcd().zookeeper()
+    }
+
+    /// Starts the chosen peers concurrently and waits until each is ready. Any peer that
+    /// cannot start makes this fail with its log; nothing is skipped.
+    pub async fn start(self) -> Result<Env> {
+        let dir = new_run_dir()?;
+        let path = dir.path().to_path_buf();
+        let (kube, consul, etcd, zookeeper) = tokio::try_join!(
+            maybe(self.kube, Kube::start(&path, self.controller_manager)),
+            maybe(self.consul, Consul::start(&path, "consul")),
+            maybe(self.etcd, Etcd::start(&path, "etcd")),
+            maybe(self.zookeeper, ZooKeeper::start(&path, "zookeeper")),
+        )?;
+        Ok(Env {
+            kube,
+            consul,
+            etcd,
+            zookeeper,
+            dir,
+        })
+    }
+}
+
+async fn maybe<T>(
+    wanted: bool,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<Option<T>> {
+    if wanted {
+        fut.await.map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Running peers. Dropping it stops them and removes their files.
+pub struct Env {
+    kube: Option<Kube>,
+    consul: Option<Consul>,
+    etcd: Option<Etcd>,
+    zookeeper: Option<ZooKeeper>,
+    // Last: the directory is removed after the processes are gone.
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    pub fn kube(&self) -> Result<&Kube> {
+        self.kube
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without the API server"))
+    }
+    pub fn consul(&self) -> Result<&Consul> {
+        self.consul
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without Consul"))
+    }
+    pub fn etcd(&self) -> Result<&Etcd> {
+        self.etcd
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without etcd"))
+    }
+    pub fn zookeeper(&self) -> Result<&ZooKeeper> {
+        self.zookeeper
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without ZooKeeper"))
+    }
+
+    /// The directory that holds the peers' data and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A fresh scope in this environment: a new namespace (when the API server runs) and a
+    /// unique prefix for catalog data.
+    pub async fn scope(&self, test: &str) -> Result<Scope> {
+        let id = unique_suffix();
+        let name = format!("{}-{id}", dns_label(test));
+        if let Some(kube) = &self.kube {
+            let client = kube.client().await?;
+            let ns = Namespace {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            Api::<Namespace>::all(client)
+                .create(&PostParams::default(), &ns)
+                .await
+                .with_context(|| format!("creating namespace {name}"))?;
+        }
+        Ok(Scope {
+            namespace: name.clone(),
+            prefix: name,
+        })
+    }
+
+    /// Deletes the scope's namespace (its objects go with it).
+    pub async fn drop_scope(&self, scope: &Scope) -> Result<()> {
+        if let Some(kube) = &self.kube {
+            let client = kube.client().await?;
+            Api::<Namespace>::all(client)
+                .delete(&scope.namespace, &DeleteParams::default())
+                .await
+                .with_context(|| format!("deleting namespace {}", scope.namespace))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where one test keeps its data in a shared environment.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    /// A Kubernetes namespace made for this test.
+    pub namespace: String,
+    /// A unique, DNS-safe prefix for names and paths in the catalogs (`/<prefix>/…` in etcd
+    /// and ZooKeeper, `<prefix>-…` service names in Consul).
+    pub prefix: String,
+}
+
+impl Scope {
+    /// `<prefix>-<name>`: a catalog service name that no other test uses.
+    pub fn name(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+}
+
+/// The environment shared by every test of one test binary, with all peers running; started
+/// by the first test that asks. Tests that stop, kill or restart a peer must build their own
+/// with [`Env::builder`] instead.
+pub async fn shared() -> Result<&'static Env> {
+    static SHARED: OnceCell<Env> = OnceCell::const_new();
+    SHARED
+        .get_or_try_init(|| async { Env::builder().all().start().await })
+        .await
+        .context("starting the shared test environment")
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{n:x}", (t ^ std::process::id()) & 0xffff)
+}
+
+/// Lower case, `[a-z0-9-]`, at most 40 characters, starting with a letter.
+fn dns_label(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    if !out.starts_with(|c: char| c.is_ascii_lowercase()) {
+        out.insert(0, 't');
+    }
+    out.trim_end_matches('-').to_string()
+}
+
+/// A temporary directory for one environment, under a per-process root; roots of processes
+/// that are gone (killed test binaries) are removed on the way.
+fn new_run_dir() -> Result<tempfile::TempDir> {
+    let base = std::env::temp_dir().join("catalog-bridge-localenv");
+    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    sweep_stale(&base);
+    let root = base.join(format!("pid-{}", std::process::id()));
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    tempfile::Builder::new()
+        .prefix("env-")
+        .tempdir_in(&root)
+        .with_context(|| format!("creating a directory in {}", root.display()))
+}
+
+fn sweep_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("pid-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! A real kube-apiserver (v1.36) with its own etcd, and kube-controller-manager beside it so
+//! that the real EndpointSlice controller turns Pods into EndpointSlices.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::etcd::Etcd;
+use crate::ports::free_port;
+use crate::process::{Process, Spec};
+use crate::programs;
+use crate::ready::wait_ready;
+
+/// The bearer token of the admin identity (group `system:masters`).
+const ADMIN_TOKEN: &str = "localenv-admin-token";
+
+pub struct Kube {
+    // Field order is drop order: the controller manager and the API server stop before etcd.
+    controller_manager: Option<Process>,
+    apiserver: Process,
+    storage: Etcd,
+    port: u16,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Kube {
+    /// Starts etcd, the API server and (when `controller_manager` is set) the controller
+    /// manager, and waits until the API server's `/readyz` passes.
+    pub async fn start(dir: &Path, controller_manager: bool) -> Result<Kube> {
+        let dir = dir.join("kube");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let storage = Etcd::start(&dir, "kube-etcd").await?;
+        let certs = Certs::generate(&dir)?;
+        let port = free_port()?;
+        let tokens = dir.join("tokens.csv");
+        std::fs::write(
+            &tokens,
+            format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
+        )
+        .context("writing the token file")?;
+        let spec = Spec::new("kube-apiserver", programs::kube_apiserver()?, &dir)
+            .arg(format!("--etcd-servers={}", storage.url()))
+            .arg(format!("--cert-dir={}", dir.join("serving").display()))
+            .arg(format!("--tls-cert-file={}", certs.server_crt.display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                certs.server_key.display()
+            ))
+            .arg(format!("--client-ca-file={}", certs.ca_crt.display()))
+            .arg(format!("--secure-port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--allow-privileged=true")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--authorization-mode=RBAC")
+            .arg(format!("--token-auth-file={}", tokens.display()))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!(
+                "--service-account-key-file={}",
+                certs.sa_key.display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                certs.sa_key.display()
+            ))
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--enable-priority-and-fairness=false")
+            .arg("--v=1");
+        let apiserver = Process::start(spec)?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(port, &certs.ca_crt))
+            .context("writing the kubeconfig")?;
+        let ca = std::fs::read(&certs.ca_crt).context("reading the CA certificate")?;
+        crate::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&ca).context("parsing the CA certificate")?,
+            )
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("building an HTTP client")?;
+        let mut kube = Kube {
+            controller_manager: None,
+            apiserver,
+            storage,
+            port,
+            dir: dir.clone(),
+            kubeconfig,
+            http,
+        };
+        kube.wait_apiserver_ready().await?;
+        if controller_manager {
+            kube.controller_manager = Some(kube.start_controller_manager(&certs).await?);
+        }
+        Ok(kube)
+    }
+
+    async fn wait_apiserver_ready(&self) -> Result<()> {
+        let url = format!("https://127.0.0.1:{}/readyz", self.port);
+        wait_ready(&self.apiserver, Duration::from_secs(120), || async {
+            let r = self.http.get(&url).bearer_auth(ADMIN_TOKEN).send().await?;
+            Ok(r.status().is_success())
+        })
+        .await
+    }
+
+    async fn start_controller_manager(&self, certs: &Certs) -> Result<Process> {
+        let port = free_port()?;
+        let kc = self.kubeconfig.display().to_string();
+        let spec = Spec::new(
+            "kube-controller-manager",
+            programs::kube_controller_manager()?,
+            &self.dir,
+        )
+        .arg(format!("--kubeconfig={kc}"))
+        .arg(format!("--authentication-kubeconfig={kc}"))
+        .arg(format!("--authorization-kubeconfig={kc}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--secure-port={port}"))
+        .arg(format!(
+            "--cert-dir={}",
+            self.dir.join("kcm-serving").display()
+        ))
+        .arg("--leader-elect=false")
+        .arg("--controllers=endpointslice,endpointslicemirroring,garbagecollector,namespace")
+        .arg(format!(
+            "--service-account-private-key-file={}",
+            certs.sa_key.display()
+        ))
+        .arg("--v=1");
+        let kcm = Process::start(spec)?;
+        let insecure = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .context("building an HTTP client")?;
+        let url = format!("https://127.0.0.1:{port}/healthz");
+        wait_ready(&kcm, Duration::from_secs(60), || async {
+            Ok(insecure.get(&url).send().await?.status().is_success())
+        })
+        .await?;
+        Ok(kcm)
+    }
+
+    /// A fresh client for the admin identity. Each call builds a new one, so a client never
+    /// outlives the Tokio runtime it was made on (every `#[tokio::test]` has its own).
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kc = Kubeconfig::read_from(&self.kubeconfig).context("reading the kubeconfig")?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .context("loading the kubeconfig")?;
+        kube::Client::try_from(config).context("building a kube client")
+    }
+
+    /// A kubeconfig file (admin identity) for kubectl, helm and the controller.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn server_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs kubectl with this cluster's kubeconfig and returns its standard output.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        crate::run_tool(
+            Command::new(programs::kubectl()?)
+                .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+                .args(args),
+        )
+    }
+
+    /// Runs helm with this cluster's kubeconfig (and private helm directories) and returns
+    /// its standard output.
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        let home = self.dir.join("helm");
+        crate::run_tool(
+            Command::new(programs::helm()?)
+                .env("KUBECONFIG", &self.kubeconfig)
+                .env("HELM_CACHE_HOME", home.join("cache"))
+                .env("HELM_CONFIG_HOME", home.join("config"))
+                .env("HELM_DATA_HOME", home.join("data"))
+                .args(args),
+        )
+    }
+
+    pub fn apiserver(&self) -> &Process {
+        &self.apiserver
+    }
+
+    pub fn controller_manager(&self) -> Option<&Process> {
+        self.controller_manager.as_ref()
+    }
+
+    /// The etcd that stores the cluster's objects.
+    pub fn storage(&self) -> &Etcd {
+        &self.storage
+    }
+}
+
+fn kubeconfig_yaml(port: u16, ca: &Path) -> String {
+    format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: localenv\n  \
+           cluster:\n    \
+             server: https://127.0.0.1:{port}\n    \
+             certificate-authority: {ca}\n\
+         users:\n\
+         - name: admin\n  \
+           user:\n    \
+             token: {ADMIN_TOKEN}\n\
+         contexts:\n\
+         - name: localenv\n  \
+           context:\n    \
+             cluster: localenv\n    \
+             user: admin\n    \
+             namespace: default\n\
+         current-context: localenv\n",
+        ca = ca.display()
+    )
+}
+
+/// The key material the API server needs, made with the openssl command line.
+struct Certs {
+    ca_crt: PathBuf,
+    server_crt: PathBuf,
+    server_key: PathBuf,
+    sa_key: PathBuf,
+}
+
+impl Certs {
+    fn generate(dir: &Path) -> Result<Certs> {
+        let p = |n: &str| dir.join(n);
+        let s = |n: &str| p(n).display().to_string();
+        let openssl = |args: &[&str]| crate::run_tool(Command::new("openssl").args(args));
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localenv-ca",
+            "-keyout",
+            &s("ca.key"),
+            "-out",
+            &s("ca.crt"),
+        ])?;
+        std::fs::write(
+            p("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n\
+             basicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\n",
+        )
+        .context("writing server.ext")?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=kube-apiserver",
+            "-keyout",
+            &s("server.key"),
+            "-out",
+            &s("server.csr"),
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &s("server.csr"),
+            "-CA",
+            &s("ca.crt"),
+            "-CAkey",
+            &s("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &s("server.ext"),
+            "-out",
+            &s("server.crt"),
+        ])?;
+        openssl(&["genrsa", "-out", &s("sa.key"), "2048"])?;
+        Ok(Certs {
+            ca_crt: p("ca.crt"),
+            server_crt: p("server.crt"),
+            server_key: p("server.key"),
+            sa_key: p("sa.key"),
+        })
+    }
+}

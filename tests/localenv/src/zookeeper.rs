@@ -1,0 +1,109 @@
+//! A real ZooKeeper server (3.8, Debian's package) on loopback, standalone.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::ports::free_port;
+use crate::process::{Process, Spec};
+use crate::programs;
+use crate::ready::wait_ready;
+
+/// ZooKeeper's tick; sessions may time out between 2 and 120 ticks.
+pub const TICK_MS: u64 = 500;
+
+pub struct ZooKeeper {
+    process: Process,
+    port: u16,
+}
+
+impl ZooKeeper {
+    /// Starts ZooKeeper with its data in `dir/<name>` and waits until `ruok` answers `imok`.
+    pub async fn start(dir: &Path, name: &str) -> Result<ZooKeeper> {
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        let port = free_port()?;
+        let cfg = data.join("zoo.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "tickTime={TICK_MS}\n\
+                 minSessionTimeout={}\n\
+                 maxSessionTimeout={}\n\
+                 dataDir={}\n\
+                 clientPort={port}\n\
+                 clientPortAddress=127.0.0.1\n\
+                 maxClientCnxns=0\n\
+                 admin.enableServer=false\n\
+                 4lw.commands.whitelist=*\n\
+                 forceSync=no\n",
+                2 * TICK_MS,
+                120 * TICK_MS,
+                data.join("data").display()
+            ),
+        )
+        .with_context(|| format!("writing {}", cfg.display()))?;
+        let spec = Spec::new(name, programs::java()?, dir)
+            .arg("-Xmx256m")
+            .arg("-XX:+UseSerialGC")
+            .arg("-Dzookeeper.jmx.log4j.disable=true")
+            .arg("-cp")
+            .arg(programs::zookeeper_classpath()?)
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(&cfg);
+        let zk = ZooKeeper {
+            process: Process::start(spec)?,
+            port,
+        };
+        zk.wait_ready().await?;
+        Ok(zk)
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        wait_ready(&self.process, Duration::from_secs(90), || async {
+            Ok(self.four_letter("ruok").await? == "imok")
+        })
+        .await
+    }
+
+    /// Sends a four-letter command (`ruok`, `srvr`, `mntr`, `cons`…) and returns the answer.
+    pub async fn four_letter(&self, cmd: &str) -> Result<String> {
+        if cmd.len() != 4 {
+            bail!("four-letter commands have four letters, not {cmd:?}");
+        }
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .with_context(|| format!("connecting to zookeeper at {}", self.connect_string()))?;
+        s.write_all(cmd.as_bytes()).await?;
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .context("zookeeper four-letter command timed out")??;
+        Ok(out)
+    }
+
+    /// `127.0.0.1:<port>`, a ZooKeeper connect string.
+    pub fn connect_string(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&self) -> Result<()> {
+        self.process.stop()
+    }
+
+    pub fn kill(&self) -> Result<()> {
+        self.process.kill()
+    }
+
+    /// Starts ZooKeeper again (same port, same data: sessions that have not timed out survive).
+    pub async fn start_again(&self) -> Result<()> {
+        self.process.restart_process()?;
+        self.wait_ready().await
+    }
+
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+}

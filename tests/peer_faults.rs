@@ -1,0 +1,134 @@
+//! The harness's fault controls — stop, start, kill, pause — act on the real servers, and a
+//! test that panics leaves no server behind. Later fault tests of the controller rely on these.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use localenv::Env;
+use serde_json::{Value, json};
+
+async fn consul_services(http: &reqwest::Client, url: &str) -> Result<Value> {
+    Ok(http
+        .get(format!("{url}/v1/catalog/services"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// A dev agent started again has forgotten everything: the real fault a catalog restart is.
+#[tokio::test]
+async fn consul_restart_empties_the_catalog() -> Result<()> {
+    let env = Env::builder().consul().start().await?;
+    let consul = env.consul()?;
+    let http = localenv::http_client()?;
+    http.put(format!("{}/v1/catalog/register", consul.url()))
+        .json(&json!({"Node": "n1", "Address": "192.0.2.1",
+                      "Service": {"Service": "api_x", "Address": "10.0.0.1", "Port": 8080}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    assert!(
+        consul_services(&http, &consul.url())
+            .await?
+            .get("api_x")
+            .is_some()
+    );
+
+    consul.stop()?;
+    assert!(
+        consul_services(&http, &consul.url()).await.is_err(),
+        "a stopped agent does not answer"
+    );
+    consul.start_again().await?;
+    let after = consul_services(&http, &consul.url()).await?;
+    assert!(
+        after.get("api_x").is_none(),
+        "restarted dev agent is empty: {after}"
+    );
+    Ok(())
+}
+
+/// etcd killed with SIGKILL and started again keeps its data; paused, it answers nothing.
+#[tokio::test]
+async fn etcd_kill_pause_and_restart() -> Result<()> {
+    let env = Env::builder().etcd().start().await?;
+    let etcd = env.etcd()?;
+    etcd.etcdctl(&["put", "/k", "v"])?;
+
+    etcd.process().pause()?;
+    let t = std::time::Instant::now();
+    let hung = etcd.etcdctl(&["--command-timeout=1s", "get", "/k"]);
+    assert!(hung.is_err(), "a paused etcd answers nothing");
+    println!("request to paused etcd failed after {:?}", t.elapsed());
+    etcd.process().resume()?;
+
+    etcd.kill()?;
+    assert!(!etcd.process().is_running());
+    assert!(etcd.etcdctl(&["--dial-timeout=1s", "get", "/k"]).is_err());
+    etcd.start_again().await?;
+    assert_eq!(
+        etcd.etcdctl(&["get", "--print-value-only", "/k"])?.trim(),
+        "v"
+    );
+    Ok(())
+}
+
+/// ZooKeeper stopped and started again keeps its persistent nodes (its data directory stays).
+#[tokio::test]
+async fn zookeeper_stop_and_start_again() -> Result<()> {
+    use zookeeper_client as zk;
+    let env = Env::builder().zookeeper().start().await?;
+    let server = env.zookeeper()?;
+    let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    {
+        let c = zk::Client::connect(&server.connect_string()).await?;
+        c.create("/kept", b"1", &persistent).await?;
+    }
+    server.stop()?;
+    assert!(
+        server.four_letter("ruok").await.is_err(),
+        "stopped server answers nothing"
+    );
+    server.start_again().await?;
+    let c = zk::Client::connect(&server.connect_string()).await?;
+    let (data, _) = c
+        .get_data("/kept")
+        .await
+        .context("reading /kept after restart")?;
+    assert_eq!(data, b"1");
+    Ok(())
+}
+
+/// A test that panics while it holds an environment leaves no server process behind.
+#[tokio::test]
+async fn a_panicking_test_leaves_no_server_running() -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let env = Env::builder()
+            .etcd()
+            .consul()
+            .start()
+            .await
+            .expect("peers start");
+        let pids = [
+            env.etcd().expect("etcd").process().pid(),
+            env.consul().expect("consul").process().pid(),
+        ];
+        tx.send(pids).expect("receiver waits");
+        panic!("a test failing while its peers run");
+    });
+    let pids = rx.await.context("the task sent its pids")?;
+    let joined = task.await;
+    assert!(joined.is_err_and(|e| e.is_panic()), "the task panicked");
+    for pid in pids.into_iter().flatten() {
+        let alive =
+            localenv::eventually("the process to exit", Duration::from_secs(15), || async {
+                Ok((!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()))
+            })
+            .await;
+        assert!(alive.is_ok(), "process {pid} still runs after the panic");
+    }
+    Ok(())
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Sets up every peer the tests, `make env` and `make demo` run, on a fresh machine or a warm one:
+#   - Debian packages: protobuf-compiler (etcd-client's build), ZooKeeper 3.8, Java, openssl;
+#   - Go programs built from the pinned wrapper modules beside this file, once per version, into
+#     a cache outside the repository: kube-apiserver, kube-controller-manager, kubectl (v1.36),
+#     etcd + etcdctl (v3.6), Consul (v1.14), helm (v3.22);
+#   - a Python virtualenv with the real catalog clients (kazoo, py-consul), also cached.
+# Writes the paths to tests/peers/.env, which the test harness (tests/localenv) reads.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache_root=${CATALOG_BRIDGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/catalog-bridge}
+export CATALOG_BRIDGE_CACHE=$cache_root
+mkdir -p "$cache_root"
+
+step() { echo "==> $*" >&2; }
+
+# --- Debian packages -------------------------------------------------------------------------
+need_pkgs=()
+command -v protoc >/dev/null 2>&1 || need_pkgs+=(protobuf-compiler)
+[ -f /usr/share/java/zookeeper.jar ] || need_pkgs+=(zookeeper)
+command -v java >/dev/null 2>&1 || need_pkgs+=(default-jre-headless)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  step "installing Debian packages: ${need_pkgs[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+[ -f /usr/share/java/zookeeper.jar ] || { echo "ZooKeeper's jar is missing after install" >&2; exit 1; }
+
+# --- Go programs -----------------------------------------------------------------------------
+command -v go >/dev/null 2>&1 || { echo "go is required to build the test peers" >&2; exit 1; }
+kube_version=v1.36.3
+kube_ldflags="-X k8s.io/component-base/version.gitVersion=$kube_version"
+kube_ldflags+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36"
+kube_ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+kube_ldflags+=" -X k8s.io/component-base/version.buildDate=2026-01-01T00:00:00Z"
+
+step "Go peers (cache: $cache_root/peers)"
+etcd_dir=$("$here/build-go.sh" "$here/etcd" etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3 | tail -n 1)
+consul_dir=$("$here/build-go.sh" "$here/consul" consul=github.com/hashicorp/consul | tail -n 1)
+helm_dir=$("$here/build-go.sh" "$here/helm" helm=helm.sh/helm/v3/cmd/helm | tail -n 1)
+kube_dir=$(LDFLAGS="$kube_ldflags" "$here/build-go.sh" "$here/kube" \
+  kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
+  kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+  kubectl=k8s.io/kubernetes/cmd/kubectl | tail -n 1)
+
+# --- Python clients --------------------------------------------------------------------------
+req="$here/requirements.txt"
+venv="$cache_root/venv-$( (cat "$req"; python3 --version) | sha256sum | cut -c1-16)"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import kazoo, consul' >/dev/null 2>&1; then
+  step "Python clients into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -r "$req"
+fi
+
+# --- Paths for the harness -------------------------------------------------------------------
+cat > "$here/.env" <<EOF
+CB_KUBE_APISERVER=$kube_dir/kube-apiserver
+CB_KUBE_CONTROLLER_MANAGER=$kube_dir/kube-controller-manager
+CB_KUBECTL=$kube_dir/kubectl
+CB_ETCD=$etcd_dir/etcd
+CB_ETCDCTL=$etcd_dir/etcdctl
+CB_CONSUL=$consul_dir/consul
+CB_HELM=$helm_dir/helm
+CB_JAVA=$(readlink -f "$(command -v java)")
+CB_ZOOKEEPER_CLASSPATH=/usr/share/java/*:/usr/share/zookeeper/*
+CB_PYTHON=$venv/bin/python
+EOF
+step "peers ready (paths in $here/.env)"
