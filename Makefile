@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 export GOTOOLCHAIN := local
 CARGO ?= cargo
 
-.PHONY: help peers build lint test env demo clean-cache
+.PHONY: help peers build crds lint test env demo clean-cache
 
 help:
 	@echo "make demo   - the local environment with the controller and the example scenario"
@@ -20,6 +20,10 @@ peers:
 
 build:
 	$(CARGO) build --workspace --all-targets
+
+# crds/ is generated from the Rust types; tests/crds.rs fails when it drifts.
+crds:
+	$(CARGO) run -q -- crds > crds/crds.yaml
 
 lint:
 	$(CARGO) fmt --all -- --check

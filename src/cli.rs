@@ -12,6 +12,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print the CustomResourceDefinitions (the content of `crds/`) as YAML.
+    Crds,
     /// Print the version and exit.
     Version,
 }
@@ -19,6 +21,10 @@ pub enum Command {
 /// Runs the chosen subcommand.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Crds => {
+            print!("{}", crate::crd::crds_yaml()?);
+            Ok(())
+        }
         Command::Version => {
             println!("catalog-bridge {}", env!("CARGO_PKG_VERSION"));
             Ok(())

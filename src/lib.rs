@@ -4,3 +4,4 @@
 #![deny(warnings)]
 
 pub mod cli;
+pub mod crd;

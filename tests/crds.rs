@@ -1,0 +1,249 @@
+//! The CRDs: `crds/` is what the binary prints, the real API server accepts them, and it rejects
+//! invalid objects at the door (schema, enums, CEL rules).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use serde_json::{Value, json};
+
+const CRDS_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");
+
+#[test]
+fn committed_crds_match_the_rust_types() -> Result<()> {
+    let generated = catalog_bridge::crd::crds_yaml()?;
+    let committed =
+        std::fs::read_to_string(CRDS_FILE).with_context(|| format!("reading {CRDS_FILE}"))?;
+    assert!(
+        generated == committed,
+        "crds/crds.yaml is out of date with src/crd.rs; regenerate it with `make crds`"
+    );
+    Ok(())
+}
+
+/// Applies the CRDs from `crds/` to a real API server and waits until they are established.
+pub async fn install_crds(client: &kube::Client) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let text = std::fs::read_to_string(CRDS_FILE)?;
+    let mut names = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc)?;
+        let name = crd.metadata.name.clone().context("CRD without a name")?;
+        api.patch(
+            &name,
+            &PatchParams::apply("crds-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("applying CRD {name}"))?;
+        names.push(name);
+    }
+    for name in names {
+        localenv::eventually(
+            &format!("CRD {name} established"),
+            Duration::from_secs(30),
+            || async {
+                let crd = api.get(&name).await?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                Ok(established.then_some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn api(client: &kube::Client, kind: &str, ns: Option<&str>) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("catalog-bridge.io", "v1alpha1", kind);
+    let ar = ApiResource::from_gvk(&gvk);
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
+}
+
+async fn create(api: &Api<DynamicObject>, obj: Value) -> Result<(), String> {
+    let obj: DynamicObject = serde_json::from_value(obj).map_err(|e| e.to_string())?;
+    api.create(&PostParams::default(), &obj)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn the_apiserver_accepts_the_crds_and_rejects_invalid_objects() -> Result<()> {
+    let env = localenv::Env::builder().kube().start().await?;
+    let client = env.kube()?.client().await?;
+    install_crds(&client).await?;
+    let xcat = api(&client, "ExternalCatalog", None);
+    let xreg = api(&client, "ExternalRegistration", Some("default"));
+
+    let catalog = |name: &str, spec: Value| {
+        json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+               "metadata": {"name": name}, "spec": spec})
+    };
+    let registration = |name: &str, spec: Value| {
+        json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+               "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    };
+
+    // Valid objects of every kind are accepted.
+    for (name, spec) in [
+        (
+            "consul",
+            json!({"consul": {"addresses": ["http://127.0.0.1:8500", "https://consul-2:8501"]}}),
+        ),
+        (
+            "etcd",
+            json!({"etcd": {"endpoints": ["127.0.0.1:2379"], "layout": "coredns", "zone": "bridge.local"}}),
+        ),
+        (
+            "zk",
+            json!({"zookeeper": {"connect": "zk1:2181,zk2:2181/apps", "layout": "curator"}}),
+        ),
+    ] {
+        create(&xcat, catalog(name, spec))
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    create(&xreg, registration("api-x", json!({
+        "catalogRef": {"name": "consul"}, "direction": "Export",
+        "service": {"name": "api-x"}, "port": "http", "externalName": "api_x", "tags": ["v1"],
+    }))).await.map_err(anyhow::Error::msg)?;
+    create(
+        &xreg,
+        registration(
+            "mysql-x",
+            json!({
+                "catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "mysql_x",
+                "target": {"ports": [{"name": "mysql", "port": 3306}]},
+            }),
+        ),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+
+    // Invalid ones are refused by the API server, each with a message that says why.
+    let bad_catalogs = [
+        (
+            "two kinds",
+            json!({"consul": {"addresses": ["http://a:8500"]}, "etcd": {"endpoints": ["a:2379"]}}),
+            "exactly one of",
+        ),
+        ("no kind", json!({}), "exactly one of"),
+        (
+            "no addresses",
+            json!({"consul": {"addresses": []}}),
+            "addresses",
+        ),
+        (
+            "address without scheme",
+            json!({"consul": {"addresses": ["consul:8500"]}}),
+            "addresses[0]",
+        ),
+        (
+            "unknown layout",
+            json!({"etcd": {"endpoints": ["a:2379"], "layout": "flat"}}),
+            "layout",
+        ),
+        (
+            "TTL too short",
+            json!({"etcd": {"endpoints": ["a:2379"], "leaseTTLSeconds": 1}}),
+            "leaseTTLSeconds",
+        ),
+        (
+            "bad connect string",
+            json!({"zookeeper": {"connect": ""}}),
+            "connect",
+        ),
+    ];
+    for (i, (what, spec, expect)) in bad_catalogs.into_iter().enumerate() {
+        let err = create(&xcat, catalog(&format!("bad-{i}"), spec)).await;
+        let err = err
+            .err()
+            .with_context(|| format!("catalog with {what} was accepted"))?;
+        assert!(
+            err.contains(expect),
+            "catalog with {what}: {err:?} does not mention {expect:?}"
+        );
+    }
+    let bad_registrations = [
+        (
+            "export without service",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export"}),
+            "needs spec.service",
+        ),
+        (
+            "import without externalName",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Import"}),
+            "needs spec.externalName",
+        ),
+        (
+            "unknown direction",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Sideways", "externalName": "x"}),
+            "direction",
+        ),
+        (
+            "import with service",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "x", "service": {"name": "s"}}),
+            "spec.service is for Export",
+        ),
+        (
+            "bad external name",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"}, "externalName": "a b"}),
+            "externalName",
+        ),
+        (
+            "no catalog",
+            json!({"direction": "Export", "service": {"name": "s"}}),
+            "catalogRef",
+        ),
+    ];
+    for (i, (what, spec, expect)) in bad_registrations.into_iter().enumerate() {
+        let err = create(&xreg, registration(&format!("bad-{i}"), spec)).await;
+        let err = err
+            .err()
+            .with_context(|| format!("registration with {what} was accepted"))?;
+        assert!(
+            err.contains(expect),
+            "registration with {what}: {err:?} does not mention {expect:?}"
+        );
+    }
+
+    // kubectl shows the columns users look for.
+    let table = env.kube()?.kubectl(&["get", "xreg", "-n", "default"])?;
+    let header = table.lines().next().unwrap_or_default();
+    for col in [
+        "NAME",
+        "CATALOG",
+        "DIRECTION",
+        "SERVICE",
+        "EXTERNAL NAME",
+        "ENDPOINTS",
+        "READY",
+        "AGE",
+    ] {
+        assert!(
+            header.contains(col),
+            "`kubectl get xreg` header {header:?} lacks {col}"
+        );
+    }
+    let cats = env.kube()?.kubectl(&["get", "xcat"])?;
+    assert!(
+        cats.lines()
+            .next()
+            .unwrap_or_default()
+            .contains("REACHABLE"),
+        "{cats}"
+    );
+    assert_eq!(cats.lines().count(), 4, "three catalogs listed: {cats}");
+    Ok(())
+}
