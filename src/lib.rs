@@ -3,5 +3,11 @@
 
 #![deny(warnings)]
 
+pub mod backend;
 pub mod cli;
 pub mod crd;
+pub mod desired;
+pub mod metrics;
+pub mod model;
+pub mod plan;
+pub mod writer;

@@ -1,0 +1,160 @@
+//! An in-memory catalog for fast tests of the writer and the pipeline. Never a stand-in for a
+//! real catalog in an integration test.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use serde_json::json;
+
+use super::{Backend, BackendError, Record};
+use crate::crd::ServerInfo;
+use crate::model::Instance;
+use crate::plan::Op;
+
+/// A catalog in a map. Entries of other owners can be planted with [`Memory::put_foreign`];
+/// [`Memory::set_down`] makes every call fail as an unreachable catalog would.
+#[derive(Debug)]
+pub struct Memory {
+    owner: String,
+    batch: usize,
+    entries: Mutex<BTreeMap<String, (String, Record)>>,
+    down: AtomicBool,
+    writes: AtomicUsize,
+    round_trips: AtomicUsize,
+}
+
+impl Memory {
+    pub fn new(owner: &str, batch: usize) -> Memory {
+        Memory {
+            owner: owner.to_string(),
+            batch: batch.max(1),
+            entries: Mutex::default(),
+            down: AtomicBool::new(false),
+            writes: AtomicUsize::new(0),
+            round_trips: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, Record)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An entry written by someone else.
+    pub fn put_foreign(&self, key: &str, owner: &str, record: Record) {
+        self.lock()
+            .insert(key.to_string(), (owner.to_string(), record));
+    }
+
+    /// Every entry, whoever owns it.
+    pub fn all(&self) -> BTreeMap<String, (String, Record)> {
+        self.lock().clone()
+    }
+
+    /// Forgets everything, as a Consul dev agent does on restart.
+    pub fn wipe(&self) {
+        self.lock().clear();
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Entries put or deleted so far.
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Write round trips (batches) so far.
+    pub fn round_trips(&self) -> usize {
+        self.round_trips.load(Ordering::SeqCst)
+    }
+
+    fn check_up(&self) -> Result<(), BackendError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BackendError::Unreachable(
+                "memory catalog is down (connection refused)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for Memory {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn describe(&self) -> String {
+        format!("memory (owner {})", self.owner)
+    }
+
+    fn render(&self, instances: &[Instance]) -> BTreeMap<String, Record> {
+        instances
+            .iter()
+            .map(|i| {
+                (
+                    i.stable_id(),
+                    json!({"name": i.name, "address": i.host_port(), "origin": i.origin.to_string(),
+                           "tags": i.tags, "meta": i.meta}),
+                )
+            })
+            .collect()
+    }
+
+    async fn read_owned(&self) -> Result<BTreeMap<String, Record>, BackendError> {
+        self.check_up()?;
+        Ok(self
+            .lock()
+            .iter()
+            .filter(|(_, (owner, _))| *owner == self.owner)
+            .map(|(k, (_, r))| (k.clone(), r.clone()))
+            .collect())
+    }
+
+    async fn apply(&self, ops: &[Op]) -> Result<usize, BackendError> {
+        let mut trips = 0;
+        for chunk in ops.chunks(self.batch) {
+            self.check_up()?;
+            let mut entries = self.lock();
+            for op in chunk {
+                match op {
+                    Op::Put { key, record } => {
+                        entries.insert(key.clone(), (self.owner.clone(), record.clone()));
+                    }
+                    Op::Delete { key } => {
+                        if entries.get(key).is_some_and(|(o, _)| *o == self.owner) {
+                            entries.remove(key);
+                        }
+                    }
+                }
+            }
+            self.writes.fetch_add(chunk.len(), Ordering::SeqCst);
+            self.round_trips.fetch_add(1, Ordering::SeqCst);
+            trips += 1;
+        }
+        Ok(trips)
+    }
+
+    async fn probe(&self) -> Result<ServerInfo, BackendError> {
+        self.check_up()?;
+        Ok(ServerInfo {
+            mode: Some("memory".into()),
+            ..Default::default()
+        })
+    }
+
+    async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
+        self.check_up()?;
+        let mut out: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|(_, r)| r["name"] == name)
+            .filter_map(|(_, r)| r["address"].as_str().map(str::to_string))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}

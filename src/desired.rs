@@ -1,0 +1,684 @@
+//! Desired state: from Services, their EndpointSlices, the ExternalCatalogs and the Export
+//! ExternalRegistrations, what every catalog should hold — and, for each export, whether it is
+//! valid. Pure: no client, no clock; the same inputs give the same output.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::crd::{Direction, ExternalCatalog, ExternalRegistration, PortRef};
+use crate::model::{DesiredCatalog, Instance, Origin};
+
+/// Service annotations (SPEC §2).
+pub const ANNOTATION_EXPORT: &str = "catalog-bridge.io/export";
+pub const ANNOTATION_NAME: &str = "catalog-bridge.io/name";
+pub const ANNOTATION_PORT: &str = "catalog-bridge.io/port";
+pub const ANNOTATION_TAGS: &str = "catalog-bridge.io/tags";
+pub const ANNOTATION_META_PREFIX: &str = "catalog-bridge.io/meta.";
+/// The label on Services and EndpointSlices created by import; such Services are never exported.
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "catalog-bridge.io";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The Kubernetes objects desired state is computed from.
+#[derive(Clone, Copy, Default)]
+pub struct Inputs<'a> {
+    pub services: &'a [Arc<Service>],
+    pub slices: &'a [Arc<EndpointSlice>],
+    pub catalogs: &'a [Arc<ExternalCatalog>],
+    pub registrations: &'a [Arc<ExternalRegistration>],
+}
+
+/// What asked for an export.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    /// `catalog-bridge.io/export` on a Service.
+    Annotation { namespace: String, service: String },
+    /// An ExternalRegistration with `direction: Export`.
+    Registration { namespace: String, name: String },
+}
+
+/// Why an export is not (fully) in effect. `reason` is a bounded CamelCase word.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The outcome of one export source towards one catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    pub source: Source,
+    pub catalog: String,
+    pub service: String,
+    pub external_name: String,
+    /// Instances it contributes (0 when it has a problem).
+    pub endpoints: usize,
+    pub problem: Option<Problem>,
+}
+
+/// Desired state of every catalog, and how each export fared.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// One entry per existing ExternalCatalog (empty when nothing is exported to it).
+    pub catalogs: BTreeMap<String, DesiredCatalog>,
+    pub exports: Vec<Export>,
+}
+
+/// What one export asks for, once its source is parsed.
+struct Request {
+    source: Source,
+    namespace: String,
+    service: String,
+    catalogs: Vec<String>,
+    external_name: Option<String>,
+    port: Option<PortRef>,
+    tags: Vec<String>,
+    meta: BTreeMap<String, String>,
+    /// A problem found while parsing the source (bad annotation).
+    problem: Option<Problem>,
+}
+
+/// Computes desired state. Invalid exports are reported in `exports` and contribute nothing;
+/// every other export is unaffected by them.
+pub fn compute(inputs: Inputs<'_>) -> Desired {
+    let catalogs: BTreeSet<String> = inputs
+        .catalogs
+        .iter()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    let services: HashMap<(&str, &str), &Service> = inputs
+        .services
+        .iter()
+        .filter_map(|s| {
+            Some((
+                (
+                    s.metadata.namespace.as_deref()?,
+                    s.metadata.name.as_deref()?,
+                ),
+                s.as_ref(),
+            ))
+        })
+        .collect();
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in inputs.slices {
+        if let (Some(ns), Some(svc)) = (
+            s.metadata.namespace.as_deref(),
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .map(String::as_str),
+        ) {
+            slices.entry((ns, svc)).or_default().push(s);
+        }
+    }
+
+    let mut requests: Vec<Request> = Vec::new();
+    for svc in inputs.services {
+        if let Some(r) = request_from_annotations(svc) {
+            requests.push(r);
+        }
+    }
+    for reg in inputs.registrations {
+        if let Some(r) = request_from_registration(reg) {
+            requests.push(r);
+        }
+    }
+
+    let mut per_catalog: BTreeMap<String, BTreeSet<Instance>> = catalogs
+        .iter()
+        .map(|c| (c.clone(), BTreeSet::new()))
+        .collect();
+    let mut exports = Vec::new();
+    for req in requests {
+        let svc = services
+            .get(&(req.namespace.as_str(), req.service.as_str()))
+            .copied();
+        let external_name = req.external_name.clone().unwrap_or(req.service.clone());
+        let resolved: Result<Vec<Instance>, Problem> = match (&req.problem, svc) {
+            (Some(p), _) => Err(p.clone()),
+            (None, None) => Err(Problem {
+                reason: "ServiceNotFound",
+                message: format!("Service {}/{} does not exist", req.namespace, req.service),
+            }),
+            (None, Some(svc)) if is_imported(svc) => Err(Problem {
+                reason: "ImportedService",
+                message: format!(
+                    "Service {}/{} is maintained by an import and is never exported",
+                    req.namespace, req.service
+                ),
+            }),
+            (None, Some(svc)) => instances(
+                svc,
+                slices
+                    .get(&(req.namespace.as_str(), req.service.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+                req.port.as_ref(),
+                &external_name,
+                &req.tags,
+                &req.meta,
+            ),
+        };
+        for catalog in &req.catalogs {
+            let mut export = Export {
+                source: req.source.clone(),
+                catalog: catalog.clone(),
+                service: req.service.clone(),
+                external_name: external_name.clone(),
+                endpoints: 0,
+                problem: None,
+            };
+            match (&resolved, per_catalog.get_mut(catalog)) {
+                (Err(p), _) => export.problem = Some(p.clone()),
+                (Ok(_), None) => {
+                    export.problem = Some(Problem {
+                        reason: "CatalogNotFound",
+                        message: format!("ExternalCatalog {catalog:?} does not exist"),
+                    })
+                }
+                (Ok(list), Some(set)) => {
+                    export.endpoints = list.len();
+                    set.extend(list.iter().cloned());
+                }
+            }
+            exports.push(export);
+        }
+    }
+    exports.sort_by(|a, b| (&a.source, &a.catalog).cmp(&(&b.source, &b.catalog)));
+    Desired {
+        catalogs: per_catalog
+            .into_iter()
+            .map(|(name, set)| {
+                (
+                    name,
+                    DesiredCatalog {
+                        instances: set.into_iter().collect(),
+                    },
+                )
+            })
+            .collect(),
+        exports,
+    }
+}
+
+fn is_imported(svc: &Service) -> bool {
+    svc.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY_VALUE)
+}
+
+fn request_from_annotations(svc: &Service) -> Option<Request> {
+    let annotations = svc.metadata.annotations.as_ref()?;
+    let export = annotations.get(ANNOTATION_EXPORT)?;
+    let namespace = svc.metadata.namespace.clone()?;
+    let service = svc.metadata.name.clone()?;
+    let catalogs: Vec<String> = split_list(export);
+    let mut problem = None;
+    if catalogs.is_empty() {
+        problem = Some(Problem {
+            reason: "InvalidAnnotation",
+            message: format!("{ANNOTATION_EXPORT} names no ExternalCatalog"),
+        });
+    }
+    let port = annotations.get(ANNOTATION_PORT).map(|p| parse_port_ref(p));
+    let external_name = annotations
+        .get(ANNOTATION_NAME)
+        .map(|n| n.trim().to_string());
+    if let Some(n) = &external_name
+        && !valid_external_name(n)
+    {
+        problem = Some(Problem {
+            reason: "InvalidAnnotation",
+            message: format!(
+                "{ANNOTATION_NAME} {n:?} is not a valid name (letters, digits, '-', '_', '.')"
+            ),
+        });
+    }
+    let tags = annotations
+        .get(ANNOTATION_TAGS)
+        .map(|t| split_list(t))
+        .unwrap_or_default();
+    let meta = annotations
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix(ANNOTATION_META_PREFIX)
+                .map(|key| (key.to_string(), v.clone()))
+        })
+        .collect();
+    // A problem with the annotation itself is reported once, against a placeholder catalog
+    // list when none could be read.
+    let catalogs = if catalogs.is_empty() {
+        vec![String::new()]
+    } else {
+        catalogs
+    };
+    Some(Request {
+        source: Source::Annotation {
+            namespace: namespace.clone(),
+            service: service.clone(),
+        },
+        namespace,
+        service,
+        catalogs,
+        external_name,
+        port,
+        tags,
+        meta,
+        problem,
+    })
+}
+
+fn request_from_registration(reg: &ExternalRegistration) -> Option<Request> {
+    if reg.spec.direction != Direction::Export {
+        return None;
+    }
+    let namespace = reg.metadata.namespace.clone()?;
+    let name = reg.metadata.name.clone()?;
+    let service = reg.spec.service.as_ref()?.name.clone();
+    Some(Request {
+        source: Source::Registration {
+            namespace: namespace.clone(),
+            name,
+        },
+        namespace,
+        service,
+        catalogs: vec![reg.spec.catalog_ref.name.clone()],
+        external_name: reg.spec.external_name.clone(),
+        port: reg.spec.port.clone(),
+        tags: reg.spec.tags.clone(),
+        meta: reg.spec.meta.clone(),
+        problem: None,
+    })
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn parse_port_ref(s: &str) -> PortRef {
+    let s = s.trim();
+    match s.parse::<u16>() {
+        Ok(n) => PortRef::Number(n),
+        Err(_) => PortRef::Name(s.to_string()),
+    }
+}
+
+/// The characters every catalog accepts in a service name.
+pub fn valid_external_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The Service port an export publishes: by name or number, else the first.
+fn choose_port<'a>(svc: &'a Service, port: Option<&PortRef>) -> Result<&'a ServicePort, Problem> {
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    let found = match port {
+        None => ports.first(),
+        Some(PortRef::Number(n)) => ports.iter().find(|p| p.port == i32::from(*n)),
+        Some(PortRef::Name(name)) => ports.iter().find(|p| p.name.as_deref() == Some(name)),
+    };
+    found.ok_or_else(|| Problem {
+        reason: "PortNotFound",
+        message: match port {
+            None => "the Service has no ports".to_string(),
+            Some(p) => format!(
+                "the Service has no port {p:?} (ports: {})",
+                ports
+                    .iter()
+                    .map(|p| match &p.name {
+                        Some(n) if !n.is_empty() => format!("{n}/{}", p.port),
+                        _ => p.port.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    })
+}
+
+/// The ready endpoints of `svc` on the chosen port, as instances.
+fn instances(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    port: Option<&PortRef>,
+    external_name: &str,
+    tags: &[String],
+    meta: &BTreeMap<String, String>,
+) -> Result<Vec<Instance>, Problem> {
+    let sp = choose_port(svc, port)?;
+    let port_name = sp.name.clone().unwrap_or_default();
+    let protocol = sp.protocol.clone().unwrap_or_else(|| "TCP".into());
+    let publish_not_ready = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.publish_not_ready_addresses)
+        .unwrap_or(false);
+    let origin = Origin {
+        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+        service: svc.metadata.name.clone().unwrap_or_default(),
+    };
+    let mut out = BTreeSet::new();
+    for slice in slices {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        let Some(ep_port) = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
+            p.name.clone().unwrap_or_default() == port_name
+                && p.protocol.clone().unwrap_or_else(|| "TCP".into()) == protocol
+        }) else {
+            continue;
+        };
+        let Some(number) = ep_port.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let c = ep.conditions.as_ref();
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            // A nil condition means "unknown", which the API says to read as true.
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let exported = !terminating && (ready || (publish_not_ready && serving));
+            if !exported {
+                continue;
+            }
+            for a in &ep.addresses {
+                let Ok(address) = a.parse::<IpAddr>() else {
+                    continue;
+                };
+                out.insert(Instance {
+                    name: external_name.to_string(),
+                    address,
+                    port: number,
+                    origin: origin.clone(),
+                    tags: tags.to_vec(),
+                    meta: meta.clone(),
+                });
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(ns: &str, name: &str, annotations: serde_json::Value) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": ns, "name": name, "annotations": annotations},
+                "spec": {"ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                    {"name": "admin", "port": 9000, "targetPort": 9090, "protocol": "TCP"},
+                ]},
+            }))
+            .expect("test service"),
+        )
+    }
+
+    fn slice(
+        ns: &str,
+        svc: &str,
+        name: &str,
+        eps: &[(&str, Option<bool>, bool)],
+    ) -> Arc<EndpointSlice> {
+        let endpoints: Vec<_> = eps
+            .iter()
+            .map(|(ip, ready, terminating)| {
+                json!({"addresses": [ip], "conditions": {"ready": ready, "serving": ready, "terminating": terminating}})
+            })
+            .collect();
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": ns, "name": name, "labels": {"kubernetes.io/service-name": svc}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                          {"name": "admin", "port": 9090, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            }))
+            .expect("test slice"),
+        )
+    }
+
+    fn catalog(name: &str) -> Arc<ExternalCatalog> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+                "metadata": {"name": name},
+                "spec": {"consul": {"addresses": ["http://127.0.0.1:8500"]}},
+            }))
+            .expect("test catalog"),
+        )
+    }
+
+    fn addrs(d: &Desired, catalog: &str) -> Vec<String> {
+        d.catalogs[catalog]
+            .instances
+            .iter()
+            .map(|i| format!("{}@{}", i.name, i.host_port()))
+            .collect()
+    }
+
+    #[test]
+    fn annotated_service_exports_ready_endpoints_on_the_target_port() {
+        let services = [service(
+            "shop",
+            "api-x",
+            json!({
+                "catalog-bridge.io/export": "consul", "catalog-bridge.io/name": "api_x",
+                "catalog-bridge.io/tags": "v1, blue", "catalog-bridge.io/meta.team": "shop",
+            }),
+        )];
+        let slices = [slice(
+            "shop",
+            "api-x",
+            "s1",
+            &[
+                ("10.0.0.1", Some(true), false),
+                ("10.0.0.2", Some(true), false),
+                ("10.0.0.3", Some(false), false),
+                ("10.0.0.4", Some(true), true),
+                ("10.0.0.5", None, false),
+            ],
+        )];
+        let catalogs = [catalog("consul"), catalog("other")];
+        let d = compute(Inputs {
+            services: &services,
+            slices: &slices,
+            catalogs: &catalogs,
+            registrations: &[],
+        });
+        assert_eq!(
+            addrs(&d, "consul"),
+            [
+                "api_x@10.0.0.1:8080",
+                "api_x@10.0.0.2:8080",
+                "api_x@10.0.0.5:8080"
+            ]
+        );
+        assert!(d.catalogs["other"].instances.is_empty());
+        let i = &d.catalogs["consul"].instances[0];
+        assert_eq!(i.tags, ["v1", "blue"]);
+        assert_eq!(i.meta.get("team").map(String::as_str), Some("shop"));
+        assert_eq!(d.exports.len(), 1);
+        assert_eq!(d.exports[0].endpoints, 3);
+        assert_eq!(d.exports[0].problem, None);
+    }
+
+    #[test]
+    fn port_annotation_by_name_and_number() {
+        let slices = [slice(
+            "shop",
+            "api-x",
+            "s1",
+            &[("10.0.0.1", Some(true), false)],
+        )];
+        let catalogs = [catalog("consul")];
+        for port in ["admin", "9000"] {
+            let services = [service(
+                "shop",
+                "api-x",
+                json!({
+                    "catalog-bridge.io/export": "consul", "catalog-bridge.io/port": port,
+                }),
+            )];
+            let d = compute(Inputs {
+                services: &services,
+                slices: &slices,
+                catalogs: &catalogs,
+                registrations: &[],
+            });
+            assert_eq!(addrs(&d, "consul"), ["api-x@10.0.0.1:9090"], "port {port}");
+        }
+    }
+
+    #[test]
+    fn a_bad_annotation_is_reported_and_affects_nothing_else() {
+        let services = [
+            service(
+                "shop",
+                "bad-port",
+                json!({"catalog-bridge.io/export": "consul", "catalog-bridge.io/port": "grpc"}),
+            ),
+            service(
+                "shop",
+                "bad-catalog",
+                json!({"catalog-bridge.io/export": "nope,consul"}),
+            ),
+            service(
+                "shop",
+                "good",
+                json!({"catalog-bridge.io/export": "consul"}),
+            ),
+        ];
+        let slices = [
+            slice("shop", "bad-port", "a", &[("10.0.0.1", Some(true), false)]),
+            slice(
+                "shop",
+                "bad-catalog",
+                "b",
+                &[("10.0.0.2", Some(true), false)],
+            ),
+            slice("shop", "good", "c", &[("10.0.0.3", Some(true), false)]),
+        ];
+        let catalogs = [catalog("consul")];
+        let d = compute(Inputs {
+            services: &services,
+            slices: &slices,
+            catalogs: &catalogs,
+            registrations: &[],
+        });
+        assert_eq!(
+            addrs(&d, "consul"),
+            ["bad-catalog@10.0.0.2:8080", "good@10.0.0.3:8080"]
+        );
+        let problems: Vec<_> = d
+            .exports
+            .iter()
+            .filter_map(|e| e.problem.as_ref().map(|p| (e.service.as_str(), p.reason)))
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                ("bad-catalog", "CatalogNotFound"),
+                ("bad-port", "PortNotFound")
+            ]
+        );
+    }
+
+    #[test]
+    fn registrations_export_and_imported_services_never_do() {
+        let services = [
+            service("shop", "api-x", json!({})),
+            Arc::new(
+                serde_json::from_value::<Service>(json!({
+                    "metadata": {"namespace": "shop", "name": "mysql-x",
+                                 "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+                                 "annotations": {"catalog-bridge.io/export": "consul"}},
+                    "spec": {"ports": [{"name": "http", "port": 80}]},
+                }))
+                .expect("svc"),
+            ),
+        ];
+        let slices = [
+            slice("shop", "api-x", "a", &[("10.0.0.1", Some(true), false)]),
+            slice("shop", "mysql-x", "b", &[("10.0.0.8", Some(true), false)]),
+        ];
+        let regs = [Arc::new(
+            serde_json::from_value::<ExternalRegistration>(json!({
+                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+                "metadata": {"namespace": "shop", "name": "api-x"},
+                "spec": {"catalogRef": {"name": "consul"}, "direction": "Export",
+                         "service": {"name": "api-x"}, "externalName": "api_x"},
+            }))
+            .expect("reg"),
+        )];
+        let catalogs = [catalog("consul")];
+        let d = compute(Inputs {
+            services: &services,
+            slices: &slices,
+            catalogs: &catalogs,
+            registrations: &regs,
+        });
+        assert_eq!(addrs(&d, "consul"), ["api_x@10.0.0.1:8080"]);
+        let imported = d
+            .exports
+            .iter()
+            .find(|e| e.service == "mysql-x")
+            .expect("reported");
+        assert_eq!(
+            imported.problem.as_ref().map(|p| p.reason),
+            Some("ImportedService")
+        );
+    }
+
+    #[test]
+    fn the_same_external_name_from_two_namespaces_is_merged() {
+        let services = [
+            service(
+                "a",
+                "api",
+                json!({"catalog-bridge.io/export": "consul", "catalog-bridge.io/name": "api_x"}),
+            ),
+            service(
+                "b",
+                "api",
+                json!({"catalog-bridge.io/export": "consul", "catalog-bridge.io/name": "api_x"}),
+            ),
+        ];
+        let slices = [
+            slice("a", "api", "s", &[("10.0.0.1", Some(true), false)]),
+            slice("b", "api", "s", &[("10.0.1.1", Some(true), false)]),
+        ];
+        let catalogs = [catalog("consul")];
+        let d = compute(Inputs {
+            services: &services,
+            slices: &slices,
+            catalogs: &catalogs,
+            registrations: &[],
+        });
+        let inst = &d.catalogs["consul"].instances;
+        assert_eq!(inst.len(), 2);
+        assert_ne!(inst[0].origin, inst[1].origin);
+        assert_ne!(inst[0].stable_id(), inst[1].stable_id());
+    }
+}

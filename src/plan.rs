@@ -1,0 +1,134 @@
+//! The plan: a pure diff between what a catalog should hold and what this controller's entries
+//! in it hold now. Only keys of the current, *owned* state can be deleted; an unchanged record
+//! is never written again.
+
+use std::collections::BTreeMap;
+
+use crate::backend::Record;
+
+/// One change to a catalog.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Create or replace the entry at `key`.
+    Put { key: String, record: Record },
+    /// Remove the entry at `key` (always one this controller owns).
+    Delete { key: String },
+}
+
+impl Op {
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
+}
+
+/// The changes that turn `current` into `desired`, creates and updates first, deletions last.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub creates: usize,
+    pub updates: usize,
+    pub deletes: usize,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} create(s), {} update(s), {} delete(s)",
+            self.creates, self.updates, self.deletes
+        )
+    }
+}
+
+/// Diffs `desired` against `current` (the owned entries read from, or last written to, the
+/// catalog).
+pub fn plan(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, Record>) -> Plan {
+    let mut p = Plan::default();
+    for (key, record) in desired {
+        match current.get(key) {
+            Some(have) if have == record => {}
+            Some(_) => {
+                p.updates += 1;
+                p.ops.push(Op::Put {
+                    key: key.clone(),
+                    record: record.clone(),
+                });
+            }
+            None => {
+                p.creates += 1;
+                p.ops.push(Op::Put {
+                    key: key.clone(),
+                    record: record.clone(),
+                });
+            }
+        }
+    }
+    for key in current.keys() {
+        if !desired.contains_key(key) {
+            p.deletes += 1;
+            p.ops.push(Op::Delete { key: key.clone() });
+        }
+    }
+    p
+}
+
+/// Applies a plan to a map of records, as a successful write does to the catalog.
+pub fn apply_to(current: &mut BTreeMap<String, Record>, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::Put { key, record } => {
+                current.insert(key.clone(), record.clone());
+            }
+            Op::Delete { key } => {
+                current.remove(key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(entries: &[(&str, i64)]) -> BTreeMap<String, Record> {
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!({ "v": v })))
+            .collect()
+    }
+
+    #[test]
+    fn unchanged_state_plans_nothing() {
+        let state = map(&[("a", 1), ("b", 2)]);
+        assert!(plan(&state, &state).is_empty());
+    }
+
+    #[test]
+    fn creates_updates_and_deletes_only_what_differs() {
+        let desired = map(&[("a", 1), ("b", 3), ("c", 4)]);
+        let current = map(&[("a", 1), ("b", 2), ("d", 5)]);
+        let p = plan(&desired, &current);
+        assert_eq!((p.creates, p.updates, p.deletes), (1, 1, 1));
+        assert_eq!(p.ops.len(), 3);
+        assert!(matches!(p.ops.last(), Some(Op::Delete { key }) if key == "d"));
+        let mut after = current.clone();
+        apply_to(&mut after, &p.ops);
+        assert_eq!(after, desired);
+    }
+
+    #[test]
+    fn nothing_outside_current_is_ever_deleted() {
+        // Entries not in `current` (other owners', hand-made ones) are invisible to the plan.
+        let p = plan(&BTreeMap::new(), &map(&[("mine", 1)]));
+        assert_eq!(p.ops, vec![Op::Delete { key: "mine".into() }]);
+    }
+}

@@ -1,0 +1,449 @@
+//! The writer of one catalog: a task that keeps the catalog equal to the desired state while
+//! this replica leads, writing only diffs.
+//!
+//! Safety rules (SPEC §6):
+//! - it does nothing until the gate opens (this replica leads and every Kubernetes cache has
+//!   synced), so nothing is planned from a partial view;
+//! - it reads the catalog's owned state before the first plan, and again after any failed
+//!   write, so a deletion is only ever planned against what is really there and owned;
+//! - desired changes that arrive while a write is in flight are coalesced into the next plan;
+//! - a periodic drift check re-reads the owned state and repairs (and counts) what differs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::backend::{Backend, BackendError, Record};
+use crate::crd::ServerInfo;
+use crate::metrics::Metrics;
+use crate::model::DesiredCatalog;
+use crate::plan::{apply_to, plan};
+
+/// Desired state of one catalog as published to its writer.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub catalog: DesiredCatalog,
+    /// When the oldest Kubernetes change folded into this snapshot was seen.
+    pub changed_at: Option<Instant>,
+}
+
+/// What the writer last saw and did, for status and readiness.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// `None` until the first contact.
+    pub reachable: Option<bool>,
+    pub error: Option<BackendError>,
+    /// The catalog holds exactly the desired state.
+    pub in_sync: bool,
+    /// Entries this controller holds there.
+    pub entries: usize,
+    pub last_contact: Option<SystemTime>,
+    pub server: Option<ServerInfo>,
+    /// Waiting for leadership or cache sync.
+    pub idle: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub catalog: String,
+    pub dry_run: bool,
+    pub drift_interval: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Config {
+    pub fn new(catalog: &str) -> Config {
+        Config {
+            catalog: catalog.to_string(),
+            dry_run: false,
+            drift_interval: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct Writer {
+    cfg: Config,
+    backend: Arc<dyn Backend>,
+    desired: watch::Receiver<Arc<Snapshot>>,
+    gate: watch::Receiver<bool>,
+    report: watch::Sender<Report>,
+    metrics: Arc<Metrics>,
+    /// The owned records as last read or written; `None` when unknown.
+    current: Option<BTreeMap<String, Record>>,
+}
+
+impl Writer {
+    pub fn new(
+        cfg: Config,
+        backend: Arc<dyn Backend>,
+        desired: watch::Receiver<Arc<Snapshot>>,
+        gate: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+    ) -> (Writer, watch::Receiver<Report>) {
+        let (report, report_rx) = watch::channel(Report {
+            idle: true,
+            ..Default::default()
+        });
+        (
+            Writer {
+                cfg,
+                backend,
+                desired,
+                gate,
+                report,
+                metrics,
+                current: None,
+            },
+            report_rx,
+        )
+    }
+
+    /// Runs until the desired or gate channel closes.
+    pub async fn run(mut self) {
+        let mut backoff = self.cfg.min_backoff;
+        let mut drift = tokio::time::interval(self.cfg.drift_interval);
+        drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        drift.tick().await;
+        let mut probed = false;
+        loop {
+            // Leadership and synced caches first: before that, nothing is read or written.
+            if !*self.gate.borrow_and_update() {
+                self.current = None;
+                self.report.send_modify(|r| r.idle = true);
+                if self.gate.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            self.report.send_modify(|r| r.idle = false);
+            if !probed {
+                probed = self.probe().await;
+            }
+            let snapshot = self.desired.borrow_and_update().clone();
+            match self.sync(&snapshot).await {
+                Ok(()) => backoff = self.cfg.min_backoff,
+                Err(e) => {
+                    self.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        r = self.gate.changed() => if r.is_err() { return },
+                    }
+                    backoff = (backoff * 2).min(self.cfg.max_backoff);
+                    continue;
+                }
+            }
+            tokio::select! {
+                r = self.desired.changed() => if r.is_err() { return },
+                r = self.gate.changed() => if r.is_err() { return },
+                _ = drift.tick() => {
+                    self.probe().await;
+                    if let Err(e) = self.check_drift().await {
+                        self.failed(&e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Brings the catalog to `snapshot`: reads the owned state if unknown, plans, writes.
+    async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), BackendError> {
+        let current = match self.current.take() {
+            Some(c) => c,
+            None => self.read().await?,
+        };
+        let desired = self.backend.render(&snapshot.catalog.instances);
+        let p = plan(&desired, &current);
+        if p.is_empty() {
+            self.current = Some(current);
+            self.succeeded(desired.len(), true);
+            return Ok(());
+        }
+        if self.cfg.dry_run {
+            for op in &p.ops {
+                info!(catalog = %self.cfg.catalog, ?op, "dry run: would write");
+            }
+            info!(catalog = %self.cfg.catalog, plan = %p, "dry run: plan not applied");
+            // Pretend it was applied, so the same plan is not logged again and again.
+            self.current = Some(desired.clone());
+            self.succeeded(desired.len(), true);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = self.backend.apply(&p.ops).await;
+        let label = &self.cfg.catalog;
+        match result {
+            Ok(round_trips) => {
+                let mut current = current;
+                apply_to(&mut current, &p.ops);
+                self.metrics
+                    .operations(label, "put", "ok", (p.creates + p.updates) as u64);
+                self.metrics
+                    .operations(label, "delete", "ok", p.deletes as u64);
+                self.metrics.round_trips(label, "ok", round_trips as u64);
+                if let Some(t) = snapshot.changed_at {
+                    self.metrics.propagation(label, t.elapsed());
+                }
+                info!(catalog = %label, plan = %p, round_trips, took = ?started.elapsed(), "catalog updated");
+                self.current = Some(current);
+                self.succeeded(desired.len(), true);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .operations(label, "put", "error", (p.creates + p.updates) as u64);
+                self.metrics
+                    .operations(label, "delete", "error", p.deletes as u64);
+                self.metrics.round_trips(label, "error", 1);
+                // Some batches may have been committed: re-read before the next plan.
+                self.current = None;
+                Err(e)
+            }
+        }
+    }
+
+    async fn read(&mut self) -> Result<BTreeMap<String, Record>, BackendError> {
+        let r = self.backend.read_owned().await;
+        self.metrics
+            .reads(&self.cfg.catalog, if r.is_ok() { "ok" } else { "error" });
+        let owned = r?;
+        debug!(catalog = %self.cfg.catalog, entries = owned.len(), "read owned state");
+        Ok(owned)
+    }
+
+    /// Re-reads the owned state and counts every entry that differs from what was written
+    /// (removed, changed or added behind this controller's back); the next sync repairs them.
+    async fn check_drift(&mut self) -> Result<(), BackendError> {
+        let read = self.read().await?;
+        if let Some(known) = &self.current {
+            let drifted = crate::plan::plan(known, &read);
+            if !drifted.is_empty() {
+                warn!(catalog = %self.cfg.catalog, drift = %drifted, "catalog drifted from what was written; repairing");
+                self.metrics
+                    .drift(&self.cfg.catalog, drifted.ops.len() as u64);
+            }
+        }
+        self.current = Some(read);
+        let snapshot = self.desired.borrow().clone();
+        self.sync(&snapshot).await
+    }
+
+    async fn probe(&mut self) -> bool {
+        match self.backend.probe().await {
+            Ok(info) => {
+                self.report.send_modify(|r| {
+                    r.server = Some(info);
+                    r.reachable = Some(true);
+                    r.last_contact = Some(SystemTime::now());
+                });
+                true
+            }
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
+        }
+    }
+
+    fn succeeded(&self, entries: usize, in_sync: bool) {
+        self.metrics.up(&self.cfg.catalog, true);
+        self.metrics
+            .entries(&self.cfg.catalog, "export", entries as i64);
+        self.report.send_if_modified(|r| {
+            let new = Report {
+                reachable: Some(true),
+                error: None,
+                in_sync,
+                entries,
+                last_contact: r.last_contact,
+                server: r.server.clone(),
+                idle: false,
+            };
+            // lastContactTime moves on every contact, but is only published with another
+            // change or once a minute, so status is not rewritten on every write.
+            let stale = r
+                .last_contact
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age > Duration::from_secs(60));
+            let changed = *r != new || stale;
+            *r = Report {
+                last_contact: if changed {
+                    Some(SystemTime::now())
+                } else {
+                    r.last_contact
+                },
+                ..new
+            };
+            changed
+        });
+    }
+
+    fn failed(&self, e: &BackendError) {
+        warn!(catalog = %self.cfg.catalog, error = %e, reason = e.reason(), "catalog operation failed");
+        let unreachable = matches!(e, BackendError::Unreachable(_));
+        self.metrics.up(&self.cfg.catalog, !unreachable);
+        self.report.send_if_modified(|r| {
+            let changed = r.error.as_ref() != Some(e) || r.in_sync;
+            r.reachable = Some(!unreachable);
+            r.error = Some(e.clone());
+            r.in_sync = false;
+            changed
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::Memory;
+    use crate::model::{Instance, Origin};
+
+    fn instances(n: usize) -> DesiredCatalog {
+        DesiredCatalog {
+            instances: (0..n)
+                .map(|i| Instance {
+                    name: "api_x".into(),
+                    address: format!("10.0.{}.{}", i / 250, i % 250 + 1)
+                        .parse()
+                        .expect("ip"),
+                    port: 8080,
+                    origin: Origin {
+                        namespace: "shop".into(),
+                        service: "api-x".into(),
+                    },
+                    tags: vec![],
+                    meta: BTreeMap::new(),
+                })
+                .collect(),
+        }
+    }
+
+    struct Harness {
+        desired: watch::Sender<Arc<Snapshot>>,
+        gate: watch::Sender<bool>,
+        report: watch::Receiver<Report>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(backend: Arc<Memory>, drift: Duration) -> Harness {
+        let (desired, desired_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (gate, gate_rx) = watch::channel(false);
+        let mut cfg = Config::new("test");
+        cfg.drift_interval = drift;
+        cfg.min_backoff = Duration::from_millis(10);
+        let (w, report) = Writer::new(cfg, backend, desired_rx, gate_rx, Arc::new(Metrics::new()));
+        Harness {
+            desired,
+            gate,
+            report,
+            task: tokio::spawn(w.run()),
+        }
+    }
+
+    async fn until(report: &mut watch::Receiver<Report>, f: impl Fn(&Report) -> bool) -> Report {
+        tokio::time::timeout(Duration::from_secs(5), report.wait_for(|r| f(r)))
+            .await
+            .expect("report in time")
+            .expect("writer alive")
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn nothing_happens_before_the_gate_opens() {
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.put_foreign("mine-stale", "me", serde_json::json!({}));
+        let h = start(mem.clone(), Duration::from_secs(3600));
+        h.desired
+            .send(Arc::new(Snapshot {
+                catalog: DesiredCatalog::default(),
+                changed_at: None,
+            }))
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(mem.writes(), 0, "no write while the gate is closed");
+        assert_eq!(mem.all().len(), 1);
+        h.task.abort();
+    }
+
+    #[tokio::test]
+    async fn converges_in_batches_and_an_unchanged_restart_writes_nothing() {
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.put_foreign("foreign", "someone-else", serde_json::json!({}));
+        let mut h = start(mem.clone(), Duration::from_secs(3600));
+        h.desired
+            .send(Arc::new(Snapshot {
+                catalog: instances(200),
+                changed_at: Some(Instant::now()),
+            }))
+            .expect("send");
+        h.gate.send(true).expect("gate");
+        until(&mut h.report, |r| r.in_sync && r.entries == 200).await;
+        assert_eq!(mem.round_trips(), 4, "200 puts in batches of 64");
+        assert_eq!(mem.all().len(), 201);
+        h.task.abort();
+
+        // A new writer (a restart, or another replica taking over) with the same desired state.
+        let writes = mem.writes();
+        let mut h2 = start(mem.clone(), Duration::from_secs(3600));
+        h2.desired
+            .send(Arc::new(Snapshot {
+                catalog: instances(200),
+                changed_at: None,
+            }))
+            .expect("send");
+        h2.gate.send(true).expect("gate");
+        until(&mut h2.report, |r| r.in_sync && r.entries == 200).await;
+        assert_eq!(mem.writes(), writes, "an unchanged restart writes nothing");
+
+        // Shrinking deletes exactly the difference and never the foreign entry.
+        h2.desired
+            .send(Arc::new(Snapshot {
+                catalog: instances(150),
+                changed_at: None,
+            }))
+            .expect("send");
+        until(&mut h2.report, |r| r.in_sync && r.entries == 150).await;
+        assert_eq!(mem.writes(), writes + 50);
+        assert!(mem.all().contains_key("foreign"));
+        h2.task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_reported_and_repaired_on_return() {
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.set_down(true);
+        let mut h = start(mem.clone(), Duration::from_millis(50));
+        h.desired
+            .send(Arc::new(Snapshot {
+                catalog: instances(3),
+                changed_at: None,
+            }))
+            .expect("send");
+        h.gate.send(true).expect("gate");
+        let r = until(&mut h.report, |r| r.reachable == Some(false)).await;
+        assert!(
+            r.error
+                .expect("error")
+                .to_string()
+                .contains("connection refused")
+        );
+        mem.set_down(false);
+        until(&mut h.report, |r| r.in_sync && r.entries == 3).await;
+
+        // The catalog forgets everything (a dev agent restart): the drift check repairs it.
+        mem.wipe();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while mem.all().len() != 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("repaired after wipe");
+        h.task.abort();
+    }
+}
