@@ -4,10 +4,16 @@
 #![deny(warnings)]
 
 pub mod backend;
+pub mod catalogs;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod desired;
+pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod plan;
+pub mod query;
+pub mod status;
 pub mod writer;

@@ -36,12 +36,12 @@ impl Instance {
         std::net::SocketAddr::new(self.address, self.port).to_string()
     }
 
-    /// A deterministic identifier from (namespace, service, address, port): readable, unique
-    /// per origin, the same on every restart and every replica.
+    /// A deterministic identifier from (namespace, service, external name, address, port):
+    /// readable, unique per origin and name, the same on every restart and every replica.
     pub fn stable_id(&self) -> String {
         let digest = fnv1a64(&format!(
-            "{}\0{}\0{}\0{}",
-            self.origin.namespace, self.origin.service, self.address, self.port
+            "{}\0{}\0{}\0{}\0{}",
+            self.origin.namespace, self.origin.service, self.name, self.address, self.port
         ));
         let addr = self.address.to_string().replace([':', '.'], "-");
         format!(

@@ -58,7 +58,12 @@ impl Builder {
     /// Starts the chosen peers concurrently and waits until each is ready. Any peer that
     /// cannot start makes this fail with its log; nothing is skipped.
     pub async fn start(self) -> Result<Env> {
-        let dir = new_run_dir()?;
+        let mut dir = new_run_dir()?;
+        // LOCALENV_KEEP=1 keeps the peers' data and logs for a look after the test.
+        if std::env::var_os("LOCALENV_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("localenv: keeping {}", dir.path().display());
+        }
         let path = dir.path().to_path_buf();
         let (kube, consul, etcd, zookeeper) = tokio::try_join!(
             maybe(self.kube, Kube::start(&path, self.controller_manager)),

@@ -1,0 +1,424 @@
+//! `catalog-bridge run`: the watches, the desired-state loop, one writer per catalog, status
+//! and Events, leader election, and the HTTP endpoints — each a supervised task.
+//!
+//! ```text
+//! watch (reflectors) ─▶ desired::compute (pure) ─▶ watch channel per catalog ─▶ writer
+//!                                               └▶ status + Events (leader only)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::crd::{ExternalCatalog, ExternalRegistration};
+use crate::desired::{self, Desired, Inputs, Problem};
+use crate::metrics::Metrics;
+use crate::status::CatalogView;
+use crate::writer::{self, Report, Snapshot, Writer};
+
+/// Options of `catalog-bridge run`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The owner id written into every entry (the cluster id).
+    pub owner: String,
+    pub dry_run: bool,
+    pub drift_interval: Duration,
+    /// Namespace and name of the leader Lease.
+    pub lease_namespace: String,
+    pub lease_name: String,
+    /// This replica's identity in the Lease.
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+/// Kubernetes changes seen but not yet folded into desired state.
+#[derive(Default)]
+struct Changes {
+    notify: Notify,
+    since: Mutex<Option<Instant>>,
+}
+
+impl Changes {
+    fn mark(&self) {
+        let mut s = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        s.get_or_insert_with(Instant::now);
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<Instant> {
+        self.since.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A reflector (a watch feeding a store) whose every event marks `changes`.
+fn reflect<K>(api: Api<K>, changes: Arc<Changes>) -> (Store<K>, JoinHandle<Result<()>>)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => changes.mark(),
+                Err(e) => warn!(%kind, error = %e, "watch failed; retrying"),
+            }
+        }
+        bail!("the {kind} watch ended")
+    });
+    (reader, task)
+}
+
+/// The stores every part reads from.
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub catalogs: Store<ExternalCatalog>,
+    pub registrations: Store<ExternalRegistration>,
+}
+
+impl Stores {
+    async fn wait_synced(&self) -> Result<()> {
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
+        self.catalogs.wait_until_ready().await?;
+        self.registrations.wait_until_ready().await?;
+        Ok(())
+    }
+}
+
+/// A running writer and what it was built from.
+struct Running {
+    fingerprint: String,
+    kind: &'static str,
+    desired: watch::Sender<Arc<Snapshot>>,
+    report: watch::Receiver<Report>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A catalog whose backend could not be built (missing Secret, unsupported kind).
+struct Broken {
+    fingerprint: String,
+    kind: &'static str,
+    problem: Problem,
+    retry_at: Instant,
+}
+
+/// Starts and stops writers as ExternalCatalogs come and go, and hands them desired state.
+struct Writers {
+    client: kube::Client,
+    opts: Options,
+    gate: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    running: HashMap<String, Running>,
+    broken: HashMap<String, Broken>,
+}
+
+impl Writers {
+    async fn sync(
+        &mut self,
+        catalogs: &[Arc<ExternalCatalog>],
+        desired: &Desired,
+        since: Option<Instant>,
+    ) {
+        let mut seen = Vec::new();
+        for cat in catalogs {
+            let Some(name) = cat.metadata.name.clone() else {
+                continue;
+            };
+            seen.push(name.clone());
+            let fingerprint = serde_json::to_string(&cat.spec).unwrap_or_default();
+            let wanted = desired.catalogs.get(&name).cloned().unwrap_or_default();
+            if let Some(r) = self.running.get(&name)
+                && r.fingerprint == fingerprint
+            {
+                r.desired.send_if_modified(|snap| {
+                    if snap.catalog == wanted {
+                        return false;
+                    }
+                    *snap = Arc::new(Snapshot {
+                        catalog: wanted.clone(),
+                        changed_at: since.or(Some(Instant::now())),
+                    });
+                    true
+                });
+                continue;
+            }
+            if let Some(b) = self.broken.get(&name)
+                && b.fingerprint == fingerprint
+                && Instant::now() < b.retry_at
+            {
+                continue;
+            }
+            self.running.remove(&name);
+            let kind = crate::catalogs::kind(cat);
+            match crate::catalogs::build(&self.client, cat, &self.opts.owner).await {
+                Ok(backend) => {
+                    info!(catalog = %name, backend = %backend.describe(), "catalog writer starting");
+                    self.broken.remove(&name);
+                    let (tx, rx) = watch::channel(Arc::new(Snapshot {
+                        catalog: wanted,
+                        changed_at: since,
+                    }));
+                    let mut cfg = writer::Config::new(&name);
+                    cfg.dry_run = self.opts.dry_run;
+                    cfg.drift_interval = self.opts.drift_interval;
+                    let (w, report) =
+                        Writer::new(cfg, backend, rx, self.gate.clone(), self.metrics.clone());
+                    self.running.insert(
+                        name.clone(),
+                        Running {
+                            fingerprint,
+                            kind,
+                            desired: tx,
+                            report,
+                            task: tokio::spawn(w.run()),
+                        },
+                    );
+                }
+                Err(problem) => {
+                    warn!(catalog = %name, reason = problem.reason, message = %problem.message, "catalog cannot be used");
+                    self.broken.insert(
+                        name.clone(),
+                        Broken {
+                            fingerprint,
+                            kind,
+                            problem,
+                            retry_at: Instant::now() + Duration::from_secs(10),
+                        },
+                    );
+                }
+            }
+        }
+        self.running.retain(|n, _| seen.contains(n));
+        self.broken.retain(|n, _| seen.contains(n));
+    }
+
+    fn views(&self) -> BTreeMap<String, CatalogView> {
+        let mut out = BTreeMap::new();
+        for (name, r) in &self.running {
+            out.insert(
+                name.clone(),
+                CatalogView {
+                    kind: r.kind,
+                    report: r.report.borrow().clone(),
+                    problem: None,
+                },
+            );
+        }
+        for (name, b) in &self.broken {
+            out.insert(
+                name.clone(),
+                CatalogView {
+                    kind: b.kind,
+                    report: Report::default(),
+                    problem: Some(b.problem.clone()),
+                },
+            );
+        }
+        out
+    }
+}
+
+/// What the HTTP endpoints read.
+#[derive(Clone)]
+pub struct Health {
+    pub metrics: Arc<Metrics>,
+    /// True once every Kubernetes cache has synced.
+    pub synced: watch::Receiver<bool>,
+}
+
+/// Runs the controller until a task fails or Ctrl-C / SIGTERM.
+pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let changes = Arc::new(Changes::default());
+    let (services, t1) = reflect(Api::<Service>::all(client.clone()), changes.clone());
+    let (slices, t2) = reflect(Api::<EndpointSlice>::all(client.clone()), changes.clone());
+    let (catalogs, t3) = reflect(Api::<ExternalCatalog>::all(client.clone()), changes.clone());
+    let (registrations, t4) = reflect(
+        Api::<ExternalRegistration>::all(client.clone()),
+        changes.clone(),
+    );
+    let stores = Stores {
+        services,
+        slices,
+        catalogs,
+        registrations,
+    };
+
+    let (synced_tx, synced) = watch::channel(false);
+    let (leader, lease_task) = crate::leader::elect(client.clone(), &opts, metrics.clone()).await?;
+    // Writers open only while this replica leads and every cache is complete.
+    let (gate_tx, gate) = watch::channel(false);
+    let gate_task = {
+        let mut leader = leader.clone();
+        let mut synced = synced.clone();
+        tokio::spawn(async move {
+            loop {
+                let open = *leader.borrow_and_update() && *synced.borrow_and_update();
+                gate_tx.send_if_modified(|g| std::mem::replace(g, open) != open);
+                tokio::select! {
+                    r = leader.changed() => r?,
+                    r = synced.changed() => r?,
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        })
+    };
+
+    let health = Health {
+        metrics: metrics.clone(),
+        synced: synced.clone(),
+    };
+    let http = tokio::spawn(crate::http::serve(opts.metrics_addr, health));
+
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
+    let (views_tx, views_rx) = watch::channel(BTreeMap::<String, CatalogView>::new());
+    let desired_loop = {
+        let stores = stores.clone();
+        let client = client.clone();
+        let opts = opts.clone();
+        let metrics = metrics.clone();
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            stores.wait_synced().await?;
+            info!("Kubernetes caches synced");
+            synced_tx.send_replace(true);
+            let mut writers = Writers {
+                client,
+                opts,
+                gate,
+                metrics: metrics.clone(),
+                running: HashMap::new(),
+                broken: HashMap::new(),
+            };
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut first = true;
+            loop {
+                let since = changes.take();
+                let cats = stores.catalogs.state();
+                // Recompute only when something changed; the tick alone refreshes views and
+                // retries catalogs that could not be built.
+                let d = if since.is_some() || first {
+                    first = false;
+                    let (svcs, sls, regs) = (
+                        stores.services.state(),
+                        stores.slices.state(),
+                        stores.registrations.state(),
+                    );
+                    desired::compute(Inputs {
+                        services: &svcs,
+                        slices: &sls,
+                        catalogs: &cats,
+                        registrations: &regs,
+                    })
+                } else {
+                    desired_tx.borrow().as_ref().clone()
+                };
+                writers.sync(&cats, &d, since).await;
+                let mut invalid: BTreeMap<(String, String), i64> = BTreeMap::new();
+                for e in &d.exports {
+                    if let Some(p) = &e.problem {
+                        let kind = match e.source {
+                            desired::Source::Annotation { .. } => "annotation",
+                            desired::Source::Registration { .. } => "registration",
+                        };
+                        *invalid
+                            .entry((kind.to_string(), p.reason.to_string()))
+                            .or_default() += 1;
+                    }
+                }
+                metrics.set_invalid_exports(&invalid);
+                desired_tx.send_if_modified(|cur| {
+                    if **cur == d {
+                        return false;
+                    }
+                    *cur = Arc::new(d);
+                    true
+                });
+                views_tx.send_if_modified(|cur| {
+                    let v = writers.views();
+                    if *cur == v {
+                        return false;
+                    }
+                    *cur = v;
+                    true
+                });
+                tokio::select! {
+                    _ = changes.notify.notified() => {}
+                    _ = tick.tick() => {}
+                }
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        })
+    };
+
+    let status_loop = tokio::spawn(crate::status::run(
+        client.clone(),
+        stores.clone(),
+        desired_rx,
+        views_rx,
+        gate.clone(),
+    ));
+
+    let outcome = tokio::select! {
+        r = t1 => flatten("Service watch", r),
+        r = t2 => flatten("EndpointSlice watch", r),
+        r = t3 => flatten("ExternalCatalog watch", r),
+        r = t4 => flatten("ExternalRegistration watch", r),
+        r = gate_task => flatten("leader gate", r),
+        r = desired_loop => flatten("desired-state loop", r),
+        r = status_loop => flatten("status loop", r),
+        r = http => flatten("HTTP server", r),
+        r = shutdown_signal() => r.map(|()| info!("shutting down")),
+    };
+    lease_task.release().await;
+    outcome
+}
+
+fn flatten(what: &str, r: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match r {
+        Ok(Ok(())) => bail!("{what} stopped"),
+        Ok(Err(e)) => Err(e).with_context(|| format!("{what} failed")),
+        Err(e) => Err(anyhow::Error::new(e)).with_context(|| format!("{what} panicked")),
+    }
+}
+
+async fn shutdown_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

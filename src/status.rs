@@ -1,0 +1,389 @@
+//! Status and Events: what users see with `kubectl get xcat,xreg` and `kubectl describe`.
+//! Written by the leader only, and only when something changed (a condition keeps its
+//! `lastTransitionTime` while its status stays the same).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::controller::Stores;
+use crate::crd::{
+    Condition, Direction, ExternalCatalog, ExternalCatalogStatus, ExternalRegistration,
+    ExternalRegistrationStatus,
+};
+use crate::desired::{Desired, Export, Problem, Source};
+use crate::writer::Report;
+
+/// A catalog as the status loop sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CatalogView {
+    pub kind: &'static str,
+    pub report: Report,
+    /// Set when the backend could not even be built.
+    pub problem: Option<Problem>,
+}
+
+/// RFC 3339, seconds, UTC: the form of Kubernetes timestamps.
+pub fn now() -> String {
+    format_time(k8s_openapi::jiff::Timestamp::now())
+}
+
+fn format_time(t: k8s_openapi::jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn system_time(t: std::time::SystemTime) -> Option<String> {
+    k8s_openapi::jiff::Timestamp::try_from(t)
+        .ok()
+        .map(format_time)
+}
+
+/// A condition, keeping the previous `lastTransitionTime` when the status did not change.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: Option<bool>,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = match ok {
+        Some(true) => "True",
+        Some(false) => "False",
+        None => "Unknown",
+    };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(now);
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+fn catalog_status(cat: &ExternalCatalog, view: &CatalogView) -> ExternalCatalogStatus {
+    let prev = cat.status.clone().unwrap_or_default();
+    let generation = cat.metadata.generation;
+    let r = &view.report;
+    let (reachable, reach_reason, reach_msg) = match (&view.problem, r.reachable, &r.error) {
+        (Some(p), _, _) => (Some(false), p.reason, p.message.clone()),
+        (None, Some(false), Some(e)) => (Some(false), e.reason(), e.to_string()),
+        (None, Some(true), _) => (Some(true), "Connected", "the catalog answers".to_string()),
+        _ => (None, "NotContacted", "not contacted yet".to_string()),
+    };
+    let (ready, ready_reason, ready_msg) = match (&view.problem, &r.error) {
+        (Some(p), _) => (Some(false), p.reason, p.message.clone()),
+        (None, Some(e)) => (Some(false), e.reason(), e.to_string()),
+        (None, None) if r.in_sync => (
+            Some(true),
+            "InSync",
+            format!("{} exported entries in place", r.entries),
+        ),
+        _ => (None, "Syncing", "not in sync yet".to_string()),
+    };
+    ExternalCatalogStatus {
+        conditions: vec![
+            condition(
+                &prev.conditions,
+                "Reachable",
+                reachable,
+                reach_reason,
+                reach_msg,
+                generation,
+            ),
+            condition(
+                &prev.conditions,
+                "Ready",
+                ready,
+                ready_reason,
+                ready_msg,
+                generation,
+            ),
+        ],
+        kind: Some(view.kind.to_string()),
+        last_contact_time: r
+            .last_contact
+            .and_then(system_time)
+            .or(prev.last_contact_time),
+        server: r.server.clone().or(prev.server),
+        exported_entries: r.entries as i64,
+        imported_entries: prev.imported_entries,
+        observed_generation: generation,
+    }
+}
+
+fn registration_status(
+    reg: &ExternalRegistration,
+    export: Option<&Export>,
+    view: Option<&CatalogView>,
+) -> ExternalRegistrationStatus {
+    let prev = reg.status.clone().unwrap_or_default();
+    let generation = reg.metadata.generation;
+    let catalog = &reg.spec.catalog_ref.name;
+    let (ready, reason, message, endpoints) = match (export, view) {
+        (None, _) => (
+            Some(false),
+            "Unsupported",
+            "direction Import is not implemented in this version of catalog-bridge".to_string(),
+            0,
+        ),
+        (Some(e), _) if e.problem.is_some() => {
+            let p = e.problem.clone().unwrap_or_else(|| Problem {
+                reason: "Unknown",
+                message: String::new(),
+            });
+            (Some(false), p.reason, p.message, 0)
+        }
+        (Some(e), _) => (
+            Some(true),
+            "Exported",
+            format!(
+                "{} endpoint(s) of Service {} exported to {catalog} as {}",
+                e.endpoints, e.service, e.external_name
+            ),
+            e.endpoints as i64,
+        ),
+    };
+    let (synced, s_reason, s_message) = match (ready, view) {
+        (Some(false), _) => (Some(false), reason, message.clone()),
+        (_, None) => (
+            Some(false),
+            "CatalogNotFound",
+            format!("ExternalCatalog {catalog:?} does not exist"),
+        ),
+        (_, Some(v)) => match (&v.problem, &v.report.error) {
+            (Some(p), _) => (
+                Some(false),
+                p.reason,
+                format!("catalog {catalog}: {}", p.message),
+            ),
+            (None, Some(e)) => (Some(false), e.reason(), format!("catalog {catalog}: {e}")),
+            (None, None) if v.report.in_sync => (
+                Some(true),
+                "InSync",
+                format!("catalog {catalog} holds every exported endpoint"),
+            ),
+            _ => (
+                None,
+                "Syncing",
+                format!("catalog {catalog} is being updated"),
+            ),
+        },
+    };
+    let conditions = vec![
+        condition(
+            &prev.conditions,
+            "Ready",
+            ready,
+            reason,
+            message,
+            generation,
+        ),
+        condition(
+            &prev.conditions,
+            "Synced",
+            synced,
+            s_reason,
+            s_message,
+            generation,
+        ),
+    ];
+    let synced_changed = prev
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Synced")
+        .map(|c| c.status.as_str())
+        != Some(conditions[1].status.as_str());
+    let endpoints_changed = prev.endpoints != endpoints;
+    ExternalRegistrationStatus {
+        observed_generation: generation,
+        conditions,
+        service_name: export
+            .map(|e| e.service.clone())
+            .or_else(|| reg.spec.service.as_ref().map(|s| s.name.clone())),
+        external_name: export
+            .map(|e| e.external_name.clone())
+            .or_else(|| reg.spec.external_name.clone()),
+        endpoints,
+        last_sync_time: if synced == Some(true) && (synced_changed || endpoints_changed) {
+            Some(now())
+        } else {
+            prev.last_sync_time
+        },
+    }
+}
+
+/// Writes status and Events while the gate (leadership) is open.
+pub async fn run(
+    client: kube::Client,
+    stores: Stores,
+    desired: watch::Receiver<Arc<Desired>>,
+    views: watch::Receiver<BTreeMap<String, CatalogView>>,
+    mut gate: watch::Receiver<bool>,
+) -> Result<()> {
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "catalog-bridge".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let mut written_cat: HashMap<String, ExternalCatalogStatus> = HashMap::new();
+    let mut written_reg: HashMap<(String, String), ExternalRegistrationStatus> = HashMap::new();
+    let mut announced: HashSet<(Source, String, &'static str, String)> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if !*gate.borrow_and_update() {
+            written_cat.clear();
+            written_reg.clear();
+            announced.clear();
+            gate.changed().await?;
+            continue;
+        }
+        let d = desired.borrow().clone();
+        let v = views.borrow().clone();
+
+        for cat in stores.catalogs.state() {
+            let name = cat.name_any();
+            let Some(view) = v.get(&name) else { continue };
+            let status = catalog_status(&cat, view);
+            if cat.status.as_ref() == Some(&status) || written_cat.get(&name) == Some(&status) {
+                continue;
+            }
+            let api: Api<ExternalCatalog> = Api::all(client.clone());
+            match patch_status(&api, &name, &status).await {
+                Ok(()) => {
+                    written_cat.insert(name, status);
+                }
+                Err(e) => {
+                    warn!(catalog = %name, error = %e, "updating ExternalCatalog status failed")
+                }
+            }
+        }
+
+        let exports: HashMap<(String, String), &Export> = d
+            .exports
+            .iter()
+            .filter_map(|e| match &e.source {
+                Source::Registration { namespace, name } => {
+                    Some(((namespace.clone(), name.clone()), e))
+                }
+                Source::Annotation { .. } => None,
+            })
+            .collect();
+        for reg in stores.registrations.state() {
+            let (Some(ns), name) = (reg.namespace(), reg.name_any()) else {
+                continue;
+            };
+            let key = (ns.clone(), name.clone());
+            let export = exports.get(&key).copied();
+            if reg.spec.direction == Direction::Export && export.is_none() {
+                continue; // not folded into desired state yet
+            }
+            let status = registration_status(&reg, export, v.get(&reg.spec.catalog_ref.name));
+            if same_ignoring_sync_time(reg.status.as_ref(), &status)
+                || written_reg
+                    .get(&key)
+                    .is_some_and(|w| same_ignoring_sync_time(Some(w), &status))
+            {
+                continue;
+            }
+            let api: Api<ExternalRegistration> = Api::namespaced(client.clone(), &ns);
+            match patch_status(&api, &name, &status).await {
+                Ok(()) => {
+                    written_reg.insert(key, status);
+                }
+                Err(e) => {
+                    warn!(registration = %format!("{ns}/{name}"), error = %e, "updating ExternalRegistration status failed")
+                }
+            }
+        }
+
+        // A Warning Event for each problem when it appears.
+        let mut current = HashSet::new();
+        for e in &d.exports {
+            let Some(p) = &e.problem else { continue };
+            let id = (
+                e.source.clone(),
+                e.catalog.clone(),
+                p.reason,
+                p.message.clone(),
+            );
+            current.insert(id.clone());
+            if announced.contains(&id) {
+                continue;
+            }
+            let reference = match &e.source {
+                Source::Annotation { namespace, service } => stores
+                    .services
+                    .state()
+                    .into_iter()
+                    .find(|s| {
+                        s.namespace().as_deref() == Some(namespace) && s.name_any() == *service
+                    })
+                    .map(|s| s.object_ref(&())),
+                Source::Registration { namespace, name } => stores
+                    .registrations
+                    .state()
+                    .into_iter()
+                    .find(|r| r.namespace().as_deref() == Some(namespace) && r.name_any() == *name)
+                    .map(|r| r.object_ref(&())),
+            };
+            let Some(reference) = reference else { continue };
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: p.reason.to_string(),
+                note: Some(p.message.chars().take(1000).collect()),
+                action: "Export".into(),
+                secondary: None,
+            };
+            if let Err(err) = recorder.publish(&ev, &reference).await {
+                warn!(error = %err, "publishing an Event failed");
+            }
+        }
+        announced = current;
+    }
+}
+
+fn same_ignoring_sync_time(
+    have: Option<&ExternalRegistrationStatus>,
+    want: &ExternalRegistrationStatus,
+) -> bool {
+    have.is_some_and(|h| {
+        ExternalRegistrationStatus {
+            last_sync_time: None,
+            ..h.clone()
+        } == ExternalRegistrationStatus {
+            last_sync_time: None,
+            ..want.clone()
+        }
+    })
+}
+
+async fn patch_status<K>(api: &Api<K>, name: &str, status: &impl serde::Serialize) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,527 @@
+//! The Consul backend against a real Consul 1.14 agent: what it writes reads back identically
+//! (so a restart writes nothing), py-consul sees exactly the exported instances, writes go in
+//! `/v1/txn` batches of at most 64 operations, entries of others are never touched, dead
+//! addresses are skipped and named, and a Consul that lost its state is refilled.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, ensure};
+use catalog_bridge::backend::consul::{Consul, ConsulConfig, MAX_TXN_OPS};
+use catalog_bridge::backend::{Backend, BackendError, Record};
+use catalog_bridge::model::{Instance, Origin};
+use catalog_bridge::plan::{Op, plan};
+use localenv::{Env, Scope};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OnceCell;
+
+/// One Consul agent shared by the tests of this binary (each test uses its own node and
+/// service names); a test that stops Consul builds its own.
+async fn shared_consul() -> Result<&'static Env> {
+    static ENV: OnceCell<Env> = OnceCell::const_new();
+    ENV.get_or_try_init(|| async { Env::builder().consul().start().await })
+        .await
+        .context("starting the shared Consul agent")
+}
+
+fn backend(addresses: &[&str], scope: &Scope, owner: &str) -> Result<Consul> {
+    Consul::new(ConsulConfig {
+        addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        node_name: format!("k8s-{}", scope.prefix),
+        owner: owner.to_string(),
+        ..Default::default()
+    })
+}
+
+fn instance(name: &str, ip: &str, port: u16, tags: &[&str], meta: &[(&str, &str)]) -> Instance {
+    Instance {
+        name: name.to_string(),
+        address: ip.parse::<IpAddr>().expect("test address"),
+        port,
+        origin: Origin {
+            namespace: "shop".into(),
+            service: "api-x".into(),
+        },
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        meta: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn many(name: &str, n: usize) -> Vec<Instance> {
+    (0..n)
+        .map(|i| {
+            instance(
+                name,
+                &format!("10.2.{}.{}", i / 200, i % 200 + 1),
+                8080,
+                &["bulk"],
+                &[],
+            )
+        })
+        .collect()
+}
+
+async fn get_json(url: &str) -> Result<Value> {
+    let http = localenv::http_client()?;
+    Ok(http
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()
+        .with_context(|| format!("GET {url}"))?
+        .json()
+        .await?)
+}
+
+/// Service IDs on `node`, whoever registered them.
+async fn node_service_ids(consul_url: &str, node: &str) -> Result<Vec<String>> {
+    let v = get_json(&format!("{consul_url}/v1/catalog/node-services/{node}")).await?;
+    let mut ids: Vec<String> = v["Services"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(|s| s["ID"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    Ok(ids)
+}
+
+/// What py-consul's `health.service(name, passing=True)` returns, as
+/// `[ID, Address, Port, Tags, owner]` sorted.
+fn py_consul_passing(address: &str, name: &str) -> Result<Value> {
+    let out = localenv::python(
+        "import sys, json, consul\n\
+         host, port = sys.argv[1].split(':')\n\
+         c = consul.Consul(host=host, port=int(port))\n\
+         _, entries = c.health.service(sys.argv[2], passing=True)\n\
+         print(json.dumps(sorted([[e['Service']['ID'], e['Service']['Address'], e['Service']['Port'],\n\
+                                   e['Service']['Tags'], (e['Service']['Meta'] or {}).get('catalog-bridge-owner')]\n\
+                                  for e in entries])))\n",
+        &[address, name],
+    )?;
+    serde_json::from_str(out.trim()).with_context(|| format!("py-consul printed {out:?}"))
+}
+
+fn expected_py(instances: &[Instance], owner: &str) -> Value {
+    let mut rows: Vec<Value> = instances
+        .iter()
+        .map(|i| json!([i.stable_id(), i.address.to_string(), i.port, i.tags, owner]))
+        .collect();
+    rows.sort_by_key(|v| v.to_string());
+    Value::Array(rows)
+}
+
+fn puts(records: &BTreeMap<String, Record>) -> Vec<Op> {
+    plan(records, &BTreeMap::new()).ops
+}
+
+/// render → apply → read_owned gives back exactly the rendered records, so a second plan (a
+/// restarted controller) is empty; clients see exactly the instances, updates and deletes
+/// (with their checks) land.
+#[tokio::test]
+async fn written_entries_read_back_identically_and_clients_see_them() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-roundtrip").await?;
+    let owner = format!("cluster-{}", scope.prefix);
+    let c = backend(&[&consul.url()], &scope, &owner)?;
+    let api_x = scope.name("api_x");
+    let memcache = scope.name("memcache");
+
+    let api_instances = vec![
+        instance(
+            &api_x,
+            "10.0.0.1",
+            8080,
+            &["v2", "canary", "v2"],
+            // A key Consul refuses is left out rather than failing the whole txn.
+            &[("version", "2"), ("app.kubernetes.io/name", "api-x")],
+        ),
+        instance(&api_x, "10.0.0.2", 8080, &[], &[]),
+        instance(&api_x, "fd00::1", 8080, &["ipv6"], &[]),
+    ];
+    let mut instances = api_instances.clone();
+    instances.push(instance(&memcache, "10.0.0.4", 11211, &[], &[]));
+    let desired = c.render(&instances);
+    assert_eq!(desired.len(), 4);
+
+    assert!(
+        c.read_owned().await?.is_empty(),
+        "a fresh node holds nothing"
+    );
+    let first = plan(&desired, &c.read_owned().await?);
+    assert_eq!(first.creates, 4);
+    let trips = c.apply(&first.ops).await?;
+    assert_eq!(
+        trips, 1,
+        "4 instances (9 operations with the node) in one txn"
+    );
+
+    let read = c.read_owned().await?;
+    assert_eq!(read, desired, "what Consul returns is what was rendered");
+    assert_eq!(
+        read[&api_instances[0].stable_id()]["Service"]["Meta"]["version"],
+        "2"
+    );
+    assert!(plan(&desired, &read).is_empty(), "nothing to write again");
+
+    // A restarted controller (a new backend, knowing nothing) plans nothing either.
+    let restarted = backend(&[&consul.url()], &scope, &owner)?;
+    let read = restarted.read_owned().await?;
+    assert!(plan(&restarted.render(&instances), &read).is_empty());
+
+    // The synthetic node carries the meta that marks it.
+    let node = get_json(&format!(
+        "{}/v1/catalog/node/k8s-{}",
+        consul.url(),
+        scope.prefix
+    ))
+    .await?;
+    assert_eq!(node["Node"]["Meta"]["external-source"], "kubernetes");
+    assert_eq!(node["Node"]["Meta"]["catalog-bridge-owner"], json!(owner));
+    assert_eq!(node["Node"]["Address"], "127.0.0.1");
+
+    // What discovery clients get.
+    assert_eq!(
+        c.lookup(&api_x).await?,
+        ["10.0.0.1:8080", "10.0.0.2:8080", "[fd00::1]:8080"]
+    );
+    assert_eq!(c.lookup(&memcache).await?, ["10.0.0.4:11211"]);
+    assert_eq!(
+        py_consul_passing(&consul.address(), &api_x)?,
+        expected_py(&api_instances, &owner),
+        "py-consul sees exactly the exported api_x instances"
+    );
+
+    // An update (new tags) is one put; a removal one delete that takes its check along.
+    let mut changed = instances.clone();
+    changed[1].tags = vec!["blue".into()];
+    let removed = changed.remove(0);
+    let desired = c.render(&changed);
+    let p = plan(&desired, &c.read_owned().await?);
+    assert_eq!((p.creates, p.updates, p.deletes), (0, 1, 1));
+    assert_eq!(c.apply(&p.ops).await?, 1);
+    assert_eq!(c.read_owned().await?, desired);
+    let checks = get_json(&format!(
+        "{}/v1/health/node/k8s-{}",
+        consul.url(),
+        scope.prefix
+    ))
+    .await?;
+    let check_ids: Vec<&str> = checks
+        .as_array()
+        .map(|c| c.iter().filter_map(|c| c["CheckID"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(check_ids.len(), 3, "one check per instance: {checks}");
+    assert!(
+        !check_ids
+            .iter()
+            .any(|id| id.starts_with(&removed.stable_id())),
+        "the check went with its service: {checks}"
+    );
+    assert_eq!(
+        py_consul_passing(&consul.address(), &api_x)?,
+        expected_py(&changed[..2], &owner)
+    );
+
+    // A check someone set critical is drift: the plan repairs it.
+    let id = changed[0].stable_id();
+    localenv::http_client()?
+        .put(format!("{}/v1/txn", consul.url()))
+        .json(&json!([{"Check": {"Verb": "set", "Check": {
+            "Node": format!("k8s-{}", scope.prefix), "CheckID": format!("{id}:ready"),
+            "Name": "Kubernetes readiness", "Status": "critical", "ServiceID": id}}}]))
+        .send()
+        .await?
+        .error_for_status()?;
+    assert_eq!(c.lookup(&api_x).await?, ["[fd00::1]:8080"]);
+    let p = plan(&desired, &c.read_owned().await?);
+    assert_eq!((p.creates, p.updates, p.deletes), (0, 1, 0));
+    c.apply(&p.ops).await?;
+    assert_eq!(c.lookup(&api_x).await?, ["10.0.0.2:8080", "[fd00::1]:8080"]);
+    Ok(())
+}
+
+/// 150 instances go in txns of at most 64 operations each (an instance's service and check
+/// together), and all arrive; deleting them all is batched too.
+#[tokio::test]
+async fn many_instances_are_written_in_batches_of_64_operations() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-batches").await?;
+    let owner = format!("cluster-{}", scope.prefix);
+    let c = backend(&[&consul.url()], &scope, &owner)?;
+    let name = scope.name("api_x");
+    let instances = many(&name, 150);
+    let desired = c.render(&instances);
+    let ops = plan(&desired, &c.read_owned().await?).ops;
+    assert_eq!(ops.len(), 150);
+
+    let batches = c.txn_batches(&ops, true)?;
+    assert_eq!(
+        batches.iter().map(Vec::len).sum::<usize>(),
+        1 + 2 * 150,
+        "node + service and check of each instance"
+    );
+    assert!(
+        batches.iter().all(|b| b.len() <= 64),
+        "at most 64 operations per txn"
+    );
+    assert_eq!(MAX_TXN_OPS, 64);
+    assert!(batches.len() >= 301_usize.div_ceil(64));
+
+    let trips = c.apply(&ops).await?;
+    assert_eq!(trips, batches.len(), "one request per batch");
+    assert!(
+        trips >= 5,
+        "301 operations need at least 5 txns, took {trips}"
+    );
+    let read = c.read_owned().await?;
+    assert_eq!(read.len(), 150);
+    assert_eq!(read, desired);
+    assert_eq!(c.lookup(&name).await?.len(), 150);
+
+    let delete_all = plan(&BTreeMap::new(), &read);
+    assert_eq!(delete_all.deletes, 150);
+    let trips = c.apply(&delete_all.ops).await?;
+    assert_eq!(trips, 3, "150 deletes in txns of at most 64");
+    assert!(c.read_owned().await?.is_empty());
+    assert!(c.lookup(&name).await?.is_empty());
+    assert!(
+        node_service_ids(&consul.url(), &format!("k8s-{}", scope.prefix))
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+/// Services on the node registered by hand, or by another owner, are neither read as ours nor
+/// changed or deleted, and registering the node does not remove them.
+#[tokio::test]
+async fn entries_of_others_on_the_node_are_never_touched() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-foreign").await?;
+    let node = format!("k8s-{}", scope.prefix);
+    let owner = format!("cluster-{}", scope.prefix);
+    let name = scope.name("api_x");
+    let http = localenv::http_client()?;
+
+    for (id, ip, meta) in [
+        ("by-hand", "10.9.0.1", json!({})),
+        (
+            "other-cluster",
+            "10.9.0.2",
+            json!({"catalog-bridge-owner": "someone-else", "external-source": "kubernetes"}),
+        ),
+    ] {
+        http.put(format!("{}/v1/catalog/register", consul.url()))
+            .json(&json!({
+                "Node": node, "Address": "192.0.2.1",
+                "Service": {"ID": id, "Service": name, "Address": ip, "Port": 8080, "Meta": meta},
+                "Check": {"CheckID": format!("{id}-check"), "Name": "by hand",
+                          "Status": "passing", "ServiceID": id},
+            }))
+            .send()
+            .await?
+            .error_for_status()
+            .context("registering a foreign service")?;
+    }
+
+    let c = backend(&[&consul.url()], &scope, &owner)?;
+    assert!(
+        c.read_owned().await?.is_empty(),
+        "foreign services are invisible"
+    );
+    let instances = vec![
+        instance(&name, "10.0.0.1", 8080, &[], &[]),
+        instance(&name, "10.0.0.2", 8080, &[], &[]),
+    ];
+    let desired = c.render(&instances);
+    c.apply(&puts(&desired)).await?;
+    let read = c.read_owned().await?;
+    assert_eq!(read, desired, "only our two instances are read");
+    assert_eq!(
+        c.lookup(&name).await?,
+        [
+            "10.0.0.1:8080",
+            "10.0.0.2:8080",
+            "10.9.0.1:8080",
+            "10.9.0.2:8080"
+        ],
+        "all four are served"
+    );
+
+    let delete_all = plan(&BTreeMap::new(), &read);
+    assert_eq!(delete_all.deletes, 2);
+    c.apply(&delete_all.ops).await?;
+    assert_eq!(
+        node_service_ids(&consul.url(), &node).await?,
+        ["by-hand", "other-cluster"],
+        "the foreign services survive"
+    );
+    assert_eq!(c.lookup(&name).await?, ["10.9.0.1:8080", "10.9.0.2:8080"]);
+    let checks = get_json(&format!("{}/v1/health/node/{node}", consul.url())).await?;
+    assert_eq!(
+        checks.as_array().map(Vec::len),
+        Some(2),
+        "their checks survive too: {checks}"
+    );
+    Ok(())
+}
+
+/// A listener that accepts connections, counts them and answers each with `reply` (or closes
+/// it at once when `reply` is empty).
+async fn fake_server(reply: &'static str) -> Result<(String, Arc<AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if !reply.is_empty() {
+                // Read the request head first: closing with unread data resets the connection.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        }
+    });
+    Ok((url, count))
+}
+
+/// Dead addresses are skipped (and the one that answered is used first afterwards); when none
+/// answers, the error names each address and why; an HTTP error is an answer, not a reason to
+/// try the next address.
+#[tokio::test]
+async fn dead_addresses_are_skipped_and_named() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-failover").await?;
+    let owner = format!("cluster-{}", scope.prefix);
+
+    let c = backend(&["http://127.0.0.1:1", &consul.url()], &scope, &owner)?;
+    let info = c.probe().await?;
+    assert_eq!(info.address.as_deref(), Some(consul.url().as_str()));
+    assert!(info.leader.as_deref().is_some_and(|l| !l.is_empty()));
+    assert_eq!(info.datacenter.as_deref(), Some("dc1"));
+    assert!(
+        info.version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("1.14")),
+        "{info:?}"
+    );
+    let desired = c.render(&[instance(&scope.name("api_x"), "10.0.0.1", 80, &[], &[])]);
+    c.apply(&puts(&desired)).await?;
+    assert_eq!(c.read_owned().await?, desired);
+
+    // The address that answered is asked first from then on.
+    let (closing, hits) = fake_server("").await?;
+    let c = backend(&[&closing, &consul.url()], &scope, &owner)?;
+    assert_eq!(c.read_owned().await?, desired);
+    let after_first = hits.load(Ordering::SeqCst);
+    assert!(after_first >= 1, "the first address was tried first");
+    assert_eq!(c.read_owned().await?, desired);
+    c.probe().await?;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        after_first,
+        "the dead address is not retried while the other answers"
+    );
+
+    // Nothing answers: every address is named, and so is why.
+    let dead = backend(
+        &["http://127.0.0.1:1", "http://127.0.0.1:2"],
+        &scope,
+        &owner,
+    )?;
+    for result in [
+        dead.read_owned().await.map(|_| ()),
+        dead.apply(&puts(&desired)).await.map(|_| ()),
+        dead.probe().await.map(|_| ()),
+        dead.lookup("x").await.map(|_| ()),
+    ] {
+        match result {
+            Err(BackendError::Unreachable(msg)) => {
+                assert_eq!(
+                    msg,
+                    "no Consul address answered: http://127.0.0.1:1 (connection refused), \
+                     http://127.0.0.1:2 (connection refused)"
+                );
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+    }
+
+    // An HTTP error status is Consul's answer: reported, not failed over.
+    let (failing, _) = fake_server(
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 17\r\nConnection: close\r\n\r\nNo cluster leader",
+    )
+    .await?;
+    let c = backend(&[&failing, &consul.url()], &scope, &owner)?;
+    match c.read_owned().await {
+        Err(BackendError::Rejected(msg)) => {
+            ensure!(
+                msg.contains("500") && msg.contains("No cluster leader") && msg.contains(&failing),
+                "{msg}"
+            );
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// A Consul that loses its state (a dev agent restarted) reads as empty, and the plan writes
+/// everything back; a write that finds the node gone registers it again by itself.
+#[tokio::test]
+async fn a_consul_that_lost_its_state_is_refilled() -> Result<()> {
+    let env = Env::builder().consul().start().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-restart").await?;
+    let owner = format!("cluster-{}", scope.prefix);
+    let c = backend(&[&consul.url()], &scope, &owner)?;
+    let name = scope.name("api_x");
+    let instances: Vec<Instance> = many(&name, 40);
+    let desired = c.render(&instances);
+    c.apply(&puts(&desired)).await?;
+    assert_eq!(c.read_owned().await?, desired);
+
+    consul.stop()?;
+    assert!(matches!(
+        c.read_owned().await,
+        Err(BackendError::Unreachable(_))
+    ));
+    consul.start_again().await?;
+    let read = c.read_owned().await?;
+    assert!(read.is_empty(), "the restarted agent forgot everything");
+    let p = plan(&desired, &read);
+    assert_eq!((p.creates, p.updates, p.deletes), (40, 0, 0));
+    c.apply(&p.ops).await?;
+    assert_eq!(c.read_owned().await?, desired);
+    assert_eq!(c.lookup(&name).await?.len(), 40);
+
+    // Again, but the controller writes before it reads: the txn that finds no node is
+    // retried with the node registration.
+    consul.stop()?;
+    consul.start_again().await?;
+    let trips = c.apply(&puts(&desired)).await?;
+    assert_eq!(trips, 3, "the refused txn, then 81 operations in two");
+    assert_eq!(c.read_owned().await?, desired);
+    Ok(())
+}

@@ -1,0 +1,496 @@
+//! Export to Consul, end to end: the real API server and kube-controller-manager turn Pods into
+//! EndpointSlices, the controller binary runs as users run it, and Consul is read back the way
+//! discovery clients read it. Each test shows one guarantee of SPEC §6.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use localenv::{Env, workload};
+use serde_json::{Value, json};
+use support::{ConsulView, Controller, annotations, consul_catalog, deploy, kubectl_apply};
+
+const NODE: &str = "k8s-test";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A cluster (API server + controller manager), Consul, the CRDs, and an ExternalCatalog
+/// `consul` pointing at it.
+async fn setup() -> Result<(Env, kube::Client, ConsulView)> {
+    let env = Env::builder().controller_manager().consul().start().await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    kubectl_apply(
+        &env,
+        &consul_catalog("consul", &[env.consul()?.url()], NODE),
+    )?;
+    let consul = ConsulView::new(env.consul()?.url())?;
+    Ok((env, client, consul))
+}
+
+fn export_to_consul(name: &str) -> std::collections::BTreeMap<String, String> {
+    annotations(&[
+        ("catalog-bridge.io/export", "consul"),
+        ("catalog-bridge.io/name", name),
+    ])
+}
+
+async fn annotate(client: &kube::Client, ns: &str, svc: &str, patch: Value) -> Result<()> {
+    Api::<Service>::namespaced(client.clone(), ns)
+        .patch(
+            svc,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": patch}})),
+        )
+        .await
+        .with_context(|| format!("annotating {ns}/{svc}"))?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_flip_removes_and_restores_exactly_that_instance() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let _cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    let before = consul.node_services(NODE).await?;
+
+    let t = Instant::now();
+    workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080"], WAIT)
+        .await?;
+    println!("pod unready -> gone from Consul in {:?}", t.elapsed());
+
+    // A real client sees exactly the ready endpoint.
+    let py = localenv::python(
+        "import sys, consul\n\
+         host, port = sys.argv[1].split(':')\n\
+         _, entries = consul.Consul(host=host, port=int(port)).health.service(sys.argv[2], passing=True)\n\
+         print(' & '.join(sorted(f\"{e['Service']['Address']}:{e['Service']['Port']}\" for e in entries)))\n",
+        &[&env.consul()?.address(), "api_x"],
+    )?;
+    assert_eq!(py.trim(), "10.1.0.1:8080");
+
+    let t = Instant::now();
+    workload::set_pod_ready(&client, "shop", "api-x-2", true).await?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    println!("pod ready -> back in Consul in {:?}", t.elapsed());
+
+    // The other instance was never rewritten.
+    let after = consul.node_services(NODE).await?;
+    let untouched: Vec<_> = before
+        .iter()
+        .filter(|(_, (_, _, meta))| meta["k8s-service"] == "api-x")
+        .filter(|(id, v)| after.get(*id) == Some(v))
+        .collect();
+    assert_eq!(
+        untouched.len(),
+        1,
+        "exactly the flipped instance changed: {before:?} -> {after:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unchanged_restart_writes_nothing_to_consul() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(&client, "shop", "api-x", 1, 3, export_to_consul("api_x")).await?;
+    consul
+        .wait_passing(
+            "api_x",
+            &["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"],
+            WAIT,
+        )
+        .await?;
+    let services = consul.node_services(NODE).await?;
+    let checks = consul.node_checks(NODE).await?;
+
+    cb.process.stop()?;
+    let cb2 = Controller::start(&env, "cb2", "cluster-a", &["--drift-interval=1s"]).await?;
+    localenv::eventually("the new process to lead", WAIT, || async {
+        Ok(cb2.is_leader().await.then_some(()))
+    })
+    .await?;
+    // Several drift checks pass.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        consul.node_services(NODE).await?,
+        services,
+        "no service rewritten or removed"
+    );
+    assert_eq!(
+        consul.node_checks(NODE).await?,
+        checks,
+        "no check rewritten or removed"
+    );
+    let writes = cb2
+        .metric("catalog_bridge_backend_operations_total", &[])
+        .await?;
+    assert_eq!(
+        writes,
+        0.0,
+        "the restarted controller wrote nothing:\n{}",
+        cb2.metrics().await?
+    );
+    let reads = cb2
+        .metric(
+            "catalog_bridge_backend_requests_total",
+            &["op=\"read\"", "result=\"ok\""],
+        )
+        .await?;
+    assert!(
+        reads >= 2.0,
+        "it did read the catalog (and checked for drift): {reads}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn entries_of_other_owners_and_hand_made_ones_are_never_touched() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    consul
+        .register(NODE, "handmade", "api_x", json!({}))
+        .await?;
+    consul
+        .register(
+            NODE,
+            "other-cluster",
+            "api_x",
+            json!({"catalog-bridge-owner": "cluster-b"}),
+        )
+        .await?;
+    consul
+        .register("elsewhere", "legacy", "api_x", json!({}))
+        .await?;
+    let foreign = |all: &std::collections::BTreeMap<String, (u64, u64, Value)>| {
+        all.iter()
+            .filter(|(id, _)| *id == "handmade" || *id == "other-cluster")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    let before = foreign(&consul.node_services(NODE).await?);
+    assert_eq!(before.len(), 2);
+
+    let _cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    localenv::eventually("our two instances", WAIT, || async {
+        let n = consul
+            .node_services(NODE)
+            .await?
+            .values()
+            .filter(|(_, _, m)| m["catalog-bridge-owner"] == "cluster-a")
+            .count();
+        Ok((n == 2).then_some(()))
+    })
+    .await?;
+    // Remove our export: exactly our entries go.
+    annotate(
+        &client,
+        "shop",
+        "api-x",
+        json!({"catalog-bridge.io/export": null}),
+    )
+    .await?;
+    localenv::eventually("our instances gone", WAIT, || async {
+        let n = consul
+            .node_services(NODE)
+            .await?
+            .values()
+            .filter(|(_, _, m)| m["catalog-bridge-owner"] == "cluster-a")
+            .count();
+        Ok((n == 0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        foreign(&consul.node_services(NODE).await?),
+        before,
+        "foreign entries unchanged"
+    );
+    assert!(
+        consul
+            .node_services("elsewhere")
+            .await?
+            .contains_key("legacy")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn consul_down_at_start_is_reported_and_converges_when_it_comes() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let consul_peer = env.consul()?;
+    consul_peer.stop()?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+
+    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
+    let message = localenv::eventually("Reachable=False on the catalog", WAIT, || async {
+        let c = catalogs.get("consul").await?;
+        let cond = c
+            .status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Reachable" && c.status == "False");
+        Ok(cond.map(|c| format!("{}: {}", c.reason, c.message)))
+    })
+    .await?;
+    println!("while Consul is down: {message}");
+    assert!(
+        message.contains(&consul_peer.address()),
+        "the condition names the address: {message}"
+    );
+    assert!(cb.process.is_running(), "the controller keeps running");
+    assert_eq!(
+        cb.metric("catalog_bridge_catalog_up", &["catalog=\"consul\""])
+            .await?,
+        0.0
+    );
+
+    consul_peer.start_again().await?;
+    consul
+        .wait_passing(
+            "api_x",
+            &["10.1.0.1:8080", "10.1.0.2:8080"],
+            Duration::from_secs(60),
+        )
+        .await?;
+    localenv::eventually("Reachable=True", WAIT, || async {
+        let c = catalogs.get("consul").await?;
+        Ok(c.status
+            .unwrap_or_default()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Reachable" && c.status == "True")
+            .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_consul_that_forgot_everything_is_repaired() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    env.consul()?.stop()?;
+    env.consul()?.start_again().await?;
+    let t = Instant::now();
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    println!("Consul restarted empty -> repaired in {:?}", t.elapsed());
+    let repaired = cb.metric("catalog_bridge_drift_repairs_total", &[]).await?;
+    assert!(repaired >= 2.0, "the drift was counted: {repaired}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_replicas_one_writer_and_a_takeover_without_deletions() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let args = ["--drift-interval=1s", "--lease-duration=3s"];
+    let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
+    let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    let (leader, follower) = if a.is_leader().await { (a, b) } else { (b, a) };
+    ensure!(
+        leader.is_leader().await && !follower.is_leader().await,
+        "exactly one leader"
+    );
+    assert_eq!(
+        follower
+            .metric("catalog_bridge_backend_operations_total", &[])
+            .await?,
+        0.0,
+        "the follower writes nothing"
+    );
+    let before = consul.node_services(NODE).await?;
+
+    // Watch Consul during the handover: the instances must never disappear.
+    let watcher = {
+        let consul = ConsulView::new(consul.url.clone())?;
+        tokio::spawn(async move {
+            let mut min = usize::MAX;
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(p) = consul.passing("api_x").await {
+                    min = min.min(p.len());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            min
+        })
+    };
+    let t = Instant::now();
+    leader.process.kill()?;
+    localenv::eventually("the follower to take over", WAIT, || async {
+        Ok(follower.is_leader().await.then_some(()))
+    })
+    .await?;
+    println!("leader killed -> follower leads in {:?}", t.elapsed());
+    let min = watcher.await?;
+    assert_eq!(
+        min, 2,
+        "the instances stayed in Consul throughout the handover"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        consul.node_services(NODE).await?,
+        before,
+        "the new leader rewrote nothing"
+    );
+
+    // And it does write: a change after the handover reaches Consul.
+    workload::set_pod_ready(&client, "shop", "api-x-1", false).await?;
+    consul
+        .wait_passing("api_x", &["10.1.0.2:8080"], WAIT)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_service_a_registration_or_an_annotation_removes_exactly_its_entries()
+-> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let _cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    deploy(&client, "shop", "api-y", 2, 2, Default::default()).await?;
+    deploy(&client, "shop", "api-z", 3, 1, export_to_consul("api_z")).await?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+            "metadata": {"name": "api-y", "namespace": "shop"},
+            "spec": {"catalogRef": {"name": "consul"}, "direction": "Export",
+                     "service": {"name": "api-y"}, "externalName": "api_y", "tags": ["v2"]},
+        }),
+    )?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    consul
+        .wait_passing("api_y", &["10.2.0.1:8080", "10.2.0.2:8080"], WAIT)
+        .await?;
+    consul
+        .wait_passing("api_z", &["10.3.0.1:8080"], WAIT)
+        .await?;
+
+    // The registration reports what it did.
+    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+        Api::namespaced(client.clone(), "shop");
+    localenv::eventually(
+        "registration Ready and Synced with 2 endpoints",
+        WAIT,
+        || async {
+            let s = regs.get("api-y").await?.status.unwrap_or_default();
+            let ok = |t: &str| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == t && c.status == "True")
+            };
+            Ok((ok("Ready")
+                && ok("Synced")
+                && s.endpoints == 2
+                && s.observed_generation == Some(1))
+            .then_some(()))
+        },
+    )
+    .await?;
+    let table = env.kube()?.kubectl(&["get", "xreg", "-n", "shop"])?;
+    println!("{table}");
+    assert!(
+        table.contains("api_y") && table.contains("Export"),
+        "{table}"
+    );
+
+    Api::<Service>::namespaced(client.clone(), "shop")
+        .delete("api-x", &DeleteParams::default())
+        .await?;
+    consul.wait_passing("api_x", &[], WAIT).await?;
+    regs.delete("api-y", &DeleteParams::default()).await?;
+    consul.wait_passing("api_y", &[], WAIT).await?;
+    assert_eq!(consul.passing("api_z").await?, ["10.3.0.1:8080"]);
+    annotate(
+        &client,
+        "shop",
+        "api-z",
+        json!({"catalog-bridge.io/export": null}),
+    )
+    .await?;
+    consul.wait_passing("api_z", &[], WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_annotation_gives_a_warning_event_and_affects_nothing_else() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(&client, "shop", "good", 1, 1, export_to_consul("good")).await?;
+    deploy(
+        &client,
+        "shop",
+        "bad-catalog",
+        2,
+        1,
+        annotations(&[("catalog-bridge.io/export", "nope")]),
+    )
+    .await?;
+    deploy(
+        &client,
+        "shop",
+        "bad-port",
+        3,
+        1,
+        annotations(&[
+            ("catalog-bridge.io/export", "consul"),
+            ("catalog-bridge.io/port", "grpc"),
+        ]),
+    )
+    .await?;
+    consul
+        .wait_passing("good", &["10.1.0.1:8080"], WAIT)
+        .await?;
+
+    let events = localenv::eventually("Warning Events on both bad Services", WAIT, || async {
+        let out = env.kube()?.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "shop",
+            "--field-selector",
+            "type=Warning",
+            "-o",
+            "jsonpath={range .items[*]}{.involvedObject.name} {.reason}: {.message}{\"\\n\"}{end}",
+        ])?;
+        Ok(
+            (out.contains("bad-catalog CatalogNotFound") && out.contains("bad-port PortNotFound"))
+                .then_some(out),
+        )
+    })
+    .await?;
+    println!("{events}");
+    assert_eq!(consul.passing("bad-port").await?, Vec::<String>::new());
+    let invalid = cb
+        .metric("catalog_bridge_invalid_exports", &["kind=\"annotation\""])
+        .await?;
+    assert_eq!(invalid, 2.0);
+    // Still serving the good one, and still following it.
+    workload::set_pod_ready(&client, "shop", "good-1", false).await?;
+    consul.wait_passing("good", &[], WAIT).await?;
+    Ok(())
+}

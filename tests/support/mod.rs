@@ -1,0 +1,329 @@
+//! What the controller's integration tests share: the CRDs installed on the real API server,
+//! the controller binary run as a real process, workloads, and Consul read back over HTTP.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use localenv::process::{Process, Spec};
+use localenv::{Env, workload};
+use serde_json::{Value, json};
+
+pub const CRDS_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");
+
+/// Applies the CRDs from `crds/` and waits until the API server serves them.
+pub async fn install_crds(client: &kube::Client) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let text = std::fs::read_to_string(CRDS_FILE)?;
+    let mut names = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc)?;
+        let name = crd.metadata.name.clone().context("CRD without a name")?;
+        api.patch(
+            &name,
+            &PatchParams::apply("tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("applying CRD {name}"))?;
+        names.push(name);
+    }
+    for name in names {
+        localenv::eventually(
+            &format!("CRD {name} established"),
+            Duration::from_secs(30),
+            || async {
+                let crd = api.get(&name).await?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                Ok(established.then_some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Applies any object given as JSON with kubectl's server-side apply semantics.
+pub fn kubectl_apply(env: &Env, obj: &Value) -> Result<String> {
+    let path = env.dir().join(format!(
+        "apply-{}.json",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    ));
+    std::fs::write(&path, serde_json::to_vec(obj)?)?;
+    env.kube()?
+        .kubectl(&["apply", "--server-side", "-f", &path.display().to_string()])
+}
+
+/// An ExternalCatalog for Consul at `addresses`, with node `node`.
+pub fn consul_catalog(name: &str, addresses: &[String], node: &str) -> Value {
+    json!({
+        "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+        "metadata": {"name": name},
+        "spec": {"consul": {"addresses": addresses, "nodeName": node}},
+    })
+}
+
+/// The controller binary, run as users run it, with its log in the environment's directory.
+pub struct Controller {
+    pub process: Process,
+    pub metrics_port: u16,
+    pub cluster_id: String,
+    http: reqwest::Client,
+}
+
+impl Controller {
+    /// Starts `catalog-bridge run` against the environment's API server.
+    pub async fn start(
+        env: &Env,
+        name: &str,
+        cluster_id: &str,
+        extra: &[&str],
+    ) -> Result<Controller> {
+        let c = Self::spawn(env, name, cluster_id, extra)?;
+        c.wait_ready().await?;
+        Ok(c)
+    }
+
+    pub fn spawn(env: &Env, name: &str, cluster_id: &str, extra: &[&str]) -> Result<Controller> {
+        let metrics_port = localenv::ports::free_port()?;
+        let spec = Spec::new(name, env!("CARGO_BIN_EXE_catalog-bridge"), env.dir())
+            .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+            .env("RUST_LOG", "info,catalog_bridge=debug")
+            .arg("run")
+            .arg(format!("--cluster-id={cluster_id}"))
+            .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
+            .arg(format!("--identity={name}"))
+            .arg("--lease-namespace=default")
+            .args(extra.iter().copied());
+        Ok(Controller {
+            process: Process::start(spec)?,
+            metrics_port,
+            cluster_id: cluster_id.to_string(),
+            http: localenv::http_client()?,
+        })
+    }
+
+    /// Waits until `/readyz` answers 200 (every cache synced).
+    pub async fn wait_ready(&self) -> Result<()> {
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        localenv::ready::wait_ready(&self.process, Duration::from_secs(60), || async {
+            Ok(self.http.get(&url).send().await?.status().is_success())
+        })
+        .await
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self
+            .http
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
+    /// Sum of the samples of `name` whose labels contain every `label="value"` given.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
+        Ok(sum_metric(&self.metrics().await?, name, labels))
+    }
+
+    pub async fn is_leader(&self) -> bool {
+        self.metric("catalog_bridge_leader", &[]).await.ok() == Some(1.0)
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log_tail(200)
+    }
+}
+
+pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next().is_some_and(|n| n == name))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A namespace, a Node and a Service `name` with `pods` ready Pods (10.<net>.0.1, .2, …) on
+/// port 8080, annotated with `annotations`; returns the Pod names.
+pub async fn deploy(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    net: u8,
+    pods: usize,
+    annotations: BTreeMap<String, String>,
+) -> Result<Vec<String>> {
+    workload::ensure_node(client, "node-1").await?;
+    ensure_namespace(client, ns).await?;
+    workload::create_service(client, ns, name, 8080, annotations).await?;
+    let mut names = Vec::new();
+    for i in 1..=pods {
+        let pod = format!("{name}-{i}");
+        let ip = format!("10.{net}.0.{i}");
+        workload::create_pod(
+            client,
+            ns,
+            &workload::PodSpec {
+                name: &pod,
+                app: name,
+                node: "node-1",
+                ip: &ip,
+                port: 8080,
+                ready: true,
+            },
+        )
+        .await?;
+        names.push(pod);
+    }
+    Ok(names)
+}
+
+pub async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let obj: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(json!({"metadata": {"name": ns}}))?;
+    api.patch(ns, &PatchParams::apply("tests"), &Patch::Apply(&obj))
+        .await
+        .with_context(|| format!("creating namespace {ns}"))?;
+    Ok(())
+}
+
+pub fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Consul read back over its HTTP API, as a discovery client and as an auditor would.
+pub struct ConsulView {
+    pub url: String,
+    http: reqwest::Client,
+}
+
+impl ConsulView {
+    pub fn new(url: String) -> Result<ConsulView> {
+        Ok(ConsulView {
+            url,
+            http: localenv::http_client()?,
+        })
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// Sorted `ip:port` of the passing instances of `name` (`/v1/health/service/<name>?passing`).
+    pub async fn passing(&self, name: &str) -> Result<Vec<String>> {
+        let entries = self
+            .get(&format!("/v1/health/service/{name}?passing"))
+            .await?;
+        let mut out: Vec<String> = entries
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        format!(
+                            "{}:{}",
+                            e["Service"]["Address"].as_str().unwrap_or_default(),
+                            e["Service"]["Port"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Service ID → (CreateIndex, ModifyIndex, Meta) of every service on `node`.
+    pub async fn node_services(&self, node: &str) -> Result<BTreeMap<String, (u64, u64, Value)>> {
+        let v = self
+            .get(&format!("/v1/catalog/node-services/{node}"))
+            .await?;
+        let mut out = BTreeMap::new();
+        for s in v["Services"].as_array().cloned().unwrap_or_default() {
+            out.insert(
+                s["ID"].as_str().unwrap_or_default().to_string(),
+                (
+                    s["CreateIndex"].as_u64().unwrap_or(0),
+                    s["ModifyIndex"].as_u64().unwrap_or(0),
+                    s["Meta"].clone(),
+                ),
+            );
+        }
+        Ok(out)
+    }
+
+    /// CheckID → ModifyIndex of every check on `node`.
+    pub async fn node_checks(&self, node: &str) -> Result<BTreeMap<String, u64>> {
+        let v = self.get(&format!("/v1/health/node/{node}")).await?;
+        Ok(v.as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                (
+                    c["CheckID"].as_str().unwrap_or_default().to_string(),
+                    c["ModifyIndex"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
+    /// Registers a service by hand, as an operator or another tool would.
+    pub async fn register(&self, node: &str, id: &str, name: &str, meta: Value) -> Result<()> {
+        self.http
+            .put(format!("{}/v1/catalog/register", self.url))
+            .json(&json!({"Node": node, "Address": "127.0.0.1",
+                          "Service": {"ID": id, "Service": name, "Address": "192.0.2.10", "Port": 1234, "Meta": meta}}))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// Waits until the passing instances of `name` are exactly `want`.
+    pub async fn wait_passing(&self, name: &str, want: &[&str], timeout: Duration) -> Result<()> {
+        localenv::eventually(
+            &format!("Consul to answer {name} @ {}", want.join(" & ")),
+            timeout,
+            || async {
+                let got = self.passing(name).await?;
+                if got == want {
+                    Ok(Some(()))
+                } else {
+                    anyhow::bail!("got {got:?}")
+                }
+            },
+        )
+        .await
+    }
+}
+
+/// The log of a process, for failure messages.
+pub fn log_of(p: &Path) -> String {
+    localenv::process::tail_of(p, 80)
+}
