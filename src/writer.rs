@@ -76,6 +76,8 @@ pub struct Writer {
     metrics: Arc<Metrics>,
     /// The owned records as last read or written; `None` when unknown.
     current: Option<BTreeMap<String, Record>>,
+    /// With `--dry-run`: the plan last logged.
+    last_dry_plan: Option<crate::plan::Plan>,
 }
 
 impl Writer {
@@ -99,6 +101,7 @@ impl Writer {
                 report,
                 metrics,
                 current: None,
+                last_dry_plan: None,
             },
             report_rx,
         )
@@ -165,13 +168,17 @@ impl Writer {
             return Ok(());
         }
         if self.cfg.dry_run {
-            for op in &p.ops {
-                info!(catalog = %self.cfg.catalog, ?op, "dry run: would write");
+            // Log each distinct plan once; the catalog keeps its real state, so the plan stays
+            // what a real run would do now.
+            if self.last_dry_plan.as_ref() != Some(&p) {
+                for op in &p.ops {
+                    info!(catalog = %self.cfg.catalog, ?op, "dry run: would write");
+                }
+                info!(catalog = %self.cfg.catalog, plan = %p, "dry run: plan not applied");
+                self.last_dry_plan = Some(p);
             }
-            info!(catalog = %self.cfg.catalog, plan = %p, "dry run: plan not applied");
-            // Pretend it was applied, so the same plan is not logged again and again.
-            self.current = Some(desired.clone());
-            self.succeeded(desired.len(), true);
+            self.current = Some(current);
+            self.succeeded(desired.len(), false);
             return Ok(());
         }
         let started = Instant::now();

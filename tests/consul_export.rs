@@ -494,3 +494,178 @@ async fn a_bad_annotation_gives_a_warning_event_and_affects_nothing_else() -> Re
     consul.wait_passing("good", &[], WAIT).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn dry_run_logs_the_plan_as_json_and_writes_nothing() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let cb = Controller::start(
+        &env,
+        "cb",
+        "cluster-a",
+        &["--dry-run", "--drift-interval=1s", "--log-format=json"],
+    )
+    .await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    let log = localenv::eventually("the plan in the log", WAIT, || async {
+        let log = cb.log();
+        Ok(log.contains("dry run: plan not applied").then_some(log))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        consul.passing("api_x").await?,
+        Vec::<String>::new(),
+        "nothing written"
+    );
+    assert!(
+        consul.node_services(NODE).await?.is_empty(),
+        "not even the node"
+    );
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("log line {line:?}"))?;
+        ensure!(
+            v.get("level").is_some(),
+            "structured log line without a level: {line}"
+        );
+    }
+    let log = localenv::eventually("both instances planned", WAIT, || async {
+        let log = cb.log();
+        Ok((log.contains("10.1.0.1") && log.contains("10.1.0.2")).then_some(log))
+    })
+    .await?;
+    let planned: Vec<Value> = log
+        .lines()
+        .filter(|l| l.contains("dry run: would write"))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let keys: std::collections::BTreeSet<String> = planned
+        .iter()
+        .filter_map(|p| p["op"].as_str()?.split('"').nth(1).map(str::to_string))
+        .collect();
+    assert_eq!(keys.len(), 2, "one planned put per endpoint: {keys:?}");
+    assert_eq!(
+        consul.passing("api_x").await?,
+        Vec::<String>::new(),
+        "still nothing written"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn query_answers_like_a_discovery_client() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    let _cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    let bin = env!("CARGO_BIN_EXE_catalog-bridge");
+    let by_url = localenv::run_tool(std::process::Command::new(bin).args([
+        "query",
+        &format!("consul://{}", env.consul()?.address()),
+        "api_x",
+    ]))?;
+    assert_eq!(by_url.trim(), "api_x @ 10.1.0.1:8080 & 10.1.0.2:8080");
+    let by_name = localenv::run_tool(
+        std::process::Command::new(bin)
+            .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+            .args(["query", "consul", "api_x"]),
+    )?;
+    assert_eq!(by_name.trim(), "api_x @ 10.1.0.1:8080 & 10.1.0.2:8080");
+    let none = localenv::run_tool(
+        std::process::Command::new(bin)
+            .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+            .args(["query", "consul", "nothing_here"]),
+    )?;
+    assert_eq!(none.trim(), "nothing_here @ (none)");
+    Ok(())
+}
+
+#[tokio::test]
+async fn acl_token_comes_from_a_secret_and_a_wrong_one_is_reported() -> Result<()> {
+    const TOKEN: &str = "5f1c7d0e-8c2a-4b4e-9d55-3f0a2b6c9e11";
+    let env = Env::builder()
+        .controller_manager()
+        .consul_with_acl(TOKEN)
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    let consul_url = env.consul()?.url();
+    for (name, secret, token) in [
+        ("good", "consul-token", TOKEN),
+        ("bad", "wrong-token", "not-a-token"),
+    ] {
+        kubectl_apply(
+            &env,
+            &json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": secret, "namespace": "default"},
+                "stringData": {"token": token},
+            }),
+        )?;
+        kubectl_apply(
+            &env,
+            &json!({
+                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+                "metadata": {"name": name},
+                "spec": {"consul": {"addresses": [consul_url], "nodeName": format!("k8s-{name}"),
+                         "tokenSecretRef": {"namespace": "default", "name": secret, "key": "token"}}},
+            }),
+        )?;
+    }
+    let _cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        1,
+        annotations(&[
+            ("catalog-bridge.io/export", "good,bad"),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+
+    // Read with the management token: the good catalog's instance is there.
+    let http = localenv::http_client()?;
+    let got = localenv::eventually("api_x through the ACL", WAIT, || async {
+        let v: Value = http
+            .get(format!("{consul_url}/v1/health/service/api_x?passing"))
+            .header("X-Consul-Token", TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let nodes: Vec<String> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["Node"]["Node"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((!nodes.is_empty()).then_some(nodes))
+    })
+    .await?;
+    assert_eq!(
+        got,
+        ["k8s-good"],
+        "only the catalog with a valid token wrote"
+    );
+
+    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
+    let msg = localenv::eventually("the bad token reported", WAIT, || async {
+        let c = catalogs.get("bad").await?;
+        Ok(c.status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Unauthorized")
+            .map(|c| c.message))
+    })
+    .await?;
+    println!("bad token: {msg}");
+    Ok(())
+}

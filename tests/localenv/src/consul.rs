@@ -17,12 +17,19 @@ pub struct Consul {
     http_port: u16,
     node: String,
     http: reqwest::Client,
+    acl_token: Option<String>,
 }
 
 impl Consul {
     /// Starts a dev agent with every port on a free loopback port and waits until it has a
     /// leader and has registered its own node.
     pub async fn start(dir: &Path, name: &str) -> Result<Consul> {
+        Self::start_with_acl(dir, name, None).await
+    }
+
+    /// Like [`Consul::start`]; with `acl_token`, ACLs are enabled with default policy `deny`
+    /// and `acl_token` is the initial management token.
+    pub async fn start_with_acl(dir: &Path, name: &str, acl_token: Option<&str>) -> Result<Consul> {
         let http_port = free_port()?;
         let node = format!("{name}-{http_port}");
         let mut spec = Spec::new(name, programs::consul()?, dir).args([
@@ -45,11 +52,17 @@ impl Consul {
         ] {
             spec = spec.arg(format!("{flag}={}", free_port()?));
         }
+        if let Some(token) = acl_token {
+            spec = spec.arg("-hcl").arg(format!(
+                "acl {{ enabled = true, default_policy = \"deny\", tokens {{ initial_management = \"{token}\" }} }}"
+            ));
+        }
         let consul = Consul {
             process: Process::start(spec)?,
             http_port,
             node,
             http: crate::http_client()?,
+            acl_token: acl_token.map(str::to_string),
         };
         consul.wait_ready().await?;
         Ok(consul)
@@ -58,12 +71,23 @@ impl Consul {
     async fn wait_ready(&self) -> Result<()> {
         let leader = format!("{}/v1/status/leader", self.url());
         let node = format!("{}/v1/catalog/node/{}", self.url(), self.node);
+        let get = |url: String| {
+            let mut r = self.http.get(url);
+            if let Some(t) = &self.acl_token {
+                r = r.header("X-Consul-Token", t);
+            }
+            r.send()
+        };
         wait_ready(&self.process, Duration::from_secs(60), || async {
-            let l: String = self.http.get(&leader).send().await?.json().await?;
+            let l: String = get(leader.clone())
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
             if l.is_empty() {
                 return Ok(false);
             }
-            let n: serde_json::Value = self.http.get(&node).send().await?.json().await?;
+            let n: serde_json::Value = get(node.clone()).await?.error_for_status()?.json().await?;
             Ok(!n.is_null())
         })
         .await

@@ -21,6 +21,7 @@ pub struct Builder {
     kube: bool,
     controller_manager: bool,
     consul: bool,
+    consul_acl: Option<&'static str>,
     etcd: bool,
     zookeeper: bool,
 }
@@ -39,6 +40,12 @@ impl Builder {
     }
     pub fn consul(mut self) -> Self {
         self.consul = true;
+        self
+    }
+    /// Consul with ACLs enabled (default policy deny); `token` is the management token.
+    pub fn consul_with_acl(mut self, token: &'static str) -> Self {
+        self.consul = true;
+        self.consul_acl = Some(token);
         self
     }
     /// An etcd used as a service catalog (separate from the API server's storage).
@@ -67,7 +74,10 @@ impl Builder {
         let path = dir.path().to_path_buf();
         let (kube, consul, etcd, zookeeper) = tokio::try_join!(
             maybe(self.kube, Kube::start(&path, self.controller_manager)),
-            maybe(self.consul, Consul::start(&path, "consul")),
+            maybe(
+                self.consul,
+                Consul::start_with_acl(&path, "consul", self.consul_acl)
+            ),
             maybe(self.etcd, Etcd::start(&path, "etcd")),
             maybe(self.zookeeper, ZooKeeper::start(&path, "zookeeper")),
         )?;
