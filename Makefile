@@ -7,11 +7,12 @@ export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 export GOTOOLCHAIN := local
 CARGO ?= cargo
 
-.PHONY: help peers build crds lint test env demo clean-cache
+.PHONY: help peers build crds lint test bench env demo clean-cache
 
 help:
-	@echo "make demo   - the local environment with the controller and the example scenario"
+	@echo "make demo   - api_x exported to Consul on a local cluster, printed as Consul answers it"
 	@echo "make test   - set up the peers, check formatting and lints, run every test"
+	@echo "make bench  - convergence and propagation benchmarks against real Consul"
 	@echo "make env    - start the real API server and catalogs on loopback until Ctrl-C"
 	@echo "make peers  - build/install the real peers (cached outside the repo)"
 
@@ -32,11 +33,17 @@ lint:
 test: peers lint
 	timeout --foreground 60m $(CARGO) test --workspace --no-fail-fast
 
+# Benchmarks against the real servers, each reported as a ratio to a floor run in the same process.
+bench: peers
+	$(CARGO) bench --bench export
+
 env: peers
 	$(CARGO) run -q -p localenv
 
-# Until the controller runs in the demo, the demo is the environment itself.
-demo: env
+# The scenario on loopback: real API server and catalogs, the controller, example Services.
+demo: peers
+	$(CARGO) build -q --bin catalog-bridge --example demo
+	CATALOG_BRIDGE_BIN=$(CARGO_TARGET_DIR)/debug/catalog-bridge $(CARGO_TARGET_DIR)/debug/examples/demo
 
 clean-cache:
 	rm -rf "$(CACHE)"

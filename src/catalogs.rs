@@ -10,31 +10,56 @@ use crate::backend::consul::{Consul, ConsulConfig};
 use crate::crd::{ExternalCatalog, SecretKeyRef, SecretRef, TlsConfig};
 use crate::desired::Problem;
 
-/// Builds the backend an ExternalCatalog describes. Fails with a [`Problem`] (shown in the
-/// catalog's status) when a referenced Secret is missing or the kind is not supported yet.
-pub async fn build(
+/// The Secret material an ExternalCatalog references, read at build time and re-read
+/// periodically: a changed Secret rebuilds the backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub token: Option<String>,
+    pub ca_pem: Option<Vec<u8>>,
+    pub insecure_skip_verify: bool,
+}
+
+/// Reads the Secrets `catalog` references.
+pub async fn credentials(
     client: &kube::Client,
     catalog: &ExternalCatalog,
+) -> Result<Credentials, Problem> {
+    let Some(c) = &catalog.spec.consul else {
+        return Ok(Credentials::default());
+    };
+    let token = match &c.token_secret_ref {
+        Some(r) => Some(secret_key(client, r).await?),
+        None => None,
+    };
+    let (ca_pem, insecure_skip_verify) = tls(client, c.tls.as_ref()).await?;
+    Ok(Credentials {
+        token,
+        ca_pem,
+        insecure_skip_verify,
+    })
+}
+
+/// Builds the backend an ExternalCatalog describes, with its credentials. Fails with a
+/// [`Problem`] (shown in the catalog's status) when the kind is not supported yet or the
+/// configuration cannot be used.
+pub fn build(
+    catalog: &ExternalCatalog,
+    credentials: Credentials,
     owner: &str,
 ) -> Result<Arc<dyn Backend>, Problem> {
     let spec = &catalog.spec;
     if let Some(c) = &spec.consul {
-        let token = match &c.token_secret_ref {
-            Some(r) => Some(secret_key(client, r).await?),
-            None => None,
-        };
-        let (ca_pem, insecure) = tls(client, c.tls.as_ref()).await?;
         let cfg = ConsulConfig {
             addresses: c.addresses.clone(),
             datacenter: c.datacenter.clone(),
-            token,
+            token: credentials.token,
             node_name: c
                 .node_name
                 .clone()
                 .unwrap_or_else(|| format!("k8s-{owner}")),
             owner: owner.to_string(),
-            insecure_skip_verify: insecure,
-            ca_pem,
+            insecure_skip_verify: credentials.insecure_skip_verify,
+            ca_pem: credentials.ca_pem,
         };
         let consul = Consul::new(cfg).map_err(|e| Problem {
             reason: "InvalidConfig",

@@ -111,6 +111,7 @@ impl Stores {
 /// A running writer and what it was built from.
 struct Running {
     fingerprint: String,
+    credentials: crate::catalogs::Credentials,
     kind: &'static str,
     desired: watch::Sender<Arc<Snapshot>>,
     report: watch::Receiver<Report>,
@@ -139,7 +140,12 @@ struct Writers {
     metrics: Arc<Metrics>,
     running: HashMap<String, Running>,
     broken: HashMap<String, Broken>,
+    /// When referenced Secrets were last re-read.
+    secrets_checked: Instant,
 }
+
+/// How often the Secrets of running catalogs are re-read.
+const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
 impl Writers {
     async fn sync(
@@ -148,6 +154,10 @@ impl Writers {
         desired: &Desired,
         since: Option<Instant>,
     ) {
+        let recheck_secrets = self.secrets_checked.elapsed() >= SECRET_RECHECK;
+        if recheck_secrets {
+            self.secrets_checked = Instant::now();
+        }
         let mut seen = Vec::new();
         for cat in catalogs {
             let Some(name) = cat.metadata.name.clone() else {
@@ -156,6 +166,16 @@ impl Writers {
             seen.push(name.clone());
             let fingerprint = serde_json::to_string(&cat.spec).unwrap_or_default();
             let wanted = desired.catalogs.get(&name).cloned().unwrap_or_default();
+            if recheck_secrets
+                && let Some(r) = self.running.get(&name)
+                && r.fingerprint == fingerprint
+            {
+                let now = crate::catalogs::credentials(&self.client, cat).await.ok();
+                if now.is_some_and(|c| c != r.credentials) {
+                    info!(catalog = %name, "a referenced Secret changed; rebuilding the catalog writer");
+                    self.running.remove(&name);
+                }
+            }
             if let Some(r) = self.running.get(&name)
                 && r.fingerprint == fingerprint
             {
@@ -179,7 +199,11 @@ impl Writers {
             }
             self.running.remove(&name);
             let kind = crate::catalogs::kind(cat);
-            match crate::catalogs::build(&self.client, cat, &self.opts.owner).await {
+            let credentials = crate::catalogs::credentials(&self.client, cat).await;
+            let built = credentials
+                .clone()
+                .and_then(|c| crate::catalogs::build(cat, c, &self.opts.owner));
+            match built {
                 Ok(backend) => {
                     info!(catalog = %name, backend = %backend.describe(), "catalog writer starting");
                     self.broken.remove(&name);
@@ -196,6 +220,7 @@ impl Writers {
                         name.clone(),
                         Running {
                             fingerprint,
+                            credentials: credentials.unwrap_or_default(),
                             kind,
                             desired: tx,
                             report,
@@ -319,6 +344,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                 metrics: metrics.clone(),
                 running: HashMap::new(),
                 broken: HashMap::new(),
+                secrets_checked: Instant::now(),
             };
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             let mut first = true;

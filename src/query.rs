@@ -51,7 +51,9 @@ async fn backend_for(catalog: &str) -> Result<Arc<dyn Backend>> {
         .get(catalog)
         .await
         .with_context(|| format!("reading ExternalCatalog {catalog}"))?;
-    crate::catalogs::build(&client, &cat, "query")
+    let problem = |p: crate::desired::Problem| anyhow::anyhow!("{}: {}", p.reason, p.message);
+    let credentials = crate::catalogs::credentials(&client, &cat)
         .await
-        .map_err(|p| anyhow::anyhow!("{}: {}", p.reason, p.message))
+        .map_err(problem)?;
+    crate::catalogs::build(&cat, credentials, "query").map_err(problem)
 }

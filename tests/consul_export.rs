@@ -30,6 +30,40 @@ async fn setup() -> Result<(Env, kube::Client, ConsulView)> {
     Ok((env, client, consul))
 }
 
+/// [`setup`], the controller, and `api-x` (2 ready Pods, 10.1.0.1-2) exported as `api_x`
+/// and already in Consul.
+async fn api_x_exported(args: &[&str]) -> Result<(Env, kube::Client, ConsulView, Controller)> {
+    let (env, client, consul) = setup().await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", args).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    consul
+        .wait_passing("api_x", &API_X, WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    Ok((env, client, consul, cb))
+}
+
+const API_X: [&str; 2] = ["10.1.0.1:8080", "10.1.0.2:8080"];
+
+/// Waits until ExternalCatalog `name` has condition `type_` with `status`; returns it.
+async fn catalog_condition(
+    client: &kube::Client,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> Result<catalog_bridge::crd::Condition> {
+    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
+    localenv::eventually(&format!("{type_}={status} on {name}"), WAIT, || async {
+        let c = catalogs.get(name).await?;
+        Ok(c.status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == type_ && c.status == status))
+    })
+    .await
+}
+
 fn export_to_consul(name: &str) -> std::collections::BTreeMap<String, String> {
     annotations(&[
         ("catalog-bridge.io/export", "consul"),
@@ -51,12 +85,7 @@ async fn annotate(client: &kube::Client, ns: &str, svc: &str, patch: Value) -> R
 
 #[tokio::test]
 async fn readiness_flip_removes_and_restores_exactly_that_instance() -> Result<()> {
-    let (env, client, consul) = setup().await?;
-    let _cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
-    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
-    consul
-        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
-        .await?;
+    let (env, client, consul, _cb) = api_x_exported(&["--drift-interval=1s"]).await?;
     let before = consul.node_services(NODE).await?;
 
     let t = Instant::now();
@@ -78,9 +107,7 @@ async fn readiness_flip_removes_and_restores_exactly_that_instance() -> Result<(
 
     let t = Instant::now();
     workload::set_pod_ready(&client, "shop", "api-x-2", true).await?;
-    consul
-        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
-        .await?;
+    consul.wait_passing("api_x", &API_X, WAIT).await?;
     println!("pod ready -> back in Consul in {:?}", t.elapsed());
 
     // The other instance was never rewritten.
@@ -232,18 +259,8 @@ async fn consul_down_at_start_is_reported_and_converges_when_it_comes() -> Resul
     let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
     deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
 
-    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
-    let message = localenv::eventually("Reachable=False on the catalog", WAIT, || async {
-        let c = catalogs.get("consul").await?;
-        let cond = c
-            .status
-            .unwrap_or_default()
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Reachable" && c.status == "False");
-        Ok(cond.map(|c| format!("{}: {}", c.reason, c.message)))
-    })
-    .await?;
+    let down = catalog_condition(&client, "consul", "Reachable", "False").await?;
+    let message = format!("{}: {}", down.reason, down.message);
     println!("while Consul is down: {message}");
     assert!(
         message.contains(&consul_peer.address()),
@@ -258,39 +275,19 @@ async fn consul_down_at_start_is_reported_and_converges_when_it_comes() -> Resul
 
     consul_peer.start_again().await?;
     consul
-        .wait_passing(
-            "api_x",
-            &["10.1.0.1:8080", "10.1.0.2:8080"],
-            Duration::from_secs(60),
-        )
+        .wait_passing("api_x", &API_X, Duration::from_secs(60))
         .await?;
-    localenv::eventually("Reachable=True", WAIT, || async {
-        let c = catalogs.get("consul").await?;
-        Ok(c.status
-            .unwrap_or_default()
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Reachable" && c.status == "True")
-            .then_some(()))
-    })
-    .await?;
+    catalog_condition(&client, "consul", "Reachable", "True").await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn a_consul_that_forgot_everything_is_repaired() -> Result<()> {
-    let (env, client, consul) = setup().await?;
-    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
-    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
-    consul
-        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
-        .await?;
+    let (env, _client, consul, cb) = api_x_exported(&["--drift-interval=1s"]).await?;
     env.consul()?.stop()?;
     env.consul()?.start_again().await?;
     let t = Instant::now();
-    consul
-        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
-        .await?;
+    consul.wait_passing("api_x", &API_X, WAIT).await?;
     println!("Consul restarted empty -> repaired in {:?}", t.elapsed());
     let repaired = cb.metric("catalog_bridge_drift_repairs_total", &[]).await?;
     assert!(repaired >= 2.0, "the drift was counted: {repaired}");
@@ -304,9 +301,7 @@ async fn two_replicas_one_writer_and_a_takeover_without_deletions() -> Result<()
     let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
     let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
     deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
-    consul
-        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
-        .await?;
+    consul.wait_passing("api_x", &API_X, WAIT).await?;
     let (leader, follower) = if a.is_leader().await { (a, b) } else { (b, a) };
     ensure!(
         leader.is_leader().await && !follower.is_leader().await,
@@ -380,9 +375,7 @@ async fn deleting_a_service_a_registration_or_an_annotation_removes_exactly_its_
                      "service": {"name": "api-y"}, "externalName": "api_y", "tags": ["v2"]},
         }),
     )?;
-    consul
-        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
-        .await?;
+    consul.wait_passing("api_x", &API_X, WAIT).await?;
     consul
         .wait_passing("api_y", &["10.2.0.1:8080", "10.2.0.2:8080"], WAIT)
         .await?;
@@ -553,12 +546,7 @@ async fn dry_run_logs_the_plan_as_json_and_writes_nothing() -> Result<()> {
 
 #[tokio::test]
 async fn query_answers_like_a_discovery_client() -> Result<()> {
-    let (env, client, consul) = setup().await?;
-    let _cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
-    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
-    consul
-        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
-        .await?;
+    let (env, _client, _consul, _cb) = api_x_exported(&[]).await?;
     let bin = env!("CARGO_BIN_EXE_catalog-bridge");
     let by_url = localenv::run_tool(std::process::Command::new(bin).args([
         "query",
@@ -655,17 +643,36 @@ async fn acl_token_comes_from_a_secret_and_a_wrong_one_is_reported() -> Result<(
         "only the catalog with a valid token wrote"
     );
 
-    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
-    let msg = localenv::eventually("the bad token reported", WAIT, || async {
-        let c = catalogs.get("bad").await?;
-        Ok(c.status
-            .unwrap_or_default()
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Unauthorized")
-            .map(|c| c.message))
-    })
-    .await?;
+    let bad = catalog_condition(&client, "bad", "Ready", "False").await?;
+    assert_eq!(bad.reason, "Unauthorized", "{bad:?}");
+    let msg = bad.message;
     println!("bad token: {msg}");
+
+    // Fixing the Secret is enough: the catalog picks the new token up and writes.
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "wrong-token", "namespace": "default"},
+            "stringData": {"token": TOKEN},
+        }),
+    )?;
+    let t = Instant::now();
+    localenv::eventually(
+        "both catalogs' nodes to hold api_x",
+        Duration::from_secs(45),
+        || async {
+            let v: Value = http
+                .get(format!("{consul_url}/v1/health/service/api_x?passing"))
+                .header("X-Consul-Token", TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok((v.as_array().map(Vec::len) == Some(2)).then_some(()))
+        },
+    )
+    .await?;
+    println!("Secret fixed -> catalog writing after {:?}", t.elapsed());
     Ok(())
 }

@@ -1,16 +1,15 @@
 //! The CRDs: `crds/` is what the binary prints, the real API server accepts them, and it rejects
 //! invalid objects at the door (schema, enums, CEL rules).
 
-use std::time::Duration;
+mod support;
 
 use anyhow::{Context, Result};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
-const CRDS_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");
+use support::{CRDS_FILE, install_crds};
 
 #[test]
 fn committed_crds_match_the_rust_types() -> Result<()> {
@@ -21,43 +20,6 @@ fn committed_crds_match_the_rust_types() -> Result<()> {
         generated == committed,
         "crds/crds.yaml is out of date with src/crd.rs; regenerate it with `make crds`"
     );
-    Ok(())
-}
-
-/// Applies the CRDs from `crds/` to a real API server and waits until they are established.
-pub async fn install_crds(client: &kube::Client) -> Result<()> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let text = std::fs::read_to_string(CRDS_FILE)?;
-    let mut names = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc)?;
-        let name = crd.metadata.name.clone().context("CRD without a name")?;
-        api.patch(
-            &name,
-            &PatchParams::apply("crds-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .with_context(|| format!("applying CRD {name}"))?;
-        names.push(name);
-    }
-    for name in names {
-        localenv::eventually(
-            &format!("CRD {name} established"),
-            Duration::from_secs(30),
-            || async {
-                let crd = api.get(&name).await?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(established.then_some(()))
-            },
-        )
-        .await?;
-    }
     Ok(())
 }
 

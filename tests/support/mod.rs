@@ -74,6 +74,17 @@ pub fn consul_catalog(name: &str, addresses: &[String], node: &str) -> Value {
     })
 }
 
+/// The `catalog-bridge` binary: Cargo's path for tests and benchmarks, else
+/// `$CATALOG_BRIDGE_BIN` (set by `make demo`).
+pub fn controller_bin() -> Result<std::path::PathBuf> {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_catalog-bridge") {
+        return Ok(p.into());
+    }
+    std::env::var_os("CATALOG_BRIDGE_BIN")
+        .map(Into::into)
+        .context("CATALOG_BRIDGE_BIN is not set (make demo sets it)")
+}
+
 /// The controller binary, run as users run it, with its log in the environment's directory.
 pub struct Controller {
     pub process: Process,
@@ -97,7 +108,7 @@ impl Controller {
 
     pub fn spawn(env: &Env, name: &str, cluster_id: &str, extra: &[&str]) -> Result<Controller> {
         let metrics_port = localenv::ports::free_port()?;
-        let spec = Spec::new(name, env!("CARGO_BIN_EXE_catalog-bridge"), env.dir())
+        let spec = Spec::new(name, controller_bin()?, env.dir())
             .env("KUBECONFIG", env.kube()?.kubeconfig_path())
             .env("RUST_LOG", "info,catalog_bridge=debug")
             .arg("run")
@@ -155,7 +166,7 @@ pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.split(['{', ' ']).next().is_some_and(|n| n == name))
         .filter(|l| labels.iter().all(|lab| l.contains(lab)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// A namespace, a Node and a Service `name` with `pods` ready Pods (10.<net>.0.1, .2, …) on

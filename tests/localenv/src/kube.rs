@@ -55,7 +55,7 @@ impl Kube {
             .arg(format!("--secure-port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--authorization-mode=RBAC")

@@ -1,0 +1,107 @@
+//! `make demo`: the scenario of the talk this product grew out of, on loopback, with the real
+//! API server, kube-controller-manager and catalogs, and the controller binary.
+//!
+//! `api_x` runs as two Pods in Kubernetes and is exported to Consul; anyone asking Consul
+//! "where is api_x?" gets `api_x @ 10.0.0.1:8080 & 10.0.0.2:8080`. Then one Pod turns unready
+//! and the answer follows.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use localenv::workload;
+use support::{ConsulView, Controller, annotations, consul_catalog, deploy, kubectl_apply};
+
+fn step(s: &str) {
+    eprintln!("==> {s}");
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    step(
+        "starting kube-apiserver, kube-controller-manager, etcd, Consul and ZooKeeper on loopback",
+    );
+    let env = localenv::Env::builder().all().start().await?;
+    let kube = env.kube()?;
+    let client = kube.client().await?;
+    let consul_url = env.consul()?.url();
+
+    step("installing the CRDs and the ExternalCatalog `consul`");
+    support::install_crds(&client).await?;
+    kubectl_apply(
+        &env,
+        &consul_catalog("consul", std::slice::from_ref(&consul_url), "k8s-demo"),
+    )?;
+
+    step("starting catalog-bridge");
+    let cb = Controller::start(&env, "catalog-bridge", "demo", &["--drift-interval=5s"]).await?;
+
+    step("deploying api-x (2 Pods) in namespace shop, annotated catalog-bridge.io/export=consul");
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        0,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", "consul"),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+
+    let consul = ConsulView::new(consul_url.clone())?;
+    consul
+        .wait_passing(
+            "api_x",
+            &["10.0.0.1:8080", "10.0.0.2:8080"],
+            Duration::from_secs(60),
+        )
+        .await
+        .with_context(|| cb.log())?;
+    let query = |env: &localenv::Env| -> Result<String> {
+        let out = localenv::run_tool(
+            std::process::Command::new(support::controller_bin()?)
+                .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+                .args(["query", "consul", "api_x"]),
+        )?;
+        Ok(out.trim().to_string())
+    };
+    println!();
+    println!("Consul answers:  {}", query(&env)?);
+    println!();
+
+    step("Pod api-x-2 turns unready");
+    let t = Instant::now();
+    workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
+    consul
+        .wait_passing("api_x", &["10.0.0.1:8080"], Duration::from_secs(60))
+        .await?;
+    let took = t.elapsed();
+    println!();
+    println!(
+        "Consul answers:  {}   (updated {took:.0?} after the Pod turned unready)",
+        query(&env)?
+    );
+    println!();
+
+    let kc = kube.kubeconfig_path().display();
+    println!("Explore it (until Ctrl-C):");
+    println!("  export KUBECONFIG={kc}");
+    println!("  kubectl get xcat                      # catalogs, Reachable, entries");
+    println!("  kubectl get endpointslices -n shop    # what Kubernetes says is ready");
+    println!("  curl -s {consul_url}/v1/health/service/api_x?passing   # what Consul says");
+    println!("  Consul UI: {consul_url}/ui/");
+    println!("  metrics:   http://127.0.0.1:{}/metrics", cb.metrics_port);
+    println!("  controller log: {}", cb.process.log_path().display());
+    println!(
+        "  etcd {}   zookeeper {}",
+        env.etcd()?.endpoint(),
+        env.zookeeper()?.connect_string()
+    );
+    tokio::signal::ctrl_c().await?;
+    step("stopping");
+    Ok(())
+}
