@@ -53,31 +53,57 @@ impl std::fmt::Display for Plan {
 pub fn plan(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, Record>) -> Plan {
     let mut p = Plan::default();
     for (key, record) in desired {
-        match current.get(key) {
-            Some(have) if have == record => {}
-            Some(_) => {
-                p.updates += 1;
-                p.ops.push(Op::Put {
-                    key: key.clone(),
-                    record: record.clone(),
-                });
-            }
-            None => {
-                p.creates += 1;
-                p.ops.push(Op::Put {
-                    key: key.clone(),
-                    record: record.clone(),
-                });
-            }
-        }
+        p.put_if_differs(key, record, current.get(key));
     }
     for key in current.keys() {
         if !desired.contains_key(key) {
-            p.deletes += 1;
-            p.ops.push(Op::Delete { key: key.clone() });
+            p.delete(key);
         }
     }
     p
+}
+
+/// The same diff restricted to `keys`, for when `current` is known to equal an earlier
+/// desired state and only `keys` can have changed since: O(changes), not O(entries).
+pub fn plan_keys<'a>(
+    desired: &BTreeMap<String, Record>,
+    current: &BTreeMap<String, Record>,
+    keys: impl IntoIterator<Item = &'a String>,
+) -> Plan {
+    let mut p = Plan::default();
+    let mut deletes = Vec::new();
+    for key in keys {
+        match desired.get(key) {
+            Some(record) => p.put_if_differs(key, record, current.get(key)),
+            None if current.contains_key(key) => deletes.push(key),
+            None => {}
+        }
+    }
+    for key in deletes {
+        p.delete(key);
+    }
+    p
+}
+
+impl Plan {
+    fn put_if_differs(&mut self, key: &str, record: &Record, have: Option<&Record>) {
+        match have {
+            Some(h) if h == record => return,
+            Some(_) => self.updates += 1,
+            None => self.creates += 1,
+        }
+        self.ops.push(Op::Put {
+            key: key.to_string(),
+            record: record.clone(),
+        });
+    }
+
+    fn delete(&mut self, key: &str) {
+        self.deletes += 1;
+        self.ops.push(Op::Delete {
+            key: key.to_string(),
+        });
+    }
 }
 
 /// Applies a plan to a map of records, as a successful write does to the catalog.
@@ -123,6 +149,17 @@ mod tests {
         let mut after = current.clone();
         apply_to(&mut after, &p.ops);
         assert_eq!(after, desired);
+    }
+
+    #[test]
+    fn a_plan_over_changed_keys_equals_the_full_plan() {
+        let desired = map(&[("a", 1), ("b", 3), ("c", 4)]);
+        let current = map(&[("a", 1), ("b", 2), ("d", 5)]);
+        let keys: Vec<String> = ["b", "c", "d", "x"].iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            plan_keys(&desired, &current, &keys),
+            plan(&desired, &current)
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! - desired changes that arrive while a write is in flight are coalesced into the next plan;
 //! - a periodic drift check re-reads the owned state and repairs (and counts) what differs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 use crate::backend::{Backend, BackendError, Record};
 use crate::crd::ServerInfo;
 use crate::metrics::Metrics;
-use crate::model::DesiredCatalog;
-use crate::plan::{apply_to, plan};
+use crate::model::{DesiredCatalog, Instance};
+use crate::plan::{apply_to, plan, plan_keys};
 
 /// Desired state of one catalog as published to its writer.
 #[derive(Clone, Debug, Default)]
@@ -78,6 +78,87 @@ pub struct Writer {
     current: Option<BTreeMap<String, Record>>,
     /// With `--dry-run`: the plan last logged.
     last_dry_plan: Option<crate::plan::Plan>,
+    /// The desired records, rendered incrementally.
+    desired_records: DesiredRecords,
+    /// `current` equals the desired records as of the previous sync.
+    trusted: bool,
+}
+
+/// Desired records kept up to date incrementally: a snapshot that changes one instance out of
+/// ten thousand renders one instance, and the plan looks at its keys only.
+#[derive(Default)]
+struct DesiredRecords {
+    /// The instances rendered, sorted (snapshots are sorted).
+    instances: Vec<Instance>,
+    records: BTreeMap<String, Record>,
+    /// Which instances render to each key (several can, where a layout merges them).
+    holders: HashMap<String, BTreeSet<Instance>>,
+}
+
+impl DesiredRecords {
+    /// Moves to `next` (sorted) and returns the keys whose record may have changed.
+    fn update(&mut self, backend: &dyn Backend, next: &[Instance]) -> BTreeSet<String> {
+        let mut touched = BTreeSet::new();
+        let (removed, added) = diff_sorted(&self.instances, next);
+        for inst in removed {
+            for key in backend.render(std::slice::from_ref(inst)).into_keys() {
+                if let Some(h) = self.holders.get_mut(&key) {
+                    h.remove(inst);
+                }
+                touched.insert(key);
+            }
+        }
+        for inst in added {
+            for key in backend.render(std::slice::from_ref(inst)).into_keys() {
+                self.holders
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(inst.clone());
+                touched.insert(key);
+            }
+        }
+        for key in &touched {
+            // As a full render would: the last instance (in order) holding a key wins.
+            match self.holders.get(key).and_then(|h| h.last()) {
+                Some(inst) => {
+                    if let Some(r) = backend.render(std::slice::from_ref(inst)).remove(key) {
+                        self.records.insert(key.clone(), r);
+                    }
+                }
+                None => {
+                    self.holders.remove(key);
+                    self.records.remove(key);
+                }
+            }
+        }
+        self.instances = next.to_vec();
+        touched
+    }
+}
+
+/// The elements only in `a` and only in `b`, both sorted.
+fn diff_sorted<'a>(a: &'a [Instance], b: &'a [Instance]) -> (Vec<&'a Instance>, Vec<&'a Instance>) {
+    let (mut i, mut j) = (0, 0);
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                only_a.push(&a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                only_b.push(&b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    only_a.extend(&a[i..]);
+    only_b.extend(&b[j..]);
+    (only_a, only_b)
 }
 
 impl Writer {
@@ -102,6 +183,8 @@ impl Writer {
                 metrics,
                 current: None,
                 last_dry_plan: None,
+                desired_records: DesiredRecords::default(),
+                trusted: false,
             },
             report_rx,
         )
@@ -156,15 +239,28 @@ impl Writer {
 
     /// Brings the catalog to `snapshot`: reads the owned state if unknown, plans, writes.
     async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), BackendError> {
+        let touched = self
+            .desired_records
+            .update(self.backend.as_ref(), &snapshot.catalog.instances);
         let current = match self.current.take() {
             Some(c) => c,
-            None => self.read().await?,
+            None => {
+                self.trusted = false;
+                self.read().await?
+            }
         };
-        let desired = self.backend.render(&snapshot.catalog.instances);
-        let p = plan(&desired, &current);
+        let desired = &self.desired_records.records;
+        // In sync before this snapshot: only what the snapshot touched can differ.
+        let p = if self.trusted {
+            plan_keys(desired, &current, &touched)
+        } else {
+            plan(desired, &current)
+        };
+        let entries = desired.len();
         if p.is_empty() {
             self.current = Some(current);
-            self.succeeded(desired.len(), true);
+            self.trusted = !self.cfg.dry_run;
+            self.succeeded(entries, true);
             return Ok(());
         }
         if self.cfg.dry_run {
@@ -178,7 +274,7 @@ impl Writer {
                 self.last_dry_plan = Some(p);
             }
             self.current = Some(current);
-            self.succeeded(desired.len(), false);
+            self.succeeded(entries, false);
             return Ok(());
         }
         let started = Instant::now();
@@ -198,7 +294,8 @@ impl Writer {
                 }
                 info!(catalog = %label, plan = %p, round_trips, took = ?started.elapsed(), "catalog updated");
                 self.current = Some(current);
-                self.succeeded(desired.len(), true);
+                self.trusted = true;
+                self.succeeded(entries, true);
                 Ok(())
             }
             Err(e) => {
@@ -209,6 +306,7 @@ impl Writer {
                 self.metrics.round_trips(label, "error", 1);
                 // Some batches may have been committed: re-read before the next plan.
                 self.current = None;
+                self.trusted = false;
                 Err(e)
             }
         }
@@ -229,11 +327,15 @@ impl Writer {
         let read = self.read().await?;
         if let Some(known) = &self.current {
             let drifted = crate::plan::plan(known, &read);
+            self.trusted &= drifted.is_empty();
             if !drifted.is_empty() {
                 warn!(catalog = %self.cfg.catalog, drift = %drifted, "catalog drifted from what was written; repairing");
                 self.metrics
                     .drift(&self.cfg.catalog, drifted.ops.len() as u64);
             }
+        }
+        if self.current.is_none() {
+            self.trusted = false;
         }
         self.current = Some(read);
         let snapshot = self.desired.borrow().clone();
@@ -358,6 +460,19 @@ mod tests {
             .expect("report in time")
             .expect("writer alive")
             .clone()
+    }
+
+    #[test]
+    fn incremental_records_equal_a_full_render() {
+        let mem = Memory::new("me", 64);
+        let mut d = DesiredRecords::default();
+        let all = instances(30).instances;
+        let steps: [&[Instance]; 4] = [&all[..10], &all[5..20], &all[..0], &all[3..30]];
+        for next in steps {
+            let touched = d.update(&mem, next);
+            assert_eq!(d.records, mem.render(next));
+            assert!(touched.len() <= 30);
+        }
     }
 
     #[tokio::test]
