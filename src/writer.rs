@@ -136,6 +136,18 @@ impl DesiredRecords {
     }
 }
 
+/// Resolves when the backend reports lost entries; never, for backends that cannot lose them.
+async fn lost(rx: &mut Option<watch::Receiver<u64>>) {
+    if let Some(r) = rx
+        && r.changed().await.is_ok()
+    {
+        return;
+    }
+    // No backend signal (or the backend is gone): never resolves.
+    *rx = None;
+    std::future::pending::<()>().await
+}
+
 /// The elements only in `a` and only in `b`, both sorted.
 fn diff_sorted<'a>(a: &'a [Instance], b: &'a [Instance]) -> (Vec<&'a Instance>, Vec<&'a Instance>) {
     let (mut i, mut j) = (0, 0);
@@ -197,6 +209,7 @@ impl Writer {
         drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         drift.tick().await;
         let mut probed = false;
+        let mut invalidations = self.backend.invalidations();
         loop {
             // Leadership and synced caches first: before that, nothing is read or written.
             if !*self.gate.borrow_and_update() {
@@ -227,6 +240,10 @@ impl Writer {
             tokio::select! {
                 r = self.desired.changed() => if r.is_err() { return },
                 r = self.gate.changed() => if r.is_err() { return },
+                _ = lost(&mut invalidations) => {
+                    warn!(catalog = %self.cfg.catalog, "the catalog lost this controller's entries (lease or session expired); writing them again");
+                    self.current = None;
+                }
                 _ = drift.tick() => {
                     self.probe().await;
                     if let Err(e) = self.check_drift().await {

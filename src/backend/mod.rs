@@ -74,6 +74,15 @@ pub trait Backend: Send + Sync {
     /// Contacts the catalog and reports what it says about itself.
     async fn probe(&self) -> Result<ServerInfo, BackendError>;
 
+    /// A counter that moves when the catalog lost what this controller wrote through no write
+    /// of its own — an etcd lease that expired, a ZooKeeper session that expired — and the
+    /// backend has re-established its liveness (new lease, new session). The writer re-reads
+    /// the owned state (now empty) and puts every entry again. `None` for catalogs without
+    /// such liveness (Consul).
+    fn invalidations(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// What a discovery client asking for `name` gets: `host:port` of every healthy instance,
     /// whoever registered it, sorted.
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError>;
