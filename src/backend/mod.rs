@@ -7,7 +7,9 @@
 //! them and write only what differs.
 
 pub mod consul;
+pub mod etcd;
 pub mod memory;
+pub mod zookeeper;
 
 use std::collections::BTreeMap;
 
