@@ -6,8 +6,10 @@ use anyhow::{Context, Result, bail};
 use kube::Api;
 
 use crate::backend::Backend;
-use crate::backend::consul::{Consul, ConsulConfig};
-use crate::crd::ExternalCatalog;
+use crate::crd::{
+    ConsulCatalog, EtcdCatalog, EtcdLayout, ExternalCatalog, ExternalCatalogSpec, ZooKeeperCatalog,
+    ZooKeeperLayout,
+};
 
 /// `api_x @ 10.0.0.1:8080 & 10.0.0.2:8080`, or `api_x @ (none)`.
 pub fn format_answer(name: &str, addrs: &[String]) -> String {
@@ -29,20 +31,14 @@ pub async fn query(catalog: &str, name: &str) -> Result<String> {
 }
 
 async fn backend_for(catalog: &str) -> Result<Arc<dyn Backend>> {
-    if let Some(rest) = catalog.strip_prefix("consul://") {
-        let (hostport, _) = rest.split_once('/').unwrap_or((rest, ""));
-        return Ok(Arc::new(Consul::new(ConsulConfig {
-            addresses: vec![format!("http://{hostport}")],
-            datacenter: None,
-            token: std::env::var("CONSUL_HTTP_TOKEN").ok(),
-            node_name: String::new(),
-            owner: String::new(),
-            insecure_skip_verify: false,
-            ca_pem: None,
-        })?));
-    }
+    let problem = |p: crate::desired::Problem| anyhow::anyhow!("{}: {}", p.reason, p.message);
     if catalog.contains("://") {
-        bail!("{catalog:?}: this version queries consul:// URLs and ExternalCatalogs by name");
+        let cat = ExternalCatalog::new("query", spec_from_url(catalog)?);
+        let credentials = crate::catalogs::Credentials {
+            token: std::env::var("CONSUL_HTTP_TOKEN").ok(),
+            ..Default::default()
+        };
+        return crate::catalogs::build(&cat, credentials, "query").map_err(problem);
     }
     let client = kube::Client::try_default()
         .await
@@ -51,9 +47,128 @@ async fn backend_for(catalog: &str) -> Result<Arc<dyn Backend>> {
         .get(catalog)
         .await
         .with_context(|| format!("reading ExternalCatalog {catalog}"))?;
-    let problem = |p: crate::desired::Problem| anyhow::anyhow!("{}: {}", p.reason, p.message);
     let credentials = crate::catalogs::credentials(&client, &cat)
         .await
         .map_err(problem)?;
     crate::catalogs::build(&cat, credentials, "query").map_err(problem)
+}
+
+/// An ExternalCatalog spec from a URL: `consul://host:port`,
+/// `etcd://host:port[,host:port…][?layout=plain|naming|coredns&basePath=…&zone=…]`,
+/// `zk://host:port[,host:port…][/basePath][?layout=plain|curator]`.
+pub fn spec_from_url(url: &str) -> Result<ExternalCatalogSpec> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .with_context(|| format!("{url:?} is not a catalog URL"))?;
+    let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let params: Vec<(&str, &str)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    let param = |k: &str| {
+        params
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.to_string())
+    };
+    let known = |allowed: &[&str]| -> Result<()> {
+        for (k, _) in &params {
+            if !allowed.contains(k) {
+                bail!(
+                    "{url:?}: unknown parameter {k:?} (known: {})",
+                    allowed.join(", ")
+                );
+            }
+        }
+        Ok(())
+    };
+    let (hosts, path) = match location.split_once('/') {
+        Some((h, p)) => (h, Some(format!("/{p}"))),
+        None => (location, None),
+    };
+    if hosts.is_empty() {
+        bail!("{url:?} names no host");
+    }
+    let mut spec = ExternalCatalogSpec::default();
+    match scheme {
+        "consul" | "consul+https" => {
+            known(&[])?;
+            let proto = if scheme == "consul" { "http" } else { "https" };
+            spec.consul = Some(ConsulCatalog {
+                addresses: hosts.split(',').map(|h| format!("{proto}://{h}")).collect(),
+                ..Default::default()
+            });
+        }
+        "etcd" => {
+            known(&["layout", "basePath", "zone"])?;
+            let layout = match param("layout").as_deref() {
+                None | Some("plain") => EtcdLayout::Plain,
+                Some("naming") => EtcdLayout::Naming,
+                Some("coredns") => EtcdLayout::Coredns,
+                Some(other) => {
+                    bail!("{url:?}: unknown etcd layout {other:?} (plain, naming, coredns)")
+                }
+            };
+            spec.etcd = Some(EtcdCatalog {
+                endpoints: hosts.split(',').map(str::to_string).collect(),
+                layout,
+                base_path: param("basePath").or(path),
+                zone: param("zone"),
+                ..Default::default()
+            });
+        }
+        "zk" | "zookeeper" => {
+            known(&["layout"])?;
+            let layout = match param("layout").as_deref() {
+                None | Some("plain") => ZooKeeperLayout::Plain,
+                Some("curator") => ZooKeeperLayout::Curator,
+                Some(other) => {
+                    bail!("{url:?}: unknown ZooKeeper layout {other:?} (plain, curator)")
+                }
+            };
+            spec.zookeeper = Some(ZooKeeperCatalog {
+                connect: hosts.to_string(),
+                layout,
+                base_path: path,
+                ..Default::default()
+            });
+        }
+        other => bail!("{url:?}: unknown catalog scheme {other:?} (consul, etcd, zk)"),
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_become_catalog_specs() -> Result<()> {
+        let c = spec_from_url("consul://127.0.0.1:8500,c2:8500")?;
+        assert_eq!(
+            c.consul.map(|c| c.addresses),
+            Some(vec![
+                "http://127.0.0.1:8500".to_string(),
+                "http://c2:8500".to_string()
+            ])
+        );
+        let e = spec_from_url("etcd://e1:2379?layout=coredns&zone=example.org")?
+            .etcd
+            .context("etcd")?;
+        assert_eq!(
+            (e.layout, e.zone.as_deref()),
+            (EtcdLayout::Coredns, Some("example.org"))
+        );
+        let z = spec_from_url("zk://z1:2181,z2:2181/apps?layout=curator")?
+            .zookeeper
+            .context("zk")?;
+        assert_eq!(z.connect, "z1:2181,z2:2181");
+        assert_eq!(z.base_path.as_deref(), Some("/apps"));
+        assert_eq!(z.layout, ZooKeeperLayout::Curator);
+        assert!(spec_from_url("etcd://e1:2379?layout=flat").is_err());
+        assert!(spec_from_url("redis://x:1").is_err());
+        assert!(spec_from_url("zk://z1:2181?laoyut=plain").is_err());
+        Ok(())
+    }
 }
