@@ -90,6 +90,10 @@ async fn main() -> Result<()> {
     let kc = kube.kubeconfig_path().display();
     println!("Explore it (until Ctrl-C):");
     println!("  export KUBECONFIG={kc}");
+    println!(
+        "  alias kubectl={}",
+        localenv::programs::kubectl()?.display()
+    );
     println!("  kubectl get xcat                      # catalogs, Reachable, entries");
     println!("  kubectl get endpointslices -n shop    # what Kubernetes says is ready");
     println!("  curl -s {consul_url}/v1/health/service/api_x?passing   # what Consul says");
