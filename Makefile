@@ -22,13 +22,15 @@ peers:
 build:
 	$(CARGO) build --workspace --all-targets
 
-# crds/ is generated from the Rust types; tests/crds.rs fails when it drifts.
+# crds/ (and the chart's copy) is generated from the Rust types; tests fail when they drift.
 crds:
 	$(CARGO) run -q -- crds > crds/crds.yaml
+	cp crds/crds.yaml charts/catalog-bridge/crds/crds.yaml
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$$(grep ^CB_HELM= tests/peers/.env | cut -d= -f2) lint --strict charts/catalog-bridge
 
 test: peers lint
 	timeout --foreground 60m $(CARGO) test --workspace --no-fail-fast

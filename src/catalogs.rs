@@ -94,9 +94,16 @@ async fn secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Se
     Api::<Secret>::namespaced(client.clone(), namespace)
         .get(name)
         .await
-        .map_err(|e| Problem {
-            reason: "SecretNotFound",
-            message: format!("reading Secret {namespace}/{name}: {e}"),
+        .map_err(|e| {
+            let forbidden = matches!(&e, kube::Error::Api(s) if s.code == 403);
+            Problem {
+                reason: if forbidden { "SecretForbidden" } else { "SecretNotFound" },
+                message: if forbidden {
+                    format!("reading Secret {namespace}/{name} is not allowed (with the Helm chart, list the namespace in rbac.secretNamespaces): {e}")
+                } else {
+                    format!("reading Secret {namespace}/{name}: {e}")
+                },
+            }
         })
 }
 

@@ -229,7 +229,7 @@ impl Writers {
                     );
                 }
                 Err(problem) => {
-                    warn!(catalog = %name, reason = problem.reason, message = %problem.message, "catalog cannot be used");
+                    warn!(catalog = %name, reason = problem.reason, error = %problem.message, "catalog cannot be used");
                     self.broken.insert(
                         name.clone(),
                         Broken {
