@@ -1,20 +1,28 @@
 //! From an ExternalCatalog (and the Secrets it references) to a live [`Backend`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use crate::backend::Backend;
 use crate::backend::consul::{Consul, ConsulConfig};
+use crate::backend::etcd::{Etcd, EtcdConfig};
+use crate::backend::zookeeper::{MemorySessionStore, SessionStore, ZooKeeper, ZooKeeperConfig};
 use crate::crd::{ExternalCatalog, SecretKeyRef, SecretRef, TlsConfig};
 use crate::desired::Problem;
+use crate::sessions::SecretSessionStore;
 
 /// The Secret material an ExternalCatalog references, read at build time and re-read
 /// periodically: a changed Secret rebuilds the backend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Credentials {
+    /// Consul ACL token.
     pub token: Option<String>,
+    /// etcd user or ZooKeeper digest user, and its password.
+    pub username: Option<String>,
+    pub password: Option<String>,
     pub ca_pem: Option<Vec<u8>>,
     pub insecure_skip_verify: bool,
 }
@@ -24,30 +32,66 @@ pub async fn credentials(
     client: &kube::Client,
     catalog: &ExternalCatalog,
 ) -> Result<Credentials, Problem> {
-    let Some(c) = &catalog.spec.consul else {
-        return Ok(Credentials::default());
+    let spec = &catalog.spec;
+    let mut out = Credentials::default();
+    let (user_ref, tls_cfg) = match (&spec.consul, &spec.etcd, &spec.zookeeper) {
+        (Some(c), _, _) => {
+            if let Some(r) = &c.token_secret_ref {
+                out.token = Some(secret_key(client, r).await?);
+            }
+            (None, c.tls.as_ref())
+        }
+        (_, Some(e), _) => (e.credentials_secret_ref.as_ref(), e.tls.as_ref()),
+        (_, _, Some(z)) => (z.digest_secret_ref.as_ref(), z.tls.as_ref()),
+        _ => (None, None),
     };
-    let token = match &c.token_secret_ref {
-        Some(r) => Some(secret_key(client, r).await?),
-        None => None,
-    };
-    let (ca_pem, insecure_skip_verify) = tls(client, c.tls.as_ref()).await?;
-    Ok(Credentials {
-        token,
-        ca_pem,
-        insecure_skip_verify,
-    })
+    if let Some(r) = user_ref {
+        let s = secret(client, &r.namespace, &r.name).await?;
+        let text = |key: &str| -> Result<String, Problem> {
+            String::from_utf8(field(&s, &r.namespace, &r.name, key)?).map_err(|_| Problem {
+                reason: "InvalidSecret",
+                message: format!("Secret {}/{} key {key:?} is not text", r.namespace, r.name),
+            })
+        };
+        out.username = Some(text("username")?);
+        out.password = Some(text("password")?);
+    }
+    (out.ca_pem, out.insecure_skip_verify) = tls(client, tls_cfg).await?;
+    Ok(out)
+}
+
+/// What building a backend needs besides the ExternalCatalog and its credentials.
+#[derive(Clone)]
+pub struct Context {
+    /// The owner id written into every entry.
+    pub owner: String,
+    /// Where ZooKeeper sessions are kept between processes: a Secret in the controller's
+    /// namespace, or nowhere (`catalog-bridge query` opens a throw-away session).
+    pub sessions: Option<SessionSecret>,
+}
+
+/// A Secret of the controller's namespace that holds ZooKeeper sessions, one key per catalog.
+#[derive(Clone)]
+pub struct SessionSecret {
+    pub client: kube::Client,
+    pub namespace: String,
+    pub name: String,
 }
 
 /// Builds the backend an ExternalCatalog describes, with its credentials. Fails with a
-/// [`Problem`] (shown in the catalog's status) when the kind is not supported yet or the
-/// configuration cannot be used.
+/// [`Problem`] (shown in the catalog's status) when the configuration cannot be used.
 pub fn build(
     catalog: &ExternalCatalog,
     credentials: Credentials,
-    owner: &str,
+    ctx: &Context,
 ) -> Result<Arc<dyn Backend>, Problem> {
     let spec = &catalog.spec;
+    let owner = ctx.owner.as_str();
+    let name = catalog.metadata.name.clone().unwrap_or_default();
+    let invalid = |e: anyhow::Error| Problem {
+        reason: "InvalidConfig",
+        message: format!("{e:#}"),
+    };
     if let Some(c) = &spec.consul {
         let cfg = ConsulConfig {
             addresses: c.addresses.clone(),
@@ -61,17 +105,52 @@ pub fn build(
             insecure_skip_verify: credentials.insecure_skip_verify,
             ca_pem: credentials.ca_pem,
         };
-        let consul = Consul::new(cfg).map_err(|e| Problem {
-            reason: "InvalidConfig",
-            message: format!("{e:#}"),
-        })?;
-        return Ok(Arc::new(consul));
+        return Ok(Arc::new(Consul::new(cfg).map_err(invalid)?));
     }
-    if spec.etcd.is_some() || spec.zookeeper.is_some() {
-        return Err(Problem {
-            reason: "Unsupported",
-            message: "this version of catalog-bridge exports to Consul only; etcd and ZooKeeper come next".into(),
-        });
+    if let Some(e) = &spec.etcd {
+        let cfg = EtcdConfig {
+            endpoints: e.endpoints.clone(),
+            username: credentials.username,
+            password: credentials.password,
+            lease_ttl: e
+                .lease_ttl_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map(Duration::from_secs)
+                .unwrap_or(crate::backend::etcd::DEFAULT_LEASE_TTL),
+            layout: e.layout,
+            base_path: e.base_path.clone(),
+            zone: e.zone.clone(),
+            owner: owner.to_string(),
+            catalog: name,
+            ca_pem: credentials.ca_pem,
+            insecure_skip_verify: credentials.insecure_skip_verify,
+        };
+        return Ok(Arc::new(Etcd::new(cfg).map_err(invalid)?));
+    }
+    if let Some(z) = &spec.zookeeper {
+        let session_store: Arc<dyn SessionStore> = match &ctx.sessions {
+            Some(s) => Arc::new(SecretSessionStore::new(
+                s.client.clone(),
+                &s.namespace,
+                &s.name,
+                &name,
+            )),
+            None => Arc::new(MemorySessionStore::default()),
+        };
+        let cfg = ZooKeeperConfig {
+            connect: z.connect.clone(),
+            session_timeout: z
+                .session_timeout_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .map(Duration::from_secs)
+                .unwrap_or(crate::backend::zookeeper::DEFAULT_SESSION_TIMEOUT),
+            digest: credentials.username.zip(credentials.password),
+            layout: z.layout,
+            base_path: z.base_path.clone(),
+            owner: owner.to_string(),
+            session_store,
+        };
+        return Ok(Arc::new(ZooKeeper::new(cfg).map_err(invalid)?));
     }
     Err(Problem {
         reason: "InvalidConfig",

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// How long a Lease is held without renewal before another replica may take it.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// The Secret, in the Lease's namespace, that keeps ZooKeeper session ids and passwords so
+    /// that a restarted controller or a new leader re-attaches to the live session.
+    #[arg(long, default_value = "catalog-bridge-zk-sessions")]
+    pub session_secret: String,
     /// This replica's identity in the Lease; default: the Pod name or host name.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -155,6 +159,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 lease_name: args.lease_name,
                 identity,
                 lease_duration: args.lease_duration,
+                session_secret: args.session_secret,
                 metrics_addr: args.metrics_addr,
             };
             crate::controller::run(client, opts).await

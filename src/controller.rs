@@ -41,6 +41,8 @@ pub struct Options {
     /// This replica's identity in the Lease.
     pub identity: String,
     pub lease_duration: Duration,
+    /// The Secret (in `lease_namespace`) that keeps ZooKeeper sessions between processes.
+    pub session_secret: String,
     pub metrics_addr: std::net::SocketAddr,
 }
 
@@ -148,6 +150,17 @@ struct Writers {
 const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
 impl Writers {
+    fn build_context(&self) -> crate::catalogs::Context {
+        crate::catalogs::Context {
+            owner: self.opts.owner.clone(),
+            sessions: Some(crate::catalogs::SessionSecret {
+                client: self.client.clone(),
+                namespace: self.opts.lease_namespace.clone(),
+                name: self.opts.session_secret.clone(),
+            }),
+        }
+    }
+
     async fn sync(
         &mut self,
         catalogs: &[Arc<ExternalCatalog>],
@@ -202,7 +215,7 @@ impl Writers {
             let credentials = crate::catalogs::credentials(&self.client, cat).await;
             let built = credentials
                 .clone()
-                .and_then(|c| crate::catalogs::build(cat, c, &self.opts.owner));
+                .and_then(|c| crate::catalogs::build(cat, c, &self.build_context()));
             match built {
                 Ok(backend) => {
                     info!(catalog = %name, backend = %backend.describe(), "catalog writer starting");

@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod query;
+pub mod sessions;
 pub mod status;
 pub mod writer;

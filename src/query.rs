@@ -38,7 +38,7 @@ async fn backend_for(catalog: &str) -> Result<Arc<dyn Backend>> {
             token: std::env::var("CONSUL_HTTP_TOKEN").ok(),
             ..Default::default()
         };
-        return crate::catalogs::build(&cat, credentials, "query").map_err(problem);
+        return crate::catalogs::build(&cat, credentials, &query_context()).map_err(problem);
     }
     let client = kube::Client::try_default()
         .await
@@ -50,7 +50,15 @@ async fn backend_for(catalog: &str) -> Result<Arc<dyn Backend>> {
     let credentials = crate::catalogs::credentials(&client, &cat)
         .await
         .map_err(problem)?;
-    crate::catalogs::build(&cat, credentials, "query").map_err(problem)
+    crate::catalogs::build(&cat, credentials, &query_context()).map_err(problem)
+}
+
+/// Queries write nothing and keep no session.
+fn query_context() -> crate::catalogs::Context {
+    crate::catalogs::Context {
+        owner: "query".into(),
+        sessions: None,
+    }
 }
 
 /// An ExternalCatalog spec from a URL: `consul://host:port`,

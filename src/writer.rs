@@ -210,9 +210,15 @@ impl Writer {
         drift.tick().await;
         let mut probed = false;
         let mut invalidations = self.backend.invalidations();
+        let mut led = false;
         loop {
             // Leadership and synced caches first: before that, nothing is read or written.
             if !*self.gate.borrow_and_update() {
+                if led {
+                    // Was leading: hand liveness over (a ZooKeeper session to re-attach to).
+                    self.backend.release().await;
+                    led = false;
+                }
                 self.current = None;
                 self.report.send_modify(|r| r.idle = true);
                 if self.gate.changed().await.is_err() {
@@ -220,6 +226,7 @@ impl Writer {
                 }
                 continue;
             }
+            led = true;
             self.report.send_modify(|r| r.idle = false);
             if !probed {
                 probed = self.probe().await;

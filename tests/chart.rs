@@ -270,6 +270,7 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
             "--lease-name=cb-catalog-bridge",
             "--lease-duration=15s",
             "--identity=$(POD_NAME)",
+            "--session-secret=cb-catalog-bridge-zk-sessions",
             "--drift-interval=30s",
         ],
         "no --cluster-id (the kube-system UID) and no --dry-run by default"

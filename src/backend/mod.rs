@@ -85,6 +85,11 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Lets go of whatever ties this replica to its entries' liveness without ending it (a
+    /// ZooKeeper session is disconnected but kept, so the next leader can re-attach). Called
+    /// when this replica stops leading. Default: nothing to do.
+    async fn release(&self) {}
+
     /// What a discovery client asking for `name` gets: `host:port` of every healthy instance,
     /// whoever registered it, sorted.
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError>;

@@ -62,8 +62,11 @@ impl ZooKeeper {
     }
 
     async fn wait_ready(&self) -> Result<()> {
+        // `ruok` answers before the server accepts sessions; `srvr` shows a mode only once it
+        // serves requests.
         wait_ready(&self.process, Duration::from_secs(90), || async {
-            Ok(self.four_letter("ruok").await? == "imok")
+            Ok(self.four_letter("ruok").await? == "imok"
+                && self.four_letter("srvr").await?.contains("Mode:"))
         })
         .await
     }

@@ -1,0 +1,402 @@
+//! One annotated Service in all three catalogs at once, each in the layouts its users' clients
+//! read, checked with those clients (py-consul's HTTP API, etcdctl, kazoo), through readiness
+//! flips, controller restarts and catalog restarts.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use localenv::{Env, workload};
+use serde_json::{Value, json};
+use support::{ConsulView, Controller, annotations, consul_catalog, deploy, kubectl_apply};
+
+const WAIT: Duration = Duration::from_secs(30);
+const CATALOGS: &str = "consul,etcd-plain,etcd-naming,etcd-coredns,zk-plain,zk-curator";
+
+fn catalog(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+/// Every peer, the CRDs, and one ExternalCatalog per layout.
+async fn setup(etcd_ttl: i64, zk_timeout: i64) -> Result<(Env, kube::Client)> {
+    let env = Env::builder().all().start().await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    let etcd = env.etcd()?.endpoint();
+    let zk = env.zookeeper()?.connect_string();
+    kubectl_apply(
+        &env,
+        &consul_catalog("consul", &[env.consul()?.url()], "k8s-test"),
+    )?;
+    for (name, layout) in [
+        ("etcd-plain", "plain"),
+        ("etcd-naming", "naming"),
+        ("etcd-coredns", "coredns"),
+    ] {
+        kubectl_apply(
+            &env,
+            &catalog(
+                name,
+                json!({"etcd": {
+            "endpoints": [etcd], "layout": layout, "leaseTTLSeconds": etcd_ttl, "zone": "bridge.local"}}),
+            ),
+        )?;
+    }
+    for (name, layout) in [("zk-plain", "plain"), ("zk-curator", "curator")] {
+        let base = if layout == "plain" {
+            "/services"
+        } else {
+            "/curator"
+        };
+        kubectl_apply(
+            &env,
+            &catalog(
+                name,
+                json!({"zookeeper": {
+            "connect": zk, "layout": layout, "basePath": base, "sessionTimeoutSeconds": zk_timeout}}),
+            ),
+        )?;
+    }
+    Ok((env, client))
+}
+
+/// What each catalog's own reader answers for `api_x`, as sorted `ip:port` lists.
+async fn answers(env: &Env) -> Result<Vec<(&'static str, Vec<String>)>> {
+    let consul = ConsulView::new(env.consul()?.url())?;
+    let etcd = env.etcd()?;
+    let plain: Vec<String> = etcd
+        .etcdctl(&[
+            "get",
+            "--prefix",
+            "--print-value-only",
+            "/services/api_x/providers/",
+        ])?
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let naming = etcd.etcdctl(&["get", "--prefix", "--print-value-only", "api_x/"])?;
+    let mut naming_addrs = Vec::new();
+    for line in naming.lines().filter(|l| !l.is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("naming value {line:?}"))?;
+        ensure!(
+            v["Op"].is_number(),
+            "the resolver needs Op as a number: {line}"
+        );
+        naming_addrs.push(v["Addr"].as_str().unwrap_or_default().to_string());
+    }
+    let coredns = etcd.etcdctl(&["get", "--prefix", "/skydns/local/bridge/"])?;
+    let mut dns = Vec::new();
+    let lines: Vec<&str> = coredns.lines().collect();
+    for pair in lines.chunks(2) {
+        let [key, value] = pair else { continue };
+        ensure!(
+            *key == key.to_lowercase(),
+            "CoreDNS keys are lower case: {key}"
+        );
+        let v: Value = serde_json::from_str(value)
+            .with_context(|| format!("coredns value {value:?} at {key}"))?;
+        if key.starts_with("/skydns/local/bridge/shop/api-x/") {
+            dns.push(format!(
+                "{}:{}",
+                v["host"].as_str().unwrap_or_default(),
+                v["port"]
+            ));
+        }
+    }
+    let kazoo = localenv::python(
+        "import sys, json\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         plain = zk.get_children('/services/api_x/providers') if zk.exists('/services/api_x/providers') else []\n\
+         cur = []\n\
+         if zk.exists('/curator/api_x'):\n\
+         \x20   for c in zk.get_children('/curator/api_x'):\n\
+         \x20       d = json.loads(zk.get('/curator/api_x/' + c)[0])\n\
+         \x20       assert d['id'] == c, (d, c)\n\
+         \x20       assert d['serviceType'] == 'DYNAMIC' and 'enabled' not in d, d\n\
+         \x20       cur.append('%s:%d' % (d['address'], d['port']))\n\
+         print(json.dumps({'plain': sorted(plain), 'curator': sorted(cur)}))\n\
+         zk.stop()\n",
+        &[&env.zookeeper()?.connect_string()],
+    )?;
+    let z: Value = serde_json::from_str(kazoo.trim())?;
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = vec![
+        ("consul", consul.passing("api_x").await?),
+        ("etcd-plain", plain),
+        ("etcd-naming", naming_addrs),
+        ("etcd-coredns", dns),
+        ("zk-plain", list(&z["plain"])),
+        ("zk-curator", list(&z["curator"])),
+    ];
+    for (_, v) in &mut out {
+        v.sort();
+    }
+    Ok(out)
+}
+
+async fn wait_everywhere(env: &Env, want: &[&str]) -> Result<()> {
+    localenv::eventually(
+        &format!("every catalog to answer {want:?}"),
+        WAIT,
+        || async {
+            let a = answers(env).await?;
+            if a.iter().all(|(_, v)| v == want) {
+                Ok(Some(()))
+            } else {
+                anyhow::bail!("{a:?}")
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn one_service_in_every_catalog_and_layout_follows_readiness() -> Result<()> {
+    let (env, client) = setup(15, 10).await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", CATALOGS),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await
+    .with_context(|| cb.log())?;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| cb.log())?;
+
+    // `catalog-bridge query` gives the same answer from each, by name or by URL.
+    let (etcd, zk) = (env.etcd()?.endpoint(), env.zookeeper()?.connect_string());
+    let mut targets: Vec<String> = CATALOGS.split(',').map(str::to_string).collect();
+    targets.extend([
+        format!("etcd://{etcd}?layout=naming"),
+        format!("etcd://{etcd}?layout=coredns&zone=bridge.local"),
+        format!("zk://{zk}/curator?layout=curator"),
+        format!("zk://{zk}"),
+    ]);
+    for target in targets {
+        let out = localenv::run_tool(
+            std::process::Command::new(support::controller_bin()?)
+                .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+                .args(["query", &target, "api_x"]),
+        )?;
+        assert_eq!(
+            out.trim(),
+            "api_x @ 10.1.0.1:8080 & 10.1.0.2:8080",
+            "query {target}"
+        );
+    }
+
+    let t = Instant::now();
+    workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
+    wait_everywhere(&env, &["10.1.0.1:8080"]).await?;
+    println!(
+        "unready -> gone from all six catalogs/layouts in {:?}",
+        t.elapsed()
+    );
+    workload::set_pod_ready(&client, "shop", "api-x-2", true).await?;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"]).await?;
+    Ok(())
+}
+
+/// Revisions and zxids of what the controller wrote, to prove a restart rewrote nothing.
+async fn fingerprints(env: &Env) -> Result<String> {
+    let etcd = env.etcd()?;
+    let mut out = String::new();
+    for prefix in ["/services/", "api_x/", "/skydns/"] {
+        let v: Value =
+            serde_json::from_str(&etcd.etcdctl(&["get", "--prefix", prefix, "-w", "json"])?)?;
+        for kv in v["kvs"].as_array().cloned().unwrap_or_default() {
+            out.push_str(&format!(
+                "{} {} {} {}\n",
+                kv["key"], kv["mod_revision"], kv["create_revision"], kv["lease"]
+            ));
+        }
+    }
+    let zk = localenv::python(
+        "import sys\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         for base in ['/services/api_x/providers', '/curator/api_x']:\n\
+         \x20   for c in sorted(zk.get_children(base)):\n\
+         \x20       s = zk.exists(base + '/' + c)\n\
+         \x20       print(base, c, s.czxid, s.mzxid, s.ephemeralOwner)\n\
+         zk.stop()\n",
+        &[&env.zookeeper()?.connect_string()],
+    )?;
+    out.push_str(&zk);
+    Ok(out)
+}
+
+#[tokio::test]
+async fn a_restart_or_handoff_keeps_every_entry_and_rewrites_none() -> Result<()> {
+    let (env, client) = setup(15, 10).await?;
+    let args = ["--drift-interval=1s", "--lease-duration=3s"];
+    let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", CATALOGS),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| a.log())?;
+    let before = fingerprints(&env).await?;
+
+    // A crash: the lease and the session outlive the process; the next one takes them over.
+    a.process.kill()?;
+    let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
+    localenv::eventually("the new process to lead", WAIT, || async {
+        Ok(b.is_leader().await.then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| b.log())?;
+    assert_eq!(
+        fingerprints(&env).await?,
+        before,
+        "nothing rewritten, no lease or session replaced"
+    );
+    let writes = b
+        .metric("catalog_bridge_backend_operations_total", &[])
+        .await?;
+    assert_eq!(writes, 0.0, "{}", b.metrics().await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dead_controller_entries_expire_with_its_lease_and_session() -> Result<()> {
+    let (env, client) = setup(5, 4).await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        1,
+        annotations(&[
+            ("catalog-bridge.io/export", "etcd-plain,zk-plain"),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    localenv::eventually("etcd and ZooKeeper hold api_x", WAIT, || async {
+        let a = answers(&env).await?;
+        Ok(a.iter()
+            .filter(|(c, v)| (*c == "etcd-plain" || *c == "zk-plain") && v.len() == 1)
+            .count()
+            .eq(&2)
+            .then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    let t = Instant::now();
+    cb.process.kill()?;
+    let (mut etcd_gone, mut zk_gone) = (None, None);
+    while (etcd_gone.is_none() || zk_gone.is_none()) && t.elapsed() < Duration::from_secs(40) {
+        let a = answers(&env).await?;
+        let empty = |c: &str| a.iter().any(|(n, v)| *n == c && v.is_empty());
+        if etcd_gone.is_none() && empty("etcd-plain") {
+            etcd_gone = Some(t.elapsed());
+        }
+        if zk_gone.is_none() && empty("zk-plain") {
+            zk_gone = Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "controller killed -> etcd entries gone after {etcd_gone:?} (lease TTL 5 s), ZooKeeper entries after {zk_gone:?} (session timeout 4 s)"
+    );
+    let etcd_gone = etcd_gone.context("etcd entries outlived their lease")?;
+    let zk_gone = zk_gone.context("ZooKeeper entries outlived their session")?;
+    assert!(
+        etcd_gone >= Duration::from_secs(2),
+        "not before the lease could expire: {etcd_gone:?}"
+    );
+    assert!(
+        zk_gone >= Duration::from_secs(2),
+        "not before the session could expire: {zk_gone:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn catalog_restarts_are_survived_and_repaired() -> Result<()> {
+    let (env, client) = setup(5, 4).await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", CATALOGS),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    let both = ["10.1.0.1:8080", "10.1.0.2:8080"];
+    wait_everywhere(&env, &both)
+        .await
+        .with_context(|| cb.log())?;
+
+    // etcd away for longer than the lease TTL: the lease is lost, re-granted, keys re-put.
+    env.etcd()?.stop()?;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    env.etcd()?.start_again().await?;
+    let t = Instant::now();
+    wait_everywhere(&env, &both)
+        .await
+        .with_context(|| cb.log())?;
+    println!(
+        "etcd back after 7 s away -> entries back in {:?}",
+        t.elapsed()
+    );
+
+    // ZooKeeper away for longer than the session timeout: a new session re-creates the nodes.
+    env.zookeeper()?.stop()?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    env.zookeeper()?.start_again().await?;
+    let t = Instant::now();
+    wait_everywhere(&env, &both)
+        .await
+        .with_context(|| cb.log())?;
+    println!(
+        "ZooKeeper back after its session expired -> entries back in {:?}",
+        t.elapsed()
+    );
+
+    // And everything still follows readiness.
+    workload::set_pod_ready(&client, "shop", "api-x-1", false).await?;
+    wait_everywhere(&env, &["10.1.0.2:8080"]).await?;
+    Ok(())
+}
