@@ -400,3 +400,105 @@ async fn catalog_restarts_are_survived_and_repaired() -> Result<()> {
     wait_everywhere(&env, &["10.1.0.2:8080"]).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn foreign_entries_survive_and_removing_the_export_removes_exactly_ours() -> Result<()> {
+    let (env, client) = setup(15, 10).await?;
+    let etcd = env.etcd()?;
+    let zk = env.zookeeper()?.connect_string();
+    // Entries someone else put in the same places.
+    etcd.etcdctl(&[
+        "put",
+        "/services/api_x/providers/192.0.2.7:8080",
+        "192.0.2.7:8080",
+    ])?;
+    etcd.etcdctl(&[
+        "put",
+        "api_x/192.0.2.7:8080",
+        r#"{"Op":0,"Addr":"192.0.2.7:8080"}"#,
+    ])?;
+    localenv::python(
+        "import sys\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         zk.create('/services/api_x/providers/192.0.2.7:8080', b'{}', makepath=True)\n\
+         zk.stop()\n",
+        &[&zk],
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            (
+                "catalog-bridge.io/export",
+                "etcd-plain,etcd-naming,zk-plain",
+            ),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    let check = |want: &'static [&'static str]| {
+        let env = &env;
+        async move {
+            localenv::eventually(
+                &format!("etcd and ZooKeeper to answer {want:?}"),
+                WAIT,
+                || async {
+                    let a = answers(env).await?;
+                    let ok = a
+                        .iter()
+                        .filter(|(c, _)| matches!(*c, "etcd-plain" | "etcd-naming" | "zk-plain"))
+                        .all(|(_, v)| v == want);
+                    if ok {
+                        Ok(Some(()))
+                    } else {
+                        anyhow::bail!("{a:?}")
+                    }
+                },
+            )
+            .await
+        }
+    };
+    check(&["10.1.0.1:8080", "10.1.0.2:8080", "192.0.2.7:8080"])
+        .await
+        .with_context(|| cb.log())?;
+
+    // Removing the annotation removes exactly our entries.
+    support::annotate(
+        &client,
+        "shop",
+        "api-x",
+        json!({"catalog-bridge.io/export": null}),
+    )
+    .await?;
+    check(&["192.0.2.7:8080"]).await.with_context(|| cb.log())?;
+    // Deleting the Service of a second export does the same.
+    deploy(
+        &client,
+        "shop",
+        "api-y",
+        2,
+        1,
+        annotations(&[
+            ("catalog-bridge.io/export", "etcd-plain,zk-plain"),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    localenv::eventually("api-y exported", WAIT, || async {
+        let a = answers(&env).await?;
+        Ok(a.iter()
+            .any(|(c, v)| *c == "zk-plain" && v.len() == 2)
+            .then_some(()))
+    })
+    .await?;
+    kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), "shop")
+        .delete("api-y", &Default::default())
+        .await?;
+    check(&["192.0.2.7:8080"]).await?;
+    Ok(())
+}

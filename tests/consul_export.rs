@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use localenv::{Env, workload};
 use serde_json::{Value, json};
-use support::{ConsulView, Controller, annotations, consul_catalog, deploy, kubectl_apply};
+use support::{
+    ConsulView, Controller, annotate, annotations, consul_catalog, deploy, kubectl_apply,
+};
 
 const NODE: &str = "k8s-test";
 const WAIT: Duration = Duration::from_secs(30);
@@ -69,18 +71,6 @@ fn export_to_consul(name: &str) -> std::collections::BTreeMap<String, String> {
         ("catalog-bridge.io/export", "consul"),
         ("catalog-bridge.io/name", name),
     ])
-}
-
-async fn annotate(client: &kube::Client, ns: &str, svc: &str, patch: Value) -> Result<()> {
-    Api::<Service>::namespaced(client.clone(), ns)
-        .patch(
-            svc,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"annotations": patch}})),
-        )
-        .await
-        .with_context(|| format!("annotating {ns}/{svc}"))?;
-    Ok(())
 }
 
 #[tokio::test]

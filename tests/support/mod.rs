@@ -338,3 +338,16 @@ impl ConsulView {
 pub fn log_of(p: &Path) -> String {
     localenv::process::tail_of(p, 80)
 }
+
+/// Merges `patch` into the annotations of Service `ns/svc` (`null` removes one).
+pub async fn annotate(client: &kube::Client, ns: &str, svc: &str, patch: Value) -> Result<()> {
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns)
+        .patch(
+            svc,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": patch}})),
+        )
+        .await
+        .with_context(|| format!("annotating {ns}/{svc}"))?;
+    Ok(())
+}
