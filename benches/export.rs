@@ -1,40 +1,53 @@
-//! `make bench`: export to Consul at scale, measured against a floor run in the same process.
+//! `make bench`: export at scale to Consul, etcd and ZooKeeper, each measured against a floor
+//! run in the same process.
 //!
-//! 1. Convergence from empty: 1,000 Services × 10 endpoints already in the cluster, the
-//!    controller starts, and the clock runs until Consul holds all 10,000 instances. The floor
-//!    is a plain batched writer (the Consul backend alone, 64 operations per `/v1/txn`) writing
-//!    the same 10,000 instances to the same Consul. Reported as a ratio.
-//! 2. Propagation of readiness flips: an EndpointSlice endpoint flips ready/unready, and the
-//!    clock runs until `/v1/health/service/<name>?passing` reflects it; p50 and p99.
-//! 3. An unchanged restart of the controller: Consul writes counted (they should be 0).
+//! For each catalog:
+//! 1. Convergence from empty: 1,000 Services × 10 endpoints are in the cluster, the
+//!    ExternalCatalog `bench` they are annotated with starts pointing at the catalog, and the
+//!    clock runs until the controller reports all 10,000 entries in place (then checked in the
+//!    catalog). The floor is the same catalog's backend alone — a plain batched writer — writing
+//!    the same 10,000 instances under another prefix. Reported as a ratio.
+//! 2. Readiness flips: an EndpointSlice endpoint flips unready/ready, and the clock runs until
+//!    a reader of the catalog sees it; p50 and p99, against the floor writer flipping one entry
+//!    and the same reader.
+//! 3. An unchanged restart of the controller (Consul): entries written (they should be 0).
 //!
 //! EndpointSlices are written directly (selector-less Services, as any slice producer would),
-//! so the benchmark measures catalog-bridge, not kube-controller-manager.
+//! so the benchmark measures catalog-bridge, not kube-controller-manager. Flip times include the
+//! API server write and watch round trip, which the floor does not pay.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use catalog_bridge::backend::Backend;
 use catalog_bridge::backend::consul::{Consul, ConsulConfig};
+use catalog_bridge::backend::etcd::{Etcd, EtcdConfig};
+use catalog_bridge::backend::zookeeper::{ZooKeeper, ZooKeeperConfig};
 use catalog_bridge::model::{Instance, Origin};
 use catalog_bridge::plan::Op;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
-use support::{ConsulView, Controller, consul_catalog, kubectl_apply};
+use serde_json::{Value, json};
+use support::{ConsulView, Controller, kubectl_apply};
 
 const SERVICES: usize = 1000;
 const ENDPOINTS: usize = 10;
 const FLIPS: usize = 60;
 const NS: &str = "bench";
+const OK_WRITES: [&str; 3] = ["catalog=\"bench\"", "op=\"write\"", "result=\"ok\""];
 
 fn ip(svc: usize, ep: usize) -> String {
     format!("10.{}.{}.{}", 100 + svc / 250, svc % 250, ep + 1)
+}
+
+fn name(svc: usize) -> String {
+    format!("svc-{svc:04}")
 }
 
 async fn create_objects(client: &kube::Client) -> Result<()> {
@@ -43,21 +56,18 @@ async fn create_objects(client: &kube::Client) -> Result<()> {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
     let mut pending = Vec::new();
     for s in 0..SERVICES {
-        let name = format!("svc-{s:04}");
+        let name = name(s);
         let svc: Service = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": {"catalog-bridge.io/export": "consul"}},
+            "metadata": {"name": name, "annotations": {"catalog-bridge.io/export": "bench"}},
             "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
         }))?;
-        let endpoints: Vec<_> = (0..ENDPOINTS)
-            .map(|e| json!({"addresses": [ip(s, e)], "conditions": {"ready": true}}))
-            .collect();
         let slice: EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": format!("{name}-1"), "labels": {
                 "kubernetes.io/service-name": name,
                 "endpointslice.kubernetes.io/managed-by": "bench.catalog-bridge.io"}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": endpoints,
+            "endpoints": endpoints(s, true),
         }))?;
         let (services, slices) = (services.clone(), slices.clone());
         pending.push(async move {
@@ -73,72 +83,87 @@ async fn create_objects(client: &kube::Client) -> Result<()> {
     Ok(())
 }
 
-async fn count_on_node(consul: &ConsulView, node: &str) -> Result<usize> {
-    Ok(consul.node_services(node).await?.len())
+/// The endpoints of service `s`, the first one ready or not.
+fn endpoints(s: usize, first_ready: bool) -> Vec<Value> {
+    (0..ENDPOINTS)
+        .map(|e| json!({"addresses": [ip(s, e)], "conditions": {"ready": e != 0 || first_ready}}))
+        .collect()
 }
 
-async fn wait_count(consul: &ConsulView, node: &str, want: usize, timeout: Duration) -> Result<()> {
-    localenv::eventually(&format!("{want} instances on {node}"), timeout, || async {
-        Ok((count_on_node(consul, node).await? == want).then_some(()))
-    })
-    .await
+/// One catalog under test.
+struct Target {
+    label: &'static str,
+    /// The `spec` of the ExternalCatalog `bench` pointing at it.
+    spec: Value,
+    /// A backend of another owner: the floor writer (under `/floor` or node `floor`).
+    floor: Arc<dyn Backend>,
+    /// A reader, as a discovery client would ask, of what the controller writes…
+    reader: Arc<dyn Backend>,
+    /// …and of what the floor writes.
+    floor_reader: Arc<dyn Backend>,
+    /// The name the floor writes service `s` under, and the name the controller does.
+    floor_name: fn(usize) -> String,
 }
 
-fn floor_backend(consul_url: &str) -> Result<Consul> {
-    Consul::new(ConsulConfig {
-        addresses: vec![consul_url.to_string()],
-        node_name: "floor".into(),
-        owner: "floor".into(),
-        ..Default::default()
-    })
+fn targets(env: &localenv::Env) -> Result<Vec<Target>> {
+    let consul = env.consul()?.url();
+    let etcd = env.etcd()?.endpoint();
+    let zk = env.zookeeper()?.connect_string();
+    let consul_backend = |node: &str| -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(Consul::new(ConsulConfig {
+            addresses: vec![consul.clone()],
+            node_name: node.into(),
+            owner: node.into(),
+            ..Default::default()
+        })?))
+    };
+    let etcd_backend = |base: &str, owner: &str| -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(Etcd::new(EtcdConfig {
+            endpoints: vec![etcd.clone()],
+            base_path: Some(base.into()),
+            owner: owner.into(),
+            catalog: "bench".into(),
+            ..Default::default()
+        })?))
+    };
+    let zk_backend = |base: &str, owner: &str| -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(ZooKeeper::new(ZooKeeperConfig {
+            connect: zk.clone(),
+            base_path: Some(base.into()),
+            owner: owner.into(),
+            ..Default::default()
+        })?))
+    };
+    Ok(vec![
+        Target {
+            label: "Consul (/v1/txn, 64 ops)",
+            spec: json!({"consul": {"addresses": [consul], "nodeName": "k8s-bench"}}),
+            floor: consul_backend("floor")?,
+            reader: consul_backend("reader")?,
+            floor_reader: consul_backend("reader")?,
+            floor_name: |s| format!("floor-{s:04}"),
+        },
+        Target {
+            label: "etcd plain (txn, 125 ops)",
+            spec: json!({"etcd": {"endpoints": [etcd], "basePath": "/services"}}),
+            floor: etcd_backend("/floor", "floor")?,
+            reader: etcd_backend("/services", "reader")?,
+            floor_reader: etcd_backend("/floor", "reader")?,
+            floor_name: |s| format!("floor-{s:04}"),
+        },
+        Target {
+            label: "ZooKeeper plain (multi, 100 ops)",
+            spec: json!({"zookeeper": {"connect": zk, "basePath": "/services"}}),
+            floor: zk_backend("/floor", "floor")?,
+            reader: zk_backend("/services", "reader")?,
+            floor_reader: zk_backend("/floor", "reader")?,
+            floor_name: |s| format!("floor-{s:04}"),
+        },
+    ])
 }
 
-/// The floor of a flip: one instance deleted or put by the Consul backend alone, timed until
-/// the health endpoint shows it, exactly as the controller's flips are timed.
-async fn floor_flips(consul_url: &str, consul: &ConsulView) -> Result<Vec<Duration>> {
-    let backend = floor_backend(consul_url)?;
-    let owned = backend.read_owned().await?;
-    let mut delays = Vec::new();
-    for i in 0..FLIPS {
-        let target = (i / 2) % SERVICES;
-        let name = format!("floor-{target:04}");
-        let id = owned
-            .iter()
-            .find(|(_, r)| {
-                r["Service"]["Service"] == name.as_str()
-                    && r["Service"]["Address"] == ip(target, 0).as_str()
-            })
-            .map(|(k, r)| (k.clone(), r.clone()))
-            .context("floor instance")?;
-        let (op, want) = if i % 2 == 1 {
-            (
-                Op::Put {
-                    key: id.0,
-                    record: id.1,
-                },
-                ENDPOINTS,
-            )
-        } else {
-            (Op::Delete { key: id.0 }, ENDPOINTS - 1)
-        };
-        let t = Instant::now();
-        backend.apply(&[op]).await?;
-        while consul.passing(&name).await?.len() != want {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(30),
-                "floor flip {i} not seen"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        delays.push(t.elapsed());
-    }
-    delays.sort();
-    Ok(delays)
-}
-
-/// The floor: the same instances written by the Consul backend alone, in 64-op transactions.
-async fn floor(consul_url: &str) -> Result<(Duration, usize)> {
-    let backend = floor_backend(consul_url)?;
+/// The floor: all instances written by the backend alone, in its batches.
+async fn floor_converge(t: &Target) -> Result<(Duration, usize)> {
     let instances: Vec<Instance> = (0..SERVICES)
         .flat_map(|s| {
             (0..ENDPOINTS).map(move |e| Instance {
@@ -147,21 +172,121 @@ async fn floor(consul_url: &str) -> Result<(Duration, usize)> {
                 port: 8080,
                 origin: Origin {
                     namespace: NS.into(),
-                    service: format!("svc-{s:04}"),
+                    service: name(s),
                 },
                 tags: vec![],
                 meta: BTreeMap::new(),
             })
         })
         .collect();
-    let ops: Vec<Op> = backend
+    let ops: Vec<Op> = t
+        .floor
         .render(&instances)
         .into_iter()
         .map(|(key, record)| Op::Put { key, record })
         .collect();
-    let t = Instant::now();
-    let trips = backend.apply(&ops).await?;
-    Ok((t.elapsed(), trips))
+    let start = Instant::now();
+    let trips = t.floor.apply(&ops).await?;
+    Ok((start.elapsed(), trips))
+}
+
+/// Waits until `reader` answers `want` entries for `name`; the time since `start`.
+async fn seen(reader: &dyn Backend, name: &str, want: usize, start: Instant) -> Result<Duration> {
+    loop {
+        if reader.lookup(name).await?.len() == want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{name}: {want} entries not seen within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The floor of a flip: the first instance of a service deleted or put back by the backend
+/// alone, timed until the reader sees it.
+async fn floor_flips(t: &Target) -> Result<Vec<Duration>> {
+    let owned = t.floor.read_owned().await?;
+    let mut delays = Vec::new();
+    for i in 0..FLIPS {
+        let s = (i / 2) % SERVICES;
+        let svc = (t.floor_name)(s);
+        let first = ip(s, 0);
+        let (key, record) = owned
+            .iter()
+            .find(|(k, r)| {
+                let r = r.to_string();
+                let at = format!("{first}:8080");
+                (k.contains(&svc) || r.contains(&svc))
+                    && (k.contains(&at) || r.contains(&at) || r.contains(&format!("\"{first}\"")))
+            })
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .with_context(|| format!("the floor entry of {svc} at {first}"))?;
+        let (op, want) = if i % 2 == 1 {
+            (Op::Put { key, record }, ENDPOINTS)
+        } else {
+            (Op::Delete { key }, ENDPOINTS - 1)
+        };
+        let start = Instant::now();
+        t.floor.apply(&[op]).await?;
+        delays.push(seen(t.floor_reader.as_ref(), &svc, want, start).await?);
+    }
+    delays.sort();
+    Ok(delays)
+}
+
+/// Controller flips: the first endpoint of a service turns unready, then ready again. Returns
+/// the delays until the reader sees the change, and until a plain watch on EndpointSlices sees
+/// it (the part of the path that is Kubernetes, not catalog-bridge).
+async fn flips(
+    client: &kube::Client,
+    reader: &dyn Backend,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watch = {
+        let slices = slices.clone();
+        tokio::spawn(async move {
+            let stream = watcher(slices, watcher::Config::default()).applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(s)) = stream.next().await {
+                let _ = tx.send((
+                    s.metadata.resource_version.unwrap_or_default(),
+                    Instant::now(),
+                ));
+            }
+        })
+    };
+    let mut delays = Vec::new();
+    let mut watched = Vec::new();
+    for i in 0..FLIPS {
+        let s = (i / 2) % SERVICES;
+        let ready = i % 2 == 1;
+        let want = if ready { ENDPOINTS } else { ENDPOINTS - 1 };
+        let start = Instant::now();
+        let patched = slices
+            .patch(
+                &format!("{}-1", name(s)),
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"endpoints": endpoints(s, ready)})),
+            )
+            .await?;
+        let rv = patched.metadata.resource_version.unwrap_or_default();
+        delays.push(seen(reader, &name(s), want, start).await?);
+        loop {
+            let (got, at) = rx.recv().await.context("the EndpointSlice watch ended")?;
+            if got == rv {
+                watched.push(at.saturating_duration_since(start));
+                break;
+            }
+        }
+    }
+    watch.abort();
+    delays.sort();
+    watched.sort();
+    Ok((delays, watched))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -169,150 +294,137 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    eprintln!("starting the API server and Consul...");
-    let env = localenv::Env::builder().kube().consul().start().await?;
+    eprintln!("starting the API server, Consul, etcd and ZooKeeper...");
+    let env = localenv::Env::builder()
+        .kube()
+        .consul()
+        .etcd()
+        .zookeeper()
+        .start()
+        .await?;
     let client = env.kube()?.client().await?;
     support::install_crds(&client).await?;
-    let consul_url = env.consul()?.url();
-    let consul = ConsulView::new(consul_url.clone())?;
-    kubectl_apply(
-        &env,
-        &consul_catalog("consul", std::slice::from_ref(&consul_url), "k8s-bench"),
-    )?;
 
     eprintln!("creating {SERVICES} Services x {ENDPOINTS} endpoints...");
     let t = Instant::now();
     create_objects(&client).await?;
     eprintln!("  created in {:?}", t.elapsed());
 
-    eprintln!("floor: plain batched writer...");
-    let (floor_time, floor_trips) = floor(&consul_url).await?;
-    wait_count(
-        &consul,
-        "floor",
-        SERVICES * ENDPOINTS,
-        Duration::from_secs(60),
-    )
-    .await?;
+    let cb = Controller::spawn(&env, "cb", "bench", &["--drift-interval=60s"])?;
+    cb.wait_ready().await?;
+    let mut rows = Vec::new();
+    for target in targets(&env)? {
+        eprintln!("{}: floor writer...", target.label);
+        let (floor_time, floor_trips) = floor_converge(&target).await?;
 
-    eprintln!("controller: convergence from empty...");
-    let t = Instant::now();
-    let cb = Controller::spawn(&env, "cb", "bench", &["--drift-interval=30s"])?;
-    wait_count(
-        &consul,
-        "k8s-bench",
-        SERVICES * ENDPOINTS,
-        Duration::from_secs(600),
-    )
-    .await
-    .with_context(|| cb.log())?;
-    let converge = t.elapsed();
-    let trips = cb
-        .metric("catalog_bridge_backend_requests_total", &["op=\"write\""])
-        .await?;
-
-    eprintln!("readiness flips...");
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
-    let mut delays = Vec::new();
-    for i in 0..FLIPS {
-        // Each service in turn: its first endpoint turns unready, then ready again.
-        let target = (i / 2) % SERVICES;
-        let ready = i % 2 == 1;
-        let name = format!("svc-{target:04}");
-        let endpoints: Vec<_> = (0..ENDPOINTS)
-            .map(
-                |e| json!({"addresses": [ip(target, e)], "conditions": {"ready": e != 0 || ready}}),
-            )
-            .collect();
-        let want = if ready { ENDPOINTS } else { ENDPOINTS - 1 };
-        let t = Instant::now();
-        slices
-            .patch(
-                &format!("{name}-1"),
-                &PatchParams::default(),
-                &Patch::Merge(&json!({"endpoints": endpoints})),
-            )
+        eprintln!("{}: controller convergence from empty...", target.label);
+        let writes_before = cb
+            .metric("catalog_bridge_backend_requests_total", &OK_WRITES)
             .await?;
-        loop {
-            if consul.passing(&name).await?.len() == want {
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                anyhow::bail!("flip {i} of {name} not seen in 30 s\n{}", cb.log());
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        delays.push(t.elapsed());
-    }
-    delays.sort();
-
-    eprintln!("floor flips...");
-    let floor_delays = floor_flips(&consul_url, &consul).await?;
-
-    eprintln!("unchanged restart...");
-    let before = consul.node_services("k8s-bench").await?;
-    cb.process.stop()?;
-    let cb2 = Controller::start(&env, "cb2", "bench", &["--drift-interval=30s"]).await?;
-    localenv::eventually(
-        "the restarted controller to lead",
-        Duration::from_secs(60),
-        || async { Ok(cb2.is_leader().await.then_some(())) },
-    )
-    .await?;
-    localenv::eventually(
-        "its first read of Consul",
-        Duration::from_secs(60),
-        || async {
-            let reads = cb2
-                .metric("catalog_bridge_backend_requests_total", &["op=\"read\""])
+        let start = Instant::now();
+        kubectl_apply(
+            &env,
+            &json!({
+                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+                "metadata": {"name": "bench"}, "spec": target.spec,
+            }),
+        )?;
+        localenv::eventually("all entries in place", Duration::from_secs(900), || async {
+            let n = cb
+                .metric(
+                    "catalog_bridge_entries",
+                    &["catalog=\"bench\"", "direction=\"export\""],
+                )
                 .await?;
-            Ok((reads >= 1.0).then_some(()))
+            let writes = cb
+                .metric("catalog_bridge_backend_requests_total", &OK_WRITES)
+                .await?;
+            Ok((n == (SERVICES * ENDPOINTS) as f64 && writes > writes_before).then_some(()))
+        })
+        .await
+        .with_context(|| cb.log())?;
+        let converge = start.elapsed();
+        let trips = cb
+            .metric("catalog_bridge_backend_requests_total", &OK_WRITES)
+            .await?
+            - writes_before;
+        for s in [0, SERVICES / 2, SERVICES - 1] {
+            let got = target.reader.lookup(&name(s)).await?.len();
+            anyhow::ensure!(
+                got == ENDPOINTS,
+                "{}: {} has {got} entries",
+                target.label,
+                name(s)
+            );
+        }
+
+        eprintln!("{}: readiness flips...", target.label);
+        let (ours, k8s) = flips(&client, target.reader.as_ref()).await?;
+        let floor = floor_flips(&target).await?;
+        rows.push(format!(
+            "| {} | {:.2} s ({trips} round trips) | {:.2} s ({floor_trips}) | {:.2}x | {:.1} / {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.2}x / {:.2}x |",
+            target.label,
+            converge.as_secs_f64(),
+            floor_time.as_secs_f64(),
+            converge.as_secs_f64() / floor_time.as_secs_f64(),
+            ms(percentile(&ours, 0.5)),
+            ms(percentile(&ours, 0.99)),
+            ms(percentile(&k8s, 0.5)),
+            ms(percentile(&floor, 0.5)),
+            ms(percentile(&floor, 0.99)),
+            ms(percentile(&ours, 0.5)) / ms(percentile(&floor, 0.5)),
+            ms(percentile(&ours, 0.99)) / ms(percentile(&floor, 0.99)),
+        ));
+    }
+
+    eprintln!("unchanged restart (ZooKeeper, the last catalog)...");
+    cb.process.stop()?;
+    let cb2 = Controller::start(&env, "cb2", "bench", &["--drift-interval=60s"]).await?;
+    localenv::eventually(
+        "the restarted controller in sync",
+        Duration::from_secs(120),
+        || async {
+            let n = cb2
+                .metric(
+                    "catalog_bridge_entries",
+                    &["catalog=\"bench\"", "direction=\"export\""],
+                )
+                .await?;
+            Ok((n == (SERVICES * ENDPOINTS) as f64).then_some(()))
         },
     )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    .await
+    .with_context(|| cb2.log())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let restart_writes = cb2
         .metric("catalog_bridge_backend_operations_total", &[])
         .await?;
-    let after = consul.node_services("k8s-bench").await?;
-    let rewritten = before
-        .iter()
-        .filter(|(id, v)| after.get(*id) != Some(v))
-        .count();
+    let consul_view = ConsulView::new(env.consul()?.url())?;
+    let consul_left = consul_view.node_services("k8s-bench").await?.len();
 
     println!();
     println!(
-        "export to Consul, {SERVICES} Services x {ENDPOINTS} endpoints = {} instances",
+        "export of {SERVICES} Services x {ENDPOINTS} endpoints = {} instances; floor = the catalog's backend alone, same run",
         SERVICES * ENDPOINTS
     );
-    println!("| measure | catalog-bridge | floor (plain batched writer) | ratio |");
-    println!("|---|---|---|---|");
     println!(
-        "| convergence from empty | {:.2} s ({trips} txns) | {:.2} s ({floor_trips} txns) | {:.2}x |",
-        converge.as_secs_f64(),
-        floor_time.as_secs_f64(),
-        converge.as_secs_f64() / floor_time.as_secs_f64()
+        "| catalog | convergence from empty | floor | ratio | flip p50 / p99 | of which Kubernetes (patch -> watch event), p50 | floor flip p50 / p99 | ratio p50 / p99 |"
     );
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let (p50, p99) = (percentile(&delays, 0.5), percentile(&delays, 0.99));
-    let (f50, f99) = (
-        percentile(&floor_delays, 0.5),
-        percentile(&floor_delays, 0.99),
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!(
+        "| unchanged restart (ZooKeeper session re-attached) | {restart_writes} entries written | | | | | | |"
     );
     println!(
-        "| readiness flip -> Consul, p50 / p99 of {FLIPS} | {:.1} ms / {:.1} ms | {:.1} ms / {:.1} ms | {:.2}x / {:.2}x |",
-        ms(p50),
-        ms(p99),
-        ms(f50),
-        ms(f99),
-        ms(p50) / ms(f50),
-        ms(p99) / ms(f99)
-    );
-    println!(
-        "| unchanged restart: entries written / rewritten | {restart_writes} / {rewritten} of {} | | |",
-        before.len()
+        "(Consul entries left by the earlier phase, untouched after the catalog moved on: {consul_left})"
     );
     Ok(())
 }

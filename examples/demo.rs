@@ -1,9 +1,11 @@
 //! `make demo`: the scenario of the talk this product grew out of, on loopback, with the real
 //! API server, kube-controller-manager and catalogs, and the controller binary.
 //!
-//! `api_x` runs as two Pods in Kubernetes and is exported to Consul; anyone asking Consul
-//! "where is api_x?" gets `api_x @ 10.0.0.1:8080 & 10.0.0.2:8080`. Then one Pod turns unready
-//! and the answer follows.
+//! `api_x` runs as two Pods in Kubernetes and is exported to Consul; `memcache` runs as two
+//! Pods and is exported to etcd. Anyone asking Consul "where is api_x?" gets
+//! `api_x @ 10.0.0.1:8080 & 10.0.0.2:8080`, anyone reading etcd's `/services/memcache/providers`
+//! gets `memcache @ 10.4.0.1:8080 & 10.4.0.2:8080`. Then one Pod turns unready and the answer
+//! follows.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -52,6 +54,17 @@ async fn main() -> Result<()> {
     )
     .await?;
 
+    step("deploying memcache (2 Pods) in namespace shop, annotated catalog-bridge.io/export=etcd");
+    deploy(
+        &client,
+        "shop",
+        "memcache",
+        4,
+        2,
+        annotations(&[("catalog-bridge.io/export", "etcd")]),
+    )
+    .await?;
+
     let consul = ConsulView::new(consul_url.clone())?;
     consul
         .wait_passing(
@@ -61,16 +74,26 @@ async fn main() -> Result<()> {
         )
         .await
         .with_context(|| cb.log())?;
-    let query = |env: &localenv::Env| -> Result<String> {
+    let query = |env: &localenv::Env, catalog: &str, name: &str| -> Result<String> {
         let out = localenv::run_tool(
             std::process::Command::new(support::controller_bin()?)
                 .env("KUBECONFIG", env.kube()?.kubeconfig_path())
-                .args(["query", "consul", "api_x"]),
+                .args(["query", catalog, name]),
         )?;
         Ok(out.trim().to_string())
     };
+    localenv::eventually("memcache in etcd", Duration::from_secs(60), || async {
+        let a = query(&env, "etcd", "memcache")?;
+        Ok(a.contains('&').then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
     println!();
-    println!("Consul answers:  {}", query(&env)?);
+    println!("Consul answers:  {}", query(&env, "consul", "api_x")?);
+    println!("etcd answers:    {}", query(&env, "etcd", "memcache")?);
+    println!(
+        "  (etcdctl get --prefix /services/memcache/providers/ reads the same keys, on the controller's lease)"
+    );
     println!();
 
     step("Pod api-x-2 turns unready");
@@ -83,7 +106,7 @@ async fn main() -> Result<()> {
     println!();
     println!(
         "Consul answers:  {}   (updated {took:.0?} after the Pod turned unready)",
-        query(&env)?
+        query(&env, "consul", "api_x")?
     );
     println!();
 

@@ -38,6 +38,8 @@ pub enum Command {
     Crds,
     /// Ask a catalog where a service is: `api_x @ 10.0.0.1:8080 & 10.0.0.2:8080`.
     Query(QueryArgs),
+    /// Remove every entry this owner id wrote to a catalog (after an uninstall).
+    Cleanup(CleanupArgs),
     /// Print the version and exit.
     Version,
 }
@@ -80,6 +82,24 @@ pub struct QueryArgs {
     pub catalog: String,
     /// The service name in the catalog.
     pub name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
+    /// The ExternalCatalog to clean.
+    #[arg(long)]
+    pub catalog: String,
+    /// The owner id whose entries go; default: this cluster's (the kube-system namespace UID).
+    #[arg(long, env = "CATALOG_BRIDGE_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Namespace and name of the Secret holding ZooKeeper sessions (as given to `run`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub session_namespace: String,
+    #[arg(long, default_value = "catalog-bridge-zk-sessions")]
+    pub session_secret: String,
+    /// Count what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Parses `500ms`, `30s`, `5m`, `1h` or a plain number of seconds.
@@ -135,6 +155,36 @@ pub async fn run(cli: Cli) -> Result<()> {
             init_logging(cli.log_format, "warn");
             let line = crate::query::query(&q.catalog, &q.name).await?;
             println!("{line}");
+            Ok(())
+        }
+        Command::Cleanup(args) => {
+            init_logging(cli.log_format, "warn");
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let owner = match args.cluster_id {
+                Some(id) if !id.trim().is_empty() => id.trim().to_string(),
+                _ => default_cluster_id(&client).await?,
+            };
+            let sessions = crate::catalogs::SessionSecret {
+                client: client.clone(),
+                namespace: args.session_namespace,
+                name: args.session_secret,
+            };
+            let out =
+                crate::cleanup::cleanup(&client, &args.catalog, &owner, sessions, args.dry_run)
+                    .await?;
+            if args.dry_run {
+                println!(
+                    "{} entries of owner {owner} in {} (dry run: none removed)",
+                    out.removed, args.catalog
+                );
+            } else {
+                println!(
+                    "removed {} entries of owner {owner} from {} in {} round trip(s)",
+                    out.removed, args.catalog, out.round_trips
+                );
+            }
             Ok(())
         }
         Command::Run(args) => {

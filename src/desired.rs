@@ -64,7 +64,7 @@ pub struct Export {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// One entry per existing ExternalCatalog (empty when nothing is exported to it).
-    pub catalogs: BTreeMap<String, DesiredCatalog>,
+    pub catalogs: BTreeMap<String, Arc<DesiredCatalog>>,
     pub exports: Vec<Export>,
 }
 
@@ -196,9 +196,9 @@ pub fn compute(inputs: Inputs<'_>) -> Desired {
             .map(|(name, set)| {
                 (
                     name,
-                    DesiredCatalog {
+                    Arc::new(DesiredCatalog {
                         instances: set.into_iter().collect(),
-                    },
+                    }),
                 )
             })
             .collect(),

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod catalogs;
+pub mod cleanup;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -25,7 +25,8 @@ use crate::plan::{apply_to, plan, plan_keys};
 /// Desired state of one catalog as published to its writer.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub catalog: DesiredCatalog,
+    /// Shared with the desired-state loop: publishing it copies no instance.
+    pub catalog: Arc<DesiredCatalog>,
     /// When the oldest Kubernetes change folded into this snapshot was seen.
     pub changed_at: Option<Instant>,
 }
@@ -89,7 +90,7 @@ pub struct Writer {
 #[derive(Default)]
 struct DesiredRecords {
     /// The instances rendered, sorted (snapshots are sorted).
-    instances: Vec<Instance>,
+    instances: Arc<DesiredCatalog>,
     records: BTreeMap<String, Record>,
     /// Which instances render to each key (several can, where a layout merges them).
     holders: HashMap<String, BTreeSet<Instance>>,
@@ -97,9 +98,9 @@ struct DesiredRecords {
 
 impl DesiredRecords {
     /// Moves to `next` (sorted) and returns the keys whose record may have changed.
-    fn update(&mut self, backend: &dyn Backend, next: &[Instance]) -> BTreeSet<String> {
+    fn update(&mut self, backend: &dyn Backend, next: &Arc<DesiredCatalog>) -> BTreeSet<String> {
         let mut touched = BTreeSet::new();
-        let (removed, added) = diff_sorted(&self.instances, next);
+        let (removed, added) = diff_sorted(&self.instances.instances, &next.instances);
         for inst in removed {
             for key in backend.render(std::slice::from_ref(inst)).into_keys() {
                 if let Some(h) = self.holders.get_mut(&key) {
@@ -131,7 +132,7 @@ impl DesiredRecords {
                 }
             }
         }
-        self.instances = next.to_vec();
+        self.instances = next.clone();
         touched
     }
 }
@@ -265,7 +266,7 @@ impl Writer {
     async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), BackendError> {
         let touched = self
             .desired_records
-            .update(self.backend.as_ref(), &snapshot.catalog.instances);
+            .update(self.backend.as_ref(), &snapshot.catalog);
         let current = match self.current.take() {
             Some(c) => c,
             None => {
@@ -436,8 +437,8 @@ mod tests {
     use crate::backend::memory::Memory;
     use crate::model::{Instance, Origin};
 
-    fn instances(n: usize) -> DesiredCatalog {
-        DesiredCatalog {
+    fn instances(n: usize) -> Arc<DesiredCatalog> {
+        Arc::new(DesiredCatalog {
             instances: (0..n)
                 .map(|i| Instance {
                     name: "api_x".into(),
@@ -453,7 +454,7 @@ mod tests {
                     meta: BTreeMap::new(),
                 })
                 .collect(),
-        }
+        })
     }
 
     struct Harness {
@@ -490,11 +491,14 @@ mod tests {
     fn incremental_records_equal_a_full_render() {
         let mem = Memory::new("me", 64);
         let mut d = DesiredRecords::default();
-        let all = instances(30).instances;
+        let all = instances(30).instances.clone();
         let steps: [&[Instance]; 4] = [&all[..10], &all[5..20], &all[..0], &all[3..30]];
         for next in steps {
-            let touched = d.update(&mem, next);
-            assert_eq!(d.records, mem.render(next));
+            let next = Arc::new(DesiredCatalog {
+                instances: next.to_vec(),
+            });
+            let touched = d.update(&mem, &next);
+            assert_eq!(d.records, mem.render(&next.instances));
             assert!(touched.len() <= 30);
         }
     }
@@ -506,7 +510,7 @@ mod tests {
         let h = start(mem.clone(), Duration::from_secs(3600));
         h.desired
             .send(Arc::new(Snapshot {
-                catalog: DesiredCatalog::default(),
+                catalog: Arc::default(),
                 changed_at: None,
             }))
             .expect("send");

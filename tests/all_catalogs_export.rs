@@ -502,3 +502,60 @@ async fn foreign_entries_survive_and_removing_the_export_removes_exactly_ours() 
     check(&["192.0.2.7:8080"]).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn cleanup_removes_every_entry_of_this_owner_after_an_uninstall() -> Result<()> {
+    let (env, client) = setup(30, 30).await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", CATALOGS),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| cb.log())?;
+    // Uninstalled: the controller is gone, its entries stay (the lease and the session live on).
+    cb.process.stop()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"]).await?;
+
+    let run = |args: &[&str]| {
+        localenv::run_tool(
+            std::process::Command::new(support::controller_bin()?)
+                .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+                .arg("cleanup")
+                .args(args),
+        )
+    };
+    let dry = run(&[
+        "--catalog",
+        "etcd-plain",
+        "--cluster-id",
+        "cluster-a",
+        "--dry-run",
+    ])?;
+    assert!(
+        dry.starts_with("2 entries of owner cluster-a in etcd-plain"),
+        "{dry}"
+    );
+    let other = run(&["--catalog", "consul", "--cluster-id", "cluster-b"])?;
+    assert!(
+        other.starts_with("removed 0 entries"),
+        "another owner's cleanup touches nothing: {other}"
+    );
+    for catalog in CATALOGS.split(',') {
+        let out = run(&["--catalog", catalog, "--cluster-id", "cluster-a"])?;
+        println!("{out}");
+        assert!(out.starts_with("removed 2 entries"), "{catalog}: {out}");
+    }
+    wait_everywhere(&env, &[]).await?;
+    Ok(())
+}

@@ -1,8 +1,9 @@
 //! The Helm chart `charts/catalog-bridge`: it lints and its schema refuses bad values, it renders
 //! what its values say, the real API server accepts every object it renders, and — the RBAC
 //! proof — the controller, run with the chart's own arguments as the chart's ServiceAccount
-//! (a real token from the TokenRequest API), exports to Consul end to end with no request
-//! refused, while requests outside its role are refused.
+//! (a real token from the TokenRequest API), exports to Consul, etcd and ZooKeeper end to end
+//! (keeping the ZooKeeper session in the chart's Secret) with no request refused, while
+//! requests outside its role are refused.
 
 mod support;
 
@@ -11,6 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
 use localenv::Env;
 use localenv::process::{Process, Spec};
 use serde_json::{Value, json};
@@ -356,10 +359,9 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
     assert_eq!(
         role_rules,
         [
-            "/secrets [] create",
+            "/secrets [cb-catalog-bridge-zk-sessions] create",
             "/secrets [cb-catalog-bridge-zk-sessions] get",
             "/secrets [cb-catalog-bridge-zk-sessions] patch",
-            "/secrets [cb-catalog-bridge-zk-sessions] update",
             "coordination.k8s.io/leases [] create",
             "coordination.k8s.io/leases [cb-catalog-bridge] get",
             "coordination.k8s.io/leases [cb-catalog-bridge] patch",
@@ -695,6 +697,75 @@ async fn wait_passing(
     .await
 }
 
+/// Sorted values under `/services/<name>/providers/` in etcd (layout plain), read with etcdctl;
+/// each key is the prefix followed by its value.
+fn etcd_providers(env: &Env, name: &str) -> Result<Vec<String>> {
+    let prefix = format!("/services/{name}/providers/");
+    let out = env.etcd()?.etcdctl(&["get", "--prefix", &prefix])?;
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    let mut values = Vec::new();
+    for pair in lines.chunks(2) {
+        let [key, value] = pair else {
+            bail!("etcdctl printed a key without a value:\n{out}")
+        };
+        ensure!(
+            key.strip_prefix(&prefix) == Some(*value),
+            "{key} = {value} is not <prefix><ip:port> = <ip:port>"
+        );
+        values.push(value.to_string());
+    }
+    values.sort();
+    Ok(values)
+}
+
+/// The children of `/services/<name>/providers` in ZooKeeper (layout plain), read with kazoo's
+/// `get_children`, sorted, and the session ids owning them (ephemeral nodes).
+fn zookeeper_providers(env: &Env, name: &str) -> Result<(Vec<String>, Vec<i64>)> {
+    let out = localenv::python(
+        "import sys, json\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         base = '/services/%s/providers' % sys.argv[2]\n\
+         children = sorted(zk.get_children(base)) if zk.exists(base) else []\n\
+         owners = sorted({zk.exists(base + '/' + c).ephemeralOwner for c in children})\n\
+         print(json.dumps({'children': children, 'owners': owners}))\n\
+         zk.stop()\n",
+        &[&env.zookeeper()?.connect_string(), name],
+    )?;
+    let v: Value = serde_json::from_str(out.trim()).with_context(|| format!("kazoo: {out}"))?;
+    let children = v["children"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let owners = v["owners"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default();
+    Ok((children, owners))
+}
+
+/// Waits until etcdctl and kazoo both answer exactly `want` for `name`; returns the one
+/// ZooKeeper session that owns the entries.
+async fn wait_etcd_and_zookeeper(env: &Env, name: &str, want: &[&str]) -> Result<i64> {
+    localenv::eventually(
+        &format!("etcd and ZooKeeper to answer {name} @ {}", want.join(" & ")),
+        WAIT,
+        || async {
+            let etcd = etcd_providers(env, name)?;
+            let (zk, owners) = zookeeper_providers(env, name)?;
+            match owners.as_slice() {
+                [owner] if etcd == want && zk == want => Ok(Some(*owner)),
+                _ => bail!("etcd {etcd:?}, ZooKeeper {zk:?} owned by sessions {owners:?}"),
+            }
+        },
+    )
+    .await
+}
+
 /// The whole log of the controller, and the lines of it where a request was refused.
 fn refusals(process: &Process) -> Result<(String, Vec<String>)> {
     let log = std::fs::read_to_string(process.log_path())
@@ -740,13 +811,20 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     const TOKEN: &str = "0d6a3c52-1f4e-4b8a-9c7d-2e5f6a7b8c9d";
     const NS: &str = "cb-system";
     const SA: &str = "cb-catalog-bridge";
+    // Where the ZooKeeper backend keeps its session: `<release>-zk-sessions`, one key per
+    // catalog, created by server-side apply.
+    const SESSIONS: &str = "cb-catalog-bridge-zk-sessions";
     let env = Env::builder()
         .controller_manager()
         .consul_with_acl(TOKEN)
+        .etcd()
+        .zookeeper()
         .start()
         .await?;
     let client = env.kube()?.client().await?;
     let consul = env.consul()?.url();
+    let etcd = env.etcd()?.endpoint();
+    let zk = env.zookeeper()?.connect_string();
     let http = localenv::http_client()?;
 
     // The Consul ACL token in a Secret of its own namespace: the export only works if the
@@ -759,13 +837,17 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
                 "stringData": {"token": TOKEN}}),
     )?;
 
-    // helm install, with the catalog declared in values and Secrets limited to one namespace.
+    // helm install, with the catalogs declared in values and Secrets limited to one namespace.
     let values = json!({
-        "catalogs": [{"name": "consul", "spec": {"consul": {
-            "addresses": [consul],
-            "nodeName": "k8s-chart",
-            "tokenSecretRef": {"namespace": "catalog-secrets", "name": "consul-token", "key": "token"},
-        }}}],
+        "catalogs": [
+            {"name": "consul", "spec": {"consul": {
+                "addresses": [consul],
+                "nodeName": "k8s-chart",
+                "tokenSecretRef": {"namespace": "catalog-secrets", "name": "consul-token", "key": "token"},
+            }}},
+            {"name": "etcd", "spec": {"etcd": {"endpoints": [etcd], "layout": "plain"}}},
+            {"name": "zk", "spec": {"zookeeper": {"connect": zk, "layout": "plain"}}},
+        ],
         "rbac": {"secretNamespaces": ["catalog-secrets"]},
     });
     let file = values_file("install", &values)?;
@@ -797,6 +879,11 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     env.kube()?
         .kubectl(&["get", "crd", "externalregistrations.catalog-bridge.io"])
         .context("helm installed the CRDs from crds/")?;
+    let secrets = Api::<Secret>::namespaced(client.clone(), NS);
+    ensure!(
+        secrets.get_opt(SESSIONS).await?.is_none(),
+        "the chart does not create the session Secret; the controller does"
+    );
 
     // The controller, with the Deployment's own arguments, authenticated as its ServiceAccount.
     let deployment: Value = serde_json::from_str(&env.kube()?.kubectl(&[
@@ -855,7 +942,7 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     ])?;
     assert_eq!(holder, pod_name, "the chart's Lease, held by this replica");
 
-    // Export by annotation.
+    // Export by annotation, to the three catalogs.
     deploy(
         &client,
         "shop",
@@ -863,7 +950,7 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         1,
         2,
         annotations(&[
-            ("catalog-bridge.io/export", "consul"),
+            ("catalog-bridge.io/export", "consul,etcd,zk"),
             ("catalog-bridge.io/name", "api_x"),
         ]),
     )
@@ -878,6 +965,53 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     .await
     .with_context(|| cb.log_tail(60))?;
     println!("api_x exported to Consul through the ACL, as the ServiceAccount");
+    let zk_owner = wait_etcd_and_zookeeper(&env, "api_x", &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| cb.log_tail(60))?;
+    println!(
+        "api_x exported to etcd (etcdctl) and ZooKeeper (kazoo, session {zk_owner:#x}), as the ServiceAccount"
+    );
+    for catalog in ["etcd", "zk"] {
+        let ready = condition_true(&env, &["xcat", catalog], "Ready").await?;
+        println!("xcat {catalog} Ready: {ready}");
+    }
+
+    // The ZooKeeper session, kept in the chart's Secret (created by server-side apply, as the
+    // ServiceAccount): the very session that owns the ephemeral entries.
+    let secret = secrets
+        .get_opt(SESSIONS)
+        .await?
+        .with_context(|| format!("no Secret {NS}/{SESSIONS}:\n{}", cb.log_tail(60)))?;
+    let data = secret.data.clone().unwrap_or_default();
+    ensure!(
+        data.keys().eq(["zk.json"]),
+        "one key per ZooKeeper catalog, `<catalog>.json`: {:?}",
+        data.keys().collect::<Vec<_>>()
+    );
+    let stored: Value = serde_json::from_slice(&data["zk.json"].0).context("zk.json")?;
+    ensure!(
+        stored["id"].as_i64() == Some(zk_owner),
+        "the stored session {} owns the entries ({zk_owner:#x})",
+        stored["id"]
+    );
+    let managers: Vec<String> = secret
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            format!(
+                "{} {}",
+                f.manager.unwrap_or_default(),
+                f.operation.unwrap_or_default()
+            )
+        })
+        .collect();
+    ensure!(
+        managers == ["catalog-bridge-zk.json Apply"],
+        "written by server-side apply only: {managers:?}"
+    );
+    println!("Secret {NS}/{SESSIONS}: key zk.json, session {zk_owner:#x}, {managers:?}");
 
     // Export by ExternalRegistration: its status is written.
     deploy(&client, "shop", "api-y", 2, 1, Default::default()).await?;
@@ -925,12 +1059,18 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     // Readiness still followed (the watches run as the ServiceAccount too).
     localenv::workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
     wait_passing(&http, &consul, TOKEN, "api_x", &["10.1.0.1:8080"]).await?;
+    wait_etcd_and_zookeeper(&env, "api_x", &["10.1.0.1:8080"]).await?;
 
     // Not one request of the controller was refused.
     let (log, _) = refusals(&cb)?;
     ensure!(
         log.contains("became the leader") && log.contains("catalog writer starting"),
         "the controller's log is where it should be:\n{log}"
+    );
+    ensure!(
+        log.contains("new ZooKeeper session")
+            && !log.contains("could not store the ZooKeeper session"),
+        "the ZooKeeper session was stored:\n{log}"
     );
     assert_nothing_refused(&cb, "during the export")?;
 
@@ -950,6 +1090,11 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         "kube-system",
     ])?;
     sa.refused(&["get", "lease", "other", "-n", NS])?;
+    // The session Secret by name only: no other Secret of the release namespace, and no delete.
+    sa.refused(&["get", "secret", "other", "-n", NS])?;
+    sa.refused(&["get", "secrets", "-n", NS])?;
+    sa.refused(&["delete", "secret", SESSIONS, "-n", NS])?;
+    sa.refused(&["create", "secret", "generic", "other", "-n", NS])?;
     sa.refused(&["delete", "xcat", "consul"])?;
     sa.refused(&[
         "create",
@@ -968,6 +1113,18 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         "-o",
         "name",
     ])?;
+    ensure!(
+        sa.can_i(&["create", &format!("secrets/{SESSIONS}"), "-n", NS])?,
+        "the session Secret may be created (by server-side apply, under its name)"
+    );
+    ensure!(
+        !sa.can_i(&["create", "secrets", "-n", NS])?,
+        "no Secret of another name"
+    );
+    ensure!(
+        !sa.can_i(&["update", &format!("secrets/{SESSIONS}"), "-n", NS])?,
+        "patch (apply) only"
+    );
     ensure!(
         sa.can_i(&["create", "services", "-n", "shop"])?,
         "import may create Services"
@@ -1033,6 +1190,12 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         &["10.1.0.1:8080", "10.1.0.2:8080"],
     )
     .await?;
+    let owner_after =
+        wait_etcd_and_zookeeper(&env, "api_x", &["10.1.0.1:8080", "10.1.0.2:8080"]).await?;
+    ensure!(
+        owner_after == zk_owner,
+        "the same ZooKeeper session throughout"
+    );
     assert_nothing_refused(&cb, "after the upgrade")?;
     ensure!(
         cb.is_running(),

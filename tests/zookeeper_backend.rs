@@ -761,9 +761,9 @@ async fn the_writer_re_creates_entries_after_an_expiry() -> Result<()> {
         instance("api_x", "10.0.0.2", 8080),
     ];
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Snapshot {
-        catalog: DesiredCatalog {
+        catalog: std::sync::Arc::new(DesiredCatalog {
             instances: instances.clone(),
-        },
+        }),
         changed_at: None,
     }));
     let (gate_tx, gate_rx) = watch::channel(true);

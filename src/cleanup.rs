@@ -1,0 +1,58 @@
+//! `catalog-bridge cleanup --catalog <name>`: removes every entry this owner id wrote to one
+//! catalog — after an uninstall, or to retire a cluster id. Entries of other owners and
+//! hand-made ones are untouched, exactly as in normal operation.
+
+use anyhow::{Context, Result};
+use kube::Api;
+
+use crate::catalogs::{self, SessionSecret};
+use crate::crd::ExternalCatalog;
+use crate::plan::{Op, plan};
+
+/// What a cleanup found and removed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub removed: usize,
+    pub round_trips: usize,
+}
+
+/// Reads the owned entries of ExternalCatalog `name` for `owner` and deletes them all (or, with
+/// `dry_run`, only counts them).
+pub async fn cleanup(
+    client: &kube::Client,
+    name: &str,
+    owner: &str,
+    sessions: SessionSecret,
+    dry_run: bool,
+) -> Result<Outcome> {
+    let cat = Api::<ExternalCatalog>::all(client.clone())
+        .get(name)
+        .await
+        .with_context(|| format!("reading ExternalCatalog {name}"))?;
+    let problem = |p: crate::desired::Problem| anyhow::anyhow!("{}: {}", p.reason, p.message);
+    let credentials = catalogs::credentials(client, &cat).await.map_err(problem)?;
+    let ctx = catalogs::Context {
+        owner: owner.to_string(),
+        sessions: Some(sessions),
+    };
+    let backend = catalogs::build(&cat, credentials, &ctx).map_err(problem)?;
+    let owned = backend
+        .read_owned()
+        .await
+        .with_context(|| format!("reading what {owner} holds in {}", backend.describe()))?;
+    let ops: Vec<Op> = plan(&Default::default(), &owned).ops;
+    if dry_run || ops.is_empty() {
+        return Ok(Outcome {
+            removed: ops.len(),
+            round_trips: 0,
+        });
+    }
+    let round_trips = backend
+        .apply(&ops)
+        .await
+        .with_context(|| format!("deleting {} entries from {}", ops.len(), backend.describe()))?;
+    Ok(Outcome {
+        removed: ops.len(),
+        round_trips,
+    })
+}
