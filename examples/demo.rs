@@ -30,11 +30,19 @@ async fn main() -> Result<()> {
     let client = kube.client().await?;
     let consul_url = env.consul()?.url();
 
-    step("installing the CRDs and the ExternalCatalog `consul`");
+    step("installing the CRDs and the ExternalCatalogs `consul` and `etcd`");
     support::install_crds(&client).await?;
     kubectl_apply(
         &env,
         &consul_catalog("consul", std::slice::from_ref(&consul_url), "k8s-demo"),
+    )?;
+    kubectl_apply(
+        &env,
+        &serde_json::json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "etcd"},
+            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()], "layout": "plain"}},
+        }),
     )?;
 
     step("starting catalog-bridge");
@@ -124,10 +132,11 @@ async fn main() -> Result<()> {
     println!("  metrics:   http://127.0.0.1:{}/metrics", cb.metrics_port);
     println!("  controller log: {}", cb.process.log_path().display());
     println!(
-        "  etcd {}   zookeeper {}",
-        env.etcd()?.endpoint(),
-        env.zookeeper()?.connect_string()
+        "  {} --endpoints={} get --prefix /services/   # what etcd holds",
+        localenv::programs::etcdctl()?.display(),
+        env.etcd()?.endpoint()
     );
+    println!("  zookeeper: {}", env.zookeeper()?.connect_string());
     tokio::signal::ctrl_c().await?;
     step("stopping");
     Ok(())
