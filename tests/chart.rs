@@ -17,7 +17,7 @@ use kube::Api;
 use localenv::Env;
 use localenv::process::{Process, Spec};
 use serde_json::{Value, json};
-use support::{annotations, deploy, kubectl_apply};
+use support::{ConsulView, annotations, deploy, kubectl_apply};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/catalog-bridge");
 const CHART_CRDS: &str = concat!(
@@ -642,61 +642,6 @@ fn service_account_kubeconfig(env: &Env, ns: &str, sa: &str) -> Result<Kubectl> 
     Ok(k)
 }
 
-/// Sorted `ip:port` of the passing instances of `name`, read with an ACL token.
-async fn passing(
-    http: &reqwest::Client,
-    consul: &str,
-    token: &str,
-    name: &str,
-) -> Result<Vec<String>> {
-    let v: Value = http
-        .get(format!("{consul}/v1/health/service/{name}?passing"))
-        .header("X-Consul-Token", token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let mut out: Vec<String> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| {
-                    format!(
-                        "{}:{}",
-                        e["Service"]["Address"].as_str().unwrap_or_default(),
-                        e["Service"]["Port"]
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    Ok(out)
-}
-
-async fn wait_passing(
-    http: &reqwest::Client,
-    consul: &str,
-    token: &str,
-    name: &str,
-    want: &[&str],
-) -> Result<()> {
-    localenv::eventually(
-        &format!("Consul to answer {name} @ {}", want.join(" & ")),
-        WAIT,
-        || async {
-            let got = passing(http, consul, token, name).await?;
-            if got == want {
-                Ok(Some(()))
-            } else {
-                bail!("got {got:?}")
-            }
-        },
-    )
-    .await
-}
-
 /// Sorted values under `/services/<name>/providers/` in etcd (layout plain), read with etcdctl;
 /// each key is the prefix followed by its value.
 fn etcd_providers(env: &Env, name: &str) -> Result<Vec<String>> {
@@ -826,6 +771,7 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     let etcd = env.etcd()?.endpoint();
     let zk = env.zookeeper()?.connect_string();
     let http = localenv::http_client()?;
+    let consul_view = ConsulView::with_token(consul.clone(), TOKEN)?;
 
     // The Consul ACL token in a Secret of its own namespace: the export only works if the
     // ServiceAccount may read it.
@@ -955,15 +901,10 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         ]),
     )
     .await?;
-    wait_passing(
-        &http,
-        &consul,
-        TOKEN,
-        "api_x",
-        &["10.1.0.1:8080", "10.1.0.2:8080"],
-    )
-    .await
-    .with_context(|| cb.log_tail(60))?;
+    consul_view
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await
+        .with_context(|| cb.log_tail(60))?;
     println!("api_x exported to Consul through the ACL, as the ServiceAccount");
     let zk_owner = wait_etcd_and_zookeeper(&env, "api_x", &["10.1.0.1:8080", "10.1.0.2:8080"])
         .await
@@ -1022,7 +963,9 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
                 "spec": {"catalogRef": {"name": "consul"}, "direction": "Export",
                          "service": {"name": "api-y"}, "externalName": "api_y"}}),
     )?;
-    wait_passing(&http, &consul, TOKEN, "api_y", &["10.2.0.1:8080"]).await?;
+    consul_view
+        .wait_passing("api_y", &["10.2.0.1:8080"], WAIT)
+        .await?;
     let ready = condition_true(&env, &["xreg", "api-y", "-n", "shop"], "Ready").await?;
     println!("xreg shop/api-y Ready: {ready}");
     condition_true(&env, &["xreg", "api-y", "-n", "shop"], "Synced").await?;
@@ -1058,7 +1001,9 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
 
     // Readiness still followed (the watches run as the ServiceAccount too).
     localenv::workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
-    wait_passing(&http, &consul, TOKEN, "api_x", &["10.1.0.1:8080"]).await?;
+    consul_view
+        .wait_passing("api_x", &["10.1.0.1:8080"], WAIT)
+        .await?;
     wait_etcd_and_zookeeper(&env, "api_x", &["10.1.0.1:8080"]).await?;
 
     // Not one request of the controller was refused.
@@ -1182,14 +1127,9 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     );
     ensure!(!sa.can_i(&["create", "endpointslices.discovery.k8s.io", "-n", "shop"])?);
     localenv::workload::set_pod_ready(&client, "shop", "api-x-2", true).await?;
-    wait_passing(
-        &http,
-        &consul,
-        TOKEN,
-        "api_x",
-        &["10.1.0.1:8080", "10.1.0.2:8080"],
-    )
-    .await?;
+    consul_view
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
     let owner_after =
         wait_etcd_and_zookeeper(&env, "api_x", &["10.1.0.1:8080", "10.1.0.2:8080"]).await?;
     ensure!(

@@ -225,6 +225,7 @@ pub fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 pub struct ConsulView {
     pub url: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl ConsulView {
@@ -232,18 +233,24 @@ impl ConsulView {
         Ok(ConsulView {
             url,
             http: localenv::http_client()?,
+            token: None,
+        })
+    }
+
+    /// Reads with an ACL token, for a Consul with ACLs enabled.
+    pub fn with_token(url: String, token: &str) -> Result<ConsulView> {
+        Ok(ConsulView {
+            token: Some(token.to_string()),
+            ..ConsulView::new(url)?
         })
     }
 
     async fn get(&self, path: &str) -> Result<Value> {
-        Ok(self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?)
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(t) = &self.token {
+            req = req.header("X-Consul-Token", t);
+        }
+        Ok(req.send().await?.error_for_status()?.json().await?)
     }
 
     /// Sorted `ip:port` of the passing instances of `name` (`/v1/health/service/<name>?passing`).
