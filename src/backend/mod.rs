@@ -53,6 +53,30 @@ impl BackendError {
     }
 }
 
+/// One instance of an external service as a catalog reports it, for import.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct External {
+    /// An IPv4 or IPv6 address, or a host name.
+    pub address: String,
+    pub port: u16,
+    /// The catalog's own identity of the entry (Consul service ID, etcd key, znode path).
+    pub id: String,
+}
+
+/// What an import watch currently knows of one external service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportSnapshot {
+    /// The healthy instances, sorted, without this controller's own entries. While the
+    /// catalog is unreachable this keeps the last known set.
+    pub instances: Vec<External>,
+    /// Entries that could not be parsed: (id, why). They are left out; the rest import.
+    pub skipped: Vec<(String, String)>,
+    /// The last read failed with this (the instances are then the last known ones).
+    pub error: Option<BackendError>,
+    /// At least one read has succeeded.
+    pub synced: bool,
+}
+
 /// One catalog, as the writer and `catalog-bridge query` use it.
 #[async_trait]
 pub trait Backend: Send + Sync {
@@ -89,6 +113,24 @@ pub trait Backend: Send + Sync {
     /// ZooKeeper session is disconnected but kept, so the next leader can re-attach). Called
     /// when this replica stops leading. Default: nothing to do.
     async fn release(&self) {}
+
+    /// Follows external service `name` for import, until `tx` is closed: reads the healthy
+    /// instances, publishes them on `tx`, waits for the catalog to report a change (Consul
+    /// blocking query, etcd watch from the revision read, ZooKeeper child and data watches,
+    /// re-armed with nothing lost between read and watch), and repeats. Entries this
+    /// controller's owner id wrote are left out (no loops). A failed read keeps the last
+    /// instances and sets `error`; the watch retries with backoff and never ends on its own.
+    async fn watch_service(
+        &self,
+        name: &str,
+        tx: tokio::sync::watch::Sender<ImportSnapshot>,
+    ) -> Result<(), BackendError> {
+        let _ = (name, tx);
+        Err(BackendError::Rejected(format!(
+            "{} does not support import",
+            self.kind()
+        )))
+    }
 
     /// What a discovery client asking for `name` gets: `host:port` of every healthy instance,
     /// whoever registered it, sorted.
