@@ -289,6 +289,152 @@ async fn flips(
     Ok((delays, watched))
 }
 
+const IMPORTED: usize = 1000;
+
+/// Import: 1,000 instances of one service registered in etcd (plain layout, by another owner,
+/// on its own lease) are imported by an ExternalRegistration; the clock runs until the
+/// EndpointSlices hold them all. The floor is a plain batched writer applying the same
+/// endpoints as EndpointSlices directly. Then single changes: one key deleted / put back.
+async fn import_bench(
+    env: &localenv::Env,
+    client: &kube::Client,
+    cb: &Controller,
+) -> Result<String> {
+    let registrant = Etcd::new(EtcdConfig {
+        endpoints: vec![env.etcd()?.endpoint()],
+        base_path: Some("/services".into()),
+        owner: "registrant".into(),
+        catalog: "external".into(),
+        lease_ttl: Duration::from_secs(120),
+        ..Default::default()
+    })?;
+    let instances: Vec<Instance> = (0..IMPORTED)
+        .map(|i| Instance {
+            name: "ext".into(),
+            address: format!("10.200.{}.{}", i / 250, i % 250 + 1)
+                .parse()
+                .expect("bench ip"),
+            port: 5432,
+            origin: Origin {
+                namespace: "vm".into(),
+                service: "ext".into(),
+            },
+            tags: vec![],
+            meta: BTreeMap::new(),
+        })
+        .collect();
+    let records = registrant.render(&instances);
+    let ops: Vec<Op> = records
+        .iter()
+        .map(|(k, r)| Op::Put {
+            key: k.clone(),
+            record: r.clone(),
+        })
+        .collect();
+    registrant.apply(&ops).await?;
+    kubectl_apply(
+        env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "external"},
+            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()], "basePath": "/services"}},
+        }),
+    )?;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let count = |svc: &'static str| {
+        let slices = slices.clone();
+        async move {
+            let lp = kube::api::ListParams::default()
+                .labels(&format!("kubernetes.io/service-name={svc}"));
+            Ok::<usize, anyhow::Error>(
+                slices
+                    .list(&lp)
+                    .await?
+                    .items
+                    .iter()
+                    .map(|s| s.endpoints.len())
+                    .sum(),
+            )
+        }
+    };
+    let start = Instant::now();
+    kubectl_apply(
+        env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+            "metadata": {"name": "ext", "namespace": NS},
+            "spec": {"catalogRef": {"name": "external"}, "direction": "Import", "externalName": "ext"},
+        }),
+    )?;
+    localenv::eventually(
+        "all imported endpoints in slices",
+        Duration::from_secs(300),
+        || async { Ok((count("ext").await? == IMPORTED).then_some(())) },
+    )
+    .await
+    .with_context(|| cb.log())?;
+    let ours = start.elapsed();
+
+    // Floor: the same endpoints written as EndpointSlices by a plain batched writer.
+    let start = Instant::now();
+    for (n, chunk) in instances.chunks(100).enumerate() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("floor-{n}"), "labels": {
+                "kubernetes.io/service-name": "floor", "endpointslice.kubernetes.io/managed-by": "bench"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "port-5432", "port": 5432, "protocol": "TCP"}],
+            "endpoints": chunk.iter().map(|i| json!({"addresses": [i.address.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+        }))?;
+        slices
+            .patch(
+                &format!("floor-{n}"),
+                &PatchParams::apply("bench").force(),
+                &Patch::Apply(&slice),
+            )
+            .await?;
+    }
+    let floor = start.elapsed();
+    anyhow::ensure!(count("floor").await? == IMPORTED);
+
+    // Single changes: one key deleted, then put back.
+    let mut delays = Vec::new();
+    for i in 0..20 {
+        let (key, record) = records
+            .iter()
+            .nth(i / 2)
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .context("a key")?;
+        let (op, want) = if i % 2 == 0 {
+            (Op::Delete { key }, IMPORTED - 1)
+        } else {
+            (Op::Put { key, record }, IMPORTED)
+        };
+        let start = Instant::now();
+        registrant.apply(&[op]).await?;
+        loop {
+            if count("ext").await? == want {
+                break;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "change {i} not imported"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        delays.push(start.elapsed());
+    }
+    delays.sort();
+    Ok(format!(
+        "| import from etcd, {IMPORTED} instances | until the EndpointSlices hold all: {:.2} s | floor (slices written directly): {:.2} s | {:.2}x | one change, p50 / p99: {:.1} / {:.1} ms |",
+        ours.as_secs_f64(),
+        floor.as_secs_f64(),
+        ours.as_secs_f64() / floor.as_secs_f64(),
+        ms(percentile(&delays, 0.5)),
+        ms(percentile(&delays, 0.99)),
+    ))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -383,6 +529,9 @@ async fn main() -> Result<()> {
         ));
     }
 
+    eprintln!("import: {IMPORTED} instances registered in etcd by another owner...");
+    let import_row = import_bench(&env, &client, &cb).await?;
+
     eprintln!("unchanged restart (ZooKeeper, the last catalog)...");
     cb.process.stop()?;
     let cb2 = Controller::start(&env, "cb2", "bench", &["--drift-interval=60s"]).await?;
@@ -426,5 +575,7 @@ async fn main() -> Result<()> {
     println!(
         "(Consul entries left by the earlier phase, untouched after the catalog moved on: {consul_left})"
     );
+    println!();
+    println!("{import_row}");
     Ok(())
 }

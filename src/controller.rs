@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::crd::{ExternalCatalog, ExternalRegistration};
 use crate::desired::{self, Desired, Inputs, Problem};
+use crate::importer::{ImportView, Importers};
 use crate::metrics::Metrics;
 use crate::status::CatalogView;
 use crate::writer::{self, Report, Snapshot, Writer};
@@ -340,6 +341,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
 
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
     let (views_tx, views_rx) = watch::channel(BTreeMap::<String, CatalogView>::new());
+    let (imports_tx, imports_rx) = watch::channel(HashMap::<(String, String), ImportView>::new());
     let desired_loop = {
         let stores = stores.clone();
         let client = client.clone();
@@ -350,6 +352,12 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
             stores.wait_synced().await?;
             info!("Kubernetes caches synced");
             synced_tx.send_replace(true);
+            let mut importers = Importers::new(
+                client.clone(),
+                opts.owner.clone(),
+                gate.clone(),
+                metrics.clone(),
+            );
             let mut writers = Writers {
                 client,
                 opts,
@@ -383,6 +391,15 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                     desired_tx.borrow().as_ref().clone()
                 };
                 writers.sync(&cats, &d, since).await;
+                importers.sync(&stores.registrations.state(), &cats).await;
+                imports_tx.send_if_modified(|cur| {
+                    let v = importers.views();
+                    if *cur == v {
+                        return false;
+                    }
+                    *cur = v;
+                    true
+                });
                 let mut invalid: BTreeMap<(String, String), i64> = BTreeMap::new();
                 for e in &d.exports {
                     if let Some(p) = &e.problem {
@@ -426,6 +443,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
         stores.clone(),
         desired_rx,
         views_rx,
+        imports_rx,
         gate.clone(),
     ));
 

@@ -11,6 +11,8 @@ pub mod controller;
 pub mod crd;
 pub mod desired;
 pub mod http;
+pub mod import;
+pub mod importer;
 pub mod leader;
 pub mod metrics;
 pub mod model;

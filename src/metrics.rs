@@ -45,6 +45,14 @@ pub struct Metrics {
     drift: Family<CatalogLabel, Counter>,
     leader: Gauge,
     config_errors: Family<ConfigErrorLabels, Gauge>,
+    import_skipped: Family<RegistrationLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistrationLabels {
+    catalog: String,
+    namespace: String,
+    registration: String,
 }
 
 impl Default for Metrics {
@@ -106,7 +114,14 @@ impl Metrics {
             "Exports that cannot take effect now (bad annotation, unknown catalog, missing Service or port), by source kind and reason",
             config_errors.clone(),
         );
+        let import_skipped = Family::<RegistrationLabels, Gauge>::default();
+        registry.register(
+            "import_skipped_entries",
+            "Catalog entries an import could not parse and left out, per registration",
+            import_skipped.clone(),
+        );
         Metrics {
+            import_skipped,
             registry,
             catalog_up,
             operations,
@@ -197,6 +212,17 @@ impl Metrics {
                 })
                 .set(*n);
         }
+    }
+
+    /// Entries import `namespace/registration` skipped in `catalog`.
+    pub fn import_skipped(&self, catalog: &str, namespace: &str, registration: &str, n: i64) {
+        self.import_skipped
+            .get_or_create(&RegistrationLabels {
+                catalog: catalog.into(),
+                namespace: namespace.into(),
+                registration: registration.into(),
+            })
+            .set(n);
     }
 
     /// The text exposition format.

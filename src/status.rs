@@ -20,6 +20,7 @@ use crate::crd::{
     ExternalRegistrationStatus,
 };
 use crate::desired::{Desired, Export, Problem, Source};
+use crate::importer::ImportView;
 use crate::writer::Report;
 
 /// A catalog as the status loop sees it.
@@ -75,7 +76,11 @@ pub fn condition(
     }
 }
 
-fn catalog_status(cat: &ExternalCatalog, view: &CatalogView) -> ExternalCatalogStatus {
+fn catalog_status(
+    cat: &ExternalCatalog,
+    view: &CatalogView,
+    imported: i64,
+) -> ExternalCatalogStatus {
     let prev = cat.status.clone().unwrap_or_default();
     let generation = cat.metadata.generation;
     let r = &view.report;
@@ -121,45 +126,33 @@ fn catalog_status(cat: &ExternalCatalog, view: &CatalogView) -> ExternalCatalogS
             .or(prev.last_contact_time),
         server: r.server.clone().or(prev.server),
         exported_entries: r.entries as i64,
-        imported_entries: prev.imported_entries,
+        imported_entries: imported,
         observed_generation: generation,
     }
 }
 
+/// A condition's inputs: status (`None` = Unknown), reason, message.
+type Verdict = (Option<bool>, &'static str, String);
+
 fn registration_status(
     reg: &ExternalRegistration,
-    export: Option<&Export>,
+    e: &Export,
     view: Option<&CatalogView>,
 ) -> ExternalRegistrationStatus {
-    let prev = reg.status.clone().unwrap_or_default();
-    let generation = reg.metadata.generation;
     let catalog = &reg.spec.catalog_ref.name;
-    let (ready, reason, message, endpoints) = match (export, view) {
-        (None, _) => (
-            Some(false),
-            "Unsupported",
-            "direction Import is not implemented in this version of catalog-bridge".to_string(),
-            0,
-        ),
-        (Some(e), _) if e.problem.is_some() => {
-            let p = e.problem.clone().unwrap_or_else(|| Problem {
-                reason: "Unknown",
-                message: String::new(),
-            });
-            (Some(false), p.reason, p.message, 0)
-        }
-        (Some(e), _) => (
+    let ready: Verdict = match &e.problem {
+        Some(p) => (Some(false), p.reason, p.message.clone()),
+        None => (
             Some(true),
             "Exported",
             format!(
                 "{} endpoint(s) of Service {} exported to {catalog} as {}",
                 e.endpoints, e.service, e.external_name
             ),
-            e.endpoints as i64,
         ),
     };
-    let (synced, s_reason, s_message) = match (ready, view) {
-        (Some(false), _) => (Some(false), reason, message.clone()),
+    let synced: Verdict = match (ready.0, view) {
+        (Some(false), _) => ready.clone(),
         (_, None) => (
             Some(false),
             "CatalogNotFound",
@@ -171,7 +164,11 @@ fn registration_status(
                 p.reason,
                 format!("catalog {catalog}: {}", p.message),
             ),
-            (None, Some(e)) => (Some(false), e.reason(), format!("catalog {catalog}: {e}")),
+            (None, Some(err)) => (
+                Some(false),
+                err.reason(),
+                format!("catalog {catalog}: {err}"),
+            ),
             (None, None) if v.report.in_sync => (
                 Some(true),
                 "InSync",
@@ -184,21 +181,84 @@ fn registration_status(
             ),
         },
     };
+    let endpoints = if e.problem.is_some() { 0 } else { e.endpoints };
+    finish(reg, ready, synced, endpoints, &e.service, &e.external_name)
+}
+
+fn import_status(reg: &ExternalRegistration, v: &ImportView) -> ExternalRegistrationStatus {
+    let catalog = &v.catalog;
+    let external = reg.spec.external_name.clone().unwrap_or_default();
+    let ready: Verdict = match (&v.problem, v.synced) {
+        (Some(p), _) => (Some(false), p.reason, p.message.clone()),
+        (None, false) => (
+            None,
+            "Waiting",
+            format!("waiting for the first read of {external} from {catalog}"),
+        ),
+        (None, true) => (
+            Some(true),
+            "Imported",
+            format!(
+                "{} endpoint(s) of {external} from {catalog} in Service {}{}",
+                v.endpoints,
+                v.service_name,
+                if v.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} unparsable entries skipped", v.skipped.len())
+                }
+            ),
+        ),
+    };
+    let synced: Verdict = match (&v.problem, &v.apply_error, &v.catalog_error) {
+        (Some(p), _, _) => (Some(false), p.reason, p.message.clone()),
+        (None, Some(err), _) => (Some(false), "ApplyFailed", err.clone()),
+        (None, None, Some(err)) => (
+            Some(false),
+            err.reason(),
+            format!(
+                "catalog {catalog}: {err}; keeping the last known {} endpoint(s)",
+                v.endpoints
+            ),
+        ),
+        (None, None, None) if v.synced => (
+            Some(true),
+            "InSync",
+            format!("the EndpointSlices hold the healthy instances {catalog} reports"),
+        ),
+        _ => (None, "Syncing", format!("reading {catalog}")),
+    };
+    finish(reg, ready, synced, v.endpoints, &v.service_name, &external)
+}
+
+/// Status from the two verdicts, keeping transition and sync times where nothing changed.
+fn finish(
+    reg: &ExternalRegistration,
+    ready: Verdict,
+    synced: Verdict,
+    endpoints: usize,
+    service: &str,
+    external: &str,
+) -> ExternalRegistrationStatus {
+    let prev = reg.status.clone().unwrap_or_default();
+    let generation = reg.metadata.generation;
+    let endpoints = endpoints as i64;
+    let in_sync = synced.0 == Some(true);
     let conditions = vec![
         condition(
             &prev.conditions,
             "Ready",
-            ready,
-            reason,
-            message,
+            ready.0,
+            ready.1,
+            ready.2,
             generation,
         ),
         condition(
             &prev.conditions,
             "Synced",
-            synced,
-            s_reason,
-            s_message,
+            synced.0,
+            synced.1,
+            synced.2,
             generation,
         ),
     ];
@@ -212,14 +272,10 @@ fn registration_status(
     ExternalRegistrationStatus {
         observed_generation: generation,
         conditions,
-        service_name: export
-            .map(|e| e.service.clone())
-            .or_else(|| reg.spec.service.as_ref().map(|s| s.name.clone())),
-        external_name: export
-            .map(|e| e.external_name.clone())
-            .or_else(|| reg.spec.external_name.clone()),
+        service_name: Some(service.to_string()),
+        external_name: Some(external.to_string()),
         endpoints,
-        last_sync_time: if synced == Some(true) && (synced_changed || endpoints_changed) {
+        last_sync_time: if in_sync && (synced_changed || endpoints_changed) {
             Some(now())
         } else {
             prev.last_sync_time
@@ -233,6 +289,7 @@ pub async fn run(
     stores: Stores,
     desired: watch::Receiver<Arc<Desired>>,
     views: watch::Receiver<BTreeMap<String, CatalogView>>,
+    imports: watch::Receiver<HashMap<(String, String), ImportView>>,
     mut gate: watch::Receiver<bool>,
 ) -> Result<()> {
     let recorder = Recorder::new(
@@ -245,6 +302,7 @@ pub async fn run(
     let mut written_cat: HashMap<String, ExternalCatalogStatus> = HashMap::new();
     let mut written_reg: HashMap<(String, String), ExternalRegistrationStatus> = HashMap::new();
     let mut announced: HashSet<(Source, String, &'static str, String)> = HashSet::new();
+    let mut skips_announced: HashSet<(String, String, String, String)> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
@@ -252,16 +310,28 @@ pub async fn run(
             written_cat.clear();
             written_reg.clear();
             announced.clear();
+            skips_announced.clear();
             gate.changed().await?;
             continue;
         }
         let d = desired.borrow().clone();
         let v = views.borrow().clone();
+        let imp = imports.borrow().clone();
+        let mut imported: HashMap<&str, i64> = HashMap::new();
+        for view in imp.values() {
+            *imported.entry(view.catalog.as_str()).or_default() += view.endpoints as i64;
+        }
 
         for cat in stores.catalogs.state() {
             let name = cat.name_any();
-            let Some(view) = v.get(&name) else { continue };
-            let status = catalog_status(&cat, view);
+            let status = match v.get(&name) {
+                Some(view) => catalog_status(
+                    &cat,
+                    view,
+                    imported.get(name.as_str()).copied().unwrap_or(0),
+                ),
+                None => continue,
+            };
             if cat.status.as_ref() == Some(&status) || written_cat.get(&name) == Some(&status) {
                 continue;
             }
@@ -291,11 +361,18 @@ pub async fn run(
                 continue;
             };
             let key = (ns.clone(), name.clone());
-            let export = exports.get(&key).copied();
-            if reg.spec.direction == Direction::Export && export.is_none() {
-                continue; // not folded into desired state yet
-            }
-            let status = registration_status(&reg, export, v.get(&reg.spec.catalog_ref.name));
+            let status = match reg.spec.direction {
+                Direction::Export => match exports.get(&key).copied() {
+                    Some(export) => {
+                        registration_status(&reg, export, v.get(&reg.spec.catalog_ref.name))
+                    }
+                    None => continue, // not folded into desired state yet
+                },
+                Direction::Import => match imp.get(&key) {
+                    Some(view) => import_status(&reg, view),
+                    None => continue, // no task yet
+                },
+            };
             if same_ignoring_sync_time(reg.status.as_ref(), &status)
                 || written_reg
                     .get(&key)
@@ -357,6 +434,38 @@ pub async fn run(
             }
         }
         announced = current;
+
+        // A Warning Event for each catalog entry an import had to skip, when it appears.
+        let mut current_skips = HashSet::new();
+        for reg in stores.registrations.state() {
+            let Some(ns) = reg.namespace() else { continue };
+            let Some(view) = imp.get(&(ns.clone(), reg.name_any())) else {
+                continue;
+            };
+            for (id, why) in &view.skipped {
+                let key = (ns.clone(), reg.name_any(), id.clone(), why.clone());
+                current_skips.insert(key.clone());
+                if skips_announced.contains(&key) {
+                    continue;
+                }
+                let ev = Event {
+                    type_: EventType::Warning,
+                    reason: "UnparsableEntry".into(),
+                    note: Some(
+                        format!("skipped {id} in {}: {why}", view.catalog)
+                            .chars()
+                            .take(1000)
+                            .collect(),
+                    ),
+                    action: "Import".into(),
+                    secondary: None,
+                };
+                if let Err(err) = recorder.publish(&ev, &reg.object_ref(&())).await {
+                    warn!(error = %err, "publishing an Event failed");
+                }
+            }
+        }
+        skips_announced = current_skips;
     }
 }
 

@@ -16,6 +16,10 @@
 //!
 //! Ownership is the service meta `catalog-bridge-owner`: services on the node without it (or
 //! with another owner) are never read as ours, so never changed or deleted.
+//!
+//! Import ([`Consul::watch_service`]) follows `/v1/health/service/<name>?passing` with blocking
+//! queries: an instance imports while all its checks and its node's pass, and entries carrying
+//! this owner's meta (our own exports) never import.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -28,7 +32,7 @@ use async_trait::async_trait;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
 
-use super::{Backend, BackendError, Record};
+use super::{Backend, BackendError, External, ImportSnapshot, Record};
 use crate::crd::ServerInfo;
 use crate::model::Instance;
 use crate::plan::Op;
@@ -92,6 +96,18 @@ pub fn meta_problem(key: &str, value: &str) -> Option<String> {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long an import watch's blocking query waits for a change (`wait=`) before Consul
+/// answers anyway; [`Consul::with_watch_wait`] changes it.
+pub const WATCH_WAIT: Duration = Duration::from_secs(30);
+/// Consul's own cap on `wait`.
+const MAX_WATCH_WAIT: Duration = Duration::from_secs(600);
+/// After a failed read, the watch retries after this, doubling up to [`WATCH_BACKOFF_MAX`].
+pub const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Pause after an answer without a usable `X-Consul-Index` (missing or 0): the next query
+/// cannot block, and without a pause the watch would spin.
+pub const WATCH_NO_INDEX_PAUSE: Duration = Duration::from_secs(1);
+
 /// How to reach Consul and where to write.
 #[derive(Clone, Default)]
 pub struct ConsulConfig {
@@ -141,6 +157,8 @@ pub struct Consul {
     node_ok: AtomicBool,
     /// Service ID → service name of the entries we own: a txn `delete` needs a name.
     names: Mutex<HashMap<String, String>>,
+    /// `wait=` of the import watch's blocking queries.
+    watch_wait: Duration,
 }
 
 impl std::fmt::Debug for Consul {
@@ -159,6 +177,8 @@ struct Reply {
     address: String,
     status: StatusCode,
     body: Vec<u8>,
+    /// The `X-Consul-Index` header, when present and a number.
+    index: Option<u64>,
 }
 
 impl Reply {
@@ -268,7 +288,16 @@ impl Consul {
             preferred: AtomicUsize::new(0),
             node_ok: AtomicBool::new(false),
             names: Mutex::default(),
+            watch_wait: WATCH_WAIT,
         })
+    }
+
+    /// Sets how long the import watch's blocking queries wait for a change (default
+    /// [`WATCH_WAIT`], at most Consul's 10 minutes, at least 1 s). Their HTTP timeout is
+    /// longer by Consul's jitter (wait/16) plus the usual request timeout.
+    pub fn with_watch_wait(mut self, wait: Duration) -> Consul {
+        self.watch_wait = wait.clamp(Duration::from_secs(1), MAX_WATCH_WAIT);
+        self
     }
 
     /// Refuses to read or write entries without a node and an owner: with an empty owner,
@@ -565,6 +594,21 @@ impl Consul {
         with_dc: bool,
         body: Option<&Value>,
     ) -> Result<Reply, BackendError> {
+        self.call_with_timeout(method, path, query, with_dc, body, None)
+            .await
+    }
+
+    /// [`Consul::call`] with a request timeout other than the client's (a blocking query
+    /// waits longer than [`REQUEST_TIMEOUT`]).
+    async fn call_with_timeout(
+        &self,
+        method: Method,
+        path: &[&str],
+        query: &[(&str, &str)],
+        with_dc: bool,
+        body: Option<&Value>,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, BackendError> {
         let n = self.urls.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();
@@ -597,20 +641,29 @@ impl Consul {
             if let Some(b) = body {
                 req = req.json(b);
             }
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
             let sent = match req.send().await {
                 Ok(resp) => {
                     let status = resp.status();
-                    resp.bytes().await.map(|b| (status, b.to_vec()))
+                    let index = resp
+                        .headers()
+                        .get("X-Consul-Index")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok());
+                    resp.bytes().await.map(|b| (status, b.to_vec(), index))
                 }
                 Err(e) => Err(e),
             };
             match sent {
-                Ok((status, body)) => {
+                Ok((status, body, index)) => {
                     self.preferred.store(idx, Ordering::Relaxed);
                     return Ok(Reply {
                         address: self.addresses[idx].clone(),
                         status,
                         body,
+                        index,
                     });
                 }
                 Err(e) => {
@@ -676,6 +729,177 @@ impl Consul {
         }
         Err(TxnFailure::Other(reply.status_error("PUT /v1/txn")))
     }
+}
+
+impl Consul {
+    /// One read of the healthy instances of `name`: a blocking query from `index` (a plain
+    /// read when 0). Returns the entries and the answer's `X-Consul-Index`.
+    async fn read_passing(
+        &self,
+        name: &str,
+        index: u64,
+    ) -> Result<(Value, Option<u64>), BackendError> {
+        let index_s = index.to_string();
+        let wait_s = format!("{}ms", self.watch_wait.as_millis());
+        let mut query = vec![("passing", "")];
+        if index > 0 {
+            query.push(("index", index_s.as_str()));
+            query.push(("wait", wait_s.as_str()));
+        }
+        let timeout = self.watch_wait + self.watch_wait / 16 + REQUEST_TIMEOUT;
+        let what = format!("GET /v1/health/service/{name}?passing");
+        let reply = self
+            .call_with_timeout(
+                Method::GET,
+                &["health", "service", name],
+                &query,
+                true,
+                None,
+                Some(timeout),
+            )
+            .await
+            .map_err(|e| match e {
+                BackendError::Unreachable(m) => {
+                    BackendError::Unreachable(format!("watching Consul service {name}: {m}"))
+                }
+                other => other,
+            })?;
+        if !reply.status.is_success() {
+            return Err(reply.status_error(&what));
+        }
+        Ok((reply.json(&what)?, reply.index))
+    }
+}
+
+/// The index of the next blocking query after an answer with `got` to a query from `sent`,
+/// by Consul's rules, and whether to pause before it: an index that went backwards (the
+/// catalog was reset or another server answered) starts again from 0; a missing or zero index
+/// cannot block, so the watch pauses instead of spinning; an unchanged one is simply reused.
+fn next_index(sent: u64, got: Option<u64>) -> (u64, bool) {
+    match got {
+        None | Some(0) => (0, true),
+        Some(i) if i < sent => (0, false),
+        Some(i) => (i, false),
+    }
+}
+
+/// Whether `host` is something a client can dial: an IP address or a DNS name.
+fn usable_host(host: &str) -> bool {
+    if host.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The instances an answer imports, and the entries skipped with why.
+type Imported = (Vec<External>, Vec<(String, String)>);
+
+/// What one `/v1/health/service/<name>?passing` answer imports: the instances, sorted, and
+/// the entries that cannot be used, with why. Entries whose owner meta is `owner` (this
+/// controller's own exports) are left out of both. The id is the service ID, prefixed with
+/// `<node>/` when that ID is on more than one node.
+fn import_entries(name: &str, owner: &str, entries: &Value) -> Result<Imported, BackendError> {
+    let entries = match entries {
+        Value::Array(e) => e.as_slice(),
+        Value::Null => &[],
+        other => {
+            return Err(BackendError::Protocol(format!(
+                "health of service {name}: not a list: {other}"
+            )));
+        }
+    };
+    let str_at = |e: &Value, p: &str| -> String {
+        e.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut nodes_of_id: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for e in entries {
+        nodes_of_id
+            .entry(str_at(e, "/Service/ID"))
+            .or_default()
+            .insert(str_at(e, "/Node/Node"));
+    }
+    let mut instances = Vec::with_capacity(entries.len());
+    let mut skipped = Vec::new();
+    for (n, e) in entries.iter().enumerate() {
+        let node = str_at(e, "/Node/Node");
+        let sid = str_at(e, "/Service/ID");
+        let id = if sid.is_empty() {
+            format!("{node}/entry-{n}")
+        } else if nodes_of_id.get(&sid).is_some_and(|nodes| nodes.len() > 1) {
+            format!("{node}/{sid}")
+        } else {
+            sid.clone()
+        };
+        let Some(service) = e.get("Service").filter(|s| s.is_object()) else {
+            skipped.push((id, "the entry has no Service object".to_string()));
+            continue;
+        };
+        let entry_owner = service
+            .pointer(&format!("/Meta/{OWNER_META}"))
+            .and_then(Value::as_str);
+        if !owner.is_empty() && entry_owner == Some(owner) {
+            continue;
+        }
+        if sid.is_empty() {
+            skipped.push((id, "the service has no ID".to_string()));
+            continue;
+        }
+        let service_addr = str_at(e, "/Service/Address");
+        let host = if service_addr.is_empty() {
+            str_at(e, "/Node/Address")
+        } else {
+            service_addr
+        };
+        if host.is_empty() {
+            skipped.push((
+                id,
+                "no address: Service.Address and Node.Address are empty".to_string(),
+            ));
+            continue;
+        }
+        if !usable_host(&host) {
+            skipped.push((
+                id,
+                format!("address {host:?} is neither an IP address nor a host name"),
+            ));
+            continue;
+        }
+        let port = match service.get("Port") {
+            None | Some(Value::Null) => {
+                skipped.push((id, "no port".to_string()));
+                continue;
+            }
+            Some(p) => match p.as_u64().map(u16::try_from) {
+                Some(Ok(p)) if p > 0 => p,
+                _ => {
+                    skipped.push((id, format!("port {p} is not in 1-65535")));
+                    continue;
+                }
+            },
+        };
+        instances.push(External {
+            address: host,
+            port,
+            id,
+        });
+    }
+    instances.sort();
+    skipped.sort();
+    Ok((instances, skipped))
 }
 
 enum TxnFailure {
@@ -956,6 +1180,88 @@ impl Backend for Consul {
             version,
             ..Default::default()
         })
+    }
+
+    /// Blocking queries on `/v1/health/service/<name>?passing` (see [`next_index`] for how the
+    /// index moves); after a failed read the next query is a plain one from index 0, so a
+    /// Consul that came back empty is read at once.
+    async fn watch_service(
+        &self,
+        name: &str,
+        tx: tokio::sync::watch::Sender<ImportSnapshot>,
+    ) -> Result<(), BackendError> {
+        let mut index = 0u64;
+        let mut backoff = WATCH_BACKOFF_MIN;
+        let mut failing = false;
+        loop {
+            if tx.is_closed() {
+                return Ok(());
+            }
+            let read = tokio::select! {
+                biased;
+                () = tx.closed() => return Ok(()),
+                r = self.read_passing(name, index) => r,
+            };
+            let read = read.and_then(|(entries, got)| {
+                let (instances, skipped) = import_entries(name, &self.owner, &entries)?;
+                Ok((instances, skipped, got))
+            });
+            let pause = match read {
+                Ok((instances, skipped, got)) => {
+                    if failing {
+                        tracing::info!(service = name, "Consul import watch reads again");
+                        failing = false;
+                    }
+                    backoff = WATCH_BACKOFF_MIN;
+                    let next = ImportSnapshot {
+                        instances,
+                        skipped,
+                        error: None,
+                        synced: true,
+                    };
+                    tx.send_if_modified(|snap| {
+                        if *snap == next {
+                            false
+                        } else {
+                            *snap = next;
+                            true
+                        }
+                    });
+                    let (next_index, pause) = next_index(index, got);
+                    if pause {
+                        tracing::debug!(service = name, index = ?got, "Consul answered without a usable X-Consul-Index");
+                    }
+                    index = next_index;
+                    pause.then_some(WATCH_NO_INDEX_PAUSE)
+                }
+                Err(e) => {
+                    if failing {
+                        tracing::debug!(service = name, error = %e, "Consul import watch still failing");
+                    } else {
+                        tracing::warn!(service = name, error = %e, "Consul import watch failed; keeping the last instances");
+                        failing = true;
+                    }
+                    tx.send_if_modified(|snap| {
+                        if snap.error.as_ref() == Some(&e) {
+                            false
+                        } else {
+                            snap.error = Some(e);
+                            true
+                        }
+                    });
+                    index = 0;
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+                    Some(pause)
+                }
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    () = tx.closed() => return Ok(()),
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
     }
 
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
@@ -1354,6 +1660,112 @@ mod tests {
             ]
         );
         assert!(txn_errors(b"Permission denied", &ops).is_none());
+    }
+
+    #[test]
+    fn blocking_query_index_follows_consuls_rules() {
+        // First answer, then a change: block from the new index.
+        assert_eq!(next_index(0, Some(12)), (12, false));
+        assert_eq!(next_index(12, Some(15)), (15, false));
+        // No change (the wait ran out): block again from the same index.
+        assert_eq!(next_index(15, Some(15)), (15, false));
+        // Backwards (a catalog that lost its state): start again from 0, at once.
+        assert_eq!(next_index(15, Some(3)), (0, false));
+        // Missing or zero: cannot block, so pause instead of spinning.
+        assert_eq!(next_index(15, None), (0, true));
+        assert_eq!(next_index(0, Some(0)), (0, true));
+    }
+
+    #[test]
+    fn import_keeps_usable_entries_and_says_why_it_skips_the_others() {
+        let entry =
+            |node: &str, node_addr: &str, id: &str, addr: &str, port: Value, meta: Value| {
+                json!({"Node": {"Node": node, "Address": node_addr},
+                   "Service": {"ID": id, "Service": "db", "Address": addr, "Port": port,
+                               "Meta": meta},
+                   "Checks": []})
+            };
+        let entries = json!([
+            entry("n1", "192.0.2.1", "db-2", "10.0.0.2", json!(5432), Value::Null),
+            entry("n1", "192.0.2.1", "db-1", "", json!(5432), json!({})),
+            entry("n2", "192.0.2.2", "db-1", "fd00::1", json!(5433), json!({})),
+            entry("n1", "192.0.2.1", "db-host", "db.example.", json!(1), json!({})),
+            entry("n1", "192.0.2.1", "ours", "10.0.0.9", json!(1),
+                  json!({"catalog-bridge-owner": "c1"})),
+            entry("n1", "192.0.2.1", "theirs", "10.0.0.8", json!(1),
+                  json!({"catalog-bridge-owner": "c2"})),
+            entry("n1", "192.0.2.1", "no-port", "10.0.0.7", json!(0), json!({})),
+            entry("n1", "192.0.2.1", "big-port", "10.0.0.7", json!(70000), json!({})),
+            entry("n1", "192.0.2.1", "bad-addr", "not an address", json!(1), json!({})),
+            entry("n3", "", "no-addr", "", json!(1), json!({})),
+            entry("n1", "192.0.2.1", "ours-broken", "", json!(0),
+                  json!({"catalog-bridge-owner": "c1"})),
+            {"Node": {"Node": "n1"}},
+        ]);
+        let (instances, skipped) = import_entries("db", "c1", &entries).expect("a list");
+        let ext = |address: &str, port: u16, id: &str| External {
+            address: address.into(),
+            port,
+            id: id.into(),
+        };
+        assert_eq!(
+            instances,
+            [
+                ext("10.0.0.2", 5432, "db-2"),
+                ext("10.0.0.8", 1, "theirs"),
+                ext("192.0.2.1", 5432, "n1/db-1"),
+                ext("db.example.", 1, "db-host"),
+                ext("fd00::1", 5433, "n2/db-1"),
+            ]
+        );
+        let skipped_ids: Vec<&str> = skipped.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            skipped_ids,
+            ["bad-addr", "big-port", "n1/entry-11", "no-addr", "no-port"]
+        );
+        assert!(skipped[0].1.contains("not an address"), "{skipped:?}");
+        assert!(skipped[3].1.contains("no address"), "{skipped:?}");
+
+        assert_eq!(
+            import_entries("db", "c1", &Value::Null).expect("empty"),
+            (vec![], vec![])
+        );
+        assert!(matches!(
+            import_entries("db", "c1", &json!({"x": 1})),
+            Err(BackendError::Protocol(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_watch_of_an_unreachable_consul_reports_it_and_ends_with_its_receivers() {
+        let c = Consul::new(ConsulConfig {
+            addresses: vec!["http://127.0.0.1:1".into()],
+            node_name: "n".into(),
+            owner: "o".into(),
+            ..Default::default()
+        })
+        .expect("valid config");
+        let (tx, mut rx) = tokio::sync::watch::channel(ImportSnapshot::default());
+        let task = tokio::spawn(async move { c.watch_service("db", tx).await });
+        let snap =
+            tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.error.is_some()))
+                .await
+                .expect("an error in time")
+                .expect("the watch runs")
+                .clone();
+        assert!(!snap.synced && snap.instances.is_empty());
+        match snap.error {
+            Some(BackendError::Unreachable(m)) => {
+                assert!(m.contains("http://127.0.0.1:1") && m.contains("db"), "{m}")
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+        drop(rx);
+        let ended = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("the watch ends when its receivers are gone")
+            .expect("no panic");
+        assert_eq!(ended, Ok(()));
     }
 
     #[test]

@@ -45,6 +45,18 @@
 //!   vanish), and the old lease is then revoked. When etcd grants the new lease with the very
 //!   TTL of the old one (its minimum TTL is above the configured one), the old lease is kept.
 //!
+//! # Import
+//!
+//! [`Backend::watch_service`] reads the prefix `lookup` reads for the name (`coredns`: the
+//! name's path, or with a bare name the zone, keeping keys whose name segment is that label)
+//! and this owner's lease marker at one revision, then watches both from the next revision on
+//! one watch stream, so nothing is lost between read and watch; a cancelled (compacted) or
+//! broken watch is followed by a new read. An entry lives while its key does (a key dies with
+//! its lease). Keys attached to the marker's lease (or a lease this backend holds), and
+//! `naming` values whose metadata names this owner, are this controller's exports and never
+//! imported. Values that do not parse are reported as skipped. A failed read keeps the last
+//! instances and sets the error, retried after 200 ms doubling to 10 s.
+//!
 //! # Connections
 //!
 //! One client per endpoint, connected lazily on first use (never in [`Etcd::new`]); a request
@@ -54,7 +66,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -62,15 +74,16 @@ use std::time::Duration;
 use anyhow::bail;
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseTimeToLiveOptions,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
+    LeaseTimeToLiveOptions, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchOptions, WatchResponse, WatchStream,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::{Backend, BackendError, Record};
+use super::{Backend, BackendError, External, ImportSnapshot, Record};
 use crate::crd::{EtcdLayout, ServerInfo};
 use crate::model::{Instance, fnv1a64};
 use crate::plan::Op;
@@ -925,9 +938,21 @@ impl Inner {
         start: Vec<u8>,
         end: Vec<u8>,
     ) -> Result<Vec<etcd_client::KeyValue>, Fail> {
+        self.range_at(what, start, end, 0).await.map(|(kvs, _)| kvs)
+    }
+
+    /// Every key-value in `[start, end)`, read in pages at `revision` (0: the latest), and the
+    /// revision read.
+    async fn range_at(
+        &self,
+        what: &str,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        revision: i64,
+    ) -> Result<(Vec<etcd_client::KeyValue>, i64), Fail> {
         let mut out = Vec::new();
         let mut from = start;
-        let mut revision = 0;
+        let mut revision = revision;
         loop {
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
             if revision > 0 {
@@ -953,7 +978,7 @@ impl Inner {
             out.extend(kvs);
             match next {
                 Some(n) if more => from = n,
-                _ => return Ok(out),
+                _ => return Ok((out, revision)),
             }
         }
     }
@@ -1500,6 +1525,26 @@ impl Backend for Etcd {
         Some(self.inner.invalidations.subscribe())
     }
 
+    async fn watch_service(
+        &self,
+        name: &str,
+        tx: watch::Sender<ImportSnapshot>,
+    ) -> Result<(), BackendError> {
+        if name.trim().is_empty() {
+            return Err(BackendError::Rejected(
+                "an etcd import needs a service name".into(),
+            ));
+        }
+        let target = self.import_target(name);
+        debug!(catalog = %self.inner.catalog, name, prefix = %target.prefix, "etcd import watch starts");
+        tokio::select! {
+            () = tx.closed() => {}
+            () = self.follow_import(&target, &tx) => {}
+        }
+        debug!(catalog = %self.inner.catalog, name, "etcd import watch ends: nobody listens");
+        Ok(())
+    }
+
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
         let layout = &self.inner.layout;
         let (prefix, name_label) = layout.lookup_prefix(name);
@@ -1532,6 +1577,523 @@ impl Backend for Etcd {
             out.extend(found);
         }
         Ok(out.into_iter().collect())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Import (SPEC §5): a watch on the layout's prefix for one name.
+// ---------------------------------------------------------------------------------------------
+
+/// First pause after a failed import read; it doubles up to [`IMPORT_RETRY_MAX`].
+const IMPORT_RETRY_FIRST: Duration = Duration::from_millis(200);
+const IMPORT_RETRY_MAX: Duration = Duration::from_secs(10);
+/// An established import watch that breaks sooner than this counts as a failure for the
+/// backoff (so a watch refused right after its creation does not spin).
+const IMPORT_QUICK_BREAK: Duration = Duration::from_secs(1);
+
+/// Where an import watch of one name looks.
+#[derive(Clone, Debug)]
+struct ImportTarget {
+    kind: EtcdLayout,
+    /// The prefix read and watched.
+    prefix: String,
+    /// `coredns` with a bare name: the DNS label the name segment must equal (as `lookup`).
+    label: Option<String>,
+    /// This (owner, catalog)'s lease marker; `None` for a client without owner.
+    marker: Option<String>,
+    owner: String,
+}
+
+/// One key under the watched prefix, as last read or reported by the watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    /// The lease the key is attached to (0: none).
+    lease: i64,
+    /// The value names this controller as its owner (`naming` metadata).
+    owner_tagged: bool,
+    /// The entry, why it cannot be imported, or `None` when it is not one (a `naming` Delete).
+    parsed: Option<Result<External, String>>,
+}
+
+/// What an import watch knows: every key of the name, and the lease of this owner's marker.
+#[derive(Debug, Default)]
+struct ImportState {
+    keys: BTreeMap<String, Seen>,
+    marker_lease: Option<i64>,
+}
+
+impl ImportTarget {
+    /// The entry of key-value `kv`, or `None` when the key is not one of this name's
+    /// (`coredns`: another name's key under the zone).
+    fn seen(&self, kv: &KeyValue) -> Option<(String, Seen)> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        if let Some(label) = &self.label {
+            // <prefix><namespace>/<name>/<id>
+            let rest = kv.key().get(self.prefix.len()..).unwrap_or_default();
+            let segments: Vec<&[u8]> = rest.split(|b| *b == b'/').collect();
+            if segments.len() < 3 || segments[1] != label.as_bytes() {
+                return None;
+            }
+        }
+        let (parsed, owner_tagged) = match self.kind {
+            EtcdLayout::Plain => (Some(parse_plain(kv.value())), false),
+            EtcdLayout::Naming => parse_naming(kv.value(), &self.owner),
+            EtcdLayout::Coredns => (Some(parse_coredns(kv.value())), false),
+        };
+        let parsed = parsed.map(|r| {
+            r.map(|(address, port)| External {
+                address,
+                port,
+                id: key.clone(),
+            })
+        });
+        Some((
+            key,
+            Seen {
+                lease: kv.lease(),
+                owner_tagged,
+                parsed,
+            },
+        ))
+    }
+}
+
+impl ImportState {
+    /// Applies the events of one watch response; whether anything changed.
+    fn apply(&mut self, target: &ImportTarget, resp: &WatchResponse) -> bool {
+        let mut changed = false;
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let is_marker = target
+                .marker
+                .as_deref()
+                .is_some_and(|m| m.as_bytes() == kv.key());
+            match (ev.event_type(), is_marker) {
+                (EventType::Put, true) => {
+                    let lease = marker_lease(kv);
+                    changed |= self.marker_lease != lease;
+                    self.marker_lease = lease;
+                }
+                (EventType::Delete, true) => {
+                    changed |= self.marker_lease.take().is_some();
+                }
+                (EventType::Put, false) => {
+                    if !kv.key().starts_with(target.prefix.as_bytes()) {
+                        continue;
+                    }
+                    if let Some((key, seen)) = target.seen(kv)
+                        && self.keys.get(&key) != Some(&seen)
+                    {
+                        self.keys.insert(key, seen);
+                        changed = true;
+                    }
+                }
+                (EventType::Delete, false) => {
+                    let key = String::from_utf8_lossy(kv.key());
+                    changed |= self.keys.remove(key.as_ref()).is_some();
+                }
+            }
+        }
+        changed
+    }
+
+    /// The instances and skipped entries, without those of `own` leases or tagged with this
+    /// owner, sorted.
+    fn parts(&self, own: &[i64]) -> (Vec<External>, Vec<(String, String)>) {
+        let mut instances = Vec::new();
+        let mut skipped = Vec::new();
+        for (key, seen) in &self.keys {
+            if seen.owner_tagged || (seen.lease != 0 && own.contains(&seen.lease)) {
+                continue;
+            }
+            match &seen.parsed {
+                Some(Ok(e)) => instances.push(e.clone()),
+                Some(Err(why)) => skipped.push((key.clone(), why.clone())),
+                None => {}
+            }
+        }
+        instances.sort();
+        skipped.sort();
+        (instances, skipped)
+    }
+}
+
+/// The lease id a marker key names: its value in decimal, else the lease it is attached to.
+fn marker_lease(kv: &KeyValue) -> Option<i64> {
+    std::str::from_utf8(kv.value())
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|id| *id != 0)
+        .or(Some(kv.lease()))
+        .filter(|id| *id != 0)
+}
+
+/// A host of an imported entry: an IP address (normalized) or a DNS host name.
+fn parse_host(h: &str) -> Result<String, String> {
+    if let Ok(ip) = h.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let name = h.strip_suffix('.').unwrap_or(h);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty()
+        || name.len() > 253
+        || name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        || !name.split('.').all(label_ok)
+    {
+        return Err(format!("{h:?} is neither an IP address nor a host name"));
+    }
+    Ok(name.to_string())
+}
+
+/// An imported entry's host and port, or why it has none.
+type HostPort = Result<(String, u16), String>;
+
+/// A port of an imported entry: 1 to 65535.
+fn parse_port(p: &str) -> Result<u16, String> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+}
+
+/// `ip:port`, `[ipv6]:port` or `host:port`.
+fn parse_host_port(s: &str) -> HostPort {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty value, not host:port".into());
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("{s:?} is not [IPv6]:port"))?;
+        let ip: Ipv6Addr = h
+            .parse()
+            .map_err(|_| format!("{h:?} in {s:?} is not an IPv6 address"))?;
+        return Ok((ip.to_string(), parse_port(p)?));
+    }
+    let (h, p) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if h.contains(':') {
+        return Err(format!(
+            "{s:?}: an IPv6 address needs brackets ([addr]:port)"
+        ));
+    }
+    Ok((parse_host(h)?, parse_port(p)?))
+}
+
+/// A `plain` value: `host:port`.
+fn parse_plain(value: &[u8]) -> HostPort {
+    let v = std::str::from_utf8(value).map_err(|_| "the value is not UTF-8".to_string())?;
+    parse_host_port(v)
+}
+
+/// A `naming` value (an endpoints manager update): the entry unless `Op` is 1 (Delete), and
+/// whether its metadata names `owner`.
+fn parse_naming(value: &[u8], owner: &str) -> (Option<HostPort>, bool) {
+    let v: Value = match serde_json::from_slice(value) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) | Err(_) => {
+            return (
+                Some(Err(
+                    "not an endpoints manager update (a JSON object with Op and Addr)".into(),
+                )),
+                false,
+            );
+        }
+    };
+    let tagged =
+        !owner.is_empty() && v.pointer("/Metadata/owner").and_then(Value::as_str) == Some(owner);
+    let parsed = match v.get("Op") {
+        None => Some(Ok(())),
+        Some(op) => match op.as_u64() {
+            Some(0) => Some(Ok(())),
+            Some(1) => None,
+            _ => Some(Err(format!("Op {op} is neither 0 (Add) nor 1 (Delete)"))),
+        },
+    };
+    let parsed = parsed.map(|r| {
+        r.and_then(|()| match v.get("Addr").and_then(Value::as_str) {
+            Some(a) => parse_host_port(a).map_err(|e| format!("Addr: {e}")),
+            None => Err("no Addr string".into()),
+        })
+    });
+    (parsed, tagged)
+}
+
+/// A `coredns` value: `{"host": …, "port": …}`.
+fn parse_coredns(value: &[u8]) -> HostPort {
+    let v: Value =
+        serde_json::from_slice(value).map_err(|e| format!("not a CoreDNS record (JSON): {e}"))?;
+    let host = v
+        .get("host")
+        .and_then(Value::as_str)
+        .filter(|h| !h.is_empty())
+        .ok_or("no host")?;
+    let host = parse_host(
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host),
+    )?;
+    let port = match v.get("port") {
+        Some(p) => p
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("port {p} is not a port (1-65535)"))?,
+        None => return Err("no port".into()),
+    };
+    Ok((host, port))
+}
+
+/// Publishes a change of the snapshot, and only a change.
+fn publish(tx: &watch::Sender<ImportSnapshot>, f: impl FnOnce(&mut ImportSnapshot)) {
+    tx.send_if_modified(|s| {
+        let before = s.clone();
+        f(s);
+        *s != before
+    });
+}
+
+/// Backoff of an import watch.
+struct Retry {
+    pause: Duration,
+    failing: bool,
+    /// The last established watch broke quickly: do not reset the pause.
+    quick: bool,
+}
+
+impl Etcd {
+    fn import_target(&self, name: &str) -> ImportTarget {
+        let layout = &self.inner.layout;
+        let (prefix, label) = layout.lookup_prefix(name);
+        let marker = (!self.inner.owner.is_empty() && !self.inner.catalog.is_empty())
+            .then(|| self.inner.marker.clone());
+        ImportTarget {
+            kind: layout.kind,
+            prefix,
+            label,
+            marker,
+            owner: self.inner.owner.clone(),
+        }
+    }
+
+    /// The leases whose keys are this controller's: the marker's, and the leases this backend
+    /// holds itself (a previous one during a TTL change).
+    fn own_leases(&self, state: &ImportState) -> Vec<i64> {
+        let mut own: Vec<i64> = state.marker_lease.into_iter().collect();
+        if !self.inner.owner.is_empty()
+            && let Ok(st) = self.inner.lease.try_lock()
+        {
+            own.extend(st.current.iter().chain(st.previous.iter()).map(|h| h.id));
+        }
+        own
+    }
+
+    fn publish_state(&self, tx: &watch::Sender<ImportSnapshot>, state: &ImportState) {
+        let (instances, skipped) = state.parts(&self.own_leases(state));
+        publish(tx, |s| {
+            s.instances = instances;
+            s.skipped = skipped;
+            s.error = None;
+            s.synced = true;
+        });
+    }
+
+    /// Reads, watches and re-reads forever.
+    async fn follow_import(&self, target: &ImportTarget, tx: &watch::Sender<ImportSnapshot>) {
+        let mut retry = Retry {
+            pause: IMPORT_RETRY_FIRST,
+            failing: false,
+            quick: false,
+        };
+        loop {
+            match self.import_round(target, tx, &mut retry).await {
+                Err(e) => {
+                    if retry.failing {
+                        debug!(catalog = %self.inner.catalog, prefix = %target.prefix, error = %e, "etcd import read failed");
+                    } else {
+                        warn!(catalog = %self.inner.catalog, prefix = %target.prefix, error = %e, "etcd import read failed; keeping the last instances and retrying");
+                    }
+                    retry.failing = true;
+                    publish(tx, |s| s.error = Some(e));
+                    tokio::time::sleep(retry.pause).await;
+                    retry.pause = (retry.pause * 2).min(IMPORT_RETRY_MAX);
+                }
+                Ok((why, lived)) => {
+                    debug!(catalog = %self.inner.catalog, prefix = %target.prefix, why, "etcd import watch broke; reading again");
+                    retry.quick = lived < IMPORT_QUICK_BREAK;
+                    if retry.quick {
+                        tokio::time::sleep(retry.pause).await;
+                        retry.pause = (retry.pause * 2).min(IMPORT_RETRY_MAX);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The keys of the target and the marker's lease, at one revision, and that revision.
+    async fn import_read(&self, target: &ImportTarget) -> Result<(ImportState, i64), Fail> {
+        let what = format!("reading {}", target.prefix);
+        let (kvs, revision) = self
+            .inner
+            .range_at(
+                &what,
+                target.prefix.as_bytes().to_vec(),
+                prefix_end(target.prefix.as_bytes()),
+                0,
+            )
+            .await?;
+        if revision <= 0 {
+            return Err(Fail::Backend(BackendError::Protocol(format!(
+                "{what}: etcd answered without a revision"
+            ))));
+        }
+        let mut state = ImportState {
+            keys: kvs.iter().filter_map(|kv| target.seen(kv)).collect(),
+            marker_lease: None,
+        };
+        if let Some(marker) = &target.marker {
+            let marker = marker.clone();
+            let resp = self
+                .inner
+                .call("reading the lease marker", move |mut c| {
+                    let marker = marker.clone();
+                    async move {
+                        c.get(marker, Some(GetOptions::new().with_revision(revision)))
+                            .await
+                    }
+                })
+                .await?;
+            state.marker_lease = resp.kvs().first().and_then(marker_lease);
+        }
+        Ok((state, revision))
+    }
+
+    /// An error of an import watch stream on endpoint `idx`.
+    fn watch_error(&self, idx: usize, what: &str, e: &etcd_client::Error) -> BackendError {
+        let endpoint = &self.inner.endpoints[idx];
+        let (kind, text) = classify(e);
+        match kind {
+            Kind::Transport => {
+                self.inner.forget(idx);
+                BackendError::Unreachable(format!("{what} on etcd {endpoint}: {text}"))
+            }
+            Kind::Unauthorized => {
+                self.inner.forget(idx);
+                BackendError::Unauthorized(format!("{what} on etcd {endpoint}: {text}"))
+            }
+            Kind::LeaseGone | Kind::Rejected => {
+                BackendError::Rejected(format!("{what} on etcd {endpoint}: {text}"))
+            }
+        }
+    }
+
+    /// One read and the watch from the revision read, until the watch breaks. An error before
+    /// the watch is in place is the snapshot's error; a watch that broke afterwards returns why
+    /// and how long it lived.
+    async fn import_round(
+        &self,
+        target: &ImportTarget,
+        tx: &watch::Sender<ImportSnapshot>,
+        retry: &mut Retry,
+    ) -> Result<(String, Duration), BackendError> {
+        let (mut state, revision) = self.import_read(target).await?;
+        let what = format!("watching {}", target.prefix);
+        let opts = WatchOptions::new()
+            .with_range(prefix_end(target.prefix.as_bytes()))
+            .with_start_revision(revision + 1);
+        let prefix = target.prefix.clone();
+        let (mut stream, idx): (WatchStream, usize) = self
+            .inner
+            .call_at(&what, move |mut c| {
+                let (prefix, opts) = (prefix.clone(), opts.clone());
+                async move { c.watch(prefix, Some(opts)).await }
+            })
+            .await?;
+        let endpoint = self.inner.endpoints[idx].clone();
+        let mut want = 1;
+        if let Some(marker) = &target.marker {
+            let opts = WatchOptions::new().with_start_revision(revision + 1);
+            stream
+                .watch(marker.clone(), Some(opts))
+                .await
+                .map_err(|e| self.watch_error(idx, &what, &e))?;
+            want += 1;
+        }
+        // Until etcd confirms the watches, events are kept but not yet published.
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut created = 0;
+        while created < want {
+            let msg = match tokio::time::timeout_at(deadline, stream.message()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    self.inner.forget(idx);
+                    return Err(BackendError::Unreachable(format!(
+                        "{what}: etcd {endpoint} did not confirm the watch within {}s",
+                        REQUEST_TIMEOUT.as_secs()
+                    )));
+                }
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    return Err(BackendError::Unreachable(format!(
+                        "{what}: etcd {endpoint} closed the watch stream"
+                    )));
+                }
+                Err(e) => return Err(self.watch_error(idx, &what, &e)),
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return Ok((format!("revision {revision} was compacted"), Duration::ZERO));
+                }
+                return Err(BackendError::Rejected(format!(
+                    "{what} on etcd {endpoint}: the watch was cancelled: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            if resp.created() {
+                created += 1;
+            }
+            state.apply(target, &resp);
+        }
+        if retry.failing {
+            info!(catalog = %self.inner.catalog, prefix = %target.prefix, "etcd import watch works again");
+        }
+        retry.failing = false;
+        if !retry.quick {
+            retry.pause = IMPORT_RETRY_FIRST;
+        }
+        self.publish_state(tx, &state);
+        let started = tokio::time::Instant::now();
+        loop {
+            let why = match stream.message().await {
+                Ok(Some(resp)) if resp.canceled() => {
+                    format!(
+                        "the watch was cancelled (compacted at {}): {}",
+                        resp.compact_revision(),
+                        resp.cancel_reason()
+                    )
+                }
+                Ok(Some(resp)) => {
+                    if state.apply(target, &resp) {
+                        self.publish_state(tx, &state);
+                    }
+                    continue;
+                }
+                Ok(None) => format!("etcd {endpoint} closed the watch stream"),
+                Err(e) => self.watch_error(idx, &what, &e).to_string(),
+            };
+            return Ok((why, started.elapsed()));
+        }
     }
 }
 
@@ -1916,6 +2478,76 @@ mod tests {
         assert_eq!(host_port("10.0.0.1", 80), "10.0.0.1:80");
         assert_eq!(host_port("fd00::2", 80), "[fd00::2]:80");
         assert_eq!(host_port("db.example", 80), "db.example:80");
+    }
+
+    #[test]
+    fn import_values_parse_per_layout() {
+        let ok = |h: &str, p: u16| Ok((h.to_string(), p));
+        assert_eq!(parse_plain(b"10.0.0.8:3306"), ok("10.0.0.8", 3306));
+        assert_eq!(parse_plain(b" [fd00::8]:3306\n"), ok("fd00::8", 3306));
+        assert_eq!(parse_plain(b"db-1.example:5432"), ok("db-1.example", 5432));
+        for bad in [
+            &b""[..],
+            b"garbage",
+            b"10.0.0.8",
+            b"10.0.0.8:0",
+            b"10.0.0.8:70000",
+            b"fd00::8:3306",
+            b"[nope]:1",
+            b"10.0.0.300:1",
+            b"a b:1",
+            b"\xff:1",
+        ] {
+            assert!(
+                parse_plain(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let (p, tagged) = parse_naming(br#"{"Op":0,"Addr":"10.0.0.9:3306"}"#, "c1");
+        assert_eq!((p, tagged), (Some(ok("10.0.0.9", 3306)), false));
+        let (p, _) = parse_naming(br#"{"Addr":"10.0.0.9:3306"}"#, "c1");
+        assert_eq!(p, Some(ok("10.0.0.9", 3306)), "Op absent is Add");
+        assert_eq!(parse_naming(br#"{"Op":1,"Addr":"x:1"}"#, "c1").0, None);
+        for bad in [
+            &b"garbage"[..],
+            b"[1]",
+            br#"{"Op":"0","Addr":"10.0.0.9:1"}"#,
+            br#"{"Op":2,"Addr":"10.0.0.9:1"}"#,
+            br#"{"Op":0}"#,
+            br#"{"Op":0,"Addr":"10.0.0.9"}"#,
+        ] {
+            assert!(
+                matches!(parse_naming(bad, "c1").0, Some(Err(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let e = etcd(EtcdLayout::Naming);
+        let (_, value) = e.entry(&inst("api_x", "shop", "10.0.0.1", 80));
+        assert!(parse_naming(value.as_bytes(), "c1").1, "our own");
+        assert!(!parse_naming(value.as_bytes(), "c2").1);
+        assert_eq!(
+            parse_coredns(br#"{"host":"fd00::1","port":80,"ttl":30}"#),
+            ok("fd00::1", 80)
+        );
+        assert_eq!(
+            parse_coredns(br#"{"host":"db.example.","port":80}"#),
+            ok("db.example", 80)
+        );
+        for bad in [
+            &b"x"[..],
+            br#"{"port":80}"#,
+            br#"{"host":"10.0.0.1"}"#,
+            br#"{"host":"10.0.0.1","port":0}"#,
+            br#"{"host":"10.0.0.1","port":"80"}"#,
+        ] {
+            assert!(
+                parse_coredns(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[tokio::test]

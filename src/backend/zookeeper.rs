@@ -64,7 +64,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use zookeeper_client as zk;
 
-use super::{Backend, BackendError, Record};
+use super::{Backend, BackendError, External, ImportSnapshot, Record};
 use crate::crd::{ServerInfo, ZooKeeperLayout};
 use crate::model::Instance;
 use crate::plan::Op;
@@ -413,6 +413,8 @@ struct Inner {
     entry_acls: Vec<zk::Acl>,
     parent_acls: Vec<zk::Acl>,
     conn: tokio::sync::Mutex<Slot>,
+    /// The read-only session of the import watches (see [`Backend::watch_service`]).
+    watch_conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     cache: Mutex<Cache>,
     invalidated: watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -646,7 +648,7 @@ impl Inner {
         }
         let mut attached = None;
         if let Some(s) = &candidate {
-            match self.connect(Some(s)).await {
+            match self.connect(Some(s), self.has_owner()).await {
                 Ok(c) => {
                     tracing::info!(session = %format_args!("{:#x}", s.id), "re-attached to the ZooKeeper session");
                     c.saved.store(true, Ordering::SeqCst);
@@ -661,7 +663,7 @@ impl Inner {
         let fresh = attached.is_none();
         let conn = match attached {
             Some(c) => c,
-            None => match self.connect(None).await {
+            None => match self.connect(None, self.has_owner()).await {
                 Ok(c) => c,
                 Err(ConnectError::Expired) => {
                     return Err(BackendError::Protocol(format!(
@@ -723,8 +725,13 @@ impl Inner {
         }
     }
 
-    /// Opens a session, re-attaching to `attach` when given.
-    async fn connect(&self, attach: Option<&StoredSession>) -> Result<Conn, ConnectError> {
+    /// Opens a session, re-attaching to `attach` when given. A `detached` session is not
+    /// closed when its client is dropped.
+    async fn connect(
+        &self,
+        attach: Option<&StoredSession>,
+        detached: bool,
+    ) -> Result<Conn, ConnectError> {
         let upstream_timeout = (self.session_timeout * 2 / 5).min(Duration::from_secs(5));
         let proxy = Proxy::start(
             &self.upstreams,
@@ -741,7 +748,7 @@ impl Inner {
         let mut connector = zk::Client::connector()
             .with_session_timeout(self.session_timeout)
             .with_fail_eagerly();
-        if self.has_owner() {
+        if detached {
             // Dropping the client leaves the session (and its ephemeral nodes) to the next
             // process that re-attaches, or to the session timeout.
             connector = connector.with_detached();
@@ -902,6 +909,7 @@ impl ZooKeeper {
                 entry_acls,
                 parent_acls,
                 conn: tokio::sync::Mutex::new(Slot::Empty),
+                watch_conn: tokio::sync::Mutex::new(None),
                 cache: Mutex::default(),
                 invalidated,
                 tasks: Mutex::default(),
@@ -1478,6 +1486,371 @@ where
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Import.
+
+/// How long the import watches trust a stored session id they loaded before loading it again
+/// when they meet a session they do not know.
+const STORE_RECHECK: Duration = Duration::from_secs(30);
+
+/// What one read of an import watch found, and the watches it armed.
+struct ImportRead {
+    instances: Vec<External>,
+    skipped: Vec<(String, String)>,
+    /// The child (or exists) watch of the directory and the data watch of each entry.
+    watchers: Vec<zk::OneshotWatcher>,
+}
+
+/// The sessions whose ephemeral nodes this controller wrote, as one import watch knows them.
+#[derive(Default)]
+struct OwnSessions {
+    /// The session in the [`SessionStore`] when it was loaded last.
+    stored: Option<i64>,
+    loaded: Option<std::time::Instant>,
+    /// Sessions found not to be ours at the last load.
+    foreign: HashSet<i64>,
+}
+
+impl OwnSessions {
+    /// Whether a node with this `ephemeralOwner` is this controller's: the backend's current
+    /// session, or the session in the store (the leader's, when this replica does not lead).
+    /// The store is loaded again when a session not seen before shows up (at most once per
+    /// session and [`STORE_RECHECK`]), so a new leader's session is recognized before its
+    /// first entry could be imported.
+    async fn is_own(&mut self, inner: &Inner, ephemeral_owner: i64) -> bool {
+        if ephemeral_owner == 0 || !inner.has_owner() {
+            return false;
+        }
+        if ephemeral_owner == inner.lock_cache().session || Some(ephemeral_owner) == self.stored {
+            return true;
+        }
+        let fresh = self.loaded.is_some_and(|t| t.elapsed() < STORE_RECHECK);
+        if fresh && self.foreign.contains(&ephemeral_owner) {
+            return false;
+        }
+        if !fresh {
+            self.foreign.clear();
+        }
+        match inner.store.load().await {
+            Ok(s) => {
+                self.stored = s.map(|s| s.id);
+                self.loaded = Some(std::time::Instant::now());
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "loading the stored ZooKeeper session for an import watch failed");
+                return false;
+            }
+        }
+        if Some(ephemeral_owner) == self.stored {
+            return true;
+        }
+        self.foreign.insert(ephemeral_owner);
+        false
+    }
+}
+
+/// Address and port of a plain-layout child name: `ip:port`, `[ipv6]:port` or `host:port`.
+fn parse_provider(child: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = child.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| "no closing ']'".to_string())?;
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| "no ':port' after ']'".to_string())?;
+        let ip: std::net::Ipv6Addr = host
+            .parse()
+            .map_err(|_| format!("{host:?} in brackets is not an IPv6 address"))?;
+        (ip.to_string(), port)
+    } else {
+        let (host, port) = child
+            .rsplit_once(':')
+            .ok_or_else(|| "not host:port".to_string())?;
+        if host.contains(':') {
+            return Err("an IPv6 address must be in brackets".into());
+        }
+        (host.to_string(), port)
+    };
+    let port = parse_port(port)?;
+    Ok((checked_host(&host)?, port))
+}
+
+fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("{p:?} is not a port")),
+    }
+}
+
+/// An address as imported: IPs in canonical form (IPv6 without brackets), host names as they
+/// are if they are valid DNS names.
+fn checked_host(host: &str) -> Result<String, String> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if valid {
+        Ok(host.to_string())
+    } else {
+        Err(format!("{host:?} is neither an IP address nor a host name"))
+    }
+}
+
+/// Address and port of a Curator `ServiceInstance` (`port`, or `sslPort` when `port` is null
+/// or absent); `Ok(None)` when it is disabled (`enabled: false`).
+fn parse_curator(data: &[u8]) -> Result<Option<(String, u16)>, String> {
+    let v: Value =
+        serde_json::from_slice(data).map_err(|e| format!("not a JSON ServiceInstance: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| "not a JSON object (a Curator ServiceInstance)".to_string())?;
+    match obj.get("enabled") {
+        None | Some(Value::Null) | Some(Value::Bool(true)) => {}
+        Some(Value::Bool(false)) => return Ok(None),
+        Some(other) => return Err(format!("\"enabled\" is {other}, not a boolean")),
+    }
+    let address = match obj.get("address") {
+        Some(Value::String(a)) if !a.trim().is_empty() => a.trim(),
+        Some(other) => return Err(format!("\"address\" is {other}, not an address")),
+        None => return Err("no \"address\"".into()),
+    };
+    let port_of = |key: &str| -> Result<Option<u16>, String> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64().and_then(|p| u16::try_from(p).ok()) {
+                Some(p) if p > 0 => Ok(Some(p)),
+                _ => Err(format!("\"{key}\" is {n}, not a port")),
+            },
+            Some(other) => Err(format!("\"{key}\" is {other}, not a port")),
+        }
+    };
+    let port = match port_of("port")? {
+        Some(p) => p,
+        None => {
+            port_of("sslPort")?.ok_or_else(|| "neither \"port\" nor \"sslPort\"".to_string())?
+        }
+    };
+    Ok(Some((checked_host(address)?, port)))
+}
+
+/// Whether plain-layout data names `owner` (`{"owner": …}`, as [`ZooKeeper::entry`] writes).
+fn plain_owner_is(data: &[u8], owner: &str) -> bool {
+    !owner.is_empty()
+        && serde_json::from_slice::<Value>(data)
+            .ok()
+            .and_then(|v| v.get("owner").and_then(Value::as_str).map(|o| o == owner))
+            .unwrap_or(false)
+}
+
+/// Publishes a change of the snapshot, and only a change.
+fn publish(tx: &watch::Sender<ImportSnapshot>, f: impl FnOnce(&mut ImportSnapshot)) {
+    tx.send_if_modified(|s| {
+        let before = s.clone();
+        f(s);
+        *s != before
+    });
+}
+
+fn publish_error(tx: &watch::Sender<ImportSnapshot>, e: BackendError) {
+    publish(tx, |s| s.error = Some(e));
+}
+
+impl ZooKeeper {
+    /// The session the import watches read through: a session of their own, never the
+    /// export session, so a watch neither creates nodes nor takes the export session over
+    /// (ZooKeeper gives a session to the connection that attached last). It is not detached
+    /// (it owns nothing) and is replaced when it ends.
+    async fn watch_conn(&self) -> Result<Arc<Conn>, BackendError> {
+        let mut slot = self.inner.watch_conn.lock().await;
+        if let Some(c) = &*slot
+            && !c.client.state().is_terminated()
+        {
+            return Ok(c.clone());
+        }
+        *slot = None;
+        let conn = match self.inner.connect(None, false).await {
+            Ok(c) => Arc::new(c),
+            Err(ConnectError::Failed(e)) => return Err(e),
+            Err(ConnectError::Expired) => {
+                return Err(BackendError::Protocol(format!(
+                    "ZooKeeper {} refused to open a session",
+                    self.inner.hosts()
+                )));
+            }
+        };
+        tracing::debug!(session = %format_args!("{:#x}", conn.session.id), "new ZooKeeper session for import watches");
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Reads the entries of `name` and arms the watches that fire on their next change: the
+    /// child watch of the directory (an exists watch while it does not exist) and a data
+    /// watch on every entry (Curator data is the instance; plain data carries the owner).
+    async fn read_import(
+        &self,
+        conn: &Conn,
+        name: &str,
+        own: &mut OwnSessions,
+    ) -> Result<ImportRead, BackendError> {
+        let client = &conn.client;
+        let dir = self.dir_of(name);
+        let err = |what: String, e: &zk::Error| self.inner.error(&what, e, Some(&conn.proxy));
+        let (children, child_watch) = loop {
+            match client.get_and_watch_children(&dir).await {
+                Ok((children, _, w)) => break (children, w),
+                Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(err(format!("watching {dir}"), &e)),
+            }
+            match client.check_and_watch_stat(&dir).await {
+                // Created in between: list it.
+                Ok((Some(_), _)) => continue,
+                Ok((None, w)) => {
+                    return Ok(ImportRead {
+                        instances: Vec::new(),
+                        skipped: Vec::new(),
+                        watchers: vec![w],
+                    });
+                }
+                Err(e) => return Err(err(format!("watching {dir} for its creation"), &e)),
+            }
+        };
+        let paths: Vec<String> = children.iter().map(|c| format!("{dir}/{c}")).collect();
+        let nodes = pipelined(&paths, |p| client.get_and_watch_data(p)).await;
+        let mut out = ImportRead {
+            instances: Vec::new(),
+            skipped: Vec::new(),
+            watchers: vec![child_watch],
+        };
+        for ((child, path), node) in children.iter().zip(&paths).zip(nodes) {
+            let (data, stat, w) = match node {
+                Ok(n) => n,
+                // Deleted since the listing: the child watch fires.
+                Err(zk::Error::NoNode) => continue,
+                Err(e) => return Err(err(format!("reading {path}"), &e)),
+            };
+            out.watchers.push(w);
+            let mine = match self.inner.layout {
+                ZooKeeperLayout::Plain => plain_owner_is(&data, &self.inner.owner),
+                ZooKeeperLayout::Curator => false,
+            } || own.is_own(&self.inner, stat.ephemeral_owner).await;
+            if mine {
+                continue;
+            }
+            let parsed = match self.inner.layout {
+                ZooKeeperLayout::Plain => parse_provider(child).map(Some),
+                ZooKeeperLayout::Curator => parse_curator(&data),
+            };
+            match parsed {
+                Ok(Some((address, port))) => out.instances.push(External {
+                    address,
+                    port,
+                    id: path.clone(),
+                }),
+                Ok(None) => {}
+                Err(why) => out.skipped.push((path.clone(), why)),
+            }
+        }
+        out.instances.sort();
+        out.skipped.sort();
+        Ok(out)
+    }
+
+    /// The loop of [`Backend::watch_service`]; returns when `tx` has no receivers left.
+    async fn follow(&self, name: &str, tx: &watch::Sender<ImportSnapshot>) {
+        let mut own = OwnSessions::default();
+        let mut backoff = Duration::from_millis(100);
+        let cap = self.inner.backoff_cap();
+        // A read that hangs (requests wait while the client reconnects) counts as failed.
+        let read_timeout = self.inner.session_timeout.max(Duration::from_secs(2));
+        let dir = self.dir_of(name);
+        loop {
+            let attempt = async {
+                let conn = self.watch_conn().await?;
+                let state = conn.client.state_watcher();
+                match tokio::time::timeout(read_timeout, self.read_import(&conn, name, &mut own))
+                    .await
+                {
+                    Ok(Ok(read)) => Ok((conn, state, read)),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(BackendError::Unreachable(format!(
+                        "watching {dir} on ZooKeeper {}: timed out{}",
+                        self.inner.hosts(),
+                        conn.proxy
+                            .failures()
+                            .map(|f| format!(" ({f})"))
+                            .unwrap_or_default()
+                    ))),
+                }
+            };
+            let result = tokio::select! {
+                r = attempt => r,
+                _ = tx.closed() => return,
+            };
+            let (conn, mut state, read) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, name, "reading an imported ZooKeeper service failed; retrying");
+                    publish_error(tx, e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tx.closed() => return,
+                    }
+                    backoff = (backoff * 2).min(cap);
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            publish(tx, |s| {
+                s.instances = read.instances;
+                s.skipped = read.skipped;
+                s.error = None;
+                s.synced = true;
+            });
+            let mut changed = futures::future::select_all(
+                read.watchers
+                    .into_iter()
+                    .map(|w| Box::pin(w.changed()))
+                    .collect::<Vec<_>>(),
+            );
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = &mut changed => break,
+                    s = state.changed() => match s {
+                        zk::SessionState::Disconnected => publish_error(
+                            tx,
+                            BackendError::Unreachable(format!(
+                                "watching {dir} on ZooKeeper {}: disconnected{}",
+                                self.inner.hosts(),
+                                conn.proxy
+                                    .failures()
+                                    .map(|f| format!(" ({f})"))
+                                    .unwrap_or_default()
+                            )),
+                        ),
+                        // Reconnected (read again: nothing missed), or the session ended
+                        // (a new one is opened by the next read).
+                        _ => break,
+                    },
+                }
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for ZooKeeper {
     async fn release(&self) {
@@ -1636,6 +2009,33 @@ impl Backend for ZooKeeper {
 
     fn invalidations(&self) -> Option<watch::Receiver<u64>> {
         Some(self.inner.invalidated.subscribe())
+    }
+
+    /// Child watches on the layout's directory (an exists watch until it is created) and
+    /// data watches on each entry, through a read-only session of the watches' own (see
+    /// [`ZooKeeper::watch_conn`]). Every event, and every reconnect, leads to a full re-read
+    /// with the watches armed again by the read itself, so nothing is lost in between.
+    ///
+    /// # No loops
+    ///
+    /// An entry is this controller's, and left out, when
+    /// - (plain) its data is JSON whose `owner` is this backend's owner id (what
+    ///   [`ZooKeeper::entry`] writes), or
+    /// - (both layouts; Curator instances carry no owner marker) its `ephemeralOwner` is this
+    ///   backend's current export session, or the session in the [`SessionStore`] — the one
+    ///   every replica of this controller writes through (see [`OwnSessions::is_own`]).
+    ///
+    /// A backend without owner id leaves nothing out.
+    async fn watch_service(
+        &self,
+        name: &str,
+        tx: watch::Sender<ImportSnapshot>,
+    ) -> Result<(), BackendError> {
+        if let Some(problem) = name_problem(name) {
+            return Err(BackendError::Rejected(problem));
+        }
+        self.follow(name, &tx).await;
+        Ok(())
     }
 
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
@@ -2319,6 +2719,60 @@ mod tests {
         assert!(t.is_none() && &rec != r);
         assert!(curator_address(br#"{"address":"h","port":1,"enabled":false}"#).is_none());
         assert!(curator_address(b"garbage").is_none());
+    }
+
+    #[test]
+    fn import_parses_provider_names_and_curator_instances() {
+        let ok = |h: &str, p| Ok((h.to_string(), p));
+        assert_eq!(parse_provider("10.0.0.8:3306"), ok("10.0.0.8", 3306));
+        assert_eq!(parse_provider("[fd00::8]:3306"), ok("fd00::8", 3306));
+        assert_eq!(
+            parse_provider("db-1.example:5432"),
+            ok("db-1.example", 5432)
+        );
+        for bad in [
+            "10.0.0.8",
+            "fd00::8:3306",
+            "[fd00::8]3306",
+            "[nope]:1",
+            "h:0",
+            "h:70000",
+            ":80",
+            "a b:1",
+        ] {
+            assert!(parse_provider(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_curator(br#"{"address":"10.0.0.1","port":8080,"sslPort":null}"#),
+            Ok(Some(("10.0.0.1".into(), 8080)))
+        );
+        assert_eq!(
+            parse_curator(br#"{"address":"[fd00::1]","port":null,"sslPort":8443}"#),
+            Ok(Some(("fd00::1".into(), 8443)))
+        );
+        assert_eq!(
+            parse_curator(br#"{"address":"h","port":1,"enabled":false}"#),
+            Ok(None)
+        );
+        for bad in [
+            &b"garbage"[..],
+            br#"[1]"#,
+            br#"{"port":1}"#,
+            br#"{"address":"h"}"#,
+            br#"{"address":"h","port":"80"}"#,
+            br#"{"address":"h","port":0}"#,
+            br#"{"address":"h","port":1,"enabled":"no"}"#,
+        ] {
+            assert!(
+                parse_curator(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(plain_owner_is(br#"{"owner":"c1"}"#, "c1"));
+        assert!(!plain_owner_is(br#"{"owner":"c2"}"#, "c1"));
+        assert!(!plain_owner_is(b"", "c1"));
+        assert!(!plain_owner_is(br#"{"owner":""}"#, ""));
     }
 
     #[test]

@@ -1,0 +1,363 @@
+//! Import end to end: services registered in Consul, etcd and ZooKeeper by their real clients
+//! (py-consul, etcdctl, kazoo) appear in Kubernetes as selector-less Services with
+//! EndpointSlices that follow the catalog's health, through the controller binary.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
+use localenv::Env;
+use serde_json::{Value, json};
+use support::{Controller, consul_catalog, kubectl_apply};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn import(name: &str, catalog: &str, external: &str, target: Value) -> Value {
+    json!({
+        "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"catalogRef": {"name": catalog}, "direction": "Import",
+                 "externalName": external, "target": target},
+    })
+}
+
+/// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `svc`.
+async fn endpoints(client: &kube::Client, svc: &str) -> Result<Vec<String>> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
+    let mut out = Vec::new();
+    for s in slices
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={svc}")))
+        .await?
+        .items
+    {
+        let port = s
+            .ports
+            .as_ref()
+            .and_then(|p| p.first())
+            .and_then(|p| p.port)
+            .unwrap_or(0);
+        for e in s.endpoints {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
+                for a in e.addresses {
+                    out.push(format!("{a}:{port}"));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+async fn wait_endpoints(client: &kube::Client, svc: &str, want: &[&str]) -> Result<Duration> {
+    let start = Instant::now();
+    localenv::eventually(
+        &format!("Service {svc} endpoints {want:?}"),
+        WAIT,
+        || async {
+            let got = endpoints(client, svc).await?;
+            if got == want {
+                Ok(Some(start.elapsed()))
+            } else {
+                anyhow::bail!("got {got:?}")
+            }
+        },
+    )
+    .await
+}
+
+async fn setup() -> Result<(Env, kube::Client, Controller)> {
+    let env = Env::builder().all().start().await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    support::ensure_namespace(&client, "shop").await?;
+    kubectl_apply(
+        &env,
+        &consul_catalog("consul", &[env.consul()?.url()], "k8s-test"),
+    )?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "etcd"},
+            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()]}},
+        }),
+    )?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk"},
+            "spec": {"zookeeper": {"connect": env.zookeeper()?.connect_string()}},
+        }),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    Ok((env, client, cb))
+}
+
+#[tokio::test]
+async fn consul_instances_with_passing_checks_become_endpoints() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    let consul = env.consul()?.address();
+    let py = |script: &str| {
+        localenv::python(
+            &format!(
+                "import sys, consul\nhost, port = sys.argv[1].split(':')\nc = consul.Consul(host=host, port=int(port))\n{script}\n"
+            ),
+            &[&consul],
+        )
+    };
+    py("for i, ip in enumerate(['10.9.0.1', '10.9.0.2']):\n\
+        \x20   c.agent.service.register('api_z', service_id='api_z-%d' % i, address=ip, port=7070, check=consul.Check.ttl('30s'))\n\
+        \x20   c.agent.check.ttl_pass('service:api_z-%d' % i)")?;
+    kubectl_apply(&env, &import("api-z", "consul", "api_z", json!({})))?;
+    wait_endpoints(&client, "api-z", &["10.9.0.1:7070", "10.9.0.2:7070"])
+        .await
+        .with_context(|| cb.log())?;
+    let svc = Api::<Service>::namespaced(client.clone(), "shop")
+        .get("api-z")
+        .await?;
+    let spec = svc.spec.context("spec")?;
+    assert!(spec.selector.is_none(), "selector-less");
+    assert_eq!(
+        spec.ports.context("ports")?[0].port,
+        7070,
+        "the port the catalog reports"
+    );
+
+    py("c.agent.check.ttl_fail('service:api_z-1')")?;
+    let took = wait_endpoints(&client, "api-z", &["10.9.0.1:7070"]).await?;
+    println!("Consul check critical -> endpoint gone in {took:?}");
+    py("c.agent.check.ttl_pass('service:api_z-1')")?;
+    let took = wait_endpoints(&client, "api-z", &["10.9.0.1:7070", "10.9.0.2:7070"]).await?;
+    println!("Consul check passing -> endpoint back in {took:?}");
+
+    // Deleting the registration removes the Service and its slices (owner references).
+    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+        Api::namespaced(client.clone(), "shop");
+    regs.delete("api-z", &Default::default()).await?;
+    localenv::eventually("the imported Service to go", WAIT, || async {
+        let gone = Api::<Service>::namespaced(client.clone(), "shop")
+            .get_opt("api-z")
+            .await?
+            .is_none();
+        Ok(gone.then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn etcd_keys_and_zookeeper_nodes_become_endpoints_while_they_live() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    let etcd = env.etcd()?;
+    let grant = etcd.etcdctl(&["lease", "grant", "60"])?;
+    let lease = grant
+        .split_whitespace()
+        .nth(1)
+        .context("lease id")?
+        .to_string();
+    for ip in ["10.8.0.1", "10.8.0.2"] {
+        etcd.etcdctl(&[
+            "put",
+            &format!("--lease={lease}"),
+            &format!("/services/memcache/providers/{ip}:11211"),
+            &format!("{ip}:11211"),
+        ])?;
+    }
+    etcd.etcdctl(&[
+        "put",
+        "/services/memcache/providers/garbage",
+        "not an address",
+    ])?;
+    kubectl_apply(
+        &env,
+        &import(
+            "memcache",
+            "etcd",
+            "memcache",
+            json!({"ports": [{"name": "memcache", "port": 11211}]}),
+        ),
+    )?;
+    wait_endpoints(&client, "memcache", &["10.8.0.1:11211", "10.8.0.2:11211"])
+        .await
+        .with_context(|| cb.log())?;
+    let events = localenv::eventually("a Warning Event for the garbage entry", WAIT, || async {
+        let out = env.kube()?.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "shop",
+            "--field-selector",
+            "type=Warning",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.note}{.message}{\"\\n\"}{end}",
+        ])?;
+        Ok(out.contains("UnparsableEntry").then_some(out))
+    })
+    .await?;
+    println!("{events}");
+    let skipped = cb
+        .metric(
+            "catalog_bridge_import_skipped_entries",
+            &["registration=\"memcache\""],
+        )
+        .await?;
+    assert_eq!(skipped, 1.0, "the unparsable entry is counted");
+    etcd.etcdctl(&["lease", "revoke", &lease])?;
+    let took = wait_endpoints(&client, "memcache", &[]).await?;
+    println!("etcd lease revoked -> endpoints gone in {took:?}");
+
+    // ZooKeeper: kazoo's ephemeral nodes live while its session does.
+    let mut kazoo = std::process::Command::new(localenv::programs::python()?)
+        .arg("-c")
+        .arg("import sys\nfrom kazoo.client import KazooClient\n\
+              zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+              zk.create('/services/mysql_x/providers/10.7.0.8:3306', b'{}', ephemeral=True, makepath=True)\n\
+              print('READY', flush=True)\nsys.stdin.read()\nzk.stop(); zk.close()\n")
+        .arg(env.zookeeper()?.connect_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::BufRead;
+        let out = kazoo.stdout.take().context("kazoo stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        anyhow::ensure!(line.starts_with("READY"), "kazoo did not register: {line}");
+    }
+    kubectl_apply(
+        &env,
+        &import(
+            "mysql-x",
+            "zk",
+            "mysql_x",
+            json!({"ports": [{"name": "mysql", "port": 3306}]}),
+        ),
+    )?;
+    wait_endpoints(&client, "mysql-x", &["10.7.0.8:3306"])
+        .await
+        .with_context(|| cb.log())?;
+    drop(kazoo.stdin.take()); // the registrant's session closes
+    kazoo.wait()?;
+    let took = wait_endpoints(&client, "mysql-x", &[]).await?;
+    println!("kazoo session closed -> endpoint gone in {took:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_exported_to_and_imported_from_one_catalog_makes_no_loop() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    support::deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        support::annotations(&[
+            ("catalog-bridge.io/export", "consul"),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    let consul = support::ConsulView::new(env.consul()?.url())?;
+    consul
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await?;
+    // Someone else's instance of the same name, registered by hand.
+    consul
+        .register("vm-host", "api_x-vm", "api_x", json!({}))
+        .await?;
+    kubectl_apply(
+        &env,
+        &import(
+            "api-x-imported",
+            "consul",
+            "api_x",
+            json!({"serviceName": "api-x-imported"}),
+        ),
+    )?;
+    // Only the foreign instance is imported; our own two exports are not.
+    wait_endpoints(&client, "api-x-imported", &["192.0.2.10:1234"])
+        .await
+        .with_context(|| cb.log())?;
+    // And the imported Service is never exported back.
+    support::annotate(
+        &client,
+        "shop",
+        "api-x-imported",
+        json!({"catalog-bridge.io/export": "consul"}),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut all = consul.passing("api_x").await?;
+    all.sort();
+    assert_eq!(
+        all,
+        ["10.1.0.1:8080", "10.1.0.2:8080", "192.0.2.10:1234"],
+        "no copy of a copy"
+    );
+    assert_eq!(
+        endpoints(&client, "api-x-imported").await?,
+        ["192.0.2.10:1234"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_catalog_outage_keeps_the_last_known_endpoints() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    let consul = env.consul()?;
+    let register = || {
+        localenv::python(
+            "import sys, consul\nhost, port = sys.argv[1].split(':')\n\
+             c = consul.Consul(host=host, port=int(port))\n\
+             c.catalog.register('vm-1', '10.6.0.1', service={'ID': 'db-1', 'Service': 'db', 'Address': '10.6.0.1', 'Port': 5432})\n",
+            &[&consul.address()],
+        )
+    };
+    register()?;
+    kubectl_apply(&env, &import("db", "consul", "db", json!({})))?;
+    wait_endpoints(&client, "db", &["10.6.0.1:5432"])
+        .await
+        .with_context(|| cb.log())?;
+
+    consul.stop()?;
+    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+        Api::namespaced(client.clone(), "shop");
+    let message = localenv::eventually("Synced=False naming the outage", WAIT, || async {
+        let s = regs.get("db").await?.status.unwrap_or_default();
+        Ok(s.conditions
+            .into_iter()
+            .find(|c| c.type_ == "Synced" && c.status == "False")
+            .map(|c| c.message))
+    })
+    .await?;
+    println!("while Consul is down: {message}");
+    assert!(
+        message.contains("keeping the last known 1 endpoint"),
+        "{message}"
+    );
+    assert_eq!(
+        endpoints(&client, "db").await?,
+        ["10.6.0.1:5432"],
+        "nothing deleted because a read failed"
+    );
+
+    // The dev agent comes back empty; the registrant registers again and the import follows.
+    consul.start_again().await?;
+    register()?;
+    wait_endpoints(&client, "db", &["10.6.0.1:5432"]).await?;
+    localenv::eventually("Synced=True again", WAIT, || async {
+        let s = regs.get("db").await?.status.unwrap_or_default();
+        Ok(s.conditions
+            .iter()
+            .any(|c| c.type_ == "Synced" && c.status == "True")
+            .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
