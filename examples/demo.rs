@@ -4,8 +4,9 @@
 //! `api_x` runs as two Pods in Kubernetes and is exported to Consul; `memcache` runs as two
 //! Pods and is exported to etcd. Anyone asking Consul "where is api_x?" gets
 //! `api_x @ 10.0.0.1:8080 & 10.0.0.2:8080`, anyone reading etcd's `/services/memcache/providers`
-//! gets `memcache @ 10.4.0.1:8080 & 10.4.0.2:8080`. Then one Pod turns unready and the answer
-//! follows.
+//! gets `memcache @ 10.4.0.1:8080 & 10.4.0.2:8080`. `mysql_x`, registered in ZooKeeper by an
+//! outside client, appears in Kubernetes as the Service `mysql-x` with an EndpointSlice. Then
+//! one Pod turns unready and the answer follows.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -104,6 +105,75 @@ async fn main() -> Result<()> {
     );
     println!();
 
+    step(
+        "mysql_x registers itself in ZooKeeper from outside Kubernetes (kazoo, an ephemeral node)",
+    );
+    let zk = env.zookeeper()?.connect_string();
+    kubectl_apply(
+        &env,
+        &serde_json::json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk"},
+            "spec": {"zookeeper": {"connect": zk}},
+        }),
+    )?;
+    let mut registrant = std::process::Command::new(localenv::programs::python()?)
+        .arg("-c")
+        .arg(
+            "import sys\nfrom kazoo.client import KazooClient\n\
+             zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+             zk.create('/services/mysql_x/providers/10.8.0.8:3306', b'{}', ephemeral=True, makepath=True)\n\
+             print('READY', flush=True)\nsys.stdin.read()\n",
+        )
+        .arg(&zk)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the kazoo registrant")?;
+    {
+        use std::io::BufRead;
+        let out = registrant.stdout.take().context("kazoo output")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        anyhow::ensure!(
+            line.starts_with("READY"),
+            "kazoo did not register mysql_x: {line}"
+        );
+    }
+    println!("ZooKeeper answers: {}", query(&env, "zk", "mysql_x")?);
+
+    step("importing mysql_x into Kubernetes (ExternalRegistration, direction Import)");
+    kubectl_apply(
+        &env,
+        &serde_json::json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+            "metadata": {"name": "mysql-x", "namespace": "shop"},
+            "spec": {"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "mysql_x",
+                     "target": {"ports": [{"name": "mysql", "port": 3306}]}},
+        }),
+    )?;
+    let slices = localenv::eventually(
+        "the imported EndpointSlice",
+        Duration::from_secs(60),
+        || async {
+            let out = kube.kubectl(&[
+                "get",
+                "endpointslices",
+                "-n",
+                "shop",
+                "-l",
+                "kubernetes.io/service-name=mysql-x",
+            ])?;
+            Ok(out.contains("10.8.0.8").then_some(out))
+        },
+    )
+    .await
+    .with_context(|| cb.log())?;
+    println!();
+    println!("Service shop/mysql-x (pods reach it as mysql-x.shop.svc), its EndpointSlice:");
+    print!("{slices}");
+    println!();
+
     step("Pod api-x-2 turns unready");
     let t = Instant::now();
     workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
@@ -126,6 +196,7 @@ async fn main() -> Result<()> {
         localenv::programs::kubectl()?.display()
     );
     println!("  kubectl get xcat                      # catalogs, Reachable, entries");
+    println!("  kubectl get xreg -A                   # the mysql-x import and its endpoints");
     println!("  kubectl get endpointslices -n shop    # what Kubernetes says is ready");
     println!("  curl -s {consul_url}/v1/health/service/api_x?passing   # what Consul says");
     println!("  Consul UI: {consul_url}/ui/");
@@ -138,6 +209,7 @@ async fn main() -> Result<()> {
     );
     println!("  zookeeper: {}", env.zookeeper()?.connect_string());
     tokio::signal::ctrl_c().await?;
+    let _ = registrant.kill();
     step("stopping");
     Ok(())
 }
