@@ -60,6 +60,9 @@ pub struct Rendered {
     pub slices: Vec<EndpointSlice>,
     /// Endpoints across all slices.
     pub endpoints: usize,
+    /// Which slice each endpoint is in, by slice name prefix and address: the next render
+    /// keeps endpoints where they are, so one change rewrites one slice.
+    pub placement: BTreeMap<String, BTreeMap<String, usize>>,
 }
 
 /// A Service port: its name, the port clients use, and which instance port it reaches.
@@ -69,7 +72,11 @@ struct PortMap {
 }
 
 /// Renders the Service and EndpointSlices for `reg` from `snap`. Pure.
-pub fn render(reg: &ExternalRegistration, snap: &ImportSnapshot) -> Result<Rendered> {
+pub fn render(
+    reg: &ExternalRegistration,
+    snap: &ImportSnapshot,
+    previous: Option<&Rendered>,
+) -> Result<Rendered> {
     let ns = reg
         .namespace()
         .context("an ExternalRegistration is namespaced")?;
@@ -147,10 +154,36 @@ pub fn render(reg: &ExternalRegistration, snap: &ImportSnapshot) -> Result<Rende
     }
     let mut slices = Vec::new();
     let mut endpoints = 0;
+    let mut placement = BTreeMap::new();
     for ((kind, port_name, port), members) in groups {
-        for (n, chunk) in members.chunks(MAX_ENDPOINTS_PER_SLICE).enumerate() {
+        let prefix = format!("{svc_name}-{}-{port}", kind.to_ascii_lowercase());
+        let before = previous.and_then(|p| p.placement.get(&prefix));
+        // Endpoints stay in the slice they were in; new ones go to the first slice with room.
+        let mut bins: BTreeMap<usize, Vec<&External>> = BTreeMap::new();
+        let mut new = Vec::new();
+        for i in &members {
+            match before.and_then(|b| b.get(&i.address)) {
+                Some(n) => bins.entry(*n).or_default().push(i),
+                None => new.push(*i),
+            }
+        }
+        let mut n = 0;
+        for i in new {
+            while bins
+                .get(&n)
+                .is_some_and(|b| b.len() >= MAX_ENDPOINTS_PER_SLICE)
+            {
+                n += 1;
+            }
+            bins.entry(n).or_default().push(i);
+        }
+        let mut placed = BTreeMap::new();
+        for (n, chunk) in bins {
+            for i in &chunk {
+                placed.insert(i.address.clone(), n);
+            }
             endpoints += chunk.len();
-            let slice_name = format!("{svc_name}-{}-{port}-{n}", kind.to_ascii_lowercase());
+            let slice_name = format!("{prefix}-{n}");
             let mut slice_labels = labels.clone();
             slice_labels.insert(SERVICE_NAME_LABEL.to_string(), svc_name.clone());
             let slice: EndpointSlice = serde_json::from_value(json!({
@@ -170,11 +203,13 @@ pub fn render(reg: &ExternalRegistration, snap: &ImportSnapshot) -> Result<Rende
             .context("building an imported EndpointSlice")?;
             slices.push(slice);
         }
+        placement.insert(prefix, placed);
     }
     Ok(Rendered {
         service: (!ports.is_empty()).then_some(service),
         slices,
         endpoints,
+        placement,
     })
 }
 
@@ -304,7 +339,7 @@ mod tests {
             synced: true,
             ..Default::default()
         };
-        let out = render(&r, &snap)?;
+        let out = render(&r, &snap, None)?;
         let svc = out.service.clone().context("a Service")?;
         assert_eq!(svc.metadata.name.as_deref(), Some("mysql-x"));
         let spec = svc.spec.clone().context("spec")?;
@@ -347,6 +382,61 @@ mod tests {
     }
 
     #[test]
+    fn one_change_rewrites_one_slice() -> Result<()> {
+        let r = reg(
+            json!({"catalogRef": {"name": "c"}, "direction": "Import", "externalName": "db",
+                           "target": {"ports": [{"name": "db", "port": 5432}]}}),
+        );
+        let all: Vec<External> = (0..1000)
+            .map(|i| ext(&format!("10.1.{}.{}", i / 250, i % 250 + 1), 5432))
+            .collect();
+        let first = render(
+            &r,
+            &ImportSnapshot {
+                instances: all.clone(),
+                synced: true,
+                ..Default::default()
+            },
+            None,
+        )?;
+        assert_eq!(first.slices.len(), 10);
+        let mut fewer = all.clone();
+        fewer.remove(5);
+        let second = render(
+            &r,
+            &ImportSnapshot {
+                instances: fewer,
+                synced: true,
+                ..Default::default()
+            },
+            Some(&first),
+        )?;
+        let changed = second
+            .slices
+            .iter()
+            .filter(|s| !first.slices.contains(s))
+            .count();
+        assert_eq!(changed, 1, "removing one endpoint rewrites one slice");
+        let third = render(
+            &r,
+            &ImportSnapshot {
+                instances: all,
+                synced: true,
+                ..Default::default()
+            },
+            Some(&second),
+        )?;
+        let changed = third
+            .slices
+            .iter()
+            .filter(|s| !second.slices.contains(s))
+            .count();
+        assert_eq!(changed, 1, "adding it back fills the gap");
+        assert_eq!(third.endpoints, 1000);
+        Ok(())
+    }
+
+    #[test]
     fn ports_come_from_the_catalog_when_none_are_declared() -> Result<()> {
         let r = reg(
             json!({"catalogRef": {"name": "c"}, "direction": "Import", "externalName": "api_x",
@@ -357,7 +447,7 @@ mod tests {
             synced: true,
             ..Default::default()
         };
-        let out = render(&r, &snap)?;
+        let out = render(&r, &snap, None)?;
         let svc = out.service.clone().context("a Service")?;
         assert_eq!(svc.metadata.name.as_deref(), Some("api"));
         let ports: Vec<i32> = svc
@@ -371,7 +461,7 @@ mod tests {
         assert_eq!(ports, [8080, 9090]);
         assert_eq!(out.slices.len(), 2);
         // Nothing reported and nothing declared: no port yet, so no Service and no slices.
-        let empty = render(&r, &ImportSnapshot::default())?;
+        let empty = render(&r, &ImportSnapshot::default(), None)?;
         assert!(empty.service.is_none());
         assert!(empty.slices.is_empty());
         Ok(())

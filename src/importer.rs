@@ -237,7 +237,7 @@ async fn run(
             if !snap.synced {
                 continue; // nothing read yet: nothing to apply, nothing to delete
             }
-            let result = match crate::import::render(&reg, &snap) {
+            let result = match crate::import::render(&reg, &snap, applied.as_ref()) {
                 Ok(r) => match crate::import::apply(&client, &reg, &r, applied.as_ref()).await {
                     Ok(()) => {
                         let n = r.endpoints;
