@@ -34,24 +34,10 @@ async fn shared_zk() -> Result<&'static Env> {
     static ENV: OnceCell<Env> = OnceCell::const_new();
     ENV.get_or_try_init(|| async {
         let env = Env::builder().zookeeper().start().await?;
-        serving(env.zookeeper()?).await?;
         Ok::<_, anyhow::Error>(env)
     })
     .await
     .context("starting the shared ZooKeeper")
-}
-
-/// Waits until ZooKeeper serves requests: it answers `ruok` (localenv's readiness check) a
-/// few hundred milliseconds before it accepts sessions, and closes connections until then.
-async fn serving(server: &localenv::zookeeper::ZooKeeper) -> Result<()> {
-    eventually("ZooKeeper to serve", Duration::from_secs(60), || async {
-        Ok(server
-            .four_letter("srvr")
-            .await?
-            .contains("Mode:")
-            .then_some(()))
-    })
-    .await
 }
 
 fn base(scope: &Scope) -> String {
@@ -570,7 +556,6 @@ async fn session_connections(
 async fn a_zookeeper_restart_keeps_the_session() -> Result<()> {
     let env = Env::builder().zookeeper().start().await?;
     let server = env.zookeeper()?;
-    serving(server).await?;
     let connect = server.connect_string();
     let base = "/restart/services";
     let store = Arc::new(MemorySessionStore::default());
@@ -596,7 +581,6 @@ async fn a_zookeeper_restart_keeps_the_session() -> Result<()> {
         server.stop()?;
         tokio::time::sleep(down).await;
         server.start_again().await?;
-        serving(server).await?;
         let outage = t.elapsed();
         println!("ZooKeeper down for {outage:?} ({what} the session timeout, {timeout:?})");
         if down.is_zero() {

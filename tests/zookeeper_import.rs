@@ -17,7 +17,7 @@ use catalog_bridge::backend::{Backend, BackendError, External, ImportSnapshot, R
 use catalog_bridge::crd::ZooKeeperLayout;
 use catalog_bridge::model::{Instance, Origin};
 use catalog_bridge::plan::{Op, plan};
-use localenv::{Env, Scope, eventually};
+use localenv::{Env, Scope};
 use serde_json::{Value, json};
 use tokio::sync::{OnceCell, watch};
 use tokio::task::JoinHandle;
@@ -28,23 +28,10 @@ async fn shared_zk() -> Result<&'static Env> {
     static ENV: OnceCell<Env> = OnceCell::const_new();
     ENV.get_or_try_init(|| async {
         let env = Env::builder().zookeeper().start().await?;
-        serving(env.zookeeper()?).await?;
         Ok::<_, anyhow::Error>(env)
     })
     .await
     .context("starting the shared ZooKeeper")
-}
-
-/// Waits until ZooKeeper serves requests (it answers `ruok` before it accepts sessions).
-async fn serving(server: &localenv::zookeeper::ZooKeeper) -> Result<()> {
-    eventually("ZooKeeper to serve", Duration::from_secs(60), || async {
-        Ok(server
-            .four_letter("srvr")
-            .await?
-            .contains("Mode:")
-            .then_some(()))
-    })
-    .await
 }
 
 fn base(scope: &Scope) -> String {
@@ -498,7 +485,6 @@ async fn a_controller_does_not_import_what_it_exported() -> Result<()> {
 async fn an_outage_keeps_the_instances_and_the_watch_follows_afterwards() -> Result<()> {
     let env = Env::builder().zookeeper().start().await?;
     let server = env.zookeeper()?;
-    serving(server).await?;
     let connect = server.connect_string();
     let base = "/outage/services";
     let store = Arc::new(MemorySessionStore::default());
@@ -527,7 +513,6 @@ async fn an_outage_keeps_the_instances_and_the_watch_follows_afterwards() -> Res
     w.until("the error of a short outage", WAIT, |s| s.error.is_some())
         .await?;
     server.start_again().await?;
-    serving(server).await?;
     let outage = t.elapsed();
     if outage >= timeout {
         // A loaded machine: the session may have been given up; the watch must recover all
@@ -585,7 +570,6 @@ async fn an_outage_keeps_the_instances_and_the_watch_follows_afterwards() -> Res
 
     let t = Instant::now();
     server.start_again().await?;
-    serving(server).await?;
     let s = w
         .until("the error to clear", Duration::from_secs(30), |s| {
             s.error.is_none()
