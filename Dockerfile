@@ -8,9 +8,9 @@
 ARG RUST_VERSION=1.95
 
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
-# protoc: etcd-client compiles etcd's protobuf definitions at build time.
+# protoc and its well-known types: etcd-client compiles etcd's protobuf definitions at build time.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The whole workspace (tests/localenv is a member; benches and examples are declared targets),

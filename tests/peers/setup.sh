@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up every peer the tests, `make env` and `make demo` run, on a fresh machine or a warm one:
-#   - Debian packages: protobuf-compiler (etcd-client's build), ZooKeeper 3.8, Java, openssl;
+#   - Debian packages: protobuf-compiler and libprotobuf-dev (etcd-client's build), ZooKeeper 3.8, Java, openssl;
 #   - Go programs built from the pinned wrapper modules beside this file, once per version, into
 #     a cache outside the repository: kube-apiserver, kube-controller-manager, kubectl (v1.36),
 #     etcd + etcdctl (v3.6), Consul (v1.14), helm (v3.22);
@@ -18,6 +18,8 @@ step() { echo "==> $*" >&2; }
 # --- Debian packages -------------------------------------------------------------------------
 need_pkgs=()
 command -v protoc >/dev/null 2>&1 || need_pkgs+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), which etcd's definitions import.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_pkgs+=(libprotobuf-dev)
 [ -f /usr/share/java/zookeeper.jar ] || need_pkgs+=(zookeeper)
 command -v java >/dev/null 2>&1 || need_pkgs+=(default-jre-headless)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
