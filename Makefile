@@ -44,7 +44,8 @@ env: peers
 
 # The scenario on loopback: real API server and catalogs, the controller, example Services.
 demo: peers
-	$(CARGO) build -q --bin catalog-bridge --example demo
+	@echo "==> building catalog-bridge and the demo (the first build takes a few minutes)"
+	$(CARGO) build --bin catalog-bridge --example demo
 	CATALOG_BRIDGE_BIN=$(CARGO_TARGET_DIR)/debug/catalog-bridge $(CARGO_TARGET_DIR)/debug/examples/demo
 
 clean-cache:

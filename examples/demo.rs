@@ -195,6 +195,10 @@ async fn main() -> Result<()> {
         "  alias kubectl={}",
         localenv::programs::kubectl()?.display()
     );
+    println!(
+        "  {} query consul api_x   # what a discovery client gets (also: etcd memcache, zk mysql_x)",
+        support::controller_bin()?.display()
+    );
     println!("  kubectl get xcat                      # catalogs, Reachable, entries");
     println!("  kubectl get xreg -A                   # the mysql-x import and its endpoints");
     println!("  kubectl get endpointslices -n shop    # what Kubernetes says is ready");

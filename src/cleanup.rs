@@ -14,6 +14,8 @@ use crate::plan::{Op, plan};
 pub struct Outcome {
     pub removed: usize,
     pub round_trips: usize,
+    /// What the backend removed besides the entries (Consul's node once empty).
+    pub retired: Option<String>,
 }
 
 /// Reads the owned entries of ExternalCatalog `name` for `owner` and deletes them all (or, with
@@ -41,18 +43,24 @@ pub async fn cleanup(
         .await
         .with_context(|| format!("reading what {owner} holds in {}", backend.describe()))?;
     let ops: Vec<Op> = plan(&Default::default(), &owned).ops;
-    if dry_run || ops.is_empty() {
+    if dry_run {
         return Ok(Outcome {
             removed: ops.len(),
             round_trips: 0,
+            retired: None,
         });
     }
     let round_trips = backend
         .apply(&ops)
         .await
         .with_context(|| format!("deleting {} entries from {}", ops.len(), backend.describe()))?;
+    let retired = backend
+        .retire()
+        .await
+        .with_context(|| format!("tidying up {} after the entries", backend.describe()))?;
     Ok(Outcome {
         removed: ops.len(),
         round_trips,
+        retired,
     })
 }

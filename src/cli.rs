@@ -184,6 +184,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                     "removed {} entries of owner {owner} from {} in {} round trip(s)",
                     out.removed, args.catalog, out.round_trips
                 );
+                if let Some(retired) = out.retired {
+                    println!("{retired}");
+                }
             }
             Ok(())
         }

@@ -555,7 +555,23 @@ async fn cleanup_removes_every_entry_of_this_owner_after_an_uninstall() -> Resul
         let out = run(&["--catalog", catalog, "--cluster-id", "cluster-a"])?;
         println!("{out}");
         assert!(out.starts_with("removed 2 entries"), "{catalog}: {out}");
+        if catalog == "consul" {
+            assert!(
+                out.contains("deregistered the empty node k8s-test"),
+                "the synthetic node goes with its last service: {out}"
+            );
+        }
     }
     wait_everywhere(&env, &[]).await?;
+    let nodes = localenv::http_client()?
+        .get(format!("{}/v1/catalog/nodes", env.consul()?.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        !nodes.contains("k8s-test"),
+        "no empty synthetic node is left behind: {nodes}"
+    );
     Ok(())
 }

@@ -2,8 +2,9 @@
 //! what its values say, the real API server accepts every object it renders, and — the RBAC
 //! proof — the controller, run with the chart's own arguments as the chart's ServiceAccount
 //! (a real token from the TokenRequest API), exports to Consul, etcd and ZooKeeper end to end
-//! (keeping the ZooKeeper session in the chart's Secret) with no request refused, while
-//! requests outside its role are refused.
+//! (keeping the ZooKeeper session in the chart's Secret) and imports from ZooKeeper into a
+//! Service with EndpointSlices, with no request refused, while requests outside its role are
+//! refused.
 
 mod support;
 
@@ -711,6 +712,42 @@ async fn wait_etcd_and_zookeeper(env: &Env, name: &str, want: &[&str]) -> Result
     .await
 }
 
+/// Waits until the imported Service `svc` of namespace `shop` exists and its EndpointSlices
+/// list exactly the ready addresses `want` (space-separated, sorted); returns the slices.
+async fn wait_imported(env: &Env, svc: &str, want: &str) -> Result<String> {
+    localenv::eventually(
+        &format!("Service shop/{svc} with endpoints {want}"),
+        WAIT,
+        || async {
+            env.kube()?
+                .kubectl(&["get", "service", svc, "-n", "shop", "-o", "name"])?;
+            let out = env.kube()?.kubectl(&[
+                "get",
+                "endpointslices",
+                "-n",
+                "shop",
+                "-l",
+                &format!("kubernetes.io/service-name={svc}"),
+                "-o",
+                "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{\"\\n\"}{end}",
+            ])?;
+            let mut got: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+            got.sort();
+            let got = got.join(" ");
+            ensure!(got == want, "ready endpoints {got:?}");
+            Ok(Some(env.kube()?.kubectl(&[
+                "get",
+                "endpointslices",
+                "-n",
+                "shop",
+                "-l",
+                &format!("kubernetes.io/service-name={svc}"),
+            ])?))
+        },
+    )
+    .await
+}
+
 /// The whole log of the controller, and the lines of it where a request was refused.
 fn refusals(process: &Process) -> Result<(String, Vec<String>)> {
     let log = std::fs::read_to_string(process.log_path())
@@ -1006,6 +1043,58 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         .await?;
     wait_etcd_and_zookeeper(&env, "api_x", &["10.1.0.1:8080"]).await?;
 
+    // Import, as the ServiceAccount: mysql_x, registered in ZooKeeper by an outside client
+    // (kazoo), becomes a selector-less Service with an EndpointSlice (create), follows the
+    // catalog (patch), and goes when its registration goes (list by label, delete).
+    let kazoo = |script: &str| {
+        localenv::python(
+            &format!(
+                "import sys\nfrom kazoo.client import KazooClient\n\
+                 zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+                 base = '/services/mysql_x/providers/'\n{script}\nzk.stop()\n"
+            ),
+            &[&zk],
+        )
+    };
+    kazoo(
+        "zk.create(base + '10.7.0.8:3306', b'', makepath=True)\n\
+         zk.create(base + '10.7.0.9:3306', b'', makepath=True)",
+    )?;
+    kubectl_apply(
+        &env,
+        &json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+                "metadata": {"name": "mysql-x", "namespace": "shop"},
+                "spec": {"catalogRef": {"name": "zk"}, "direction": "Import",
+                         "externalName": "mysql_x",
+                         "target": {"ports": [{"name": "mysql", "port": 3306}]}}}),
+    )?;
+    let slice = wait_imported(&env, "mysql-x", "10.7.0.8 10.7.0.9")
+        .await
+        .with_context(|| cb.log_tail(60))?;
+    println!("mysql_x imported, as the ServiceAccount: {slice}");
+    let ready = condition_true(&env, &["xreg", "mysql-x", "-n", "shop"], "Ready").await?;
+    println!("xreg shop/mysql-x Ready: {ready}");
+    kazoo("zk.delete(base + '10.7.0.9:3306')")?;
+    wait_imported(&env, "mysql-x", "10.7.0.8").await?;
+    env.kube()?
+        .kubectl(&["delete", "xreg", "mysql-x", "-n", "shop", "--wait"])?;
+    localenv::eventually("the imported Service deleted", WAIT, || async {
+        let out = env.kube()?.kubectl(&[
+            "get",
+            "service,endpointslices",
+            "-n",
+            "shop",
+            "-l",
+            "catalog-bridge.io/registration=mysql-x",
+            "-o",
+            "name",
+        ])?;
+        Ok(out.trim().is_empty().then_some(()))
+    })
+    .await
+    .with_context(|| cb.log_tail(60))?;
+    println!("registration deleted: the Service and its EndpointSlices are gone");
+
     // Not one request of the controller was refused.
     let (log, _) = refusals(&cb)?;
     ensure!(
@@ -1183,5 +1272,83 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     let (_, refused) = refusals(&cb)?;
     ensure!(!refused.is_empty(), "the log check sees a refused request");
     println!("the log check sees it:\n{}", refused.join("\n"));
+
+    // Uninstall as the README says: stop the controller (`kubectl scale --replicas=0`), remove
+    // this cluster's entries with `catalog-bridge cleanup` (ZooKeeper's through the session the
+    // chart's Secret keeps), `helm uninstall`, then the controller's own Lease and Secret.
+    cb.stop()?;
+    ensure!(
+        consul_view.passing("api_x").await?.len() == 2,
+        "a stopped controller leaves its entries: cleanup removes them"
+    );
+    for catalog in ["consul", "etcd", "zk"] {
+        let out = localenv::run_tool(
+            Command::new(support::controller_bin()?)
+                .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+                .args(["cleanup", "--catalog", catalog])
+                .args(["--session-namespace", NS, "--session-secret", SESSIONS]),
+        )?;
+        println!("cleanup {catalog}: {}", out.trim());
+        ensure!(out.starts_with("removed "), "{catalog}: {out}");
+    }
+    ensure!(
+        consul_view.passing("api_x").await?.is_empty()
+            && consul_view.passing("api_y").await?.is_empty(),
+        "Consul emptied"
+    );
+    let nodes = http
+        .get(format!("{consul}/v1/catalog/nodes"))
+        .header("X-Consul-Token", TOKEN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        !nodes.contains("\"k8s-chart\""),
+        "the empty synthetic node went with its last service: {nodes}"
+    );
+    let etcd_left = etcd_providers(&env, "api_x")?;
+    let (zk_left, _) = zookeeper_providers(&env, "api_x")?;
+    ensure!(
+        etcd_left.is_empty() && zk_left.is_empty(),
+        "etcd {etcd_left:?} and ZooKeeper {zk_left:?} emptied"
+    );
+    env.kube()?.helm(&["uninstall", "cb", "-n", NS])?;
+    env.kube()?.kubectl(&[
+        "delete",
+        "lease,secret",
+        SA,
+        SESSIONS,
+        "-n",
+        NS,
+        "--ignore-not-found",
+    ])?;
+    let left = env.kube()?.kubectl(&[
+        "get",
+        "deploy,sa,role,rolebinding,clusterrole,clusterrolebinding,svc,pdb,lease,secret,xcat",
+        "-A",
+        "-o",
+        "name",
+    ])?;
+    for gone in [
+        format!("deployment.apps/{SA}"),
+        format!("clusterrole.rbac.authorization.k8s.io/{SA}"),
+        format!("lease.coordination.k8s.io/{SA}"),
+        format!("secret/{SESSIONS}"),
+        "externalcatalog.catalog-bridge.io/consul".to_string(),
+    ] {
+        ensure!(
+            !left.lines().any(|l| l == gone),
+            "{gone} is left after the uninstall:\n{left}"
+        );
+    }
+    env.kube()?
+        .kubectl(&["get", "crd", "externalregistrations.catalog-bridge.io"])
+        .context("helm keeps the CRDs (and the objects of them made with kubectl)")?;
+    println!(
+        "uninstalled; in {NS}:\n{}",
+        env.kube()?
+            .kubectl(&["get", "all,lease,secret,role,rolebinding", "-n", NS])?
+    );
     Ok(())
 }

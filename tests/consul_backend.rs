@@ -375,6 +375,36 @@ async fn entries_of_others_on_the_node_are_never_touched() -> Result<()> {
         Some(2),
         "their checks survive too: {checks}"
     );
+
+    // `cleanup` then retires the node only once nothing of anyone is left on it, and only as
+    // the owner that registered it.
+    assert_eq!(c.retire().await?, None, "foreign services keep the node");
+    for id in ["by-hand", "other-cluster"] {
+        http.put(format!("{}/v1/catalog/deregister", consul.url()))
+            .json(&json!({"Node": node, "ServiceID": id}))
+            .send()
+            .await?
+            .error_for_status()
+            .context("deregistering a foreign service")?;
+    }
+    let other = backend(&[&consul.url()], &scope, "someone-else")?;
+    assert_eq!(
+        other.retire().await?,
+        None,
+        "another owner never removes the node"
+    );
+    let node_url = format!("{}/v1/catalog/node/{node}", consul.url());
+    ensure!(
+        get_json(&node_url).await?["Node"]["Node"] == node.as_str(),
+        "the empty node is still there"
+    );
+    assert_eq!(
+        c.retire().await?,
+        Some(format!("deregistered the empty node {node}"))
+    );
+    let gone = get_json(&node_url).await?;
+    ensure!(gone.is_null(), "the node is gone: {gone}");
+    assert_eq!(c.retire().await?, None, "nothing left to retire");
     Ok(())
 }
 

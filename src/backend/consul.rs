@@ -1145,6 +1145,60 @@ impl Backend for Consul {
         Ok(trips)
     }
 
+    /// Deregisters the synthetic node when no service is left on it and its meta names this
+    /// owner as the one that registered it. A node shared by several owners (the same
+    /// `nodeName` in two clusters) stays while any of them has a service there.
+    async fn retire(&self) -> Result<Option<String>, BackendError> {
+        self.require_owner()?;
+        let what = format!("GET /v1/catalog/node/{}", self.node);
+        let reply = self
+            .call(
+                Method::GET,
+                &["catalog", "node", &self.node],
+                &[],
+                true,
+                None,
+            )
+            .await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !reply.status.is_success() {
+            return Err(reply.status_error(&what));
+        }
+        let node: Value = reply.json(&what)?;
+        let services = node
+            .get("Services")
+            .and_then(Value::as_object)
+            .map_or(0, |s| s.len());
+        let registered_by = node.pointer(&format!("/Node/Meta/{OWNER_META}"));
+        if node.get("Node").is_none_or(Value::is_null)
+            || services > 0
+            || registered_by.and_then(Value::as_str) != Some(self.owner.as_str())
+        {
+            return Ok(None);
+        }
+        let mut body = json!({"Node": self.node});
+        if let Some(dc) = &self.datacenter {
+            body["Datacenter"] = Value::String(dc.clone());
+        }
+        let what = format!("PUT /v1/catalog/deregister node {}", self.node);
+        let reply = self
+            .call(
+                Method::PUT,
+                &["catalog", "deregister"],
+                &[],
+                true,
+                Some(&body),
+            )
+            .await?;
+        if !reply.status.is_success() {
+            return Err(reply.status_error(&what));
+        }
+        self.node_ok.store(false, Ordering::SeqCst);
+        Ok(Some(format!("deregistered the empty node {}", self.node)))
+    }
+
     async fn probe(&self) -> Result<ServerInfo, BackendError> {
         let (_, leader) = self
             .get_json("GET /v1/status/leader", &["status", "leader"], &[])

@@ -114,6 +114,15 @@ pub trait Backend: Send + Sync {
     /// when this replica stops leading. Default: nothing to do.
     async fn release(&self) {}
 
+    /// After every owned entry was deleted (`catalog-bridge cleanup`): removes what this owner
+    /// created only to hold its entries, if nothing else uses it now — Consul's synthetic node
+    /// once no service of any owner is left on it. Returns what was removed, for the user.
+    /// Default: nothing to remove (etcd's lease and ZooKeeper's session expire on their own;
+    /// parent directories may be shared with other registrants and stay).
+    async fn retire(&self) -> Result<Option<String>, BackendError> {
+        Ok(None)
+    }
+
     /// Follows external service `name` for import, until `tx` is closed: reads the healthy
     /// instances, publishes them on `tx`, waits for the catalog to report a change (Consul
     /// blocking query, etcd watch from the revision read, ZooKeeper child and data watches,
