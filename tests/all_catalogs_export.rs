@@ -77,17 +77,9 @@ async fn answers(env: &Env) -> Result<Vec<(&'static str, Vec<String>)>> {
         .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect();
-    let naming = etcd.etcdctl(&["get", "--prefix", "--print-value-only", "api_x/"])?;
-    let mut naming_addrs = Vec::new();
-    for line in naming.lines().filter(|l| !l.is_empty()) {
-        let v: Value =
-            serde_json::from_str(line).with_context(|| format!("naming value {line:?}"))?;
-        ensure!(
-            v["Op"].is_number(),
-            "the resolver needs Op as a number: {line}"
-        );
-        naming_addrs.push(v["Addr"].as_str().unwrap_or_default().to_string());
-    }
+    // What etcd's gRPC resolver resolves `etcd:///api_x` to, read by its endpoints manager
+    // (which also refuses a value whose `Op` is not a number).
+    let naming_addrs = etcd.resolve("api_x")?;
     let coredns = etcd.etcdctl(&["get", "--prefix", "/skydns/local/bridge/"])?;
     let mut dns = Vec::new();
     let lines: Vec<&str> = coredns.lines().collect();
@@ -215,6 +207,19 @@ async fn one_service_in_every_catalog_and_layout_follows_readiness() -> Result<(
     );
     workload::set_pod_ready(&client, "shop", "api-x-2", true).await?;
     wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"]).await?;
+
+    // Curator itself reads the curator layout (a JVM per read, so once, not in every poll).
+    let curator: Vec<String> = env
+        .zookeeper()?
+        .curator_instances(&zk, "/curator", "api_x")?
+        .into_iter()
+        .map(|i| i.split_once(' ').map_or(i.clone(), |(_, a)| a.to_string()))
+        .collect();
+    assert_eq!(
+        curator,
+        ["10.1.0.1:8080", "10.1.0.2:8080"],
+        "ServiceDiscovery.queryForInstances(\"api_x\")"
+    );
     Ok(())
 }
 

@@ -329,8 +329,19 @@ async fn naming_layout_writes_endpoint_manager_updates() -> Result<()> {
         addrs.push(addr);
     }
     assert_eq!(sorted(addrs), host_ports(&instances));
+    assert_eq!(
+        env.etcd()?.resolve(&name)?,
+        host_ports(&instances),
+        "etcd's gRPC resolver reads them"
+    );
     assert_eq!(b.lookup(&name).await?, host_ports(&instances));
-    change_and_delete(env, &b, &instances).await
+    change_and_delete(env, &b, &instances).await?;
+    assert_eq!(
+        env.etcd()?.resolve(&name)?,
+        host_ports(&instances[..2]),
+        "and no longer the one deleted"
+    );
+    Ok(())
 }
 
 /// coredns: lower-case keys `/skydns/<zone reversed>/<namespace>/<name>/<id>`, and every value

@@ -357,6 +357,18 @@ async fn curator_layout_round_trip_and_service_instances_are_valid() -> Result<(
         z.lookup("api_x").await?,
         ["10.0.0.1:8080", "10.0.0.2:8080", "[fd00::1]:8080"]
     );
+    // Curator itself: ServiceDiscovery.queryForInstances with its default serializer.
+    let mut want: Vec<String> = instances
+        .iter()
+        .map(|i| format!("{} {}:{}", i.stable_id(), i.address, i.port))
+        .collect();
+    want.sort();
+    assert_eq!(
+        env.zookeeper()?
+            .curator_instances(&connect, &base, "api_x")?,
+        want,
+        "Curator's ServiceDiscovery reads every instance"
+    );
     Ok(())
 }
 

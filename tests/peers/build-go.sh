@@ -17,7 +17,9 @@ export GOTOOLCHAIN=local
 export CGO_ENABLED=0
 export GOFLAGS="-buildvcs=false -mod=readonly"
 
-key=$( (cat "$module_dir/go.mod" "$module_dir/go.sum"; go version; echo "$*"; echo "${LDFLAGS:-}") | sha256sum | cut -c1-16)
+# The key covers the pins, the wrapper's own Go sources (e.g. etcd's naming-reader), the Go
+# version, what is built and the linker flags.
+key=$( (cat "$module_dir/go.mod" "$module_dir/go.sum"; find "$module_dir" -name '*.go' -type f | LC_ALL=C sort | xargs -r cat; go version; echo "$*"; echo "${LDFLAGS:-}") | sha256sum | cut -c1-16)
 out="$cache_root/peers/$name-$key"
 
 have_all() {

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Sets up every peer the tests, `make env` and `make demo` run, on a fresh machine or a warm one:
-#   - Debian packages: protobuf-compiler and libprotobuf-dev (etcd-client's build), ZooKeeper 3.8, Java, openssl;
+#   - Debian packages: protobuf-compiler and libprotobuf-dev (etcd-client's build), ZooKeeper 3.8,
+#     Java (JDK and Maven for the Curator reader), openssl;
 #   - Go programs built from the pinned wrapper modules beside this file, once per version, into
 #     a cache outside the repository: kube-apiserver, kube-controller-manager, kubectl (v1.36),
-#     etcd + etcdctl (v3.6), Consul (v1.14), helm (v3.22);
+#     etcd + etcdctl (v3.6) and a reader of the gRPC resolver's layout, Consul (v1.14), helm (v3.22);
+#   - Curator's ServiceDiscovery as a reader of the curator layout (Maven, cached);
 #   - a Python virtualenv with the real catalog clients (kazoo, py-consul), also cached.
 # Writes the paths to tests/peers/.env, which the test harness (tests/localenv) reads.
 set -euo pipefail
@@ -23,6 +25,8 @@ command -v protoc >/dev/null 2>&1 || need_pkgs+=(protobuf-compiler)
 [ -f /usr/share/java/zookeeper.jar ] || need_pkgs+=(zookeeper)
 command -v java >/dev/null 2>&1 || need_pkgs+=(default-jre-headless)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+command -v javac >/dev/null 2>&1 || need_pkgs+=(default-jdk-headless)
+command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "installing Debian packages: ${need_pkgs[*]}"
@@ -42,13 +46,33 @@ kube_ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
 kube_ldflags+=" -X k8s.io/component-base/version.buildDate=2026-01-01T00:00:00Z"
 
 step "Go peers (cache: $cache_root/peers)"
-etcd_dir=$("$here/build-go.sh" "$here/etcd" etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3 | tail -n 1)
+etcd_dir=$("$here/build-go.sh" "$here/etcd" etcd=go.etcd.io/etcd/server/v3 etcdctl=go.etcd.io/etcd/etcdctl/v3 \
+  etcd-naming-reader=./naming-reader | tail -n 1)
 consul_dir=$("$here/build-go.sh" "$here/consul" consul=github.com/hashicorp/consul | tail -n 1)
 helm_dir=$("$here/build-go.sh" "$here/helm" helm=helm.sh/helm/v3/cmd/helm | tail -n 1)
 kube_dir=$(LDFLAGS="$kube_ldflags" "$here/build-go.sh" "$here/kube" \
   kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
   kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
   kubectl=k8s.io/kubernetes/cmd/kubectl | tail -n 1)
+
+# --- Curator's own reader (Java, Maven Central) ---------------------------------------------
+cr_src="$here/curator-reader"
+cr_key=$( (cat "$cr_src/pom.xml" "$cr_src"/src/main/java/io/catalogbridge/peers/*.java; java -version 2>&1) | sha256sum | cut -c1-16)
+cr_dir="$cache_root/peers/curator-reader-$cr_key"
+if [ -f "$cr_dir/curator-reader-1.jar" ]; then
+  echo "curator-reader: cached in $cr_dir" >&2
+else
+  step "building the Curator reader (curator-x-discovery from Maven Central) into $cr_dir"
+  cr_tmp=$(mktemp -d "$cache_root/peers/.curator-reader-XXXXXX")
+  cp -r "$cr_src/." "$cr_tmp/src-copy"
+  (cd "$cr_tmp/src-copy" && mvn -q -B -Dstyle.color=never package dependency:copy-dependencies -DincludeScope=runtime) \
+    || { echo "curator-reader: the Maven build failed" >&2; rm -rf "$cr_tmp"; exit 1; }
+  mkdir -p "$cr_tmp/out"
+  cp "$cr_tmp"/src-copy/target/curator-reader-1.jar "$cr_tmp"/src-copy/target/dependency/*.jar "$cr_tmp/out/"
+  rm -rf "$cr_dir"
+  mv "$cr_tmp/out" "$cr_dir"
+  rm -rf "$cr_tmp"
+fi
 
 # --- Python clients --------------------------------------------------------------------------
 req="$here/requirements.txt"
@@ -67,10 +91,12 @@ CB_KUBE_CONTROLLER_MANAGER=$kube_dir/kube-controller-manager
 CB_KUBECTL=$kube_dir/kubectl
 CB_ETCD=$etcd_dir/etcd
 CB_ETCDCTL=$etcd_dir/etcdctl
+CB_ETCD_NAMING_READER=$etcd_dir/etcd-naming-reader
 CB_CONSUL=$consul_dir/consul
 CB_HELM=$helm_dir/helm
 CB_JAVA=$(readlink -f "$(command -v java)")
 CB_ZOOKEEPER_CLASSPATH=/usr/share/java/*:/usr/share/zookeeper/*
 CB_PYTHON=$venv/bin/python
+CB_CURATOR_READER_CLASSPATH=$cr_dir/*
 EOF
 step "peers ready (paths in $here/.env)"

@@ -72,6 +72,19 @@ impl Etcd {
         )
     }
 
+    /// What etcd's gRPC resolver (`etcd:///<name>`) resolves `name` to, read with its own
+    /// endpoints manager: the addresses, sorted. Fails when a key under the name does not
+    /// decode as an endpoint.
+    pub fn resolve(&self, name: &str) -> Result<Vec<String>> {
+        let out = crate::run_tool(
+            std::process::Command::new(programs::etcd_naming_reader()?)
+                .arg(format!("--endpoints={}", self.endpoint()))
+                .arg(name),
+        )?;
+        serde_json::from_str(out.trim())
+            .with_context(|| format!("etcd-naming-reader printed {out:?}"))
+    }
+
     /// Stops etcd gracefully; [`Etcd::start_again`] brings it back with its data.
     pub fn stop(&self) -> Result<()> {
         self.process.stop()

@@ -67,6 +67,11 @@ pub fn etcd() -> Result<PathBuf> {
 pub fn etcdctl() -> Result<PathBuf> {
     program("CB_ETCDCTL")
 }
+/// Reads the etcd `naming` layout with the gRPC resolver's endpoints manager
+/// (`tests/peers/etcd/naming-reader`).
+pub fn etcd_naming_reader() -> Result<PathBuf> {
+    program("CB_ETCD_NAMING_READER")
+}
 pub fn consul() -> Result<PathBuf> {
     program("CB_CONSUL")
 }
@@ -79,6 +84,10 @@ pub fn java() -> Result<PathBuf> {
 /// The Java class path that holds ZooKeeper's server.
 pub fn zookeeper_classpath() -> Result<String> {
     lookup("CB_ZOOKEEPER_CLASSPATH")
+}
+/// The Java class path of the Curator reader (`tests/peers/curator-reader`).
+pub fn curator_reader_classpath() -> Result<String> {
+    lookup("CB_CURATOR_READER_CLASSPATH")
 }
 /// A Python with the real catalog clients installed (kazoo, py-consul).
 pub fn python() -> Result<PathBuf> {

@@ -92,6 +92,25 @@ impl ZooKeeper {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// What Curator's `ServiceDiscovery.queryForInstances(name)` returns under `base_path`
+    /// (`connect` may carry a chroot): `"<id> <address>:<port>"` per instance, sorted. Fails
+    /// when Curator cannot read an instance.
+    pub fn curator_instances(
+        &self,
+        connect: &str,
+        base_path: &str,
+        name: &str,
+    ) -> Result<Vec<String>> {
+        let out = crate::run_tool(
+            std::process::Command::new(programs::java()?)
+                .arg("-cp")
+                .arg(programs::curator_reader_classpath()?)
+                .arg("io.catalogbridge.peers.CuratorReader")
+                .args([connect, base_path, name]),
+        )?;
+        serde_json::from_str(out.trim()).with_context(|| format!("CuratorReader printed {out:?}"))
+    }
+
     pub fn stop(&self) -> Result<()> {
         self.process.stop()
     }

@@ -1,4 +1,5 @@
-// Wrapper module that builds the etcd server and etcdctl for the test harness.
+// Wrapper module that builds the etcd server, etcdctl and a reader of the gRPC resolver's layout
+// (naming-reader) for the test harness.
 module catalog-bridge.io/tests/peers/etcd
 
 go 1.26.0
@@ -55,7 +56,7 @@ require (
 	go.etcd.io/bbolt v1.4.3 // indirect
 	go.etcd.io/etcd/api/v3 v3.6.16 // indirect
 	go.etcd.io/etcd/client/pkg/v3 v3.6.16 // indirect
-	go.etcd.io/etcd/client/v3 v3.6.16 // indirect
+	go.etcd.io/etcd/client/v3 v3.6.16
 	go.etcd.io/etcd/etcdctl/v3 v3.6.16 // indirect
 	go.etcd.io/etcd/pkg/v3 v3.6.16 // indirect
 	go.etcd.io/etcd/server/v3 v3.6.16 // indirect
