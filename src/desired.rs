@@ -58,6 +58,9 @@ pub struct Export {
     /// Instances it contributes (0 when it has a problem).
     pub endpoints: usize,
     pub problem: Option<Problem>,
+    /// What does not stop the export but is not exported as asked (a meta key the catalog
+    /// refuses): a Warning Event each.
+    pub warnings: Vec<Problem>,
 }
 
 /// Desired state of every catalog, and how each export fared.
@@ -129,6 +132,12 @@ pub fn compute(inputs: Inputs<'_>) -> Desired {
         }
     }
 
+    let consul_catalogs: BTreeSet<&str> = inputs
+        .catalogs
+        .iter()
+        .filter(|c| c.spec.consul.is_some())
+        .filter_map(|c| c.metadata.name.as_deref())
+        .collect();
     let mut per_catalog: BTreeMap<String, BTreeSet<Instance>> = catalogs
         .iter()
         .map(|c| (c.clone(), BTreeSet::new()))
@@ -172,7 +181,17 @@ pub fn compute(inputs: Inputs<'_>) -> Desired {
                 external_name: external_name.clone(),
                 endpoints: 0,
                 problem: None,
+                warnings: Vec::new(),
             };
+            if consul_catalogs.contains(catalog.as_str()) {
+                export.warnings = crate::backend::consul::dropped_meta(&req.meta)
+                    .into_iter()
+                    .map(|why| Problem {
+                        reason: "InvalidMeta",
+                        message: format!("left out of the entries in {catalog}: {why}"),
+                    })
+                    .collect();
+            }
             match (&resolved, per_catalog.get_mut(catalog)) {
                 (Err(p), _) => export.problem = Some(p.clone()),
                 (Ok(_), None) => {
@@ -522,6 +541,55 @@ mod tests {
         assert_eq!(d.exports.len(), 1);
         assert_eq!(d.exports[0].endpoints, 3);
         assert_eq!(d.exports[0].problem, None);
+    }
+
+    #[test]
+    fn a_meta_key_consul_refuses_is_a_warning_for_consul_only() {
+        let services = [service(
+            "shop",
+            "api-x",
+            json!({
+                "catalog-bridge.io/export": "consul,etcd",
+                "catalog-bridge.io/meta.team": "shop",
+                "catalog-bridge.io/meta.app.kubernetes.io/name": "api",
+            }),
+        )];
+        let slices = [slice(
+            "shop",
+            "api-x",
+            "s1",
+            &[("10.0.0.1", Some(true), false)],
+        )];
+        let etcd: Arc<ExternalCatalog> = Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+                "metadata": {"name": "etcd"},
+                "spec": {"etcd": {"endpoints": ["127.0.0.1:2379"]}},
+            }))
+            .expect("test catalog"),
+        );
+        let catalogs = [catalog("consul"), etcd];
+        let d = compute(Inputs {
+            services: &services,
+            slices: &slices,
+            catalogs: &catalogs,
+            registrations: &[],
+        });
+        let by_catalog: BTreeMap<&str, &Export> =
+            d.exports.iter().map(|e| (e.catalog.as_str(), e)).collect();
+        let consul = by_catalog["consul"];
+        assert_eq!(consul.problem, None, "the export goes ahead");
+        assert_eq!(consul.endpoints, 1);
+        assert_eq!(consul.warnings.len(), 1, "{:?}", consul.warnings);
+        assert_eq!(consul.warnings[0].reason, "InvalidMeta");
+        assert!(
+            consul.warnings[0]
+                .message
+                .contains("app.kubernetes.io/name"),
+            "{:?}",
+            consul.warnings[0]
+        );
+        assert!(by_catalog["etcd"].warnings.is_empty());
     }
 
     #[test]

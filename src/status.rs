@@ -393,8 +393,12 @@ pub async fn run(
 
         // A Warning Event for each problem when it appears.
         let mut current = HashSet::new();
-        for e in &d.exports {
-            let Some(p) = &e.problem else { continue };
+        let findings = d
+            .exports
+            .iter()
+            .flat_map(|e| e.problem.iter().chain(&e.warnings).map(move |p| (e, p)))
+            .collect::<Vec<(&Export, &Problem)>>();
+        for (e, p) in findings {
             let id = (
                 e.source.clone(),
                 e.catalog.clone(),

@@ -445,11 +445,38 @@ async fn a_bad_annotation_gives_a_warning_event_and_affects_nothing_else() -> Re
         ]),
     )
     .await?;
+    // A meta key Consul would refuse: the instance is exported without it, and an Event says so.
+    deploy(
+        &client,
+        "shop",
+        "odd-meta",
+        4,
+        1,
+        annotations(&[
+            ("catalog-bridge.io/export", "consul"),
+            ("catalog-bridge.io/meta.team", "shop"),
+            ("catalog-bridge.io/meta.owner.team", "odd"),
+        ]),
+    )
+    .await?;
     consul
         .wait_passing("good", &["10.1.0.1:8080"], WAIT)
         .await?;
+    consul
+        .wait_passing("odd-meta", &["10.4.0.1:8080"], WAIT)
+        .await?;
+    let services = consul.node_services(NODE).await?;
+    let (_, _, meta) = services
+        .values()
+        .find(|(_, _, meta)| meta["k8s-service"] == "odd-meta")
+        .context("odd-meta on the node")?;
+    assert_eq!(meta["team"], "shop", "{meta}");
+    assert!(
+        meta.get("owner.team").is_none(),
+        "the refused key is left out: {meta}"
+    );
 
-    let events = localenv::eventually("Warning Events on both bad Services", WAIT, || async {
+    let events = localenv::eventually("Warning Events on the bad Services", WAIT, || async {
         let out = env.kube()?.kubectl(&[
             "get",
             "events",
@@ -460,10 +487,10 @@ async fn a_bad_annotation_gives_a_warning_event_and_affects_nothing_else() -> Re
             "-o",
             "jsonpath={range .items[*]}{.involvedObject.name} {.reason}: {.message}{\"\\n\"}{end}",
         ])?;
-        Ok(
-            (out.contains("bad-catalog CatalogNotFound") && out.contains("bad-port PortNotFound"))
-                .then_some(out),
-        )
+        Ok((out.contains("bad-catalog CatalogNotFound")
+            && out.contains("bad-port PortNotFound")
+            && out.contains("odd-meta InvalidMeta"))
+        .then_some(out))
     })
     .await?;
     println!("{events}");

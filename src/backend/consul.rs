@@ -93,6 +93,26 @@ pub fn meta_problem(key: &str, value: &str) -> Option<String> {
     None
 }
 
+/// Why each meta pair of an instance is left out of its Consul entry ([`Consul::record`]): the
+/// pairs Consul would refuse, and those beyond its limit of pairs. Empty when all are kept.
+pub fn dropped_meta(meta: &BTreeMap<String, String>) -> Vec<String> {
+    let mut kept = 0;
+    let mut dropped = Vec::new();
+    for (k, v) in meta {
+        if let Some(why) = meta_problem(k, v) {
+            dropped.push(why);
+        } else if kept == MAX_META_PAIRS - OWN_META_KEYS {
+            dropped.push(format!(
+                "Consul meta key {k:?} is beyond the {} pairs an entry can carry besides catalog-bridge's own",
+                MAX_META_PAIRS - OWN_META_KEYS
+            ));
+        } else {
+            kept += 1;
+        }
+    }
+    dropped
+}
+
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -1472,6 +1492,15 @@ mod tests {
             assert!(meta_problem(k, v).is_some(), "{k:?}");
         }
         assert!(meta_problem(&"k".repeat(129), "").is_some());
+        let mut meta: BTreeMap<String, String> = (0..62)
+            .map(|i| (format!("k{i:02}"), "v".to_string()))
+            .collect();
+        meta.insert("app.kubernetes.io/name".into(), "x".into());
+        let dropped = dropped_meta(&meta);
+        assert_eq!(dropped.len(), 3, "{dropped:?}");
+        assert!(dropped[0].contains("app.kubernetes.io/name"), "{dropped:?}");
+        assert!(dropped[1].contains("\"k60\"") && dropped[2].contains("\"k61\""));
+        assert!(dropped_meta(&BTreeMap::new()).is_empty());
         assert!(meta_problem("k", &"v".repeat(513)).is_some());
 
         let c = consul();
