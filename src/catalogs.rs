@@ -6,10 +6,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
-use crate::backend::Backend;
 use crate::backend::consul::{Consul, ConsulConfig};
 use crate::backend::etcd::{Etcd, EtcdConfig};
 use crate::backend::zookeeper::{MemorySessionStore, SessionStore, ZooKeeper, ZooKeeperConfig};
+use crate::backend::{Backend, ClientCert};
 use crate::crd::{ExternalCatalog, SecretKeyRef, SecretRef, TlsConfig};
 use crate::desired::Problem;
 use crate::sessions::SecretSessionStore;
@@ -25,6 +25,8 @@ pub struct Credentials {
     pub password: Option<String>,
     pub ca_pem: Option<Vec<u8>>,
     pub insecure_skip_verify: bool,
+    /// `tls.crt` and `tls.key` of `tls.clientCertSecretRef`.
+    pub client_cert: Option<ClientCert>,
 }
 
 /// Reads the Secrets `catalog` references.
@@ -56,7 +58,7 @@ pub async fn credentials(
         out.username = Some(text("username")?);
         out.password = Some(text("password")?);
     }
-    (out.ca_pem, out.insecure_skip_verify) = tls(client, tls_cfg).await?;
+    (out.ca_pem, out.insecure_skip_verify, out.client_cert) = tls(client, tls_cfg).await?;
     Ok(out)
 }
 
@@ -104,6 +106,7 @@ pub fn build(
             owner: owner.to_string(),
             insecure_skip_verify: credentials.insecure_skip_verify,
             ca_pem: credentials.ca_pem,
+            client_cert: credentials.client_cert,
         };
         return Ok(Arc::new(Consul::new(cfg).map_err(invalid)?));
     }
@@ -124,10 +127,19 @@ pub fn build(
             catalog: name,
             ca_pem: credentials.ca_pem,
             insecure_skip_verify: credentials.insecure_skip_verify,
+            client_cert: credentials.client_cert,
         };
         return Ok(Arc::new(Etcd::new(cfg).map_err(invalid)?));
     }
     if let Some(z) = &spec.zookeeper {
+        if z.tls.is_some() {
+            return Err(Problem {
+                reason: "InvalidConfig",
+                message: "TLS to ZooKeeper is not supported yet (the session relay speaks plain \
+                          TCP): remove zookeeper.tls, or reach ZooKeeper through a TLS tunnel"
+                    .into(),
+            });
+        }
         let session_store: Arc<dyn SessionStore> = match &ctx.sessions {
             Some(s) => Arc::new(SecretSessionStore::new(
                 s.client.clone(),
@@ -211,13 +223,15 @@ async fn secret_key(client: &kube::Client, r: &SecretKeyRef) -> Result<String, P
         })
 }
 
-/// The CA bundle to trust (`ca.crt` of `caSecretRef`) and whether to skip verification.
+/// The CA bundle to trust (`ca.crt` of `caSecretRef`), whether to skip verification, and the
+/// client certificate (`tls.crt` and `tls.key` of `clientCertSecretRef`, e.g. a Secret of type
+/// `kubernetes.io/tls`).
 async fn tls(
     client: &kube::Client,
     tls: Option<&TlsConfig>,
-) -> Result<(Option<Vec<u8>>, bool), Problem> {
+) -> Result<(Option<Vec<u8>>, bool, Option<ClientCert>), Problem> {
     let Some(t) = tls else {
-        return Ok((None, false));
+        return Ok((None, false, None));
     };
     let ca = match &t.ca_secret_ref {
         Some(SecretRef { namespace, name }) => {
@@ -226,5 +240,15 @@ async fn tls(
         }
         None => None,
     };
-    Ok((ca, t.insecure_skip_verify))
+    let client_cert = match &t.client_cert_secret_ref {
+        Some(SecretRef { namespace, name }) => {
+            let s = secret(client, namespace, name).await?;
+            Some(ClientCert {
+                cert_pem: field(&s, namespace, name, "tls.crt")?,
+                key_pem: field(&s, namespace, name, "tls.key")?,
+            })
+        }
+        None => None,
+    };
+    Ok((ca, t.insecure_skip_verify, client_cert))
 }

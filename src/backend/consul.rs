@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
 
-use super::{Backend, BackendError, External, ImportSnapshot, Record};
+use super::{Backend, BackendError, ClientCert, External, ImportSnapshot, Record};
 use crate::crd::ServerInfo;
 use crate::model::Instance;
 use crate::plan::Op;
@@ -144,6 +144,8 @@ pub struct ConsulConfig {
     pub insecure_skip_verify: bool,
     /// PEM bundle of the CA(s) to trust instead of the system roots.
     pub ca_pem: Option<Vec<u8>>,
+    /// Certificate and key presented to Consul (`verify_incoming`).
+    pub client_cert: Option<ClientCert>,
 }
 
 impl std::fmt::Debug for ConsulConfig {
@@ -156,6 +158,7 @@ impl std::fmt::Debug for ConsulConfig {
             .field("owner", &self.owner)
             .field("insecure_skip_verify", &self.insecure_skip_verify)
             .field("ca_pem", &self.ca_pem.as_ref().map(|p| p.len()))
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -289,6 +292,14 @@ impl Consul {
                 bail!("the Consul CA bundle holds no PEM certificate");
             }
             builder = builder.tls_certs_only(certs);
+        }
+        if let Some(c) = &cfg.client_cert {
+            let identity =
+                reqwest::Identity::from_pem(&[&c.cert_pem[..], b"\n", &c.key_pem[..]].concat())
+                    .context(
+                        "reading the Consul client certificate and key (PEM: tls.crt, tls.key)",
+                    )?;
+            builder = builder.identity(identity);
         }
         if cfg.insecure_skip_verify {
             builder = builder.danger_accept_invalid_certs(true);
@@ -1420,6 +1431,13 @@ mod tests {
         }));
         assert!(bad(ConsulConfig {
             ca_pem: Some(b"not pem".to_vec()),
+            ..ok.clone()
+        }));
+        assert!(bad(ConsulConfig {
+            client_cert: Some(ClientCert {
+                cert_pem: b"not pem".to_vec(),
+                key_pem: b"not pem either".to_vec(),
+            }),
             ..ok.clone()
         }));
         let dbg = format!(

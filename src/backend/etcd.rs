@@ -74,16 +74,16 @@ use std::time::Duration;
 use anyhow::bail;
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
-    LeaseTimeToLiveOptions, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
-    WatchOptions, WatchResponse, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, LeaseTimeToLiveOptions, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, WatchOptions, WatchResponse, WatchStream,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::{Backend, BackendError, External, ImportSnapshot, Record};
+use super::{Backend, BackendError, ClientCert, External, ImportSnapshot, Record};
 use crate::crd::{EtcdLayout, ServerInfo};
 use crate::model::{Instance, fnv1a64};
 use crate::plan::Op;
@@ -146,6 +146,8 @@ pub struct EtcdConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Not supported by the etcd client (tonic verifies every certificate): `new` refuses it.
     pub insecure_skip_verify: bool,
+    /// Certificate and key presented to etcd (`--client-cert-auth`); needs `ca_pem`.
+    pub client_cert: Option<ClientCert>,
 }
 
 impl Default for EtcdConfig {
@@ -162,6 +164,7 @@ impl Default for EtcdConfig {
             catalog: String::new(),
             ca_pem: None,
             insecure_skip_verify: false,
+            client_cert: None,
         }
     }
 }
@@ -180,6 +183,7 @@ impl std::fmt::Debug for EtcdConfig {
             .field("catalog", &self.catalog)
             .field("ca_pem", &self.ca_pem.as_ref().map(|p| p.len()))
             .field("insecure_skip_verify", &self.insecure_skip_verify)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -705,6 +709,12 @@ impl Etcd {
                 cfg.lease_ttl
             );
         }
+        if cfg.client_cert.is_some() && cfg.ca_pem.is_none() {
+            bail!(
+                "a client certificate for etcd (tls.clientCertSecretRef) needs the CA that signed \
+                 etcd's certificate too (tls.caSecretRef)"
+            );
+        }
         let tls = cfg.ca_pem.is_some();
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
         let mut urls = Vec::with_capacity(cfg.endpoints.len());
@@ -746,8 +756,19 @@ impl Etcd {
                 bail!("the etcd CA bundle holds no PEM certificate");
             }
             let _ = rustls::crypto::ring::default_provider().install_default();
-            options =
-                options.with_tls(TlsOptions::new().ca_certificate(Certificate::from_pem(pem)));
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some(c) = &cfg.client_cert {
+                for (what, bytes, marker) in [
+                    ("certificate", &c.cert_pem, "-----BEGIN CERTIFICATE-----"),
+                    ("key", &c.key_pem, "PRIVATE KEY-----"),
+                ] {
+                    if !String::from_utf8_lossy(bytes).contains(marker) {
+                        bail!("the etcd client {what} (tls.clientCertSecretRef) is not PEM");
+                    }
+                }
+                tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+            }
+            options = options.with_tls(tls);
         }
         let anonymous = options.clone();
         let user = cfg.username.clone().filter(|u| !u.is_empty());
@@ -2173,6 +2194,30 @@ mod tests {
             ca_pem: Some(b"not pem".to_vec()),
             ..ok.clone()
         }));
+        let cert = ClientCert {
+            cert_pem: b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_vec(),
+            key_pem: b"-----BEGIN PRIVATE KEY-----\nsecret-key\n-----END PRIVATE KEY-----\n"
+                .to_vec(),
+        };
+        assert!(
+            bad(EtcdConfig {
+                client_cert: Some(cert.clone()),
+                ..ok.clone()
+            }),
+            "a client certificate without the CA"
+        );
+        assert!(bad(EtcdConfig {
+            ca_pem: Some(cert.cert_pem.clone()),
+            client_cert: Some(ClientCert {
+                key_pem: b"not pem".to_vec(),
+                ..cert.clone()
+            }),
+            ..ok.clone()
+        }));
+        assert!(
+            !format!("{:?}", cert).contains("secret-key"),
+            "the key is never printed"
+        );
         assert!(bad(EtcdConfig {
             lease_ttl: Duration::ZERO,
             ..ok.clone()

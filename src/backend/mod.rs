@@ -53,6 +53,22 @@ impl BackendError {
     }
 }
 
+/// A client certificate and its private key (PEM), for mutual TLS with a catalog.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCert")
+            .field("cert_pem", &self.cert_pem.len())
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
 /// One instance of an external service as a catalog reports it, for import.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct External {
