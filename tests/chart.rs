@@ -721,13 +721,13 @@ async fn wait_imported(env: &Env, svc: &str, want: &str) -> Result<String> {
         || async {
             env.kube()?
                 .kubectl(&["get", "service", svc, "-n", "shop", "-o", "name"])?;
-            let out = env.kube()?.kubectl(&[
-                "get",
-                "endpointslices",
-                "-n",
-                "shop",
-                "-l",
-                &format!("kubernetes.io/service-name={svc}"),
+            let selector = format!("kubernetes.io/service-name={svc}");
+            let slices = |output: &[&str]| {
+                let mut args = vec!["get", "endpointslices", "-n", "shop", "-l", &selector];
+                args.extend_from_slice(output);
+                env.kube()?.kubectl(&args)
+            };
+            let out = slices(&[
                 "-o",
                 "jsonpath={range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{\"\\n\"}{end}",
             ])?;
@@ -735,14 +735,7 @@ async fn wait_imported(env: &Env, svc: &str, want: &str) -> Result<String> {
             got.sort();
             let got = got.join(" ");
             ensure!(got == want, "ready endpoints {got:?}");
-            Ok(Some(env.kube()?.kubectl(&[
-                "get",
-                "endpointslices",
-                "-n",
-                "shop",
-                "-l",
-                &format!("kubernetes.io/service-name={svc}"),
-            ])?))
+            Ok(Some(slices(&[])?))
         },
     )
     .await
@@ -1296,16 +1289,10 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
             && consul_view.passing("api_y").await?.is_empty(),
         "Consul emptied"
     );
-    let nodes = http
-        .get(format!("{consul}/v1/catalog/nodes"))
-        .header("X-Consul-Token", TOKEN)
-        .send()
-        .await?
-        .text()
-        .await?;
+    let nodes = consul_view.nodes().await?;
     ensure!(
-        !nodes.contains("\"k8s-chart\""),
-        "the empty synthetic node went with its last service: {nodes}"
+        !nodes.iter().any(|n| n == "k8s-chart"),
+        "the empty synthetic node went with its last service: {nodes:?}"
     );
     let etcd_left = etcd_providers(&env, "api_x")?;
     let (zk_left, _) = zookeeper_providers(&env, "api_x")?;

@@ -253,6 +253,28 @@ impl ConsulView {
         Ok(req.send().await?.error_for_status()?.json().await?)
     }
 
+    /// Reads through `http` (a client with a CA and a client certificate, for a TLS Consul).
+    pub fn with_client(url: String, http: reqwest::Client) -> ConsulView {
+        ConsulView {
+            url,
+            http,
+            token: None,
+        }
+    }
+
+    /// The names of every node in the catalog (`/v1/catalog/nodes`), sorted.
+    pub async fn nodes(&self) -> Result<Vec<String>> {
+        let nodes = self.get("/v1/catalog/nodes").await?;
+        let mut names: Vec<String> = nodes
+            .as_array()
+            .context("/v1/catalog/nodes is not a list")?
+            .iter()
+            .filter_map(|n| n["Node"].as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Sorted `ip:port` of the passing instances of `name` (`/v1/health/service/<name>?passing`).
     pub async fn passing(&self, name: &str) -> Result<Vec<String>> {
         let entries = self
