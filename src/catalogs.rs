@@ -252,3 +252,62 @@ async fn tls(
     };
     Ok((ca, t.insecure_skip_verify, client_cert))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(spec: serde_json::Value) -> ExternalCatalog {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "c"}, "spec": spec,
+        }))
+        .expect("test catalog")
+    }
+
+    fn ctx() -> Context {
+        Context {
+            owner: "cluster-a".into(),
+            sessions: None,
+        }
+    }
+
+    #[test]
+    fn zookeeper_tls_is_refused_rather_than_ignored() {
+        let plain = catalog(serde_json::json!({"zookeeper": {"connect": "zk:2181"}}));
+        assert!(build(&plain, Credentials::default(), &ctx()).is_ok());
+        let tls = catalog(serde_json::json!({"zookeeper": {
+            "connect": "zk:2181", "tls": {"insecureSkipVerify": true}}}));
+        let Err(problem) = build(&tls, Credentials::default(), &ctx()) else {
+            panic!("a ZooKeeper catalog with tls was accepted")
+        };
+        assert_eq!(problem.reason, "InvalidConfig");
+        assert!(problem.message.contains("TLS to ZooKeeper"), "{problem:?}");
+    }
+
+    #[test]
+    fn a_client_certificate_reaches_the_backends() {
+        let cert = ClientCert {
+            cert_pem: b"not a certificate".to_vec(),
+            key_pem: b"not a key".to_vec(),
+        };
+        let credentials = Credentials {
+            client_cert: Some(cert),
+            ..Default::default()
+        };
+        // Unusable material is refused when the backend is built, with the catalog's error.
+        for spec in [
+            serde_json::json!({"consul": {"addresses": ["https://consul:8501"]}}),
+            serde_json::json!({"etcd": {"endpoints": ["etcd:2379"]}}),
+        ] {
+            let Err(problem) = build(&catalog(spec.clone()), credentials.clone(), &ctx()) else {
+                panic!("{spec}: an unusable client certificate was accepted")
+            };
+            assert_eq!(problem.reason, "InvalidConfig", "{spec}");
+            assert!(
+                problem.message.contains("client certificate"),
+                "{spec}: {problem:?}"
+            );
+        }
+    }
+}
