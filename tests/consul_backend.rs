@@ -8,9 +8,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use catalog_bridge::backend::consul::{Consul, ConsulConfig, MAX_TXN_OPS};
-use catalog_bridge::backend::{Backend, BackendError, Record};
+use catalog_bridge::backend::{Backend, BackendError, ClientCert, Record};
 use catalog_bridge::model::{Instance, Origin};
 use catalog_bridge::plan::{Op, plan};
 use localenv::{Env, Scope};
@@ -553,5 +553,71 @@ async fn a_consul_that_lost_its_state_is_refilled() -> Result<()> {
     let trips = c.apply(&puts(&desired)).await?;
     assert_eq!(trips, 3, "the refused txn, then 81 operations in two");
     assert_eq!(c.read_owned().await?, desired);
+    Ok(())
+}
+
+/// A Consul that serves HTTPS only and verifies its clients (`verify_incoming`): with its CA and
+/// a client certificate the backend writes, reads and looks up as over HTTP; without the
+/// certificate, or trusting another CA, nothing gets through and the error says where and why.
+#[tokio::test]
+async fn a_tls_consul_is_reached_with_its_ca_and_a_client_certificate() -> Result<()> {
+    let env = Env::builder().consul_tls().start().await?;
+    let tls = env.tls()?;
+    let url = env.consul()?.url();
+    ensure!(url.starts_with("https://"), "{url}");
+    let scope = env.scope("consul-tls").await?;
+    let owner = format!("cluster-{}", scope.prefix);
+    let client_cert = ClientCert {
+        cert_pem: tls.client_cert_pem.clone(),
+        key_pem: tls.client_key_pem.clone(),
+    };
+    let with = |ca: &[u8], cert: Option<&ClientCert>| {
+        Consul::new(ConsulConfig {
+            addresses: vec![url.clone()],
+            node_name: format!("k8s-{}", scope.prefix),
+            owner: owner.clone(),
+            ca_pem: Some(ca.to_vec()),
+            client_cert: cert.cloned(),
+            ..Default::default()
+        })
+    };
+
+    let c = with(&tls.ca_pem, Some(&client_cert))?;
+    let info = c.probe().await?;
+    assert_eq!(info.address.as_deref(), Some(url.as_str()));
+    let name = scope.name("api_x");
+    let instances = [
+        instance(&name, "10.0.0.1", 8080, &[], &[]),
+        instance(&name, "10.0.0.2", 8080, &[], &[]),
+    ];
+    let desired = c.render(&instances);
+    c.apply(&puts(&desired)).await?;
+    assert_eq!(c.read_owned().await?, desired);
+    assert_eq!(c.lookup(&name).await?, ["10.0.0.1:8080", "10.0.0.2:8080"]);
+
+    for (what, refused, why) in [
+        (
+            "without a client certificate",
+            with(&tls.ca_pem, None)?,
+            "tls.clientCertSecretRef",
+        ),
+        (
+            "trusting another CA",
+            with(&tls.other_ca_pem, Some(&client_cert))?,
+            "invalid peer certificate",
+        ),
+    ] {
+        match refused.read_owned().await {
+            Err(BackendError::Unreachable(msg)) => {
+                println!("{what}: {msg}");
+                ensure!(
+                    msg.starts_with(&format!("no Consul address answered: {url} (")),
+                    "{what}: the address is named: {msg}"
+                );
+                ensure!(msg.contains(why), "{what}: the message says why: {msg}");
+            }
+            other => bail!("{what}: expected Unreachable, got {other:?}"),
+        }
+    }
     Ok(())
 }

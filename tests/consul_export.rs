@@ -693,3 +693,68 @@ async fn acl_token_comes_from_a_secret_and_a_wrong_one_is_reported() -> Result<(
     println!("Secret fixed -> catalog writing after {:?}", t.elapsed());
     Ok(())
 }
+
+/// A Consul that serves HTTPS only and verifies its clients, declared with the CA and the
+/// client certificate in Secrets (`tls.caSecretRef`, and a `kubernetes.io/tls` Secret made by
+/// `kubectl create secret tls` as `tls.clientCertSecretRef`): the export works, and the
+/// catalog's status reports the server it reached.
+#[tokio::test]
+async fn a_tls_consul_is_reached_with_the_ca_and_client_certificate_from_secrets() -> Result<()> {
+    let env = Env::builder()
+        .controller_manager()
+        .consul_tls()
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    support::ensure_namespace(&client, "catalog-secrets").await?;
+    let tls = env.tls()?;
+    let kube = env.kube()?;
+    let file = |p: &std::path::Path| p.display().to_string();
+    kube.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "consul-ca",
+        "-n",
+        "catalog-secrets",
+        &format!("--from-file=ca.crt={}", file(&tls.ca_file)),
+    ])?;
+    kube.kubectl(&[
+        "create",
+        "secret",
+        "tls",
+        "consul-client",
+        "-n",
+        "catalog-secrets",
+        &format!("--cert={}", file(&tls.client_cert_file)),
+        &format!("--key={}", file(&tls.client_key_file)),
+    ])?;
+    let url = env.consul()?.url();
+    let mut catalog = consul_catalog("consul", std::slice::from_ref(&url), NODE);
+    catalog["spec"]["consul"]["tls"] = json!({
+        "caSecretRef": {"namespace": "catalog-secrets", "name": "consul-ca"},
+        "clientCertSecretRef": {"namespace": "catalog-secrets", "name": "consul-client"},
+    });
+    kubectl_apply(&env, &catalog)?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    let consul = ConsulView::with_client(url.clone(), localenv::https_client(tls)?);
+    consul
+        .wait_passing("api_x", &API_X, WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    let reachable = catalog_condition(&client, "consul", "Reachable", "True").await?;
+    println!("Reachable: {}", reachable.message);
+    let status = Api::<catalog_bridge::crd::ExternalCatalog>::all(client.clone())
+        .get("consul")
+        .await?
+        .status
+        .context("a status")?;
+    let server = serde_json::to_value(&status)?;
+    ensure!(
+        server.to_string().contains(&url),
+        "the status names the TLS address it reached: {server}"
+    );
+    Ok(())
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use catalog_bridge::backend::etcd::{Etcd, EtcdConfig, MAX_PLAN_OPS_PER_TXN, MAX_TXN_OPS, batches};
-use catalog_bridge::backend::{Backend, BackendError, Record};
+use catalog_bridge::backend::{Backend, BackendError, ClientCert, Record};
 use catalog_bridge::crd::EtcdLayout;
 use catalog_bridge::metrics::Metrics;
 use catalog_bridge::model::{DesiredCatalog, Instance, Origin};
@@ -914,5 +914,72 @@ async fn the_writer_puts_everything_again_after_a_lost_lease() -> Result<()> {
     );
     task.abort();
     drop((desired_tx, gate_tx));
+    Ok(())
+}
+
+/// An etcd that serves clients over TLS only and verifies them (`--client-cert-auth`): with its
+/// CA and a client certificate the backend writes, reads (on its lease) and looks up as in plain
+/// text, at `https://` and at a scheme-less endpoint alike; without the certificate, or trusting
+/// another CA, nothing gets through and the error names the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_etcd_is_reached_with_its_ca_and_a_client_certificate() -> Result<()> {
+    let env = Env::builder().etcd_tls().start().await?;
+    let tls = env.tls()?;
+    let endpoint = env.etcd()?.endpoint();
+    let authority = endpoint
+        .strip_prefix("https://")
+        .with_context(|| format!("a TLS endpoint: {endpoint}"))?
+        .to_string();
+    let scope = env.scope("etcd-tls").await?;
+    let setup = Setup::new(&endpoint, &scope, EtcdLayout::Plain);
+    let client_cert = ClientCert {
+        cert_pem: tls.client_cert_pem.clone(),
+        key_pem: tls.client_key_pem.clone(),
+    };
+    let with = |endpoint: &str, ca: &[u8], cert: Option<&ClientCert>| {
+        Etcd::new(EtcdConfig {
+            endpoints: vec![endpoint.to_string()],
+            lease_ttl: setup.ttl,
+            base_path: setup.base.clone(),
+            owner: setup.owner.clone(),
+            catalog: setup.catalog.clone(),
+            ca_pem: Some(ca.to_vec()),
+            client_cert: cert.cloned(),
+            ..Default::default()
+        })
+    };
+
+    let b = with(&endpoint, &tls.ca_pem, Some(&client_cert))?;
+    b.probe().await?;
+    let desired = b.render(&many("api_x", 2));
+    b.apply(&puts(&desired)).await?;
+    assert_eq!(b.read_owned().await?, desired);
+    let found = b.lookup("api_x").await?;
+    assert_eq!(found.len(), 2, "{found:?}");
+    // host:port with a CA means TLS: the same entries, on the same lease.
+    let again = with(&authority, &tls.ca_pem, Some(&client_cert))?;
+    assert_eq!(again.read_owned().await?, desired);
+
+    for (what, refused) in [
+        (
+            "without a client certificate",
+            with(&endpoint, &tls.ca_pem, None)?,
+        ),
+        (
+            "trusting another CA",
+            with(&endpoint, &tls.other_ca_pem, Some(&client_cert))?,
+        ),
+    ] {
+        match refused.read_owned().await {
+            Err(e @ (BackendError::Unreachable(_) | BackendError::Rejected(_))) => {
+                println!("{what}: {e:?}");
+                ensure!(
+                    e.to_string().contains(&authority),
+                    "{what}: the endpoint is named: {e}"
+                );
+            }
+            other => bail!("{what}: expected the connection to fail, got {other:?}"),
+        }
+    }
     Ok(())
 }

@@ -165,6 +165,8 @@ impl std::fmt::Debug for ConsulConfig {
 
 /// A Consul catalog reached over HTTP.
 pub struct Consul {
+    /// A client certificate is presented (for messages about refused handshakes).
+    client_cert: bool,
     /// The addresses as configured (trailing `/` removed), for messages.
     addresses: Vec<String>,
     urls: Vec<Url>,
@@ -319,6 +321,7 @@ impl Consul {
             preferred: AtomicUsize::new(0),
             node_ok: AtomicBool::new(false),
             names: Mutex::default(),
+            client_cert: cfg.client_cert.is_some(),
             watch_wait: WATCH_WAIT,
         })
     }
@@ -698,7 +701,16 @@ impl Consul {
                     });
                 }
                 Err(e) => {
-                    let why = transport_error(&e);
+                    let mut why = transport_error(&e);
+                    if !self.client_cert
+                        && self.urls[idx].scheme() == "https"
+                        && why.contains("connection closed")
+                    {
+                        why.push_str(
+                            "; a Consul that verifies clients closes the connection to one \
+                             without a certificate (tls.clientCertSecretRef)",
+                        );
+                    }
                     tracing::debug!(address = %self.addresses[idx], error = %why, "Consul address failed");
                     failures.push(format!("{} ({why})", self.addresses[idx]));
                 }

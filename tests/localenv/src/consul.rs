@@ -11,6 +11,7 @@ use crate::ports::free_port;
 use crate::process::{Process, Spec};
 use crate::programs;
 use crate::ready::wait_ready;
+use crate::tls::TlsFiles;
 
 pub struct Consul {
     process: Process,
@@ -18,6 +19,8 @@ pub struct Consul {
     node: String,
     http: reqwest::Client,
     acl_token: Option<String>,
+    /// Serves HTTPS only, verifying client certificates.
+    tls: bool,
 }
 
 impl Consul {
@@ -30,6 +33,18 @@ impl Consul {
     /// Like [`Consul::start`]; with `acl_token`, ACLs are enabled with default policy `deny`
     /// and `acl_token` is the initial management token.
     pub async fn start_with_acl(dir: &Path, name: &str, acl_token: Option<&str>) -> Result<Consul> {
+        Self::start_with(dir, name, acl_token, None).await
+    }
+
+    /// Like [`Consul::start_with_acl`]; with `tls`, the HTTP API is served over HTTPS only
+    /// (the plain HTTP port is off), with the set's server certificate, and every client must
+    /// present a certificate signed by the set's CA (`verify_incoming`).
+    pub async fn start_with(
+        dir: &Path,
+        name: &str,
+        acl_token: Option<&str>,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Consul> {
         let http_port = free_port()?;
         let node = format!("{name}-{http_port}");
         let mut spec = Spec::new(name, programs::consul()?, dir).args([
@@ -41,7 +56,18 @@ impl Consul {
             "-disable-host-node-id",
         ]);
         spec = spec.arg(format!("-node={node}"));
-        spec = spec.arg(format!("-http-port={http_port}"));
+        if let Some(t) = tls {
+            let path = |p: &Path| p.display().to_string();
+            spec = spec.arg("-hcl").arg(format!(
+                "ports {{ http = -1, https = {http_port} }} \
+                 tls {{ https {{ ca_file = {:?}, cert_file = {:?}, key_file = {:?}, verify_incoming = true }} }}",
+                path(&t.ca_file),
+                path(&t.server_cert_file),
+                path(&t.server_key_file),
+            ));
+        } else {
+            spec = spec.arg(format!("-http-port={http_port}"));
+        }
         for flag in [
             "-dns-port",
             "-grpc-port",
@@ -61,8 +87,12 @@ impl Consul {
             process: Process::start(spec)?,
             http_port,
             node,
-            http: crate::http_client()?,
+            http: match tls {
+                Some(t) => crate::tls::https_client(t)?,
+                None => crate::http_client()?,
+            },
             acl_token: acl_token.map(str::to_string),
+            tls: tls.is_some(),
         };
         consul.wait_ready().await?;
         Ok(consul)
@@ -98,9 +128,10 @@ impl Consul {
         format!("127.0.0.1:{}", self.http_port)
     }
 
-    /// `http://127.0.0.1:<http port>`.
+    /// `http://127.0.0.1:<http port>`, or `https://…` for a TLS agent.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.address())
     }
 
     /// The name of the agent's own node.

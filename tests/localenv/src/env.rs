@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use crate::consul::Consul;
 use crate::etcd::Etcd;
 use crate::kube::Kube;
+use crate::tls::TlsFiles;
 use crate::zookeeper::ZooKeeper;
 
 /// Which peers to start.
@@ -22,7 +23,9 @@ pub struct Builder {
     controller_manager: bool,
     consul: bool,
     consul_acl: Option<&'static str>,
+    consul_tls: bool,
     etcd: bool,
+    etcd_tls: bool,
     zookeeper: bool,
 }
 
@@ -46,6 +49,20 @@ impl Builder {
     pub fn consul_with_acl(mut self, token: &'static str) -> Self {
         self.consul = true;
         self.consul_acl = Some(token);
+        self
+    }
+    /// Consul serving its API over HTTPS only and verifying client certificates; the
+    /// certificates are in [`Env::tls`].
+    pub fn consul_tls(mut self) -> Self {
+        self.consul = true;
+        self.consul_tls = true;
+        self
+    }
+    /// etcd serving clients over TLS only (`--client-cert-auth`); the certificates are in
+    /// [`Env::tls`].
+    pub fn etcd_tls(mut self) -> Self {
+        self.etcd = true;
+        self.etcd_tls = true;
         self
     }
     /// An etcd used as a service catalog (separate from the API server's storage).
@@ -72,13 +89,22 @@ impl Builder {
             eprintln!("localenv: keeping {}", dir.path().display());
         }
         let path = dir.path().to_path_buf();
+        let tls = if self.consul_tls || self.etcd_tls {
+            Some(TlsFiles::generate(&path.join("tls")).context("making the TLS certificates")?)
+        } else {
+            None
+        };
+        let tls_for = |wanted: bool| tls.as_ref().filter(|_| wanted);
         let (kube, consul, etcd, zookeeper) = tokio::try_join!(
             maybe(self.kube, Kube::start(&path, self.controller_manager)),
             maybe(
                 self.consul,
-                Consul::start_with_acl(&path, "consul", self.consul_acl)
+                Consul::start_with(&path, "consul", self.consul_acl, tls_for(self.consul_tls))
             ),
-            maybe(self.etcd, Etcd::start(&path, "etcd")),
+            maybe(
+                self.etcd,
+                Etcd::start_with(&path, "etcd", tls_for(self.etcd_tls))
+            ),
             maybe(self.zookeeper, ZooKeeper::start(&path, "zookeeper")),
         )?;
         Ok(Env {
@@ -86,6 +112,7 @@ impl Builder {
             consul,
             etcd,
             zookeeper,
+            tls,
             dir,
         })
     }
@@ -108,6 +135,7 @@ pub struct Env {
     consul: Option<Consul>,
     etcd: Option<Etcd>,
     zookeeper: Option<ZooKeeper>,
+    tls: Option<TlsFiles>,
     // Last: the directory is removed after the processes are gone.
     dir: tempfile::TempDir,
 }
@@ -131,6 +159,12 @@ impl Env {
         self.etcd
             .as_ref()
             .ok_or_else(|| anyhow!("this environment was built without etcd"))
+    }
+    /// The certificates of a TLS Consul or etcd ([`Builder::consul_tls`], [`Builder::etcd_tls`]).
+    pub fn tls(&self) -> Result<&TlsFiles> {
+        self.tls
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without TLS peers"))
     }
     pub fn zookeeper(&self) -> Result<&ZooKeeper> {
         self.zookeeper

@@ -9,21 +9,38 @@ use crate::ports::free_port;
 use crate::process::{Process, Spec};
 use crate::programs;
 use crate::ready::wait_ready;
+use crate::tls::TlsFiles;
 
 pub struct Etcd {
     process: Process,
     client_port: u16,
     http: reqwest::Client,
+    /// Client TLS material for etcdctl when etcd serves clients over TLS only.
+    tls: Option<ClientTls>,
+}
+
+struct ClientTls {
+    ca: String,
+    cert: String,
+    key: String,
 }
 
 impl Etcd {
     /// Starts etcd with its data in `dir/<name>` and waits until `/health` says true.
     pub async fn start(dir: &Path, name: &str) -> Result<Etcd> {
+        Self::start_with(dir, name, None).await
+    }
+
+    /// Like [`Etcd::start`]; with `tls`, clients are served over TLS only with the set's server
+    /// certificate, and each must present a certificate signed by the set's CA
+    /// (`--client-cert-auth`). Peer traffic stays plain.
+    pub async fn start_with(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<Etcd> {
         let data = dir.join(name);
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let client_port = free_port()?;
         let peer_port = free_port()?;
-        let client = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let spec = Spec::new(name, programs::etcd()?, dir)
             .arg(format!("--name={name}"))
@@ -35,10 +52,27 @@ impl Etcd {
             .arg(format!("--initial-cluster={name}={peer}"))
             .arg("--unsafe-no-fsync")
             .arg("--log-level=warn");
+        let path = |p: &Path| p.display().to_string();
+        let spec = match tls {
+            Some(t) => spec
+                .arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", path(&t.ca_file)))
+                .arg(format!("--cert-file={}", path(&t.server_cert_file)))
+                .arg(format!("--key-file={}", path(&t.server_key_file))),
+            None => spec,
+        };
         let etcd = Etcd {
             process: Process::start(spec)?,
             client_port,
-            http: crate::http_client()?,
+            http: match tls {
+                Some(t) => crate::tls::https_client(t)?,
+                None => crate::http_client()?,
+            },
+            tls: tls.map(|t| ClientTls {
+                ca: path(&t.ca_file),
+                cert: path(&t.client_cert_file),
+                key: path(&t.client_key_file),
+            }),
         };
         etcd.wait_ready().await?;
         Ok(etcd)
@@ -53,14 +87,19 @@ impl Etcd {
         .await
     }
 
-    /// `127.0.0.1:<port>`, the form etcd clients take as an endpoint.
+    /// `127.0.0.1:<port>`, the form etcd clients take as an endpoint; `https://127.0.0.1:<port>`
+    /// for a TLS etcd.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        match self.tls {
+            Some(_) => self.url(),
+            None => format!("127.0.0.1:{}", self.client_port),
+        }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://…` for a TLS etcd.
     pub fn url(&self) -> String {
-        format!("http://{}", self.endpoint())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Runs `etcdctl` against this server and returns its standard output.
@@ -68,6 +107,13 @@ impl Etcd {
         crate::run_tool(
             std::process::Command::new(programs::etcdctl()?)
                 .arg(format!("--endpoints={}", self.url()))
+                .args(self.tls.iter().flat_map(|t| {
+                    [
+                        format!("--cacert={}", t.ca),
+                        format!("--cert={}", t.cert),
+                        format!("--key={}", t.key),
+                    ]
+                }))
                 .args(args),
         )
     }
@@ -76,6 +122,9 @@ impl Etcd {
     /// endpoints manager: the addresses, sorted. Fails when a key under the name does not
     /// decode as an endpoint.
     pub fn resolve(&self, name: &str) -> Result<Vec<String>> {
+        if self.tls.is_some() {
+            anyhow::bail!("etcd-naming-reader speaks plain text only; this etcd requires TLS");
+        }
         let out = crate::run_tool(
             std::process::Command::new(programs::etcd_naming_reader()?)
                 .arg(format!("--endpoints={}", self.endpoint()))

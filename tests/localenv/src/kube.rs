@@ -239,67 +239,24 @@ struct Certs {
 
 impl Certs {
     fn generate(dir: &Path) -> Result<Certs> {
-        let p = |n: &str| dir.join(n);
-        let s = |n: &str| p(n).display().to_string();
-        let openssl = |args: &[&str]| crate::run_tool(Command::new("openssl").args(args));
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localenv-ca",
-            "-keyout",
-            &s("ca.key"),
-            "-out",
-            &s("ca.crt"),
-        ])?;
-        std::fs::write(
-            p("server.ext"),
+        let (ca_crt, ca_key) = crate::tls::make_ca(dir, "ca", "localenv-ca")?;
+        let (server_crt, server_key) = crate::tls::make_signed(
+            dir,
+            "server",
+            "kube-apiserver",
             "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n\
              basicConstraints=CA:FALSE\n\
              keyUsage=digitalSignature,keyEncipherment\n\
              extendedKeyUsage=serverAuth\n",
-        )
-        .context("writing server.ext")?;
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=kube-apiserver",
-            "-keyout",
-            &s("server.key"),
-            "-out",
-            &s("server.csr"),
-        ])?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &s("server.csr"),
-            "-CA",
-            &s("ca.crt"),
-            "-CAkey",
-            &s("ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &s("server.ext"),
-            "-out",
-            &s("server.crt"),
-        ])?;
-        openssl(&["genrsa", "-out", &s("sa.key"), "2048"])?;
+            (&ca_crt, &ca_key),
+        )?;
+        let sa_key = dir.join("sa.key");
+        crate::tls::openssl(&["genrsa", "-out", &sa_key.display().to_string(), "2048"])?;
         Ok(Certs {
-            ca_crt: p("ca.crt"),
-            server_crt: p("server.crt"),
-            server_key: p("server.key"),
-            sa_key: p("sa.key"),
+            ca_crt,
+            server_crt,
+            server_key,
+            sa_key,
         })
     }
 }

@@ -20,6 +20,7 @@ pub mod ports;
 pub mod process;
 pub mod programs;
 pub mod ready;
+pub mod tls;
 pub mod workload;
 pub mod zookeeper;
 
@@ -30,6 +31,7 @@ use anyhow::{Context, Result, bail};
 
 pub use env::{Builder, Env, Scope, shared};
 pub use ready::eventually;
+pub use tls::{TlsFiles, https_client};
 
 /// Makes ring the process's TLS crypto provider (reqwest is built without one of its own, so
 /// that one provider serves kube, etcd and HTTP alike). Idempotent.
