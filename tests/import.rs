@@ -248,6 +248,46 @@ async fn etcd_keys_and_zookeeper_nodes_become_endpoints_while_they_live() -> Res
     Ok(())
 }
 
+/// Instances registered by Curator applications (`ServiceDiscovery.registerService`, as Spring
+/// Cloud Zookeeper does) become endpoints, and leave when an application stops.
+#[tokio::test]
+async fn curator_registrations_become_endpoints_while_their_applications_run() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    let zk = env.zookeeper()?;
+    let connect = zk.connect_string();
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk-curator"},
+            "spec": {"zookeeper": {"connect": connect, "layout": "curator", "basePath": "/spring"}},
+        }),
+    )?;
+    let first = zk.curator_register(&connect, "/spring", "billing", "10.6.0.1", 8443)?;
+    let second = zk.curator_register(&connect, "/spring", "billing", "10.6.0.2", 8443)?;
+    println!("Curator registered {} and {}", first.id, second.id);
+    // No ports declared: the Service takes the port the catalog reports.
+    kubectl_apply(&env, &import("billing", "zk-curator", "billing", json!({})))?;
+    wait_endpoints(&client, "billing", &["10.6.0.1:8443", "10.6.0.2:8443"])
+        .await
+        .with_context(|| cb.log())?;
+    let service: Service = Api::namespaced(client.clone(), "shop")
+        .get("billing")
+        .await?;
+    let ports: Vec<i32> = service
+        .spec
+        .and_then(|s| s.ports)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(ports, [8443], "the reported port");
+    drop(second); // the application stops: Curator unregisters and its session ends
+    let took = wait_endpoints(&client, "billing", &["10.6.0.1:8443"]).await?;
+    println!("a Curator application stopped -> its endpoint gone in {took:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_service_exported_to_and_imported_from_one_catalog_makes_no_loop() -> Result<()> {
     let (env, client, cb) = setup().await?;

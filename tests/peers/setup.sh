@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Sets up every peer the tests, `make env` and `make demo` run, on a fresh machine or a warm one:
 #   - Debian packages: protobuf-compiler and libprotobuf-dev (etcd-client's build), ZooKeeper 3.8,
-#     Java (JDK and Maven for the Curator reader), openssl;
+#     Java (JDK and Maven for the Curator client), openssl;
 #   - Go programs built from the pinned wrapper modules beside this file, once per version, into
 #     a cache outside the repository: kube-apiserver, kube-controller-manager, kubectl (v1.36),
 #     etcd + etcdctl (v3.6) and a reader of the gRPC resolver's layout, Consul (v1.14), helm (v3.22);
-#   - Curator's ServiceDiscovery as a reader of the curator layout (Maven, cached);
+#   - Curator's ServiceDiscovery, to read and register in the curator layout (Maven, cached);
 #   - a Python virtualenv with the real catalog clients (kazoo, py-consul), also cached.
 # Writes the paths to tests/peers/.env, which the test harness (tests/localenv) reads.
 set -euo pipefail
@@ -55,20 +55,21 @@ kube_dir=$(LDFLAGS="$kube_ldflags" "$here/build-go.sh" "$here/kube" \
   kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
   kubectl=k8s.io/kubernetes/cmd/kubectl | tail -n 1)
 
-# --- Curator's own reader (Java, Maven Central) ---------------------------------------------
-cr_src="$here/curator-reader"
+# --- Curator's own client (Java, Maven Central) ---------------------------------------------
+cr_src="$here/curator-client"
 cr_key=$( (cat "$cr_src/pom.xml" "$cr_src"/src/main/java/io/catalogbridge/peers/*.java; java -version 2>&1) | sha256sum | cut -c1-16)
-cr_dir="$cache_root/peers/curator-reader-$cr_key"
-if [ -f "$cr_dir/curator-reader-1.jar" ]; then
-  echo "curator-reader: cached in $cr_dir" >&2
+cr_dir="$cache_root/peers/curator-client-$cr_key"
+if [ -f "$cr_dir/curator-client-1.jar" ]; then
+  echo "curator-client: cached in $cr_dir" >&2
 else
-  step "building the Curator reader (curator-x-discovery from Maven Central) into $cr_dir"
-  cr_tmp=$(mktemp -d "$cache_root/peers/.curator-reader-XXXXXX")
+  step "building the Curator client (curator-x-discovery from Maven Central) into $cr_dir"
+  cr_tmp=$(mktemp -d "$cache_root/peers/.curator-client-XXXXXX")
   cp -r "$cr_src/." "$cr_tmp/src-copy"
-  (cd "$cr_tmp/src-copy" && mvn -q -B -Dstyle.color=never package dependency:copy-dependencies -DincludeScope=runtime) \
-    || { echo "curator-reader: the Maven build failed" >&2; rm -rf "$cr_tmp"; exit 1; }
+  (cd "$cr_tmp/src-copy" && mvn -q -B package dependency:copy-dependencies -DincludeScope=runtime) \
+    >"$cr_tmp/mvn.log" 2>&1 \
+    || { cat "$cr_tmp/mvn.log" >&2; echo "curator-client: the Maven build failed" >&2; rm -rf "$cr_tmp"; exit 1; }
   mkdir -p "$cr_tmp/out"
-  cp "$cr_tmp"/src-copy/target/curator-reader-1.jar "$cr_tmp"/src-copy/target/dependency/*.jar "$cr_tmp/out/"
+  cp "$cr_tmp"/src-copy/target/curator-client-1.jar "$cr_tmp"/src-copy/target/dependency/*.jar "$cr_tmp/out/"
   rm -rf "$cr_dir"
   mv "$cr_tmp/out" "$cr_dir"
   rm -rf "$cr_tmp"
@@ -97,6 +98,6 @@ CB_HELM=$helm_dir/helm
 CB_JAVA=$(readlink -f "$(command -v java)")
 CB_ZOOKEEPER_CLASSPATH=/usr/share/java/*:/usr/share/zookeeper/*
 CB_PYTHON=$venv/bin/python
-CB_CURATOR_READER_CLASSPATH=$cr_dir/*
+CB_CURATOR_CLASSPATH=$cr_dir/*
 EOF
 step "peers ready (paths in $here/.env)"

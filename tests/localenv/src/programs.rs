@@ -85,9 +85,9 @@ pub fn java() -> Result<PathBuf> {
 pub fn zookeeper_classpath() -> Result<String> {
     lookup("CB_ZOOKEEPER_CLASSPATH")
 }
-/// The Java class path of the Curator reader (`tests/peers/curator-reader`).
-pub fn curator_reader_classpath() -> Result<String> {
-    lookup("CB_CURATOR_READER_CLASSPATH")
+/// The Java class path of the Curator client (`tests/peers/curator-client`).
+pub fn curator_classpath() -> Result<String> {
+    lookup("CB_CURATOR_CLASSPATH")
 }
 /// A Python with the real catalog clients installed (kazoo, py-consul).
 pub fn python() -> Result<PathBuf> {

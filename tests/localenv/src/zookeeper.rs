@@ -101,14 +101,47 @@ impl ZooKeeper {
         base_path: &str,
         name: &str,
     ) -> Result<Vec<String>> {
-        let out = crate::run_tool(
-            std::process::Command::new(programs::java()?)
-                .arg("-cp")
-                .arg(programs::curator_reader_classpath()?)
-                .arg("io.catalogbridge.peers.CuratorReader")
-                .args([connect, base_path, name]),
-        )?;
-        serde_json::from_str(out.trim()).with_context(|| format!("CuratorReader printed {out:?}"))
+        let out = crate::run_tool(&mut curator(&["query", connect, base_path, name])?)?;
+        serde_json::from_str(out.trim()).with_context(|| format!("CuratorClient printed {out:?}"))
+    }
+
+    /// Registers `address:port` as an instance of `name` with Curator's
+    /// `ServiceDiscovery.registerService` (an ephemeral node of Curator's own session), as a
+    /// Curator application does. It stays registered until the returned value is dropped.
+    pub fn curator_register(
+        &self,
+        connect: &str,
+        base_path: &str,
+        name: &str,
+        address: &str,
+        port: u16,
+    ) -> Result<CuratorRegistration> {
+        let mut cmd = curator(&[
+            "register",
+            connect,
+            base_path,
+            name,
+            address,
+            &port.to_string(),
+        ])?;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("starting the Curator registrant")?;
+        let stdout = child.stdout.take().context("the registrant's output")?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let Some(id) = line.trim().strip_prefix("READY ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("Curator did not register {name}: {line:?}");
+        };
+        Ok(CuratorRegistration {
+            id: id.to_string(),
+            child,
+        })
     }
 
     pub fn stop(&self) -> Result<()> {
@@ -127,5 +160,30 @@ impl ZooKeeper {
 
     pub fn process(&self) -> &Process {
         &self.process
+    }
+}
+
+/// `java -cp <Curator client> io.catalogbridge.peers.CuratorClient <args…>`.
+fn curator(args: &[&str]) -> Result<std::process::Command> {
+    let mut cmd = std::process::Command::new(programs::java()?);
+    cmd.arg("-cp")
+        .arg(programs::curator_classpath()?)
+        .arg("io.catalogbridge.peers.CuratorClient")
+        .args(args);
+    Ok(cmd)
+}
+
+/// An instance registered by Curator ([`ZooKeeper::curator_register`]); dropping it
+/// unregisters it and ends Curator's session.
+pub struct CuratorRegistration {
+    /// The instance id Curator chose (a UUID), the name of its node.
+    pub id: String,
+    child: std::process::Child,
+}
+
+impl Drop for CuratorRegistration {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }
