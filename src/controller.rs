@@ -369,6 +369,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
             };
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             let mut first = true;
+            let mut memo = desired::Memo::default();
             loop {
                 let since = changes.take();
                 let cats = stores.catalogs.state();
@@ -381,12 +382,15 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                         stores.slices.state(),
                         stores.registrations.state(),
                     );
-                    desired::compute(Inputs {
-                        services: &svcs,
-                        slices: &sls,
-                        catalogs: &cats,
-                        registrations: &regs,
-                    })
+                    desired::compute_with(
+                        Inputs {
+                            services: &svcs,
+                            slices: &sls,
+                            catalogs: &cats,
+                            registrations: &regs,
+                        },
+                        &mut memo,
+                    )
                 } else {
                     desired_tx.borrow().as_ref().clone()
                 };

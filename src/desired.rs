@@ -2,7 +2,7 @@
 //! ExternalRegistrations, what every catalog should hold — and, for each export, whether it is
 //! valid. Pure: no client, no clock; the same inputs give the same output.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -85,9 +85,75 @@ struct Request {
     problem: Option<Problem>,
 }
 
-/// Computes desired state. Invalid exports are reported in `exports` and contribute nothing;
-/// every other export is unaffected by them.
+/// What [`compute_with`] keeps between runs so that a change to one Service recomputes that
+/// Service only: each export's instances, keyed by the resource versions they came from, and
+/// each catalog's instances with how many exports contribute each.
+#[derive(Default)]
+pub struct Memo {
+    sources: HashMap<Source, Memoized>,
+    catalogs: HashMap<String, CatalogMemo>,
+}
+
+/// One export source as of the last run.
+struct Memoized {
+    /// What its instances were computed from; `None` (an object without a resource version)
+    /// is never reused.
+    fingerprint: Option<Fingerprint>,
+    resolved: Result<Arc<Vec<Instance>>, Problem>,
+    /// The catalogs its instances were added to (existing ones, when resolved).
+    contributed: Vec<String>,
+}
+
+/// The inputs of [`instances`], by identity: the Service's and its slices' resource versions
+/// and the request's own settings.
+#[derive(PartialEq, Eq)]
+struct Fingerprint {
+    service: (String, String),
+    slices: Vec<(String, String)>,
+    external_name: String,
+    port: Option<PortRef>,
+    tags: Vec<String>,
+    meta: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct CatalogMemo {
+    /// Each instance and how many export sources contribute it.
+    counts: BTreeMap<Instance, u32>,
+    built: Arc<DesiredCatalog>,
+    dirty: bool,
+}
+
+impl CatalogMemo {
+    fn add(&mut self, instances: &[Instance]) {
+        for i in instances {
+            *self.counts.entry(i.clone()).or_default() += 1;
+        }
+        self.dirty |= !instances.is_empty();
+    }
+
+    fn remove(&mut self, instances: &[Instance]) {
+        for i in instances {
+            if let Some(n) = self.counts.get_mut(i) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(i);
+                }
+            }
+        }
+        self.dirty |= !instances.is_empty();
+    }
+}
+
+/// Computes desired state from scratch. Invalid exports are reported in `exports` and
+/// contribute nothing; every other export is unaffected by them.
 pub fn compute(inputs: Inputs<'_>) -> Desired {
+    compute_with(inputs, &mut Memo::default())
+}
+
+/// [`compute`], reusing what `memo` holds from the previous run for every export whose
+/// Service, EndpointSlices and settings did not change; the result is the same.
+pub fn compute_with(inputs: Inputs<'_>, memo: &mut Memo) -> Desired {
     let catalogs: BTreeSet<String> = inputs
         .catalogs
         .iter()
@@ -138,17 +204,23 @@ pub fn compute(inputs: Inputs<'_>) -> Desired {
         .filter(|c| c.spec.consul.is_some())
         .filter_map(|c| c.metadata.name.as_deref())
         .collect();
-    let mut per_catalog: BTreeMap<String, BTreeSet<Instance>> = catalogs
-        .iter()
-        .map(|c| (c.clone(), BTreeSet::new()))
-        .collect();
     let mut exports = Vec::new();
+    let mut seen: HashSet<Source> = HashSet::new();
     for req in requests {
         let svc = services
             .get(&(req.namespace.as_str(), req.service.as_str()))
             .copied();
+        let svc_slices = slices
+            .get(&(req.namespace.as_str(), req.service.as_str()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let external_name = req.external_name.clone().unwrap_or(req.service.clone());
-        let resolved: Result<Vec<Instance>, Problem> = match (&req.problem, svc) {
+        let fingerprint = match (&req.problem, svc) {
+            (None, Some(svc)) => fingerprint(svc, svc_slices, &req, &external_name),
+            _ => None,
+        };
+        let previous = memo.sources.remove(&req.source);
+        let resolved: Result<Arc<Vec<Instance>>, Problem> = match (&req.problem, svc) {
             (Some(p), _) => Err(p.clone()),
             (None, None) => Err(Problem {
                 reason: "ServiceNotFound",
@@ -161,18 +233,28 @@ pub fn compute(inputs: Inputs<'_>) -> Desired {
                     req.namespace, req.service
                 ),
             }),
+            (None, Some(_))
+                if fingerprint.is_some()
+                    && previous
+                        .as_ref()
+                        .is_some_and(|p| p.fingerprint == fingerprint) =>
+            {
+                previous
+                    .as_ref()
+                    .map(|p| p.resolved.clone())
+                    .unwrap_or_else(|| Ok(Arc::default()))
+            }
             (None, Some(svc)) => instances(
                 svc,
-                slices
-                    .get(&(req.namespace.as_str(), req.service.as_str()))
-                    .map(Vec::as_slice)
-                    .unwrap_or_default(),
+                svc_slices,
                 req.port.as_ref(),
                 &external_name,
                 &req.tags,
                 &req.meta,
-            ),
+            )
+            .map(Arc::new),
         };
+        let mut contributed = Vec::new();
         for catalog in &req.catalogs {
             let mut export = Export {
                 source: req.source.clone(),
@@ -192,37 +274,126 @@ pub fn compute(inputs: Inputs<'_>) -> Desired {
                     })
                     .collect();
             }
-            match (&resolved, per_catalog.get_mut(catalog)) {
-                (Err(p), _) => export.problem = Some(p.clone()),
-                (Ok(_), None) => {
+            match &resolved {
+                Err(p) => export.problem = Some(p.clone()),
+                Ok(_) if !catalogs.contains(catalog) => {
                     export.problem = Some(Problem {
                         reason: "CatalogNotFound",
                         message: format!("ExternalCatalog {catalog:?} does not exist"),
                     })
                 }
-                (Ok(list), Some(set)) => {
+                Ok(list) => {
                     export.endpoints = list.len();
-                    set.extend(list.iter().cloned());
+                    contributed.push(catalog.clone());
                 }
             }
             exports.push(export);
         }
+        // Move this source's contribution in the catalogs, unless it is the same as before.
+        let unchanged = previous.as_ref().is_some_and(|p| {
+            p.contributed == contributed
+                && match (&p.resolved, &resolved) {
+                    (Ok(a), Ok(b)) => Arc::ptr_eq(a, b),
+                    (Err(_), Err(_)) => contributed.is_empty(),
+                    _ => false,
+                }
+        });
+        if !unchanged {
+            if let Some(p) = &previous {
+                withdraw(&mut memo.catalogs, p);
+            }
+            if let Ok(list) = &resolved {
+                for catalog in &contributed {
+                    memo.catalogs.entry(catalog.clone()).or_default().add(list);
+                }
+            }
+        }
+        seen.insert(req.source.clone());
+        memo.sources.insert(
+            req.source,
+            Memoized {
+                fingerprint,
+                resolved,
+                contributed,
+            },
+        );
     }
+    // Sources that are gone take their instances with them.
+    let gone: Vec<Source> = memo
+        .sources
+        .keys()
+        .filter(|s| !seen.contains(*s))
+        .cloned()
+        .collect();
+    for source in gone {
+        if let Some(p) = memo.sources.remove(&source) {
+            withdraw(&mut memo.catalogs, &p);
+        }
+    }
+    memo.catalogs.retain(|name, _| catalogs.contains(name));
     exports.sort_by(|a, b| (&a.source, &a.catalog).cmp(&(&b.source, &b.catalog)));
     Desired {
-        catalogs: per_catalog
-            .into_iter()
-            .map(|(name, set)| {
-                (
-                    name,
-                    Arc::new(DesiredCatalog {
-                        instances: set.into_iter().collect(),
-                    }),
-                )
+        catalogs: catalogs
+            .iter()
+            .map(|name| {
+                let m = memo.catalogs.entry(name.clone()).or_default();
+                if m.dirty {
+                    m.built = Arc::new(DesiredCatalog {
+                        instances: m.counts.keys().cloned().collect(),
+                    });
+                    m.dirty = false;
+                }
+                (name.clone(), m.built.clone())
             })
             .collect(),
         exports,
     }
+}
+
+/// Takes what `source` added to the catalogs out of them again.
+fn withdraw(catalogs: &mut HashMap<String, CatalogMemo>, source: &Memoized) {
+    if let Ok(list) = &source.resolved {
+        for catalog in &source.contributed {
+            if let Some(m) = catalogs.get_mut(catalog) {
+                m.remove(list);
+            }
+        }
+    }
+}
+
+/// What an export's instances depend on, or `None` when an object has no resource version
+/// (then nothing is reused).
+fn fingerprint(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    req: &Request,
+    external_name: &str,
+) -> Option<Fingerprint> {
+    let version = |m: &kube::api::ObjectMeta| -> Option<(String, String)> {
+        Some((
+            m.uid.clone().unwrap_or_default(),
+            m.resource_version.clone()?,
+        ))
+    };
+    let mut slice_versions = slices
+        .iter()
+        .map(|s| {
+            let (uid, rv) = version(&s.metadata)?;
+            Some((
+                format!("{}/{uid}", s.metadata.name.as_deref().unwrap_or_default()),
+                rv,
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    slice_versions.sort();
+    Some(Fingerprint {
+        service: version(&svc.metadata)?,
+        slices: slice_versions,
+        external_name: external_name.to_string(),
+        port: req.port.clone(),
+        tags: req.tags.clone(),
+        meta: req.meta.clone(),
+    })
 }
 
 fn is_imported(svc: &Service) -> bool {
@@ -590,6 +761,166 @@ mod tests {
             consul.warnings[0]
         );
         assert!(by_catalog["etcd"].warnings.is_empty());
+    }
+
+    /// The memo gives exactly what a computation from scratch gives, through readiness
+    /// changes, renames, deletions, catalogs that go and come back, two sources of the same
+    /// instances, and objects without a resource version.
+    #[test]
+    fn compute_with_a_memo_equals_compute_from_scratch() {
+        fn versioned<T: kube::Resource>(mut o: T, rv: u64) -> Arc<T> {
+            o.meta_mut().resource_version = Some(rv.to_string());
+            o.meta_mut().uid = Some(format!("uid-{}", o.meta().name.clone().unwrap_or_default()));
+            Arc::new(o)
+        }
+        let mut rv = 0u64;
+        let mut next = || {
+            rv += 1;
+            rv
+        };
+        let mut services: Vec<Arc<Service>> = Vec::new();
+        let mut slices: Vec<Arc<EndpointSlice>> = Vec::new();
+        for s in 0..40 {
+            let export = if s % 2 == 0 { "consul,etcd" } else { "consul" };
+            let svc = service(
+                "shop",
+                &format!("svc-{s}"),
+                json!({"catalog-bridge.io/export": export}),
+            );
+            services.push(versioned((*svc).clone(), next()));
+            let eps: Vec<(String, Option<bool>, bool)> = (0..3)
+                .map(|e| (format!("10.0.{s}.{e}"), Some(true), false))
+                .collect();
+            let eps: Vec<(&str, Option<bool>, bool)> =
+                eps.iter().map(|(a, r, t)| (a.as_str(), *r, *t)).collect();
+            let sl = slice("shop", &format!("svc-{s}"), &format!("svc-{s}-a"), &eps);
+            slices.push(versioned((*sl).clone(), next()));
+        }
+        let mut catalogs = vec![catalog("consul"), catalog("etcd")];
+        let mut registrations: Vec<Arc<ExternalRegistration>> = Vec::new();
+        let mut memo = Memo::default();
+        let mut check = |services: &[Arc<Service>],
+                         slices: &[Arc<EndpointSlice>],
+                         catalogs: &[Arc<ExternalCatalog>],
+                         registrations: &[Arc<ExternalRegistration>],
+                         step: &str| {
+            let inputs = Inputs {
+                services,
+                slices,
+                catalogs,
+                registrations,
+            };
+            assert_eq!(compute_with(inputs, &mut memo), compute(inputs), "{step}");
+        };
+        check(&services, &slices, &catalogs, &registrations, "first");
+        check(&services, &slices, &catalogs, &registrations, "unchanged");
+
+        // One endpoint turns unready.
+        let sl = slice(
+            "shop",
+            "svc-3",
+            "svc-3-a",
+            &[
+                ("10.0.3.0", Some(true), false),
+                ("10.0.3.1", Some(false), false),
+            ],
+        );
+        slices[3] = versioned((*sl).clone(), next());
+        check(&services, &slices, &catalogs, &registrations, "unready");
+
+        // A new external name and other catalogs for one Service.
+        let svc = service(
+            "shop",
+            "svc-4",
+            json!({"catalog-bridge.io/export": "etcd", "catalog-bridge.io/name": "renamed"}),
+        );
+        services[4] = versioned((*svc).clone(), next());
+        check(&services, &slices, &catalogs, &registrations, "renamed");
+
+        // A Service and its slice deleted.
+        services.remove(5);
+        slices.remove(5);
+        check(&services, &slices, &catalogs, &registrations, "deleted");
+
+        // A catalog deleted, then back.
+        let etcd = catalogs.pop().expect("etcd");
+        check(
+            &services,
+            &slices,
+            &catalogs,
+            &registrations,
+            "catalog gone",
+        );
+        catalogs.push(etcd);
+        check(
+            &services,
+            &slices,
+            &catalogs,
+            &registrations,
+            "catalog back",
+        );
+
+        // A registration exporting the same instances as an annotation, then removed: the
+        // instances stay while either source remains.
+        let reg: ExternalRegistration = serde_json::from_value(json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+            "metadata": {"namespace": "shop", "name": "dup"},
+            "spec": {"catalogRef": {"name": "consul"}, "direction": "Export",
+                     "service": {"name": "svc-6"}, "externalName": "svc-6"},
+        }))
+        .expect("test registration");
+        registrations.push(versioned(reg, next()));
+        check(
+            &services,
+            &slices,
+            &catalogs,
+            &registrations,
+            "duplicate source",
+        );
+        let svc = service("shop", "svc-6", json!({}));
+        services[5] = versioned((*svc).clone(), next()); // svc-6 sits at index 5 now
+        check(
+            &services,
+            &slices,
+            &catalogs,
+            &registrations,
+            "annotation removed",
+        );
+        registrations.clear();
+        check(
+            &services,
+            &slices,
+            &catalogs,
+            &registrations,
+            "registration removed",
+        );
+
+        // Objects without a resource version are recomputed every time.
+        services[0] = service(
+            "shop",
+            "svc-0",
+            json!({"catalog-bridge.io/export": "consul"}),
+        );
+        check(
+            &services,
+            &slices,
+            &catalogs,
+            &registrations,
+            "no resource version",
+        );
+        slices[0] = slice(
+            "shop",
+            "svc-0",
+            "svc-0-a",
+            &[("10.9.9.9", Some(true), false)],
+        );
+        check(
+            &services,
+            &slices,
+            &catalogs,
+            &registrations,
+            "slice without version",
+        );
     }
 
     #[test]
