@@ -702,13 +702,15 @@ impl Consul {
                 }
                 Err(e) => {
                     let mut why = transport_error(&e);
+                    // A Consul that verifies clients either says so (an alert) or just closes
+                    // the connection, depending on timing: name the setting either way.
                     if !self.client_cert
                         && self.urls[idx].scheme() == "https"
-                        && why.contains("connection closed")
+                        && (why.contains("connection closed")
+                            || why.contains("CertificateRequired"))
                     {
                         why.push_str(
-                            "; a Consul that verifies clients closes the connection to one \
-                             without a certificate (tls.clientCertSecretRef)",
+                            "; Consul may require a client certificate (tls.clientCertSecretRef)",
                         );
                     }
                     tracing::debug!(address = %self.addresses[idx], error = %why, "Consul address failed");
