@@ -18,13 +18,14 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::crd::{ExternalCatalog, ExternalRegistration};
 use crate::desired::{self, Desired, Inputs, Problem};
-use crate::importer::{ImportView, Importers};
+use crate::import;
+use crate::importer::{ImportView, Importers, Touched, Watched};
 use crate::metrics::Metrics;
 use crate::status::CatalogView;
 use crate::writer::{self, Report, Snapshot, Writer};
@@ -67,8 +68,13 @@ impl Changes {
     }
 }
 
-/// A reflector (a watch feeding a store) whose every event marks `changes`.
-fn reflect<K>(api: Api<K>, changes: Arc<Changes>) -> (Store<K>, JoinHandle<Result<()>>)
+/// A reflector (a watch feeding a store) whose every event marks `changes`. With `touched`,
+/// changes to objects an import maintains are also sent there.
+fn reflect<K>(
+    api: Api<K>,
+    changes: Arc<Changes>,
+    touched: Option<(import::Kind, broadcast::Sender<Touched>)>,
+) -> (Store<K>, JoinHandle<Result<()>>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -83,7 +89,20 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(_) => changes.mark(),
+                Ok(ev) => {
+                    if let Some((kind, tx)) = &touched {
+                        let t = match &ev {
+                            watcher::Event::Apply(o) => Touched::of(*kind, o, false),
+                            watcher::Event::Delete(o) => Touched::of(*kind, o, true),
+                            watcher::Event::InitDone => Some(Touched::Relisted),
+                            watcher::Event::Init | watcher::Event::InitApply(_) => None,
+                        };
+                        if let Some(t) = t {
+                            let _ = tx.send(t); // no import running: nobody to tell
+                        }
+                    }
+                    changes.mark()
+                }
                 Err(e) => warn!(%kind, error = %e, "watch failed; retrying"),
             }
         }
@@ -298,12 +317,27 @@ pub struct Health {
 pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let changes = Arc::new(Changes::default());
-    let (services, t1) = reflect(Api::<Service>::all(client.clone()), changes.clone());
-    let (slices, t2) = reflect(Api::<EndpointSlice>::all(client.clone()), changes.clone());
-    let (catalogs, t3) = reflect(Api::<ExternalCatalog>::all(client.clone()), changes.clone());
+    // Changes to imported objects, for the import tasks to undo someone else's.
+    let (touched, _) = broadcast::channel(1024);
+    let (services, t1) = reflect(
+        Api::<Service>::all(client.clone()),
+        changes.clone(),
+        Some((import::Kind::Service, touched.clone())),
+    );
+    let (slices, t2) = reflect(
+        Api::<EndpointSlice>::all(client.clone()),
+        changes.clone(),
+        Some((import::Kind::EndpointSlice, touched.clone())),
+    );
+    let (catalogs, t3) = reflect(
+        Api::<ExternalCatalog>::all(client.clone()),
+        changes.clone(),
+        None,
+    );
     let (registrations, t4) = reflect(
         Api::<ExternalRegistration>::all(client.clone()),
         changes.clone(),
+        None,
     );
     let stores = Stores {
         services,
@@ -357,6 +391,11 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                 opts.owner.clone(),
                 gate.clone(),
                 metrics.clone(),
+                Watched {
+                    services: stores.services.clone(),
+                    slices: stores.slices.clone(),
+                    touched,
+                },
             );
             let mut writers = Writers {
                 client,

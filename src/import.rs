@@ -65,6 +65,70 @@ pub struct Rendered {
     pub placement: BTreeMap<String, BTreeMap<String, usize>>,
 }
 
+/// The kinds of object an import maintains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+/// An object [`apply`] sent, as the API server stored it: later changes to it with another
+/// resource version, or its deletion, were made by someone else.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Written {
+    pub kind: Kind,
+    pub name: String,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+impl Written {
+    fn of(kind: Kind, obj: &impl Resource) -> Written {
+        let meta = obj.meta();
+        Written {
+            kind,
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+        }
+    }
+}
+
+impl Rendered {
+    /// Whether the object `kind`/`name` is part of this rendering.
+    pub fn holds(&self, kind: Kind, name: &str) -> bool {
+        match kind {
+            Kind::Service => self.service.as_ref().is_some_and(|s| s.name_any() == name),
+            Kind::EndpointSlice => self.slices.iter().any(|s| s.name_any() == name),
+        }
+    }
+
+    /// Forgets that the object `kind`/`name` was applied, so that the next [`apply`] with this
+    /// as `previous` sends it again. Returns whether it was held.
+    pub fn forget(&mut self, kind: Kind, name: &str) -> bool {
+        if !self.holds(kind, name) {
+            return false;
+        }
+        match kind {
+            Kind::Service => self.service = None,
+            Kind::EndpointSlice => self.slices.retain(|s| s.name_any() != name),
+        }
+        true
+    }
+
+    /// Every object of this rendering, by kind and name.
+    pub fn objects(&self) -> impl Iterator<Item = (Kind, String)> + '_ {
+        self.service
+            .iter()
+            .map(|s| (Kind::Service, s.name_any()))
+            .chain(
+                self.slices
+                    .iter()
+                    .map(|s| (Kind::EndpointSlice, s.name_any())),
+            )
+    }
+}
+
 /// A Service port: its name, the port clients use, and which instance port it reaches.
 struct PortMap {
     name: String,
@@ -216,13 +280,14 @@ pub fn render(
 /// Applies `r` (server-side apply, owned by the registration so deleting it removes them) and
 /// deletes this registration's slices that are no longer rendered. Objects equal to what
 /// `previous` (the last successful apply) held are not sent again: one changed endpoint
-/// rewrites one slice.
+/// rewrites one slice. Returns the objects sent, as stored.
 pub async fn apply(
     client: &kube::Client,
     reg: &ExternalRegistration,
     r: &Rendered,
     previous: Option<&Rendered>,
-) -> Result<()> {
+) -> Result<Vec<Written>> {
+    let mut written = Vec::new();
     let ns = reg
         .namespace()
         .context("an ExternalRegistration is namespaced")?;
@@ -232,10 +297,11 @@ pub async fn apply(
     {
         let services: Api<Service> = Api::namespaced(client.clone(), &ns);
         let name = svc.name_any();
-        services
+        let stored = services
             .patch(&name, &pp, &Patch::Apply(svc))
             .await
             .with_context(|| format!("applying Service {ns}/{name}"))?;
+        written.push(Written::of(Kind::Service, &stored));
     }
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     let mut keep = BTreeSet::new();
@@ -243,15 +309,16 @@ pub async fn apply(
         let n = s.name_any();
         let unchanged = previous.is_some_and(|p| p.slices.iter().any(|old| old == s));
         if !unchanged {
-            slices
+            let stored = slices
                 .patch(&n, &pp, &Patch::Apply(s))
                 .await
                 .with_context(|| format!("applying EndpointSlice {ns}/{n}"))?;
+            written.push(Written::of(Kind::EndpointSlice, &stored));
         }
         keep.insert(n);
     }
     if previous.is_some_and(|p| p.slices.iter().all(|old| keep.contains(&old.name_any()))) {
-        return Ok(()); // nothing to delete
+        return Ok(written); // nothing to delete
     }
     let selector = format!(
         "{REGISTRATION_LABEL}={},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}",
@@ -270,7 +337,7 @@ pub async fn apply(
                 .with_context(|| format!("deleting stale EndpointSlice {ns}/{n}"))?;
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Deletes the Service and EndpointSlices registration `ns/name` maintained.

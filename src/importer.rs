@@ -4,21 +4,171 @@
 //!
 //! Nothing is deleted because a read failed: until the first successful read nothing is applied,
 //! and while the catalog is unreachable the last known instances stay in place.
+//!
+//! The imported objects are kept as rendered: when the controller's watches see one deleted or
+//! changed by someone else ([`Touched`]), the task applies it again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kube::ResourceExt;
-use tokio::sync::watch;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::backend::{Backend, BackendError, ImportSnapshot};
 use crate::catalogs;
 use crate::crd::{Direction, ExternalCatalog, ExternalRegistration};
-use crate::desired::Problem;
+use crate::desired::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, Problem};
+use crate::import::{Kind, REGISTRATION_LABEL, Rendered, Written};
 use crate::metrics::Metrics;
+
+/// A change the controller's watches saw to an object some import maintains.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Touched {
+    Object(TouchedObject),
+    /// A watch was listed again: deletions during the gap were not reported one by one.
+    Relisted,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TouchedObject {
+    pub namespace: String,
+    /// The registration named by the object's label.
+    pub registration: String,
+    pub kind: Kind,
+    pub name: String,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub deleted: bool,
+}
+
+impl Touched {
+    /// The change to `obj`, if it is an object an import maintains.
+    pub fn of(kind: Kind, obj: &impl Resource, deleted: bool) -> Option<Touched> {
+        let meta = obj.meta();
+        let labels = meta.labels.as_ref()?;
+        if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY_VALUE) {
+            return None;
+        }
+        Some(Touched::Object(TouchedObject {
+            namespace: meta.namespace.clone()?,
+            registration: labels.get(REGISTRATION_LABEL)?.clone(),
+            kind,
+            name: meta.name.clone()?,
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            deleted,
+        }))
+    }
+}
+
+/// The controller's view of the objects imports maintain: its stores, and the changes its
+/// watches see.
+#[derive(Clone)]
+pub struct Watched {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub touched: broadcast::Sender<Touched>,
+}
+
+/// Resource versions kept per object to recognise this import's own writes in the watch.
+const VERSIONS_KEPT: usize = 8;
+/// Someone else's changes are undone at once, up to this many times per [`REPAIR_WINDOW`] and
+/// import; beyond that, after a pause, so that a controller fighting over the same fields is
+/// not answered at full speed.
+const REPAIR_BURST: usize = 5;
+const REPAIR_WINDOW: Duration = Duration::from_secs(5);
+
+/// When this import last undid someone else's changes.
+#[derive(Default)]
+struct Repairs(VecDeque<Instant>);
+
+impl Repairs {
+    /// Whether a repair may go now (and counts it if so).
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= REPAIR_WINDOW)
+        {
+            self.0.pop_front();
+        }
+        if self.0.len() >= REPAIR_BURST {
+            return false;
+        }
+        self.0.push_back(now);
+        true
+    }
+}
+
+/// What one import task wrote, to tell its own changes from someone else's.
+#[derive(Default)]
+struct Ours(HashMap<(Kind, String), Own>);
+
+#[derive(Default)]
+struct Own {
+    uid: Option<String>,
+    versions: VecDeque<String>,
+}
+
+impl Ours {
+    fn record(&mut self, written: &[Written], applied: &Rendered) {
+        for w in written {
+            let own = self.0.entry((w.kind, w.name.clone())).or_default();
+            own.uid.clone_from(&w.uid);
+            if let Some(v) = &w.resource_version {
+                if own.versions.len() == VERSIONS_KEPT {
+                    own.versions.pop_front();
+                }
+                own.versions.push_back(v.clone());
+            }
+        }
+        self.0.retain(|(kind, name), _| applied.holds(*kind, name));
+    }
+
+    /// Whether `t` was done by someone else: a deletion of the object this import wrote, or a
+    /// version of it this import did not write.
+    fn foreign(&self, t: &TouchedObject) -> bool {
+        let Some(own) = self.0.get(&(t.kind, t.name.clone())) else {
+            return true;
+        };
+        if t.deleted {
+            own.uid.is_none() || t.uid.is_none() || own.uid == t.uid
+        } else {
+            !t.resource_version
+                .as_ref()
+                .is_some_and(|v| own.versions.contains(v))
+        }
+    }
+
+    /// The objects of `applied` that the stores hold in a version this import did not write,
+    /// or not at all.
+    fn drifted(&self, applied: &Rendered, ns: &str, watched: &Watched) -> Vec<(Kind, String)> {
+        applied
+            .objects()
+            .filter(|(kind, name)| {
+                let stored = match kind {
+                    Kind::Service => watched
+                        .services
+                        .get(&ObjectRef::new(name).within(ns))
+                        .map(|o| o.resource_version()),
+                    Kind::EndpointSlice => watched
+                        .slices
+                        .get(&ObjectRef::new(name).within(ns))
+                        .map(|o| o.resource_version()),
+                };
+                let own = self.0.get(&(*kind, name.clone()));
+                !matches!((stored, own), (Some(Some(v)), Some(own)) if own.versions.contains(&v))
+            })
+            .collect()
+    }
+}
 
 /// What one import task last saw and did, for status, Events and metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -57,6 +207,7 @@ pub struct Importers {
     owner: String,
     gate: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
+    watched: Watched,
     running: HashMap<(String, String), Running>,
 }
 
@@ -66,12 +217,14 @@ impl Importers {
         owner: String,
         gate: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
+        watched: Watched,
     ) -> Importers {
         Importers {
             client,
             owner,
             gate,
             metrics,
+            watched,
             running: HashMap::new(),
         }
     }
@@ -136,6 +289,7 @@ impl Importers {
                         self.gate.clone(),
                         view_tx,
                         self.metrics.clone(),
+                        self.watched.clone(),
                     ))
                 }
                 Err(problem) => {
@@ -199,8 +353,11 @@ async fn run(
     mut gate: watch::Receiver<bool>,
     view: watch::Sender<ImportView>,
     metrics: Arc<Metrics>,
+    watched: Watched,
 ) {
     let external = reg.spec.external_name.clone().unwrap_or_default();
+    let ns = reg.namespace().unwrap_or_default();
+    let name = reg.name_any();
     let catalog = reg.spec.catalog_ref.name.clone();
     loop {
         while !*gate.borrow_and_update() {
@@ -216,12 +373,40 @@ async fn run(
         };
         let mut retry = false;
         // What the last successful apply wrote (so unchanged objects are not sent again).
-        let mut applied: Option<crate::import::Rendered> = None;
+        let mut applied: Option<Rendered> = None;
+        let mut ours = Ours::default();
+        let mut touched = watched.touched.subscribe();
+        let mut repairs = Repairs::default();
         loop {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 r = gate.changed() => if r.is_err() || !*gate.borrow() { break },
                 _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+                t = touched.recv() => {
+                    let Some(a) = applied.as_mut() else { continue };
+                    let undo: Vec<(Kind, String)> = match t {
+                        Ok(Touched::Object(o)) => {
+                            if o.namespace == ns && o.registration == name && a.holds(o.kind, &o.name) && ours.foreign(&o) {
+                                vec![(o.kind, o.name)]
+                            } else {
+                                Vec::new()
+                            }
+                        }
+                        Ok(Touched::Relisted) | Err(broadcast::error::RecvError::Lagged(_)) => ours.drifted(a, &ns, &watched),
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    };
+                    if undo.is_empty() {
+                        continue;
+                    }
+                    for (kind, object) in &undo {
+                        info!(registration = %format!("{ns}/{name}"), ?kind, object = %object, "imported object deleted or changed by someone else; applying it again");
+                        a.forget(*kind, object);
+                    }
+                    if !repairs.allow() {
+                        retry = true; // applied after the pause
+                        continue;
+                    }
+                }
             }
             let snap = rx.borrow_and_update().clone();
             metrics.import_skipped(
@@ -239,8 +424,9 @@ async fn run(
             }
             let result = match crate::import::render(&reg, &snap, applied.as_ref()) {
                 Ok(r) => match crate::import::apply(&client, &reg, &r, applied.as_ref()).await {
-                    Ok(()) => {
+                    Ok(written) => {
                         let n = r.endpoints;
+                        ours.record(&written, &r);
                         applied = Some(r);
                         Ok(n)
                     }
@@ -277,5 +463,91 @@ async fn run(
             });
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touched(kind: Kind, name: &str, uid: &str, version: &str, deleted: bool) -> TouchedObject {
+        TouchedObject {
+            namespace: "shop".into(),
+            registration: "cache".into(),
+            kind,
+            name: name.into(),
+            uid: Some(uid.into()),
+            resource_version: Some(version.into()),
+            deleted,
+        }
+    }
+
+    fn written(kind: Kind, name: &str, uid: &str, version: &str) -> Written {
+        Written {
+            kind,
+            name: name.into(),
+            uid: Some(uid.into()),
+            resource_version: Some(version.into()),
+        }
+    }
+
+    fn rendered(slices: &[&str]) -> Rendered {
+        Rendered {
+            service: None,
+            slices: slices
+                .iter()
+                .map(|n| EndpointSlice {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(n.to_string()),
+                        ..Default::default()
+                    },
+                    address_type: "IPv4".into(),
+                    endpoints: Vec::new(),
+                    ports: None,
+                })
+                .collect(),
+            endpoints: 0,
+            placement: Default::default(),
+        }
+    }
+
+    #[test]
+    fn own_writes_are_told_from_someone_elses() {
+        let s = Kind::EndpointSlice;
+        let applied = rendered(&["a"]);
+        let mut ours = Ours::default();
+        ours.record(&[written(s, "a", "u1", "5")], &applied);
+        ours.record(&[written(s, "a", "u1", "7")], &applied);
+        // The watch reports this import's writes late, in any order: none is foreign.
+        assert!(!ours.foreign(&touched(s, "a", "u1", "5", false)));
+        assert!(!ours.foreign(&touched(s, "a", "u1", "7", false)));
+        // A version it did not write, and the deletion of what it wrote, are.
+        assert!(ours.foreign(&touched(s, "a", "u1", "9", false)));
+        assert!(ours.foreign(&touched(s, "a", "u1", "9", true)));
+        // The deletion of an earlier incarnation (reported after the object came back) is not.
+        ours.record(&[written(s, "a", "u2", "11")], &applied);
+        assert!(!ours.foreign(&touched(s, "a", "u1", "10", true)));
+        // Objects no longer applied are forgotten; anything about them counts as foreign.
+        ours.record(&[], &rendered(&[]));
+        assert!(ours.foreign(&touched(s, "a", "u2", "11", false)));
+    }
+
+    #[test]
+    fn forgetting_an_object_makes_the_next_apply_send_it() {
+        let mut r = rendered(&["a", "b"]);
+        assert!(r.forget(Kind::EndpointSlice, "a"));
+        assert!(!r.holds(Kind::EndpointSlice, "a"));
+        assert!(r.holds(Kind::EndpointSlice, "b"));
+        assert!(!r.forget(Kind::EndpointSlice, "a"), "already forgotten");
+        assert!(!r.forget(Kind::Service, "a"), "no Service rendered");
+    }
+
+    #[test]
+    fn repairs_go_at_once_up_to_the_burst_then_wait() {
+        let mut repairs = Repairs::default();
+        for _ in 0..REPAIR_BURST {
+            assert!(repairs.allow());
+        }
+        assert!(!repairs.allow(), "a fight is not answered at full speed");
     }
 }

@@ -401,3 +401,104 @@ async fn a_catalog_outage_keeps_the_last_known_endpoints() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// The imported Service and EndpointSlices are kept as rendered: deleted or edited by hand, they
+/// come back at once, not at the catalog's next change; a harmless change by someone else (a
+/// label) is left alone and not answered with a write.
+#[tokio::test]
+async fn imported_objects_deleted_or_edited_by_hand_come_back() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    let kube = env.kube()?;
+    for ip in ["10.7.1.1", "10.7.1.2"] {
+        env.etcd()?.etcdctl(&[
+            "put",
+            &format!("/services/cache/providers/{ip}:6379"),
+            &format!("{ip}:6379"),
+        ])?;
+    }
+    kubectl_apply(
+        &env,
+        &import(
+            "cache",
+            "etcd",
+            "cache",
+            json!({"ports": [{"name": "redis", "port": 6379}]}),
+        ),
+    )?;
+    let both = ["10.7.1.1:6379", "10.7.1.2:6379"];
+    wait_endpoints(&client, "cache", &both)
+        .await
+        .with_context(|| cb.log())?;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    let slice = "cache-ipv4-6379-0";
+
+    kube.kubectl(&["delete", "endpointslice", "-n", "shop", slice])?;
+    let took = wait_endpoints(&client, "cache", &both)
+        .await
+        .with_context(|| cb.log())?;
+    println!("EndpointSlice deleted by hand -> back in {took:?}");
+
+    kube.kubectl(&[
+        "patch",
+        "endpointslice",
+        "-n",
+        "shop",
+        slice,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/endpoints/0/addresses/0","value":"10.66.6.6"}]"#,
+    ])?;
+    let took = wait_endpoints(&client, "cache", &both)
+        .await
+        .with_context(|| cb.log())?;
+    println!("EndpointSlice edited by hand -> restored in {took:?}");
+
+    let uid = services.get("cache").await?.metadata.uid;
+    kube.kubectl(&["delete", "service", "-n", "shop", "cache", "--wait=false"])?;
+    localenv::eventually("the Service applied again", WAIT, || async {
+        let again = services.get_opt("cache").await?;
+        Ok(again
+            .filter(|s| s.metadata.uid != uid && s.metadata.deletion_timestamp.is_none())
+            .map(|_| ()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+
+    // A label added by someone else stays, and the controller does not write the slice again.
+    // The controller's log names every object it applies again: once per change above.
+    kube.kubectl(&["label", "endpointslice", "-n", "shop", slice, "team=db"])?;
+    let labelled = slices
+        .get(slice)
+        .await?
+        .metadata
+        .resource_version
+        .context("resourceVersion")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = slices.get(slice).await?;
+    assert_eq!(
+        after.metadata.labels.unwrap_or_default().get("team"),
+        Some(&"db".to_string()),
+        "the foreign label stays"
+    );
+    assert_eq!(
+        after.metadata.resource_version.as_deref(),
+        Some(labelled.as_str()),
+        "a harmless foreign change is not answered with a changed object"
+    );
+    let log = cb.log();
+    let again: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("applying it again"))
+        .collect();
+    let restored = again.len();
+    println!("objects applied again:\n{}", again.join("\n"));
+    assert!(
+        (3..=4).contains(&restored),
+        "3 restores (the deleted slice, the edited slice, the deleted Service) and at most one \
+         no-op apply for the label; the log has {restored}:\n{}",
+        cb.log()
+    );
+    wait_endpoints(&client, "cache", &both).await?;
+    Ok(())
+}
