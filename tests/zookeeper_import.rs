@@ -633,3 +633,71 @@ async fn the_watch_ends_when_the_receiver_is_dropped() -> Result<()> {
     ));
     Ok(())
 }
+
+/// Packets the ZooKeeper server has received, from `srvr`.
+async fn packets_received(env: &Env) -> Result<u64> {
+    let srvr = env.zookeeper()?.four_letter("srvr").await?;
+    srvr.lines()
+        .find_map(|l| l.strip_prefix("Received: "))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no `Received:` in srvr:\n{srvr}"))
+}
+
+/// A change to one of many children costs the watch a few requests, not a read of every child:
+/// a new child is read alone, a changed one is read again alone, a deleted one costs nothing.
+/// Counted by the server itself (`srvr`), on a ZooKeeper of this test's own.
+#[tokio::test]
+async fn one_change_among_many_children_reads_only_that_child() -> Result<()> {
+    const N: usize = 300;
+    let env = Env::builder().zookeeper().start().await?;
+    let connect = env.zookeeper()?.connect_string();
+    let base = "/many/services";
+    let dir = format!("{base}/cache/providers");
+    let paths: Vec<String> = (0..N)
+        .map(|i| format!("{dir}/10.5.{}.{}:6379", i / 250, i % 250 + 1))
+        .collect();
+    let nodes: Vec<(&str, &str)> = paths.iter().map(|p| (p.as_str(), "")).collect();
+    kazoo_create(&connect, &nodes)?;
+    let store = Arc::new(MemorySessionStore::default());
+    let z = backend(&connect, base, ZooKeeperLayout::Plain, "cluster-b", &store)?;
+    let mut w = Watch::start(&z, "cache");
+    w.until("every child", WAIT, |s| s.instances.len() == N)
+        .await?;
+
+    // What one kazoo run of one request costs the server (connect, the request, close), so
+    // that only the watch's share is compared.
+    let before = packets_received(&env).await?;
+    kazoo(&connect, "zk.exists('/')", &[])?;
+    let kazoo_alone = packets_received(&env).await? - before;
+
+    let new = format!("{dir}/10.5.9.9:6379");
+    // (what, the kazoo request, the instances afterwards)
+    let steps = [
+        ("a child created", "zk.create(sys.argv[2], b'')", N + 1),
+        (
+            "a child's data changed",
+            "zk.set(sys.argv[2], b'{\"note\": \"changed\"}')",
+            N + 1,
+        ),
+        ("a child deleted", "zk.delete(sys.argv[2])", N),
+    ];
+    for (what, body, after) in steps {
+        let before = packets_received(&env).await?;
+        kazoo(&connect, body, &[&new])?;
+        w.until(what, WAIT, |s| s.instances.len() == after).await?;
+        // The watch's reads of a data change arrive after kazoo's; give them a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let watch = (packets_received(&env).await? - before).saturating_sub(kazoo_alone);
+        println!("{what}: the watch sent about {watch} requests ({N} children)");
+        ensure!(
+            watch < 20,
+            "{what}: the watch sent about {watch} requests for one change among {N} children"
+        );
+    }
+    let s = w
+        .until("the end state", WAIT, |s| s.instances.len() == N)
+        .await?;
+    ensure!(s.skipped.is_empty() && s.error.is_none(), "{s:?}");
+    w.stop().await?;
+    Ok(())
+}

@@ -57,6 +57,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use async_trait::async_trait;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1493,12 +1494,42 @@ where
 /// when they meet a session they do not know.
 const STORE_RECHECK: Duration = Duration::from_secs(30);
 
-/// What one read of an import watch found, and the watches it armed.
+/// What an import watch knows of the directory it follows.
 struct ImportRead {
-    instances: Vec<External>,
-    skipped: Vec<(String, String)>,
-    /// The child (or exists) watch of the directory and the data watch of each entry.
-    watchers: Vec<zk::OneshotWatcher>,
+    /// The directory exists (when it does not, the only watch is its exists watch).
+    listed: bool,
+    /// Each child read, by name.
+    entries: BTreeMap<String, ImportEntry>,
+}
+
+/// One child of an imported directory, as last read.
+enum ImportEntry {
+    Instance(External),
+    /// Could not be parsed: (id, why).
+    Skipped(String, String),
+    /// This controller's own entry, or a Curator instance that is not enabled.
+    Ignored,
+}
+
+/// A watch armed by an import read: the directory's (`None`) or a child's.
+type ImportWatch = (Option<String>, zk::OneshotWatcher);
+
+impl ImportRead {
+    /// The instances and the skipped entries, sorted.
+    fn parts(&self) -> (Vec<External>, Vec<(String, String)>) {
+        let mut instances = Vec::new();
+        let mut skipped = Vec::new();
+        for e in self.entries.values() {
+            match e {
+                ImportEntry::Instance(i) => instances.push(i.clone()),
+                ImportEntry::Skipped(id, why) => skipped.push((id.clone(), why.clone())),
+                ImportEntry::Ignored => {}
+            }
+        }
+        instances.sort();
+        skipped.sort();
+        (instances, skipped)
+    }
 }
 
 /// The sessions whose ephemeral nodes this controller wrote, as one import watch knows them.
@@ -1704,68 +1735,151 @@ impl ZooKeeper {
         conn: &Conn,
         name: &str,
         own: &mut OwnSessions,
-    ) -> Result<ImportRead, BackendError> {
-        let client = &conn.client;
+    ) -> Result<(ImportRead, Vec<ImportWatch>), BackendError> {
         let dir = self.dir_of(name);
-        let err = |what: String, e: &zk::Error| self.inner.error(&what, e, Some(&conn.proxy));
         let (children, child_watch) = loop {
-            match client.get_and_watch_children(&dir).await {
-                Ok((children, _, w)) => break (children, w),
-                Err(zk::Error::NoNode) => {}
-                Err(e) => return Err(err(format!("watching {dir}"), &e)),
+            if let Some(listed) = self.list_import(conn, &dir).await? {
+                break listed;
             }
-            match client.check_and_watch_stat(&dir).await {
+            match conn.client.check_and_watch_stat(&dir).await {
                 // Created in between: list it.
                 Ok((Some(_), _)) => continue,
                 Ok((None, w)) => {
-                    return Ok(ImportRead {
-                        instances: Vec::new(),
-                        skipped: Vec::new(),
-                        watchers: vec![w],
-                    });
+                    let read = ImportRead {
+                        listed: false,
+                        entries: BTreeMap::new(),
+                    };
+                    return Ok((read, vec![(None, w)]));
                 }
-                Err(e) => return Err(err(format!("watching {dir} for its creation"), &e)),
+                Err(e) => {
+                    return Err(self.inner.error(
+                        &format!("watching {dir} for its creation"),
+                        &e,
+                        Some(&conn.proxy),
+                    ));
+                }
             }
         };
-        let paths: Vec<String> = children.iter().map(|c| format!("{dir}/{c}")).collect();
-        let nodes = pipelined(&paths, |p| client.get_and_watch_data(p)).await;
-        let mut out = ImportRead {
-            instances: Vec::new(),
-            skipped: Vec::new(),
-            watchers: vec![child_watch],
+        let (entries, mut watches) = self.read_children(conn, &dir, &children, own).await?;
+        watches.push((None, child_watch));
+        let read = ImportRead {
+            listed: true,
+            entries: entries.into_iter().collect(),
         };
-        for ((child, path), node) in children.iter().zip(&paths).zip(nodes) {
+        Ok((read, watches))
+    }
+
+    /// The children of `dir` and their watch; `None` when `dir` does not exist.
+    async fn list_import(
+        &self,
+        conn: &Conn,
+        dir: &str,
+    ) -> Result<Option<(Vec<String>, zk::OneshotWatcher)>, BackendError> {
+        match conn.client.get_and_watch_children(dir).await {
+            Ok((children, _, w)) => Ok(Some((children, w))),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(self
+                .inner
+                .error(&format!("watching {dir}"), &e, Some(&conn.proxy))),
+        }
+    }
+
+    /// Reads the children `names` of `dir` (pipelined) and arms their data watches. A child
+    /// deleted since the listing is left out (the directory's watch fires for it).
+    async fn read_children(
+        &self,
+        conn: &Conn,
+        dir: &str,
+        names: &[String],
+        own: &mut OwnSessions,
+    ) -> Result<(Vec<(String, ImportEntry)>, Vec<ImportWatch>), BackendError> {
+        let paths: Vec<String> = names.iter().map(|c| format!("{dir}/{c}")).collect();
+        let nodes = pipelined(&paths, |p| conn.client.get_and_watch_data(p)).await;
+        let mut entries = Vec::new();
+        let mut watches = Vec::new();
+        for ((child, path), node) in names.iter().zip(&paths).zip(nodes) {
             let (data, stat, w) = match node {
                 Ok(n) => n,
-                // Deleted since the listing: the child watch fires.
                 Err(zk::Error::NoNode) => continue,
-                Err(e) => return Err(err(format!("reading {path}"), &e)),
+                Err(e) => {
+                    return Err(self.inner.error(
+                        &format!("reading {path}"),
+                        &e,
+                        Some(&conn.proxy),
+                    ));
+                }
             };
-            out.watchers.push(w);
+            watches.push((Some(child.clone()), w));
             let mine = match self.inner.layout {
                 ZooKeeperLayout::Plain => plain_owner_is(&data, &self.inner.owner),
                 ZooKeeperLayout::Curator => false,
             } || own.is_own(&self.inner, stat.ephemeral_owner).await;
-            if mine {
-                continue;
-            }
             let parsed = match self.inner.layout {
+                _ if mine => Ok(None),
                 ZooKeeperLayout::Plain => parse_provider(child).map(Some),
                 ZooKeeperLayout::Curator => parse_curator(&data),
             };
-            match parsed {
-                Ok(Some((address, port))) => out.instances.push(External {
+            let entry = match parsed {
+                Ok(Some((address, port))) => ImportEntry::Instance(External {
                     address,
                     port,
                     id: path.clone(),
                 }),
-                Ok(None) => {}
-                Err(why) => out.skipped.push((path.clone(), why)),
+                Ok(None) => ImportEntry::Ignored,
+                Err(why) => ImportEntry::Skipped(path.clone(), why),
+            };
+            entries.push((child.clone(), entry));
+        }
+        Ok((entries, watches))
+    }
+
+    /// Follows one fired watch of an import: the directory's lists it again and reads only
+    /// the children that are new; a child's reads that child again (or forgets it, deleted).
+    /// Returns the watches armed, or `None` when everything must be read again.
+    async fn update_import(
+        &self,
+        conn: &Conn,
+        dir: &str,
+        read: &mut ImportRead,
+        child: Option<String>,
+        event: zk::EventType,
+        own: &mut OwnSessions,
+    ) -> Result<Option<Vec<ImportWatch>>, BackendError> {
+        if event == zk::EventType::Session || !read.listed {
+            return Ok(None);
+        }
+        match child {
+            None => {
+                let Some((children, w)) = self.list_import(conn, dir).await? else {
+                    return Ok(None); // the directory went: watch for its creation
+                };
+                let listed: HashSet<&String> = children.iter().collect();
+                read.entries.retain(|c, _| listed.contains(c));
+                let new: Vec<String> = children
+                    .iter()
+                    .filter(|c| !read.entries.contains_key(*c))
+                    .cloned()
+                    .collect();
+                let (entries, mut watches) = self.read_children(conn, dir, &new, own).await?;
+                read.entries.extend(entries);
+                watches.push((None, w));
+                Ok(Some(watches))
+            }
+            Some(c) if event == zk::EventType::NodeDeleted => {
+                read.entries.remove(&c);
+                Ok(Some(Vec::new()))
+            }
+            // A child the directory's watch already dropped: its removal was seen.
+            Some(c) if !read.entries.contains_key(&c) => Ok(Some(Vec::new())),
+            Some(c) => {
+                let (entries, watches) = self
+                    .read_children(conn, dir, std::slice::from_ref(&c), own)
+                    .await?;
+                read.entries.remove(&c);
+                read.entries.extend(entries);
+                Ok(Some(watches))
             }
         }
-        out.instances.sort();
-        out.skipped.sort();
-        Ok(out)
     }
 
     /// The loop of [`Backend::watch_service`]; returns when `tx` has no receivers left.
@@ -1799,7 +1913,7 @@ impl ZooKeeper {
                 r = attempt => r,
                 _ = tx.closed() => return,
             };
-            let (conn, mut state, read) = match result {
+            let (conn, mut state, (mut read, watches)) = match result {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(error = %e, name, "reading an imported ZooKeeper service failed; retrying");
@@ -1813,22 +1927,43 @@ impl ZooKeeper {
                 }
             };
             backoff = Duration::from_millis(100);
-            publish(tx, |s| {
-                s.instances = read.instances;
-                s.skipped = read.skipped;
-                s.error = None;
-                s.synced = true;
-            });
-            let mut changed = futures::future::select_all(
-                read.watchers
-                    .into_iter()
-                    .map(|w| Box::pin(w.changed()))
-                    .collect::<Vec<_>>(),
-            );
+            let publish_read = |read: &ImportRead| {
+                let (instances, skipped) = read.parts();
+                publish(tx, |s| {
+                    s.instances = instances;
+                    s.skipped = skipped;
+                    s.error = None;
+                    s.synced = true;
+                });
+            };
+            publish_read(&read);
+            // Every armed watch; one that fires is followed by reading only what it names.
+            let mut fired = futures::stream::FuturesUnordered::new();
+            let arm = |fired: &mut futures::stream::FuturesUnordered<_>,
+                       watches: Vec<ImportWatch>| {
+                for (child, w) in watches {
+                    fired.push(async move { (child, w.changed().await.event_type) });
+                }
+            };
+            arm(&mut fired, watches);
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = &mut changed => break,
+                    Some((child, event)) = fired.next() => {
+                        let step = tokio::time::timeout(
+                            read_timeout,
+                            self.update_import(&conn, &dir, &mut read, child, event, &mut own),
+                        )
+                        .await;
+                        match step {
+                            Ok(Ok(Some(watches))) => {
+                                arm(&mut fired, watches);
+                                publish_read(&read);
+                            }
+                            // Read everything again (and report a failure while doing so).
+                            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
+                        }
+                    }
                     s = state.changed() => match s {
                         zk::SessionState::Disconnected => publish_error(
                             tx,
