@@ -8,6 +8,7 @@ use kube::Api;
 
 use crate::backend::consul::{Consul, ConsulConfig};
 use crate::backend::etcd::{Etcd, EtcdConfig};
+use crate::backend::tls::TlsSettings;
 use crate::backend::zookeeper::{MemorySessionStore, SessionStore, ZooKeeper, ZooKeeperConfig};
 use crate::backend::{Backend, ClientCert};
 use crate::crd::{ExternalCatalog, SecretKeyRef, SecretRef, TlsConfig};
@@ -132,14 +133,6 @@ pub fn build(
         return Ok(Arc::new(Etcd::new(cfg).map_err(invalid)?));
     }
     if let Some(z) = &spec.zookeeper {
-        if z.tls.is_some() {
-            return Err(Problem {
-                reason: "InvalidConfig",
-                message: "TLS to ZooKeeper is not supported yet (the session relay speaks plain \
-                          TCP): remove zookeeper.tls, or reach ZooKeeper through a TLS tunnel"
-                    .into(),
-            });
-        }
         let session_store: Arc<dyn SessionStore> = match &ctx.sessions {
             Some(s) => Arc::new(SecretSessionStore::new(
                 s.client.clone(),
@@ -161,6 +154,11 @@ pub fn build(
             base_path: z.base_path.clone(),
             owner: owner.to_string(),
             session_store,
+            tls: z.tls.as_ref().map(|_| TlsSettings {
+                ca_pem: credentials.ca_pem,
+                client_cert: credentials.client_cert,
+                insecure_skip_verify: credentials.insecure_skip_verify,
+            }),
         };
         return Ok(Arc::new(ZooKeeper::new(cfg).map_err(invalid)?));
     }
@@ -273,16 +271,27 @@ mod tests {
     }
 
     #[test]
-    fn zookeeper_tls_is_refused_rather_than_ignored() {
+    fn zookeeper_tls_settings_reach_the_backend() {
         let plain = catalog(serde_json::json!({"zookeeper": {"connect": "zk:2181"}}));
         assert!(build(&plain, Credentials::default(), &ctx()).is_ok());
         let tls = catalog(serde_json::json!({"zookeeper": {
-            "connect": "zk:2181", "tls": {"insecureSkipVerify": true}}}));
-        let Err(problem) = build(&tls, Credentials::default(), &ctx()) else {
-            panic!("a ZooKeeper catalog with tls was accepted")
+            "connect": "zk:2281", "tls": {"insecureSkipVerify": true}}}));
+        assert!(build(&tls, Credentials::default(), &ctx()).is_ok());
+        // A CA bundle that is no PEM is refused when the backend is built.
+        let credentials = Credentials {
+            ca_pem: Some(b"not a certificate".to_vec()),
+            ..Default::default()
+        };
+        let tls = catalog(serde_json::json!({"zookeeper": {
+            "connect": "zk:2281", "tls": {"caSecretRef": {"namespace": "a", "name": "b"}}}}));
+        let Err(problem) = build(&tls, credentials, &ctx()) else {
+            panic!("an unusable ZooKeeper CA bundle was accepted")
         };
         assert_eq!(problem.reason, "InvalidConfig");
-        assert!(problem.message.contains("TLS to ZooKeeper"), "{problem:?}");
+        assert!(
+            problem.message.contains("ZooKeeper CA bundle"),
+            "{problem:?}"
+        );
     }
 
     #[test]
@@ -299,6 +308,7 @@ mod tests {
         for spec in [
             serde_json::json!({"consul": {"addresses": ["https://consul:8501"]}}),
             serde_json::json!({"etcd": {"endpoints": ["etcd:2379"]}}),
+            serde_json::json!({"zookeeper": {"connect": "zk:2281", "tls": {"insecureSkipVerify": true}}}),
         ] {
             let Err(problem) = build(&catalog(spec.clone()), credentials.clone(), &ctx()) else {
                 panic!("{spec}: an unusable client certificate was accepted")

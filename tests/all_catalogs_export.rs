@@ -1,6 +1,7 @@
 //! One annotated Service in all three catalogs at once, each in the layouts its users' clients
 //! read, checked with those clients (py-consul's HTTP API, etcdctl, kazoo), through readiness
-//! flips, controller restarts and catalog restarts.
+//! flips, controller restarts and catalog restarts; and all three reached over TLS with client
+//! certificates, from Secrets.
 
 mod support;
 
@@ -573,5 +574,145 @@ async fn cleanup_removes_every_entry_of_this_owner_after_an_uninstall() -> Resul
         !nodes.iter().any(|n| n == "k8s-test"),
         "no empty synthetic node is left behind: {nodes:?}"
     );
+    Ok(())
+}
+
+/// Consul (HTTPS only), etcd (TLS only) and ZooKeeper (its secureClientPort) all verify client
+/// certificates. The catalogs are declared with the CA and the client certificate in Secrets
+/// (`tls.caSecretRef`, and a `kubernetes.io/tls` Secret made by `kubectl create secret tls` as
+/// `tls.clientCertSecretRef`): the export reaches all three, each catalog's status names the
+/// server it reached, and `catalog-bridge query` reads each back through the same Secrets.
+#[tokio::test]
+async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_from_secrets()
+-> Result<()> {
+    let env = Env::builder()
+        .controller_manager()
+        .consul_tls()
+        .etcd_tls()
+        .zookeeper_tls()
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    support::ensure_namespace(&client, "catalog-secrets").await?;
+    let tls = env.tls()?;
+    let kube = env.kube()?;
+    let file = |p: &std::path::Path| p.display().to_string();
+    kube.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "catalog-ca",
+        "-n",
+        "catalog-secrets",
+        &format!("--from-file=ca.crt={}", file(&tls.ca_file)),
+    ])?;
+    kube.kubectl(&[
+        "create",
+        "secret",
+        "tls",
+        "catalog-client",
+        "-n",
+        "catalog-secrets",
+        &format!("--cert={}", file(&tls.client_cert_file)),
+        &format!("--key={}", file(&tls.client_key_file)),
+    ])?;
+    let refs = json!({
+        "caSecretRef": {"namespace": "catalog-secrets", "name": "catalog-ca"},
+        "clientCertSecretRef": {"namespace": "catalog-secrets", "name": "catalog-client"},
+    });
+    let url = env.consul()?.url();
+    let endpoint = env.etcd()?.endpoint();
+    let secure = env.zookeeper()?.secure_connect_string()?;
+    let mut consul = consul_catalog("consul", std::slice::from_ref(&url), "k8s-test");
+    consul["spec"]["consul"]["tls"] = refs.clone();
+    kubectl_apply(&env, &consul)?;
+    kubectl_apply(
+        &env,
+        &catalog(
+            "etcd",
+            json!({"etcd": {"endpoints": [endpoint], "tls": refs}}),
+        ),
+    )?;
+    kubectl_apply(
+        &env,
+        &catalog("zk", json!({"zookeeper": {"connect": secure, "tls": refs}})),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", "consul,etcd,zk"),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+
+    // Each catalog's own reader: Consul over HTTPS, etcdctl with the certificates, kazoo on
+    // ZooKeeper's plain port.
+    ConsulView::with_client(url.clone(), localenv::https_client(tls)?)
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    localenv::eventually("api_x in etcd and ZooKeeper", WAIT, || async {
+        let etcd = env.etcd()?.etcdctl(&[
+            "get",
+            "--prefix",
+            "--print-value-only",
+            "/services/api_x/providers/",
+        ])?;
+        let zk = localenv::python(
+            "import sys, json\n\
+             from kazoo.client import KazooClient\n\
+             zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+             p = '/services/api_x/providers'\n\
+             print(json.dumps(sorted(zk.get_children(p)) if zk.exists(p) else []))\n\
+             zk.stop()\n",
+            &[&env.zookeeper()?.connect_string()],
+        )?;
+        let both = ["10.1.0.1:8080", "10.1.0.2:8080"];
+        let in_etcd = both.iter().all(|a| etcd.contains(a));
+        let in_zk = serde_json::from_str::<Vec<String>>(zk.trim())? == both;
+        Ok((in_etcd && in_zk).then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+
+    let catalogs: kube::Api<catalog_bridge::crd::ExternalCatalog> = kube::Api::all(client.clone());
+    for (name, server) in [
+        ("consul", url.as_str()),
+        ("etcd", endpoint.as_str()),
+        ("zk", secure.as_str()),
+    ] {
+        let status = localenv::eventually(&format!("{name} Reachable"), WAIT, || async {
+            let status = catalogs.get(name).await?.status.unwrap_or_default();
+            let reachable = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Reachable" && c.status == "True");
+            Ok(reachable.then_some(status))
+        })
+        .await?;
+        let text = serde_json::to_string(&status)?;
+        let authority = server.trim_start_matches("https://");
+        ensure!(
+            text.contains(authority),
+            "{name}: the status names the TLS server it reached: {text}"
+        );
+        let answer = localenv::run_tool(
+            std::process::Command::new(support::controller_bin()?)
+                .env("KUBECONFIG", kube.kubeconfig_path())
+                .args(["query", name, "api_x"]),
+        )?;
+        assert_eq!(
+            answer.trim(),
+            "api_x @ 10.1.0.1:8080 & 10.1.0.2:8080",
+            "query {name}, through the catalog's TLS Secrets"
+        );
+    }
     Ok(())
 }

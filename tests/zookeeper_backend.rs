@@ -2,8 +2,9 @@
 //! (so a restart writes nothing), kazoo and Curator-style readers see exactly the exported
 //! instances as ephemeral nodes, writes go in `multi`s of at most 100 operations, nodes of
 //! others are never touched, a restarted controller re-attaches to its session (the nodes never
-//! go away), an expired session is replaced and its nodes re-created, and the nodes of a dead
-//! controller go after the session timeout.
+//! go away), an expired session is replaced and its nodes re-created, the nodes of a dead
+//! controller go after the session timeout, and a ZooKeeper that requires TLS with client
+//! certificates is reached through the session relay.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -13,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use catalog_bridge::backend::tls::TlsSettings;
 use catalog_bridge::backend::zookeeper::{
     MAX_MULTI_OPS, MemorySessionStore, SessionStore, ZooKeeper, ZooKeeperConfig,
 };
-use catalog_bridge::backend::{Backend, BackendError, Record};
+use catalog_bridge::backend::{Backend, BackendError, ClientCert, ImportSnapshot, Record};
 use catalog_bridge::crd::ZooKeeperLayout;
 use catalog_bridge::metrics::Metrics;
 use catalog_bridge::model::{DesiredCatalog, Instance, Origin};
@@ -961,6 +963,142 @@ async fn chroot_several_hosts_digest_auth_and_errors() -> Result<()> {
             assert!(m.contains("connection refused"), "{m}");
         }
         other => bail!("expected Unreachable, got {other:?}"),
+    }
+    Ok(())
+}
+
+/// A ZooKeeper whose secure port requires TLS and a client certificate of its CA: with the CA
+/// and the certificate, the backend (its session relay speaking TLS to the server) writes,
+/// reads back, probes, re-attaches to its session after a restart and imports; kazoo on the
+/// plain port sees the same nodes. Without the certificate, trusting another CA, or in plain
+/// text, nothing gets through and the error says why.
+#[tokio::test]
+async fn a_tls_zookeeper_is_reached_with_its_ca_and_a_client_certificate() -> Result<()> {
+    let env = Env::builder().zookeeper_tls().start().await?;
+    let tls = env.tls()?;
+    let secure = env.zookeeper()?.secure_connect_string()?;
+    let plain = env.zookeeper()?.connect_string();
+    let base = "/tls/services";
+    let timeout = Duration::from_secs(4);
+    let cert = ClientCert {
+        cert_pem: tls.client_cert_pem.clone(),
+        key_pem: tls.client_key_pem.clone(),
+    };
+    let with = |ca: &[u8], cert: Option<&ClientCert>, store: &Arc<MemorySessionStore>| {
+        ZooKeeper::new(ZooKeeperConfig {
+            tls: Some(TlsSettings {
+                ca_pem: Some(ca.to_vec()),
+                client_cert: cert.cloned(),
+                insecure_skip_verify: false,
+            }),
+            ..config(
+                &secure,
+                base,
+                ZooKeeperLayout::Plain,
+                store.clone(),
+                timeout,
+            )
+        })
+    };
+    let store = Arc::new(MemorySessionStore::default());
+    let b = with(&tls.ca_pem, Some(&cert), &store)?;
+    let info = b.probe().await?;
+    println!("over TLS: {info:?}");
+    ensure!(
+        info.mode.as_deref() == Some("standalone"),
+        "srvr answered over TLS: {info:?}"
+    );
+    let instances = vec![
+        instance("api_x", "10.0.0.1", 8080),
+        instance("api_x", "10.0.0.2", 8080),
+    ];
+    let desired = b.render(&instances);
+    b.apply(&puts(&desired)).await?;
+    assert_eq!(b.read_owned().await?, desired);
+    assert_eq!(
+        kazoo_children(&plain, &format!("{base}/api_x/providers"))?,
+        ["10.0.0.1:8080", "10.0.0.2:8080"],
+        "kazoo, on the plain port, lists what went through TLS"
+    );
+    let sid = b.session_id().await?;
+    drop(b);
+    let again = with(&tls.ca_pem, Some(&cert), &store)?;
+    assert!(
+        plan(&desired, &again.read_owned().await?).is_empty(),
+        "a restart writes nothing"
+    );
+    assert_eq!(again.session_id().await?, sid, "re-attached through TLS");
+    // Import over TLS too: a backend of another owner follows the instances.
+    let reader = Arc::new(ZooKeeper::new(ZooKeeperConfig {
+        owner: "cluster-b".into(),
+        tls: Some(TlsSettings {
+            ca_pem: Some(tls.ca_pem.clone()),
+            client_cert: Some(cert.clone()),
+            insecure_skip_verify: false,
+        }),
+        ..config(
+            &secure,
+            base,
+            ZooKeeperLayout::Plain,
+            Arc::default(),
+            timeout,
+        )
+    })?);
+    let (tx, mut rx) = watch::channel(ImportSnapshot::default());
+    let follow = {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.watch_service("api_x", tx).await })
+    };
+    let seen = tokio::time::timeout(
+        Duration::from_secs(20),
+        rx.wait_for(|s| s.instances.len() == 2),
+    )
+    .await
+    .context("the import over TLS saw nothing")??
+    .clone();
+    println!("imported over TLS: {:?}", seen.instances);
+    follow.abort();
+
+    let refused = [
+        (
+            "without a client certificate",
+            with(&tls.ca_pem, None, &Arc::default())?,
+        ),
+        (
+            "trusting another CA",
+            with(&tls.other_ca_pem, Some(&cert), &Arc::default())?,
+        ),
+        (
+            "in plain text",
+            ZooKeeper::new(config(
+                &secure,
+                base,
+                ZooKeeperLayout::Plain,
+                Arc::default(),
+                timeout,
+            ))?,
+        ),
+    ];
+    let hints = [
+        "tls.clientCertSecretRef",
+        "tls.caSecretRef",
+        "set zookeeper.tls",
+    ];
+    for ((what, b), hint) in refused.into_iter().zip(hints) {
+        match b.read_owned().await {
+            Err(e @ (BackendError::Unreachable(_) | BackendError::Rejected(_))) => {
+                println!("{what}: {e}");
+                ensure!(
+                    e.to_string().contains(&secure),
+                    "{what}: the server is named: {e}"
+                );
+                ensure!(
+                    e.to_string().contains(hint),
+                    "{what}: says what to set: {e}"
+                );
+            }
+            other => bail!("{what}: expected the connection to fail, got {other:?}"),
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 pub mod consul;
 pub mod etcd;
 pub mod memory;
+pub mod tls;
 pub mod zookeeper;
 
 use std::collections::BTreeMap;

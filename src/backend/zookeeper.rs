@@ -59,12 +59,15 @@ use anyhow::{Context, bail};
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 use zookeeper_client as zk;
 
+use super::tls::TlsSettings;
 use super::{Backend, BackendError, External, ImportSnapshot, Record};
 use crate::crd::{ServerInfo, ZooKeeperLayout};
 use crate::model::Instance;
@@ -173,6 +176,8 @@ pub struct ZooKeeperConfig {
     /// probe, with a session of its own that is closed when it is dropped.
     pub owner: String,
     pub session_store: Arc<dyn SessionStore>,
+    /// TLS to the servers (their `secureClientPort`); `None`: plain TCP.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for ZooKeeperConfig {
@@ -185,6 +190,7 @@ impl Default for ZooKeeperConfig {
             base_path: None,
             owner: String::new(),
             session_store: Arc::new(MemorySessionStore::default()),
+            tls: None,
         }
     }
 }
@@ -200,6 +206,7 @@ impl std::fmt::Debug for ZooKeeperConfig {
             )
             .field("layout", &self.layout)
             .field("base_path", &self.base_path)
+            .field("tls", &self.tls)
             .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
@@ -402,6 +409,8 @@ enum Slot {
 struct Inner {
     connect: String,
     upstreams: Vec<Upstream>,
+    /// TLS to the servers, spoken by the session relay.
+    tls: Option<TlsConnector>,
     /// The chroot followed by the base path: the directory that holds the names.
     root: String,
     base: String,
@@ -736,6 +745,7 @@ impl Inner {
         let upstream_timeout = (self.session_timeout * 2 / 5).min(Duration::from_secs(5));
         let proxy = Proxy::start(
             &self.upstreams,
+            self.tls.clone(),
             attach.map(|s| (s.id, s.password.clone())),
             upstream_timeout,
         )
@@ -895,11 +905,19 @@ impl ZooKeeper {
                 vec![world(zk::Permission::ALL)],
             )
         };
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => Some(TlsConnector::from(Arc::new(super::tls::client_config(
+                "ZooKeeper",
+                t,
+            )?))),
+        };
         let (invalidated, _) = watch::channel(0);
         Ok(ZooKeeper {
             inner: Arc::new(Inner {
                 connect: cfg.connect.trim().to_string(),
                 upstreams,
+                tls,
                 root,
                 base,
                 layout: cfg.layout,
@@ -2131,7 +2149,7 @@ impl Backend for ZooKeeper {
             .map_err(|e| self.inner.error("reading /", &e, Some(&conn.proxy)))?;
         let upstream = conn.proxy.current();
         let (mode, version) = match &upstream {
-            Some(u) => srvr(u).await.unwrap_or_default(),
+            Some(u) => srvr(u, self.inner.tls.as_ref()).await.unwrap_or_default(),
             None => (None, None),
         };
         Ok(ServerInfo {
@@ -2237,9 +2255,12 @@ fn curator_address(data: &[u8]) -> Option<String> {
 }
 
 /// Mode and version from a `srvr` four-letter command, best effort (it may be disabled).
-async fn srvr(u: &Upstream) -> Option<(Option<String>, Option<String>)> {
+async fn srvr(
+    u: &Upstream,
+    tls: Option<&TlsConnector>,
+) -> Option<(Option<String>, Option<String>)> {
     let ask = async {
-        let mut s = TcpStream::connect((u.host.as_str(), u.port)).await.ok()?;
+        let mut s = dial(u, tls).await.ok()?;
         s.write_all(b"srvr").await.ok()?;
         let mut out = Vec::new();
         (&mut s).take(64 * 1024).read_to_end(&mut out).await.ok()?;
@@ -2396,6 +2417,7 @@ struct RelayState {
 
 struct RelayShared {
     upstreams: Vec<Upstream>,
+    tls: Option<TlsConnector>,
     connect_timeout: Duration,
     state: Mutex<RelayState>,
 }
@@ -2427,11 +2449,13 @@ impl Drop for Proxy {
 impl Proxy {
     async fn start(
         upstreams: &[Upstream],
+        tls: Option<TlsConnector>,
         attach: Option<(i64, Vec<u8>)>,
         connect_timeout: Duration,
     ) -> std::io::Result<Proxy> {
         let shared = Arc::new(RelayShared {
             upstreams: upstreams.to_vec(),
+            tls,
             connect_timeout,
             state: Mutex::new(RelayState {
                 attach,
@@ -2519,15 +2543,43 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
+/// A connection to a ZooKeeper server: plain TCP or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Connects to `u`, over TLS when `tls` is set (the server's `secureClientPort`).
+async fn dial(u: &Upstream, tls: Option<&TlsConnector>) -> std::io::Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect((u.host.as_str(), u.port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let name = ServerName::try_from(u.host.clone()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{:?} is no TLS server name: {e}", u.host),
+        )
+    })?;
+    let stream = tls.connect(name, tcp).await.map_err(|e| {
+        let text = e.to_string();
+        let hint = if text.contains("BadCertificate") || text.contains("CertificateRequired") {
+            " (ZooKeeper wants a client certificate of a CA it trusts: tls.clientCertSecretRef)"
+        } else if text.contains("invalid peer certificate") {
+            " (the server's certificate is not signed by the CA of tls.caSecretRef)"
+        } else {
+            ""
+        };
+        std::io::Error::new(e.kind(), format!("TLS handshake: {text}{hint}"))
+    })?;
+    Ok(Box::new(stream))
+}
+
 async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
     let Some(target) = shared.upstreams.get(i).cloned() else {
         return;
     };
-    let connected = tokio::time::timeout(
-        shared.connect_timeout,
-        TcpStream::connect((target.host.as_str(), target.port)),
-    )
-    .await;
+    let connected =
+        tokio::time::timeout(shared.connect_timeout, dial(&target, shared.tls.as_ref())).await;
     let mut up = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -2541,7 +2593,6 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
     };
     shared.lock().failures[i] = None;
     let _ = down.set_nodelay(true);
-    let _ = up.set_nodelay(true);
     let handshake = tokio::time::timeout(
         shared.connect_timeout * 2,
         relay_handshake(&mut down, &mut up, i, &shared),
@@ -2551,7 +2602,12 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::debug!(server = %target, error = %e, "session handshake failed");
-            shared.lock().failures[i] = Some(e.to_string());
+            let hint = if shared.tls.is_none() && e.kind() == std::io::ErrorKind::UnexpectedEof {
+                " (if this is ZooKeeper's secureClientPort, set zookeeper.tls)"
+            } else {
+                ""
+            };
+            shared.lock().failures[i] = Some(format!("{e}{hint}"));
             return;
         }
         Err(_) => {
@@ -2560,7 +2616,7 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
         }
     }
     let (mut dr, mut dw) = down.into_split();
-    let (mut ur, mut uw) = up.into_split();
+    let (mut ur, mut uw) = tokio::io::split(up);
     // Either side closing ends the connection (ZooKeeper has no half-closed state).
     tokio::select! {
         _ = tokio::io::copy(&mut dr, &mut uw) => {}
@@ -2570,7 +2626,7 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
 
 async fn relay_handshake(
     down: &mut TcpStream,
-    up: &mut TcpStream,
+    up: &mut Box<dyn Io>,
     i: usize,
     shared: &RelayShared,
 ) -> std::io::Result<()> {

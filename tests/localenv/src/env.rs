@@ -27,6 +27,7 @@ pub struct Builder {
     etcd: bool,
     etcd_tls: bool,
     zookeeper: bool,
+    zookeeper_tls: bool,
 }
 
 impl Builder {
@@ -74,6 +75,13 @@ impl Builder {
         self.zookeeper = true;
         self
     }
+    /// ZooKeeper with a TLS port too (`secureClientPort`, client certificates required; see
+    /// [`ZooKeeper::secure_connect_string`]); the certificates are in [`Env::tls`].
+    pub fn zookeeper_tls(mut self) -> Self {
+        self.zookeeper = true;
+        self.zookeeper_tls = true;
+        self
+    }
     /// Every peer.
     pub fn all(self) -> Self {
         self.controller_manager().consul().etcd().zookeeper()
@@ -89,7 +97,7 @@ impl Builder {
             eprintln!("localenv: keeping {}", dir.path().display());
         }
         let path = dir.path().to_path_buf();
-        let tls = if self.consul_tls || self.etcd_tls {
+        let tls = if self.consul_tls || self.etcd_tls || self.zookeeper_tls {
             Some(TlsFiles::generate(&path.join("tls")).context("making the TLS certificates")?)
         } else {
             None
@@ -105,7 +113,10 @@ impl Builder {
                 self.etcd,
                 Etcd::start_with(&path, "etcd", tls_for(self.etcd_tls))
             ),
-            maybe(self.zookeeper, ZooKeeper::start(&path, "zookeeper")),
+            maybe(
+                self.zookeeper,
+                ZooKeeper::start_with(&path, "zookeeper", tls_for(self.zookeeper_tls))
+            ),
         )?;
         Ok(Env {
             kube,
@@ -160,7 +171,8 @@ impl Env {
             .as_ref()
             .ok_or_else(|| anyhow!("this environment was built without etcd"))
     }
-    /// The certificates of a TLS Consul or etcd ([`Builder::consul_tls`], [`Builder::etcd_tls`]).
+    /// The certificates of the TLS peers ([`Builder::consul_tls`], [`Builder::etcd_tls`],
+    /// [`Builder::zookeeper_tls`]).
     pub fn tls(&self) -> Result<&TlsFiles> {
         self.tls
             .as_ref()

@@ -1,4 +1,6 @@
-//! A real ZooKeeper server (3.8, Debian's package) on loopback, standalone.
+//! A real ZooKeeper server (3.8, Debian's package) on loopback, standalone; with TLS, it also
+//! serves a `secureClientPort` (Netty) that requires a client certificate of the environment's
+//! CA, beside the plain port (kept for the four-letter commands and the test readers).
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use crate::ports::free_port;
 use crate::process::{Process, Spec};
 use crate::programs;
 use crate::ready::wait_ready;
+use crate::tls::TlsFiles;
 
 /// ZooKeeper's tick; sessions may time out between 2 and 120 ticks.
 pub const TICK_MS: u64 = 500;
@@ -17,14 +20,46 @@ pub const TICK_MS: u64 = 500;
 pub struct ZooKeeper {
     process: Process,
     port: u16,
+    secure_port: Option<u16>,
 }
 
 impl ZooKeeper {
     /// Starts ZooKeeper with its data in `dir/<name>` and waits until `ruok` answers `imok`.
     pub async fn start(dir: &Path, name: &str) -> Result<ZooKeeper> {
+        Self::start_with(dir, name, None).await
+    }
+
+    /// [`ZooKeeper::start`], with a TLS port as well when `tls` is given: the server
+    /// certificate of the set, and client certificates of its CA required.
+    pub async fn start_with(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<ZooKeeper> {
         let data = dir.join(name);
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let port = free_port()?;
+        let (secure_port, secure) = match tls {
+            None => (None, String::new()),
+            Some(t) => {
+                // A PEM key store holds the key and the certificate in one file.
+                let key_store = data.join("server.pem");
+                let mut pem = std::fs::read(&t.server_key_file)?;
+                pem.extend(std::fs::read(&t.server_cert_file)?);
+                std::fs::write(&key_store, pem)
+                    .with_context(|| format!("writing {}", key_store.display()))?;
+                let secure_port = free_port()?;
+                let secure = format!(
+                    "secureClientPort={secure_port}\n\
+                     secureClientPortAddress=127.0.0.1\n\
+                     serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
+                     ssl.keyStore.location={}\n\
+                     ssl.keyStore.type=PEM\n\
+                     ssl.trustStore.location={}\n\
+                     ssl.trustStore.type=PEM\n\
+                     ssl.clientAuth=need\n",
+                    key_store.display(),
+                    t.ca_file.display()
+                );
+                (Some(secure_port), secure)
+            }
+        };
         let cfg = data.join("zoo.cfg");
         std::fs::write(
             &cfg,
@@ -38,7 +73,8 @@ impl ZooKeeper {
                  maxClientCnxns=0\n\
                  admin.enableServer=false\n\
                  4lw.commands.whitelist=*\n\
-                 forceSync=no\n",
+                 forceSync=no\n\
+                 {secure}",
                 2 * TICK_MS,
                 120 * TICK_MS,
                 data.join("data").display()
@@ -56,6 +92,7 @@ impl ZooKeeper {
         let zk = ZooKeeper {
             process: Process::start(spec)?,
             port,
+            secure_port,
         };
         zk.wait_ready().await?;
         Ok(zk)
@@ -90,6 +127,14 @@ impl ZooKeeper {
     /// `127.0.0.1:<port>`, a ZooKeeper connect string.
     pub fn connect_string(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:<secureClientPort>`: the TLS port of a ZooKeeper started with TLS.
+    pub fn secure_connect_string(&self) -> Result<String> {
+        let port = self
+            .secure_port
+            .context("this ZooKeeper was started without TLS (Builder::zookeeper_tls)")?;
+        Ok(format!("127.0.0.1:{port}"))
     }
 
     /// What Curator's `ServiceDiscovery.queryForInstances(name)` returns under `base_path`
