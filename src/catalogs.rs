@@ -154,6 +154,7 @@ pub fn build(
             base_path: z.base_path.clone(),
             owner: owner.to_string(),
             session_store,
+            session_path_budget: crate::backend::zookeeper::DEFAULT_SESSION_PATH_BUDGET,
             tls: z.tls.as_ref().map(|_| TlsSettings {
                 ca_pem: credentials.ca_pem,
                 client_cert: credentials.client_cert,

@@ -93,11 +93,18 @@ fn catalog_status(
     let (ready, ready_reason, ready_msg) = match (&view.problem, &r.error) {
         (Some(p), _) => (Some(false), p.reason, p.message.clone()),
         (None, Some(e)) => (Some(false), e.reason(), e.to_string()),
-        (None, None) if r.in_sync => (
-            Some(true),
-            "InSync",
-            format!("{} exported entries in place", r.entries),
-        ),
+        (None, None) if r.in_sync => match &r.warning {
+            None => (
+                Some(true),
+                "InSync",
+                format!("{} exported entries in place", r.entries),
+            ),
+            Some(w) => (
+                Some(true),
+                "NeedsAttention",
+                format!("{} exported entries in place, but {w}", r.entries),
+            ),
+        },
         _ => (None, "Syncing", "not in sync yet".to_string()),
     };
     ExternalCatalogStatus {
@@ -499,4 +506,53 @@ where
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ExternalCatalogSpec;
+
+    #[test]
+    fn a_catalog_warning_keeps_ready_and_says_what_needs_attention() {
+        let cat = ExternalCatalog::new("zk", ExternalCatalogSpec::default());
+        let view = |warning: Option<&str>| CatalogView {
+            kind: "zookeeper",
+            report: Report {
+                reachable: Some(true),
+                in_sync: true,
+                entries: 3,
+                warning: warning.map(str::to_string),
+                ..Default::default()
+            },
+            problem: None,
+        };
+        let ready = |s: &ExternalCatalogStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .cloned()
+                .expect("a Ready condition")
+        };
+        let plain = ready(&catalog_status(&cat, &view(None), 0));
+        assert_eq!(
+            (plain.status.as_str(), plain.reason.as_str()),
+            ("True", "InSync")
+        );
+        let warned = ready(&catalog_status(
+            &cat,
+            &view(Some("the session is large")),
+            0,
+        ));
+        assert_eq!(
+            (warned.status.as_str(), warned.reason.as_str()),
+            ("True", "NeedsAttention")
+        );
+        assert!(
+            warned
+                .message
+                .contains("3 exported entries in place, but the session is large"),
+            "{warned:?}"
+        );
+    }
 }

@@ -45,6 +45,8 @@ pub struct Report {
     pub server: Option<ServerInfo>,
     /// Waiting for leadership or cache sync.
     pub idle: bool,
+    /// [`Backend::warning`] after the last write.
+    pub warning: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -397,6 +399,7 @@ impl Writer {
                 last_contact: r.last_contact,
                 server: r.server.clone(),
                 idle: false,
+                warning: self.backend.warning(),
             };
             // lastContactTime moves on every contact, but is only published with another
             // change or once a minute, so status is not rewritten on every write.
@@ -404,6 +407,9 @@ impl Writer {
                 .last_contact
                 .and_then(|t| t.elapsed().ok())
                 .is_none_or(|age| age > Duration::from_secs(60));
+            if new.warning.is_some() && new.warning != r.warning {
+                warn!(catalog = %self.cfg.catalog, warning = new.warning.as_deref().unwrap_or_default(), "catalog needs attention");
+            }
             let changed = *r != new || stale;
             *r = Report {
                 last_contact: if changed {

@@ -383,13 +383,18 @@ async fn many_instances_go_in_several_multis() -> Result<()> {
     let scope = env.scope("zk-bulk").await?;
     let base = base(&scope);
     let store = Arc::new(MemorySessionStore::default());
-    let z = backend(
-        &connect,
-        &base,
-        ZooKeeperLayout::Plain,
-        &store,
-        Duration::from_secs(10),
-    )?;
+    // A budget of 8 KiB of paths per session, so that 250 entries pass it.
+    let z = ZooKeeper::new(ZooKeeperConfig {
+        session_path_budget: 8 * 1024,
+        ..config(
+            &connect,
+            &base,
+            ZooKeeperLayout::Plain,
+            store.clone(),
+            Duration::from_secs(10),
+        )
+    })?;
+    assert_eq!(z.warning(), None);
     let instances = many("api_x", 250);
     let desired = z.render(&instances);
     let p = plan(&desired, &z.read_owned().await?);
@@ -402,9 +407,17 @@ async fn many_instances_go_in_several_multis() -> Result<()> {
         kazoo_children(&connect, &format!("{base}/api_x/providers"))?.len(),
         250
     );
+    // The session's paths are over the budget: the catalog says so, and what to do.
+    let warning = z.warning().context("250 entries pass an 8 KiB budget")?;
+    println!("{warning}");
+    ensure!(
+        warning.contains("owns 250 entries") && warning.contains("jute.maxbuffer"),
+        "{warning}"
+    );
     let gone = plan(&BTreeMap::new(), &z.read_owned().await?);
     assert_eq!(gone.deletes, 250);
     assert_eq!(z.apply(&gone.ops).await?, 3);
+    assert_eq!(z.warning(), None, "nothing owned, nothing to warn about");
     assert!(kazoo_children(&connect, &format!("{base}/api_x/providers"))?.is_empty());
     assert!(z.read_owned().await?.is_empty());
     Ok(())

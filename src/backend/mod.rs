@@ -140,6 +140,13 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// Something about this catalog that works now but needs the operator's attention (a
+    /// ZooKeeper session that holds so many entries that closing it may fail), read after
+    /// every write. Default: nothing.
+    fn warning(&self) -> Option<String> {
+        None
+    }
+
     /// Follows external service `name` for import, until `tx` is closed: reads the healthy
     /// instances, publishes them on `tx`, waits for the catalog to report a change (Consul
     /// blocking query, etcd watch from the revision read, ZooKeeper child and data watches,

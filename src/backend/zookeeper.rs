@@ -81,6 +81,11 @@ pub const MAX_MULTI_OPS: usize = 100;
 pub const MAX_MULTI_BYTES: usize = 256 * 1024;
 pub const DEFAULT_BASE_PATH: &str = "/services";
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// ZooKeeper (3.6 and later, ZOOKEEPER-4306) writes the path of every ephemeral node of a
+/// session into the transaction that closes it, and a transaction must fit in `jute.maxbuffer`
+/// (1 MiB by default): past that the ensemble becomes unavailable and cannot restart.
+/// Past this many bytes of paths the catalog says so ([`Backend::warning`]).
+pub const DEFAULT_SESSION_PATH_BUDGET: usize = 512 * 1024;
 /// The directory of the plain layout below each name.
 pub const PROVIDERS: &str = "providers";
 /// Requests sent before waiting for their answers, when reading many nodes.
@@ -178,6 +183,9 @@ pub struct ZooKeeperConfig {
     pub session_store: Arc<dyn SessionStore>,
     /// TLS to the servers (their `secureClientPort`); `None`: plain TCP.
     pub tls: Option<TlsSettings>,
+    /// Bytes of entry paths one session may own before the catalog warns; default
+    /// [`DEFAULT_SESSION_PATH_BUDGET`].
+    pub session_path_budget: usize,
 }
 
 impl Default for ZooKeeperConfig {
@@ -191,6 +199,7 @@ impl Default for ZooKeeperConfig {
             owner: String::new(),
             session_store: Arc::new(MemorySessionStore::default()),
             tls: None,
+            session_path_budget: DEFAULT_SESSION_PATH_BUDGET,
         }
     }
 }
@@ -411,6 +420,7 @@ struct Inner {
     upstreams: Vec<Upstream>,
     /// TLS to the servers, spoken by the session relay.
     tls: Option<TlsConnector>,
+    session_path_budget: usize,
     /// The chroot followed by the base path: the directory that holds the names.
     root: String,
     base: String,
@@ -918,6 +928,7 @@ impl ZooKeeper {
                 connect: cfg.connect.trim().to_string(),
                 upstreams,
                 tls,
+                session_path_budget: cfg.session_path_budget,
                 root,
                 base,
                 layout: cfg.layout,
@@ -2008,6 +2019,24 @@ impl ZooKeeper {
 impl Backend for ZooKeeper {
     async fn release(&self) {
         ZooKeeper::release(self).await
+    }
+
+    fn warning(&self) -> Option<String> {
+        let cache = self.inner.lock_cache();
+        // What the close transaction carries per node: a length and the path from the root.
+        let prefix = self.inner.root.len() + 1 + 4;
+        let bytes: usize = cache.entries.keys().map(|k| prefix + k.len()).sum();
+        (bytes > self.inner.session_path_budget).then(|| {
+            format!(
+                "this controller's ZooKeeper session owns {} entries with {} KiB of paths; \
+                 ZooKeeper (3.6 and later, ZOOKEEPER-4306) puts them all in the transaction \
+                 that closes the session, which must fit in jute.maxbuffer (1 MiB by default): \
+                 export fewer instances to this catalog, shorten basePath, or raise \
+                 jute.maxbuffer on the servers",
+                cache.entries.len(),
+                bytes / 1024
+            )
+        })
     }
 
     fn kind(&self) -> &'static str {
