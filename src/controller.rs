@@ -394,6 +394,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                 Watched {
                     services: stores.services.clone(),
                     slices: stores.slices.clone(),
+                    registrations: stores.registrations.clone(),
                     touched,
                 },
             );

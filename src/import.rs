@@ -2,7 +2,7 @@
 //! [`ImportSnapshot`]) to the selector-less Service and the EndpointSlices that make it
 //! reachable by cluster DNS — rendered purely, then applied with server-side apply.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use anyhow::{Context, Result};
@@ -101,19 +101,6 @@ impl Rendered {
             Kind::Service => self.service.as_ref().is_some_and(|s| s.name_any() == name),
             Kind::EndpointSlice => self.slices.iter().any(|s| s.name_any() == name),
         }
-    }
-
-    /// Forgets that the object `kind`/`name` was applied, so that the next [`apply`] with this
-    /// as `previous` sends it again. Returns whether it was held.
-    pub fn forget(&mut self, kind: Kind, name: &str) -> bool {
-        if !self.holds(kind, name) {
-            return false;
-        }
-        match kind {
-            Kind::Service => self.service = None,
-            Kind::EndpointSlice => self.slices.retain(|s| s.name_any() != name),
-        }
-        true
     }
 
     /// Every object of this rendering, by kind and name.
@@ -280,12 +267,14 @@ pub fn render(
 /// Applies `r` (server-side apply, owned by the registration so deleting it removes them) and
 /// deletes this registration's slices that are no longer rendered. Objects equal to what
 /// `previous` (the last successful apply) held are not sent again: one changed endpoint
-/// rewrites one slice. Returns the objects sent, as stored.
+/// rewrites one slice. Objects in `force` (changed or deleted by someone else) are sent even
+/// so. Returns the objects sent, as stored.
 pub async fn apply(
     client: &kube::Client,
     reg: &ExternalRegistration,
     r: &Rendered,
     previous: Option<&Rendered>,
+    force: &HashSet<(Kind, String)>,
 ) -> Result<Vec<Written>> {
     let mut written = Vec::new();
     let ns = reg
@@ -293,7 +282,8 @@ pub async fn apply(
         .context("an ExternalRegistration is namespaced")?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     if let Some(svc) = &r.service
-        && previous.and_then(|p| p.service.as_ref()) != Some(svc)
+        && (previous.and_then(|p| p.service.as_ref()) != Some(svc)
+            || force.contains(&(Kind::Service, svc.name_any())))
     {
         let services: Api<Service> = Api::namespaced(client.clone(), &ns);
         let name = svc.name_any();
@@ -307,7 +297,8 @@ pub async fn apply(
     let mut keep = BTreeSet::new();
     for s in &r.slices {
         let n = s.name_any();
-        let unchanged = previous.is_some_and(|p| p.slices.iter().any(|old| old == s));
+        let unchanged = previous.is_some_and(|p| p.slices.iter().any(|old| old == s))
+            && !force.contains(&(Kind::EndpointSlice, n.clone()));
         if !unchanged {
             let stored = slices
                 .patch(&n, &pp, &Patch::Apply(s))

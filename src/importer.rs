@@ -8,7 +8,7 @@
 //! The imported objects are kept as rendered: when the controller's watches see one deleted or
 //! changed by someone else ([`Touched`]), the task applies it again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,20 @@ impl Touched {
 pub struct Watched {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    pub registrations: Store<ExternalRegistration>,
     pub touched: broadcast::Sender<Touched>,
+}
+
+impl Watched {
+    /// Whether `reg` still exists, the same object, and is not being deleted.
+    fn holds(&self, reg: &ExternalRegistration) -> bool {
+        let Some(ns) = reg.namespace() else {
+            return false;
+        };
+        self.registrations
+            .get(&ObjectRef::new(&reg.name_any()).within(&ns))
+            .is_some_and(|r| r.uid() == reg.uid() && r.metadata.deletion_timestamp.is_none())
+    }
 }
 
 /// Resource versions kept per object to recognise this import's own writes in the watch.
@@ -122,7 +135,9 @@ impl Ours {
         for w in written {
             let own = self.0.entry((w.kind, w.name.clone())).or_default();
             own.uid.clone_from(&w.uid);
-            if let Some(v) = &w.resource_version {
+            if let Some(v) = &w.resource_version
+                && !own.versions.contains(v)
+            {
                 if own.versions.len() == VERSIONS_KEPT {
                     own.versions.pop_front();
                 }
@@ -371,9 +386,13 @@ async fn run(
             let external = external.clone();
             tokio::spawn(async move { backend.watch_service(&external, tx).await })
         };
-        let mut retry = false;
+        // When to apply again after a failure or a paused repair (a deadline: wake-ups for
+        // other imports' objects must not push it back).
+        let mut retry_at: Option<tokio::time::Instant> = None;
         // What the last successful apply wrote (so unchanged objects are not sent again).
         let mut applied: Option<Rendered> = None;
+        // Objects of `applied` someone else deleted or changed: sent again by the next apply.
+        let mut dirty: HashSet<(Kind, String)> = HashSet::new();
         let mut ours = Ours::default();
         let mut touched = watched.touched.subscribe();
         let mut repairs = Repairs::default();
@@ -381,9 +400,9 @@ async fn run(
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 r = gate.changed() => if r.is_err() || !*gate.borrow() { break },
-                _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {}
                 t = touched.recv() => {
-                    let Some(a) = applied.as_mut() else { continue };
+                    let Some(a) = applied.as_ref() else { continue };
                     let undo: Vec<(Kind, String)> = match t {
                         Ok(Touched::Object(o)) => {
                             if o.namespace == ns && o.registration == name && a.holds(o.kind, &o.name) && ours.foreign(&o) {
@@ -398,12 +417,17 @@ async fn run(
                     if undo.is_empty() {
                         continue;
                     }
-                    for (kind, object) in &undo {
+                    // The garbage collector removing the objects of a registration being
+                    // deleted is no one's change to undo.
+                    if !watched.holds(&reg) {
+                        continue;
+                    }
+                    for (kind, object) in undo {
                         info!(registration = %format!("{ns}/{name}"), ?kind, object = %object, "imported object deleted or changed by someone else; applying it again");
-                        a.forget(*kind, object);
+                        dirty.insert((kind, object));
                     }
                     if !repairs.allow() {
-                        retry = true; // applied after the pause
+                        retry_at.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(1));
                         continue;
                     }
                 }
@@ -423,21 +447,27 @@ async fn run(
                 continue; // nothing read yet: nothing to apply, nothing to delete
             }
             let result = match crate::import::render(&reg, &snap, applied.as_ref()) {
-                Ok(r) => match crate::import::apply(&client, &reg, &r, applied.as_ref()).await {
-                    Ok(written) => {
-                        let n = r.endpoints;
-                        ours.record(&written, &r);
-                        applied = Some(r);
-                        Ok(n)
+                Ok(r) => {
+                    match crate::import::apply(&client, &reg, &r, applied.as_ref(), &dirty).await {
+                        Ok(written) => {
+                            let n = r.endpoints;
+                            ours.record(&written, &r);
+                            applied = Some(r);
+                            dirty.clear();
+                            Ok(n)
+                        }
+                        Err(e) => {
+                            applied = None; // unknown state: the next apply sends everything
+                            dirty.clear();
+                            Err(e)
+                        }
                     }
-                    Err(e) => {
-                        applied = None; // unknown state: the next apply sends everything
-                        Err(e)
-                    }
-                },
+                }
                 Err(e) => Err(e),
             };
-            retry = result.is_err();
+            retry_at = result
+                .is_err()
+                .then(|| tokio::time::Instant::now() + Duration::from_secs(1));
             match result {
                 Ok(n) => {
                     metrics.entries(&catalog, "import", n as i64);
@@ -533,13 +563,12 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_an_object_makes_the_next_apply_send_it() {
-        let mut r = rendered(&["a", "b"]);
-        assert!(r.forget(Kind::EndpointSlice, "a"));
-        assert!(!r.holds(Kind::EndpointSlice, "a"));
-        assert!(r.holds(Kind::EndpointSlice, "b"));
-        assert!(!r.forget(Kind::EndpointSlice, "a"), "already forgotten");
-        assert!(!r.forget(Kind::Service, "a"), "no Service rendered");
+    fn a_rendering_holds_its_objects_by_kind_and_name() {
+        let r = rendered(&["a", "b"]);
+        assert!(r.holds(Kind::EndpointSlice, "a"));
+        assert!(!r.holds(Kind::EndpointSlice, "c"));
+        assert!(!r.holds(Kind::Service, "a"), "no Service rendered");
+        assert_eq!(r.objects().count(), 2);
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
@@ -500,5 +500,26 @@ async fn imported_objects_deleted_or_edited_by_hand_come_back() -> Result<()> {
         cb.log()
     );
     wait_endpoints(&client, "cache", &both).await?;
+
+    // Deleting the registration removes its objects, and their removal (by the controller or
+    // the garbage collector) is not undone.
+    kube.kubectl(&["delete", "externalregistration", "-n", "shop", "cache"])?;
+    localenv::eventually("the imported Service and slices to go", WAIT, || async {
+        let gone =
+            services.get_opt("cache").await?.is_none() && slices.get_opt(slice).await?.is_none();
+        Ok(gone.then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        services.get_opt("cache").await?.is_none() && slices.get_opt(slice).await?.is_none(),
+        "the objects of a deleted registration came back:\n{}",
+        cb.log()
+    );
+    assert_eq!(
+        cb.log().matches("applying it again").count(),
+        restored,
+        "nothing applied again after the registration was deleted"
+    );
     Ok(())
 }

@@ -644,7 +644,7 @@ async fn packets_received(env: &Env) -> Result<u64> {
 }
 
 /// A change to one of many children costs the watch a few requests, not a read of every child:
-/// a new child is read alone, a changed one is read again alone, a deleted one costs nothing.
+/// a new child is read alone, a changed or deleted one is read again alone.
 /// Counted by the server itself (`srvr`), on a ZooKeeper of this test's own.
 #[tokio::test]
 async fn one_change_among_many_children_reads_only_that_child() -> Result<()> {

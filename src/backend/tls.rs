@@ -50,7 +50,7 @@ pub fn client_config(what: &str, settings: &TlsSettings) -> Result<ClientConfig>
                 }
             }
             None => {
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                roots.add_parsable_certificates(system_roots().iter().cloned());
                 if roots.is_empty() {
                     bail!(
                         "TLS to {what} without tls.caSecretRef needs the system's CA \
@@ -77,6 +77,12 @@ pub fn client_config(what: &str, settings: &TlsSettings) -> Result<ClientConfig>
         }
         None => Ok(builder.with_no_client_auth()),
     }
+}
+
+/// The system's CA certificates, read from disk once per process.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
 }
 
 /// `insecureSkipVerify`: any server certificate is accepted (the handshake signatures are

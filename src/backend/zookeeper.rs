@@ -297,7 +297,8 @@ fn parse_connect(s: &str) -> anyhow::Result<(Vec<Upstream>, String)> {
             None => part,
             Some(("tcp", rest)) => rest,
             Some((scheme, _)) => bail!(
-                "ZooKeeper address {part:?}: only plain TCP is supported here, not {scheme}://"
+                "ZooKeeper address {part:?}: write host:port without {scheme}:// (for TLS, \
+                 name the secureClientPort and set zookeeper.tls)"
             ),
         };
         if part.is_empty() {
@@ -1863,7 +1864,7 @@ impl ZooKeeper {
     }
 
     /// Follows one fired watch of an import: the directory's lists it again and reads only
-    /// the children that are new; a child's reads that child again (or forgets it, deleted).
+    /// the children that are new; a child's reads that child again (forgetting it if gone).
     /// Returns the watches armed, or `None` when everything must be read again.
     async fn update_import(
         &self,
@@ -1894,12 +1895,11 @@ impl ZooKeeper {
                 watches.push((None, w));
                 Ok(Some(watches))
             }
-            Some(c) if event == zk::EventType::NodeDeleted => {
-                read.entries.remove(&c);
-                Ok(Some(Vec::new()))
-            }
-            // A child the directory's watch already dropped: its removal was seen.
+            // A child the directory's listing already dropped: its removal was seen (and a
+            // child of that name created since is new to the next listing).
             Some(c) if !read.entries.contains_key(&c) => Ok(Some(Vec::new())),
+            // Changed or deleted: read it again. A deleted child may already be back under the
+            // same name (re-registered) with a listing that did not see it go.
             Some(c) => {
                 let (entries, watches) = self
                     .read_children(conn, dir, std::slice::from_ref(&c), own)
@@ -2572,6 +2572,33 @@ fn describe_io(e: &std::io::Error) -> String {
     }
 }
 
+/// What to set when a TLS error has a likely cause in the catalog's `tls`, from the rustls
+/// error inside `e` (during the handshake, or at the first read with TLS 1.3, where a refused
+/// client certificate arrives as an alert after the handshake).
+fn tls_hint(e: &std::io::Error) -> Option<&'static str> {
+    use tokio_rustls::rustls::{AlertDescription, CertificateError, Error};
+    let inner = e.get_ref()?.downcast_ref::<Error>()?;
+    Some(match inner {
+        Error::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateRequired
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown,
+        ) => " (ZooKeeper wants a client certificate of a CA it trusts: tls.clientCertSecretRef)",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            " (the server's certificate is not signed by a CA this controller trusts: \
+             tls.caSecretRef)"
+        }
+        Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => {
+            " (the server's certificate does not name the host of the connect string: connect \
+             by a name the certificate carries)"
+        }
+        _ => return None,
+    })
+}
+
 /// A connection to a ZooKeeper server: plain TCP or TLS.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -2590,15 +2617,8 @@ async fn dial(u: &Upstream, tls: Option<&TlsConnector>) -> std::io::Result<Box<d
         )
     })?;
     let stream = tls.connect(name, tcp).await.map_err(|e| {
-        let text = e.to_string();
-        let hint = if text.contains("BadCertificate") || text.contains("CertificateRequired") {
-            " (ZooKeeper wants a client certificate of a CA it trusts: tls.clientCertSecretRef)"
-        } else if text.contains("invalid peer certificate") {
-            " (the server's certificate is not signed by the CA of tls.caSecretRef)"
-        } else {
-            ""
-        };
-        std::io::Error::new(e.kind(), format!("TLS handshake: {text}{hint}"))
+        let hint = tls_hint(&e).unwrap_or_default();
+        std::io::Error::new(e.kind(), format!("TLS handshake: {e}{hint}"))
     })?;
     Ok(Box::new(stream))
 }
@@ -2631,8 +2651,10 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::debug!(server = %target, error = %e, "session handshake failed");
+            // (TLS hints are in the message already.)
             let hint = if shared.tls.is_none() && e.kind() == std::io::ErrorKind::UnexpectedEof {
-                " (if this is ZooKeeper's secureClientPort, set zookeeper.tls)"
+                " (a server without a quorum does that; so does a TLS port: if this is \
+                 ZooKeeper's secureClientPort, set zookeeper.tls)"
             } else {
                 ""
             };
@@ -2663,7 +2685,8 @@ async fn relay_handshake(
         |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
     let context = |what: &'static str| {
         move |e: std::io::Error| {
-            std::io::Error::new(e.kind(), format!("{what}: {}", describe_io(&e)))
+            let hint = tls_hint(&e).unwrap_or_default();
+            std::io::Error::new(e.kind(), format!("{what}: {}{hint}", describe_io(&e)))
         }
     };
     let request = read_frame(down)
