@@ -307,11 +307,13 @@ pub enum Direction {
     Import,
 }
 
-/// A port by name or number.
+/// A port by name or number. The number is read as any integer (the schema bounds it to
+/// 1-65535; an object stored before that rule must not stop the watch of every registration)
+/// and a number out of range is simply a port no Service has.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum PortRef {
-    Number(u16),
+    Number(i64),
     Name(String),
 }
 
@@ -322,7 +324,11 @@ impl JsonSchema for PortRef {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "description": "A port name or number.",
-            "x-kubernetes-int-or-string": true
+            "x-kubernetes-int-or-string": true,
+            "x-kubernetes-validations": [{
+                "rule": "type(self) == string || (self >= 1 && self <= 65535)",
+                "message": "a port number is between 1 and 65535"
+            }]
         })
     }
     fn inline_schema() -> bool {
@@ -408,4 +414,22 @@ pub fn crds_yaml() -> anyhow::Result<String> {
         out.push_str(&serde_yaml_ng::to_string(&crd)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_port_number_decodes_so_one_bad_object_cannot_stop_the_watch() {
+        for (v, want) in [
+            (serde_json::json!(8080), PortRef::Number(8080)),
+            (serde_json::json!(70000), PortRef::Number(70000)),
+            (serde_json::json!(-1), PortRef::Number(-1)),
+            (serde_json::json!("http"), PortRef::Name("http".into())),
+        ] {
+            let got: PortRef = serde_json::from_value(v.clone()).expect("a port decodes");
+            assert_eq!(got, want, "{v}");
+        }
+    }
 }

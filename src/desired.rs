@@ -499,7 +499,7 @@ fn split_list(s: &str) -> Vec<String> {
 fn parse_port_ref(s: &str) -> PortRef {
     let s = s.trim();
     match s.parse::<u16>() {
-        Ok(n) => PortRef::Number(n),
+        Ok(n) => PortRef::Number(i64::from(n)),
         Err(_) => PortRef::Name(s.to_string()),
     }
 }
@@ -522,7 +522,7 @@ fn choose_port<'a>(svc: &'a Service, port: Option<&PortRef>) -> Result<&'a Servi
         .unwrap_or_default();
     let found = match port {
         None => ports.first(),
-        Some(PortRef::Number(n)) => ports.iter().find(|p| p.port == i32::from(*n)),
+        Some(PortRef::Number(n)) => ports.iter().find(|p| i64::from(p.port) == *n),
         Some(PortRef::Name(name)) => ports.iter().find(|p| p.name.as_deref() == Some(name)),
     };
     found.ok_or_else(|| Problem {

@@ -168,6 +168,16 @@ async fn the_apiserver_accepts_the_crds_and_rejects_invalid_objects() -> Result<
             json!({"direction": "Export", "service": {"name": "s"}}),
             "catalogRef",
         ),
+        (
+            "a port number out of range",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"}, "port": 70000}),
+            "a port number is between 1 and 65535",
+        ),
+        (
+            "a negative port number",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"}, "port": -1}),
+            "a port number is between 1 and 65535",
+        ),
     ];
     for (i, (what, spec, expect)) in bad_registrations.into_iter().enumerate() {
         let err = create(&xreg, registration(&format!("bad-{i}"), spec)).await;
