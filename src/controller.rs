@@ -397,6 +397,11 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                     registrations: stores.registrations.clone(),
                     touched,
                 },
+                Some(crate::catalogs::SessionSecret {
+                    client: client.clone(),
+                    namespace: opts.lease_namespace.clone(),
+                    name: opts.session_secret.clone(),
+                }),
             );
             let mut writers = Writers {
                 client,

@@ -223,6 +223,9 @@ pub struct Importers {
     gate: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     watched: Watched,
+    /// Where the exporting writers keep their ZooKeeper sessions: read (never used) to leave
+    /// this controller's own Curator entries out of imports.
+    sessions: Option<catalogs::SessionSecret>,
     running: HashMap<(String, String), Running>,
 }
 
@@ -233,6 +236,7 @@ impl Importers {
         gate: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
         watched: Watched,
+        sessions: Option<catalogs::SessionSecret>,
     ) -> Importers {
         Importers {
             client,
@@ -240,6 +244,7 @@ impl Importers {
             gate,
             metrics,
             watched,
+            sessions,
             running: HashMap::new(),
         }
     }
@@ -340,13 +345,14 @@ impl Importers {
         }
     }
 
-    /// A backend for reading the catalog. It keeps no ZooKeeper session in the Secret: that one
-    /// belongs to the exporting writer, and two clients on one session take it from each other.
+    /// A backend for reading the catalog. Its import watches use a ZooKeeper session of their
+    /// own; the session in the Secret belongs to the exporting writer (two clients on one
+    /// session take it from each other) and is only read, to recognise the writer's entries.
     async fn backend(&self, cat: &ExternalCatalog) -> Result<Arc<dyn Backend>, Problem> {
         let credentials = catalogs::credentials(&self.client, cat).await?;
         let ctx = catalogs::Context {
             owner: self.owner.clone(),
-            sessions: None,
+            sessions: self.sessions.clone(),
         };
         catalogs::build(cat, credentials, &ctx)
     }

@@ -344,6 +344,51 @@ async fn a_service_exported_to_and_imported_from_one_catalog_makes_no_loop() -> 
         endpoints(&client, "api-x-imported").await?,
         ["192.0.2.10:1234"]
     );
+
+    // The same in ZooKeeper's curator layout, whose entries carry no owner: the controller's
+    // own are the ephemeral nodes of its export session, which the import reads from the
+    // session Secret. A Curator application registers the foreign instance.
+    let zk = env.zookeeper()?;
+    let connect = zk.connect_string();
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk-curator"},
+            "spec": {"zookeeper": {"connect": connect, "layout": "curator", "basePath": "/curator"}},
+        }),
+    )?;
+    support::annotate(
+        &client,
+        "shop",
+        "api-x",
+        json!({"catalog-bridge.io/export": "consul,zk-curator"}),
+    )
+    .await?;
+    localenv::eventually("api_x exported to zk-curator", WAIT, || async {
+        Ok((zk.curator_instances(&connect, "/curator", "api_x")?.len() == 2).then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    let _vm = zk.curator_register(&connect, "/curator", "api_x", "192.0.2.20", 4321)?;
+    kubectl_apply(
+        &env,
+        &import(
+            "api-x-curator",
+            "zk-curator",
+            "api_x",
+            json!({"serviceName": "api-x-curator"}),
+        ),
+    )?;
+    wait_endpoints(&client, "api-x-curator", &["192.0.2.20:4321"])
+        .await
+        .with_context(|| cb.log())?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        endpoints(&client, "api-x-curator").await?,
+        ["192.0.2.20:4321"],
+        "only the Curator application's instance; the controller's own two are left out"
+    );
     Ok(())
 }
 
