@@ -105,6 +105,7 @@ pub fn build(
                 .clone()
                 .unwrap_or_else(|| format!("k8s-{owner}")),
             owner: owner.to_string(),
+            catalog: name,
             insecure_skip_verify: credentials.insecure_skip_verify,
             ca_pem: credentials.ca_pem,
             client_cert: credentials.client_cert,

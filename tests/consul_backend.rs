@@ -27,13 +27,17 @@ async fn shared_consul() -> Result<&'static Env> {
         .context("starting the shared Consul agent")
 }
 
-fn backend(addresses: &[&str], scope: &Scope, owner: &str) -> Result<Consul> {
-    Consul::new(ConsulConfig {
+fn backend_config(addresses: &[&str], scope: &Scope, owner: &str) -> ConsulConfig {
+    ConsulConfig {
         addresses: addresses.iter().map(|a| a.to_string()).collect(),
         node_name: format!("k8s-{}", scope.prefix),
         owner: owner.to_string(),
         ..Default::default()
-    })
+    }
+}
+
+fn backend(addresses: &[&str], scope: &Scope, owner: &str) -> Result<Consul> {
+    Consul::new(backend_config(addresses, scope, owner))
 }
 
 fn instance(name: &str, ip: &str, port: u16, tags: &[&str], meta: &[(&str, &str)]) -> Instance {
@@ -619,5 +623,37 @@ async fn a_tls_consul_is_reached_with_its_ca_and_a_client_certificate() -> Resul
             other => bail!("{what}: expected Unreachable, got {other:?}"),
         }
     }
+    Ok(())
+}
+
+/// Two ExternalCatalogs of one owner on one Consul node (one used only to import, say): each
+/// owns only the entries it wrote, so the one with nothing to export deletes nothing.
+#[tokio::test]
+async fn two_catalogs_of_one_owner_on_one_node_own_only_their_own_entries() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-two-catalogs").await?;
+    let owner = format!("cluster-{}", scope.prefix);
+    let name = scope.name("api_x");
+    let with_catalog = |catalog: &str| {
+        Consul::new(ConsulConfig {
+            catalog: catalog.to_string(),
+            ..backend_config(&[&consul.url()], &scope, &owner)
+        })
+    };
+    let exporting = with_catalog("consul")?;
+    let importing = with_catalog("consul-for-import")?;
+    let desired = exporting.render(&[
+        instance(&name, "10.0.0.1", 8080, &[], &[]),
+        instance(&name, "10.0.0.2", 8080, &[], &[]),
+    ]);
+    exporting.apply(&puts(&desired)).await?;
+    let theirs = importing.read_owned().await?;
+    assert!(theirs.is_empty(), "the other catalog's entries: {theirs:?}");
+    assert!(
+        plan(&BTreeMap::new(), &theirs).is_empty(),
+        "nothing to delete for the catalog that exports nothing"
+    );
+    assert_eq!(exporting.read_owned().await?, desired);
     Ok(())
 }

@@ -45,6 +45,9 @@ pub const MAX_TXN_OPS: usize = 64;
 pub const MAX_TXN_BYTES: usize = 256 * 1024;
 /// Service meta key that marks the owner of an entry.
 pub const OWNER_META: &str = "catalog-bridge-owner";
+/// Service meta key naming the ExternalCatalog that wrote an entry: two ExternalCatalogs of one
+/// owner on one Consul node (one for import only, say) each own only their own entries.
+pub const CATALOG_META: &str = "catalog-bridge-catalog";
 /// Meta key (node and service) that marks entries synced from Kubernetes.
 pub const SOURCE_META: &str = "external-source";
 pub const SOURCE_VALUE: &str = "kubernetes";
@@ -58,7 +61,7 @@ pub const MAX_META_PAIRS: usize = 64;
 const MAX_META_KEY_LEN: usize = 128;
 const MAX_META_VALUE_LEN: usize = 512;
 /// The meta keys every record carries besides the instance's own.
-const OWN_META_KEYS: usize = 4;
+const OWN_META_KEYS: usize = 5;
 
 /// Why Consul would refuse this service meta pair (and with it the whole transaction that
 /// carries it), or None when it is valid. For the layer that reads annotations and
@@ -141,6 +144,8 @@ pub struct ConsulConfig {
     pub node_name: String,
     /// This controller's owner id (the cluster id).
     pub owner: String,
+    /// The ExternalCatalog's name, written into every entry ([`CATALOG_META`]).
+    pub catalog: String,
     pub insecure_skip_verify: bool,
     /// PEM bundle of the CA(s) to trust instead of the system roots.
     pub ca_pem: Option<Vec<u8>>,
@@ -174,6 +179,7 @@ pub struct Consul {
     token: Option<String>,
     node: String,
     owner: String,
+    catalog: String,
     http: reqwest::Client,
     /// Index of the address that answered last; requests start there.
     preferred: AtomicUsize,
@@ -317,6 +323,7 @@ impl Consul {
             token: cfg.token.filter(|t| !t.is_empty()),
             node: cfg.node_name,
             owner: cfg.owner,
+            catalog: cfg.catalog,
             http,
             preferred: AtomicUsize::new(0),
             node_ok: AtomicBool::new(false),
@@ -375,6 +382,9 @@ impl Consul {
             .collect();
         meta.insert(SOURCE_META.into(), SOURCE_VALUE.into());
         meta.insert(OWNER_META.into(), self.owner.clone());
+        if !self.catalog.is_empty() {
+            meta.insert(CATALOG_META.into(), self.catalog.clone());
+        }
         meta.insert("k8s-namespace".into(), instance.origin.namespace.clone());
         meta.insert("k8s-service".into(), instance.origin.service.clone());
         json!({
@@ -558,11 +568,18 @@ impl Consul {
 
         let mut out = BTreeMap::new();
         for s in services {
-            let owner = s
-                .get("Meta")
-                .and_then(|m| m.get(OWNER_META))
-                .and_then(Value::as_str);
-            if owner != Some(self.owner.as_str()) {
+            let meta = |key: &str| {
+                s.get("Meta")
+                    .and_then(|m| m.get(key))
+                    .and_then(Value::as_str)
+            };
+            if meta(OWNER_META) != Some(self.owner.as_str()) {
+                continue;
+            }
+            // Written by another ExternalCatalog of this owner on the same node. (Entries
+            // without the key predate it and are this catalog's; a backend without a catalog
+            // name owns every entry of its owner.)
+            if !self.catalog.is_empty() && meta(CATALOG_META).is_some_and(|c| c != self.catalog) {
                 continue;
             }
             let field = |name: &str| {
@@ -1385,6 +1402,7 @@ mod tests {
             addresses: vec!["http://127.0.0.1:8500/".into()],
             node_name: "k8s-c1".into(),
             owner: "c1".into(),
+            catalog: "consul".into(),
             ..Default::default()
         })
         .expect("valid config")
@@ -1502,6 +1520,7 @@ mod tests {
                     "ID": id, "Service": "api_x", "Address": "fd00::1", "Port": 8080,
                     "Tags": ["b", "a"],
                     "Meta": {"version": "1", "catalog-bridge-owner": "c1",
+                             "catalog-bridge-catalog": "consul",
                              "external-source": "kubernetes", "k8s-namespace": "shop",
                              "k8s-service": "api-x"},
                 },
@@ -1529,9 +1548,13 @@ mod tests {
             .collect();
         meta.insert("app.kubernetes.io/name".into(), "x".into());
         let dropped = dropped_meta(&meta);
-        assert_eq!(dropped.len(), 3, "{dropped:?}");
+        assert_eq!(dropped.len(), 4, "{dropped:?}");
         assert!(dropped[0].contains("app.kubernetes.io/name"), "{dropped:?}");
-        assert!(dropped[1].contains("\"k60\"") && dropped[2].contains("\"k61\""));
+        assert!(
+            dropped[1].contains("\"k59\"")
+                && dropped[2].contains("\"k60\"")
+                && dropped[3].contains("\"k61\"")
+        );
         assert!(dropped_meta(&BTreeMap::new()).is_empty());
         assert!(meta_problem("k", &"v".repeat(513)).is_some());
 
@@ -1549,6 +1572,7 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "catalog-bridge-catalog",
                 "catalog-bridge-owner",
                 "external-source",
                 "k8s-namespace",
