@@ -78,6 +78,35 @@ pub struct Watched {
 }
 
 impl Watched {
+    /// The Service an import would write, when someone else's holds its name: a Service of the
+    /// user's, or of another registration. An import never takes one over.
+    fn conflict(&self, reg: &ExternalRegistration) -> Option<Problem> {
+        let ns = reg.namespace()?;
+        let name = crate::import::service_name(reg);
+        let svc = self.services.get(&ObjectRef::new(&name).within(&ns))?;
+        let labels = svc.labels();
+        let ours = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
+            && labels.get(REGISTRATION_LABEL) == Some(&reg.name_any());
+        if ours {
+            return None;
+        }
+        let whose = match labels.get(REGISTRATION_LABEL) {
+            Some(other)
+                if labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE) =>
+            {
+                format!("the import of ExternalRegistration {ns}/{other}")
+            }
+            _ => "someone else (it is not an imported Service)".to_string(),
+        };
+        Some(Problem {
+            reason: "ServiceConflict",
+            message: format!(
+                "Service {ns}/{name} already exists and belongs to {whose}; an import never takes \
+                 a Service over: set target.serviceName to another name"
+            ),
+        })
+    }
+
     /// Whether `reg` still exists, the same object, and is not being deleted.
     fn holds(&self, reg: &ExternalRegistration) -> bool {
         let Some(ns) = reg.namespace() else {
@@ -406,7 +435,9 @@ async fn run(
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 r = gate.changed() => if r.is_err() || !*gate.borrow() { break },
-                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {}
+                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                    retry_at = None;
+                }
                 t = touched.recv() => {
                     let Some(a) = applied.as_ref() else { continue };
                     let undo: Vec<(Kind, String)> = match t {
@@ -451,6 +482,24 @@ async fn run(
             });
             if !snap.synced {
                 continue; // nothing read yet: nothing to apply, nothing to delete
+            }
+            let conflict = watched.conflict(&reg);
+            let blocked = conflict.is_some();
+            view.send_if_modified(|v| {
+                let keep = v
+                    .problem
+                    .as_ref()
+                    .is_some_and(|p| p.reason != "ServiceConflict");
+                let new = if keep { v.problem.clone() } else { conflict };
+                let changed = v.problem != new;
+                v.problem = new;
+                changed
+            });
+            if blocked {
+                // Looked at again on the next change, or after a pause.
+                retry_at
+                    .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(2));
+                continue;
             }
             let result = match crate::import::render(&reg, &snap, applied.as_ref()) {
                 Ok(r) => {

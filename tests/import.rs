@@ -568,3 +568,67 @@ async fn imported_objects_deleted_or_edited_by_hand_come_back() -> Result<()> {
     );
     Ok(())
 }
+
+/// An import never takes over a Service it did not create: with the name of the user's own
+/// Service, or of another registration's, it reports `ServiceConflict` and writes nothing; once
+/// the name is free it imports.
+#[tokio::test]
+async fn an_import_never_takes_over_a_service_it_did_not_create() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    env.etcd()?.etcdctl(&[
+        "put",
+        "/services/billing/providers/10.7.2.1:9000",
+        "10.7.2.1:9000",
+    ])?;
+    // The user's own Service of that name, with a selector.
+    localenv::workload::create_service(&client, "shop", "billing", 9000, Default::default())
+        .await?;
+    kubectl_apply(
+        &env,
+        &import(
+            "billing",
+            "etcd",
+            "billing",
+            json!({"ports": [{"name": "http", "port": 9000}]}),
+        ),
+    )?;
+    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+        Api::namespaced(client.clone(), "shop");
+    let ready = localenv::eventually("Ready=False ServiceConflict", WAIT, || async {
+        let s = regs.get("billing").await?.status.unwrap_or_default();
+        Ok(s.conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "ServiceConflict"))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    println!("{}", ready.message);
+    ensure!(
+        ready.message.contains("target.serviceName"),
+        "{}",
+        ready.message
+    );
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    let svc = services.get("billing").await?;
+    ensure!(
+        svc.metadata.owner_references.unwrap_or_default().is_empty()
+            && !svc
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .contains_key("endpointslice.kubernetes.io/managed-by")
+            && svc.spec.and_then(|s| s.selector).is_some(),
+        "the user's Service is untouched"
+    );
+    ensure!(
+        endpoints(&client, "billing").await?.is_empty(),
+        "no EndpointSlice joins the user's Service"
+    );
+
+    // The name freed, the import goes ahead.
+    services.delete("billing", &Default::default()).await?;
+    wait_endpoints(&client, "billing", &["10.7.2.1:9000"])
+        .await
+        .with_context(|| cb.log())?;
+    Ok(())
+}
