@@ -281,6 +281,41 @@ pub async fn apply(
         .namespace()
         .context("an ExternalRegistration is namespaced")?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let selector = format!(
+        "{REGISTRATION_LABEL}={},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}",
+        reg.name_any()
+    );
+    // A task's first apply, or a new target.serviceName: a Service this registration made
+    // under another name goes.
+    let name = service_name(reg);
+    let renamed = previous
+        .and_then(|p| p.service.as_ref())
+        .map(|s| s.name_any())
+        != r.service.as_ref().map(|s| s.name_any());
+    if previous.is_none() || renamed {
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        for old in services
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .with_context(|| {
+                format!(
+                    "listing the Services of registration {ns}/{}",
+                    reg.name_any()
+                )
+            })?
+            .items
+        {
+            let old_name = old.name_any();
+            if old_name != name {
+                services
+                    .delete(&old_name, &DeleteParams::default())
+                    .await
+                    .with_context(|| {
+                        format!("deleting Service {ns}/{old_name}, renamed to {name}")
+                    })?;
+            }
+        }
+    }
     if let Some(svc) = &r.service
         && (previous.and_then(|p| p.service.as_ref()) != Some(svc)
             || force.contains(&(Kind::Service, svc.name_any())))
@@ -311,10 +346,6 @@ pub async fn apply(
     if previous.is_some_and(|p| p.slices.iter().all(|old| keep.contains(&old.name_any()))) {
         return Ok(written); // nothing to delete
     }
-    let selector = format!(
-        "{REGISTRATION_LABEL}={},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}",
-        reg.name_any()
-    );
     for s in slices
         .list(&ListParams::default().labels(&selector))
         .await?

@@ -571,7 +571,8 @@ async fn imported_objects_deleted_or_edited_by_hand_come_back() -> Result<()> {
 
 /// An import never takes over a Service it did not create: with the name of the user's own
 /// Service, or of another registration's, it reports `ServiceConflict` and writes nothing; once
-/// the name is free it imports.
+/// the name is free it imports. Renamed, its Service moves and nothing stays under the old
+/// name.
 #[tokio::test]
 async fn an_import_never_takes_over_a_service_it_did_not_create() -> Result<()> {
     let (env, client, cb) = setup().await?;
@@ -630,5 +631,28 @@ async fn an_import_never_takes_over_a_service_it_did_not_create() -> Result<()> 
     wait_endpoints(&client, "billing", &["10.7.2.1:9000"])
         .await
         .with_context(|| cb.log())?;
+
+    // Renamed (target.serviceName): the Service moves, nothing stays under the old name.
+    kubectl_apply(
+        &env,
+        &import(
+            "billing",
+            "etcd",
+            "billing",
+            json!({"serviceName": "billing-v2", "ports": [{"name": "http", "port": 9000}]}),
+        ),
+    )?;
+    wait_endpoints(&client, "billing-v2", &["10.7.2.1:9000"])
+        .await
+        .with_context(|| cb.log())?;
+    localenv::eventually("the Service under the old name to go", WAIT, || async {
+        Ok(services.get_opt("billing").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    ensure!(
+        endpoints(&client, "billing").await?.is_empty(),
+        "no slice left under the old name"
+    );
     Ok(())
 }
