@@ -402,6 +402,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                     namespace: opts.lease_namespace.clone(),
                     name: opts.session_secret.clone(),
                 }),
+                opts.dry_run,
             );
             let mut writers = Writers {
                 client,

@@ -255,6 +255,8 @@ pub struct Importers {
     /// Where the exporting writers keep their ZooKeeper sessions: read (never used) to leave
     /// this controller's own Curator entries out of imports.
     sessions: Option<catalogs::SessionSecret>,
+    /// `--dry-run`: log what would be applied, apply nothing.
+    dry_run: bool,
     running: HashMap<(String, String), Running>,
 }
 
@@ -266,6 +268,7 @@ impl Importers {
         metrics: Arc<Metrics>,
         watched: Watched,
         sessions: Option<catalogs::SessionSecret>,
+        dry_run: bool,
     ) -> Importers {
         Importers {
             client,
@@ -274,6 +277,7 @@ impl Importers {
             metrics,
             watched,
             sessions,
+            dry_run,
             running: HashMap::new(),
         }
     }
@@ -339,6 +343,7 @@ impl Importers {
                         view_tx,
                         self.metrics.clone(),
                         self.watched.clone(),
+                        self.dry_run,
                     ))
                 }
                 Err(problem) => {
@@ -404,6 +409,7 @@ async fn run(
     view: watch::Sender<ImportView>,
     metrics: Arc<Metrics>,
     watched: Watched,
+    dry_run: bool,
 ) {
     let external = reg.spec.external_name.clone().unwrap_or_default();
     let ns = reg.namespace().unwrap_or_default();
@@ -502,6 +508,14 @@ async fn run(
                 continue;
             }
             let result = match crate::import::render(&reg, &snap, applied.as_ref()) {
+                Ok(r) if dry_run => {
+                    if applied.as_ref() != Some(&r) {
+                        info!(registration = %format!("{ns}/{name}"), service = ?r.service.as_ref().map(|s| s.name_any()), slices = r.slices.len(), endpoints = r.endpoints, "dry run: would apply the imported Service and EndpointSlices");
+                    }
+                    let n = r.endpoints;
+                    applied = Some(r);
+                    Ok(n)
+                }
                 Ok(r) => {
                     match crate::import::apply(&client, &reg, &r, applied.as_ref(), &dirty).await {
                         Ok(written) => {

@@ -656,3 +656,70 @@ async fn an_import_never_takes_over_a_service_it_did_not_create() -> Result<()> 
     );
     Ok(())
 }
+
+/// `run --dry-run` logs what it would do and writes nothing: no entry in the catalog for an
+/// export, no Service or EndpointSlice for an import.
+#[tokio::test]
+async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Result<()> {
+    let env = Env::builder().all().start().await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    support::ensure_namespace(&client, "shop").await?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "etcd"},
+            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()]}},
+        }),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--dry-run"]).await?;
+    env.etcd()?.etcdctl(&[
+        "put",
+        "/services/ledger/providers/10.7.3.1:7000",
+        "10.7.3.1:7000",
+    ])?;
+    kubectl_apply(
+        &env,
+        &import(
+            "ledger",
+            "etcd",
+            "ledger",
+            json!({"ports": [{"name": "tcp", "port": 7000}]}),
+        ),
+    )?;
+    support::deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        support::annotations(&[("catalog-bridge.io/export", "etcd")]),
+    )
+    .await?;
+    localenv::eventually("both dry-run plans in the log", WAIT, || async {
+        let log = cb.log();
+        Ok((log.contains("dry run: would apply the imported Service")
+            && log.contains("dry run: plan not applied"))
+        .then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    ensure!(
+        services.get_opt("ledger").await?.is_none(),
+        "no imported Service in a dry run"
+    );
+    // (The etcd writer still claims its lease marker, outside the layout, when it first reads
+    // what it owns; only the entries are checked here.)
+    let keys = env
+        .etcd()?
+        .etcdctl(&["get", "--prefix", "--keys-only", "/services/"])?;
+    ensure!(
+        keys.lines().filter(|l| !l.is_empty()).collect::<Vec<_>>()
+            == ["/services/ledger/providers/10.7.3.1:7000"],
+        "no exported entry in a dry run: {keys}"
+    );
+    Ok(())
+}
