@@ -336,14 +336,16 @@ impl Importers {
                 Ok(backend) => {
                     info!(registration = %format!("{}/{}", key.0, key.1), catalog = %backend.describe(), "import starting");
                     tokio::spawn(run(
-                        self.client.clone(),
+                        Task {
+                            client: self.client.clone(),
+                            metrics: self.metrics.clone(),
+                            watched: self.watched.clone(),
+                            dry_run: self.dry_run,
+                        },
                         reg.clone(),
                         backend,
                         self.gate.clone(),
                         view_tx,
-                        self.metrics.clone(),
-                        self.watched.clone(),
-                        self.dry_run,
                     ))
                 }
                 Err(problem) => {
@@ -400,17 +402,28 @@ impl Importers {
     }
 }
 
+/// What every import task shares.
+struct Task {
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    watched: Watched,
+    dry_run: bool,
+}
+
 /// One import: while the gate is open, watch the catalog and apply every change.
 async fn run(
-    client: kube::Client,
+    task: Task,
     reg: Arc<ExternalRegistration>,
     backend: Arc<dyn Backend>,
     mut gate: watch::Receiver<bool>,
     view: watch::Sender<ImportView>,
-    metrics: Arc<Metrics>,
-    watched: Watched,
-    dry_run: bool,
 ) {
+    let Task {
+        client,
+        metrics,
+        watched,
+        dry_run,
+    } = task;
     let external = reg.spec.external_name.clone().unwrap_or_default();
     let ns = reg.namespace().unwrap_or_default();
     let name = reg.name_any();
