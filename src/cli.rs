@@ -61,8 +61,11 @@ pub struct RunArgs {
     pub lease_namespace: Option<String>,
     #[arg(long, default_value = "catalog-bridge")]
     pub lease_name: String,
-    /// How long a Lease is held without renewal before another replica may take it.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    /// How long a Lease is held without renewal before another replica may take it. A crashed
+    /// leader's catalog entries outlive it by etcd's `leaseTTLSeconds` (default 15) and
+    /// ZooKeeper's `sessionTimeoutSeconds` (default 10): keep this, plus a few seconds to sync
+    /// the caches, below both, so that the standby re-attaches before they expire.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
     pub lease_duration: Duration,
     /// The Secret, in the Lease's namespace, that keeps ZooKeeper session ids and passwords so
     /// that a restarted controller or a new leader re-attaches to the live session.

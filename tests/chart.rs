@@ -272,7 +272,7 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
             "--metrics-addr=0.0.0.0:8080",
             "--lease-namespace=$(POD_NAMESPACE)",
             "--lease-name=cb-catalog-bridge",
-            "--lease-duration=15s",
+            "--lease-duration=6s",
             "--identity=$(POD_NAME)",
             "--session-secret=cb-catalog-bridge-zk-sessions",
             "--drift-interval=30s",
