@@ -255,8 +255,10 @@ async fn fingerprints(env: &Env) -> Result<String> {
 
 #[tokio::test]
 async fn a_restart_or_handoff_keeps_every_entry_and_rewrites_none() -> Result<()> {
+    // The default etcd lease TTL (15 s), ZooKeeper session timeout (10 s) and leader Lease
+    // duration (6 s): a standby takes over before the catalogs drop the crashed one's entries.
     let (env, client) = setup(15, 10).await?;
-    let args = ["--drift-interval=1s", "--lease-duration=3s"];
+    let args = ["--drift-interval=1s"];
     let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
     deploy(
         &client,
