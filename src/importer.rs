@@ -258,6 +258,8 @@ pub struct Importers {
     /// `--dry-run`: log what would be applied, apply nothing.
     dry_run: bool,
     running: HashMap<(String, String), Running>,
+    /// Catalogs whose import entries gauge was last set above 0.
+    import_catalogs: HashSet<String>,
 }
 
 impl Importers {
@@ -279,6 +281,7 @@ impl Importers {
             sessions,
             dry_run,
             running: HashMap::new(),
+            import_catalogs: HashSet::new(),
         }
     }
 
@@ -370,7 +373,10 @@ impl Importers {
             .cloned()
             .collect();
         for key in gone {
-            self.running.remove(&key);
+            if let Some(r) = self.running.remove(&key) {
+                let catalog = r.view.borrow().catalog.clone();
+                self.metrics.forget_import(&catalog, &key.0, &key.1);
+            }
             // The owner references let the garbage collector do this too; doing it here makes it
             // immediate (the collector may not watch a freshly installed CRD yet).
             if *self.gate.borrow()
@@ -393,12 +399,29 @@ impl Importers {
         catalogs::build(cat, credentials, &ctx)
     }
 
-    /// The current view of every import, by (namespace, name).
-    pub fn views(&self) -> HashMap<(String, String), ImportView> {
-        self.running
+    /// The current view of every import, by (namespace, name). Also sets
+    /// `entries{direction="import"}` of each catalog to the endpoints of all its imports (0 for
+    /// a catalog whose last import went).
+    pub fn views(&mut self) -> HashMap<(String, String), ImportView> {
+        let views: HashMap<(String, String), ImportView> = self
+            .running
             .iter()
             .map(|(k, r)| (k.clone(), r.view.borrow().clone()))
-            .collect()
+            .collect();
+        let mut per_catalog: HashMap<String, i64> =
+            self.import_catalogs.drain().map(|c| (c, 0)).collect();
+        for v in views.values() {
+            *per_catalog.entry(v.catalog.clone()).or_default() += v.endpoints as i64;
+        }
+        for (catalog, n) in &per_catalog {
+            self.metrics.entries(catalog, "import", *n);
+        }
+        self.import_catalogs = per_catalog
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, _)| c)
+            .collect();
+        views
     }
 }
 
@@ -552,7 +575,7 @@ async fn run(
                 .then(|| tokio::time::Instant::now() + Duration::from_secs(1));
             match result {
                 Ok(n) => {
-                    metrics.entries(&catalog, "import", n as i64);
+                    // (`entries{direction="import"}` is the sum over imports: see `views`.)
                     view.send_modify(|v| {
                         v.endpoints = n;
                         v.apply_error = None;

@@ -215,6 +215,15 @@ impl Metrics {
     }
 
     /// Entries import `namespace/registration` skipped in `catalog`.
+    /// Forgets the skipped-entries gauge of a registration that is gone.
+    pub fn forget_import(&self, catalog: &str, namespace: &str, registration: &str) {
+        self.import_skipped.remove(&RegistrationLabels {
+            catalog: catalog.into(),
+            namespace: namespace.into(),
+            registration: registration.into(),
+        });
+    }
+
     pub fn import_skipped(&self, catalog: &str, namespace: &str, registration: &str, n: i64) {
         self.import_skipped
             .get_or_create(&RegistrationLabels {

@@ -654,6 +654,41 @@ async fn an_import_never_takes_over_a_service_it_did_not_create() -> Result<()> 
         endpoints(&client, "billing").await?.is_empty(),
         "no slice left under the old name"
     );
+
+    // A second import from the same catalog: the catalog's import entries are the sum.
+    for ip in ["10.7.2.2", "10.7.2.3"] {
+        env.etcd()?.etcdctl(&[
+            "put",
+            &format!("/services/audit/providers/{ip}:9100"),
+            &format!("{ip}:9100"),
+        ])?;
+    }
+    kubectl_apply(
+        &env,
+        &import(
+            "audit",
+            "etcd",
+            "audit",
+            json!({"ports": [{"name": "http", "port": 9100}]}),
+        ),
+    )?;
+    wait_endpoints(&client, "audit", &["10.7.2.2:9100", "10.7.2.3:9100"]).await?;
+    let imported = || async {
+        cb.metric(
+            "catalog_bridge_entries",
+            &["catalog=\"etcd\"", "direction=\"import\""],
+        )
+        .await
+    };
+    localenv::eventually("3 import entries for etcd", WAIT, || async {
+        Ok((imported().await? == 3.0).then_some(()))
+    })
+    .await?;
+    regs.delete("billing", &Default::default()).await?;
+    localenv::eventually("2 import entries once billing is gone", WAIT, || async {
+        Ok((imported().await? == 2.0).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 
