@@ -10,9 +10,9 @@ CARGO ?= cargo
 .PHONY: help peers build crds lint test bench env demo clean-cache
 
 help:
-	@echo "make demo   - api_x exported to Consul on a local cluster, printed as Consul answers it"
+	@echo "make demo   - the scenario on loopback: api_x in Consul, memcache in etcd, mysql_x imported from ZooKeeper"
 	@echo "make test   - set up the peers, check formatting and lints, run every test"
-	@echo "make bench  - convergence and propagation benchmarks against real Consul"
+	@echo "make bench  - convergence, propagation and import benchmarks against real Consul, etcd and ZooKeeper"
 	@echo "make env    - start the real API server and catalogs on loopback until Ctrl-C"
 	@echo "make peers  - build/install the real peers (cached outside the repo)"
 

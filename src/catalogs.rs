@@ -71,6 +71,9 @@ pub struct Context {
     /// Where ZooKeeper sessions are kept between processes: a Secret in the controller's
     /// namespace, or nowhere (`catalog-bridge query` opens a throw-away session).
     pub sessions: Option<SessionSecret>,
+    /// Only read, never write (`--dry-run`, `query`, import watches): etcd then neither grants
+    /// a lease nor claims its marker.
+    pub read_only: bool,
 }
 
 /// A Secret of the controller's namespace that holds ZooKeeper sessions, one key per catalog.
@@ -130,6 +133,7 @@ pub fn build(
             ca_pem: credentials.ca_pem,
             insecure_skip_verify: credentials.insecure_skip_verify,
             client_cert: credentials.client_cert,
+            read_only: ctx.read_only,
         };
         return Ok(Arc::new(Etcd::new(cfg).map_err(invalid)?));
     }
@@ -269,6 +273,7 @@ mod tests {
         Context {
             owner: "cluster-a".into(),
             sessions: None,
+            read_only: false,
         }
     }
 

@@ -36,6 +36,7 @@ pub async fn cleanup(
     let ctx = catalogs::Context {
         owner: owner.to_string(),
         sessions: Some(sessions),
+        read_only: dry_run,
     };
     let backend = catalogs::build(&cat, credentials, &ctx).map_err(problem)?;
     let owned = backend

@@ -137,12 +137,18 @@ struct Running {
     kind: &'static str,
     desired: watch::Sender<Arc<Snapshot>>,
     report: watch::Receiver<Report>,
-    task: JoinHandle<()>,
+    backend: Arc<dyn crate::backend::Backend>,
+    /// Backends of earlier configurations whose entries the writer has yet to remove.
+    retiring: writer::Retiring,
+    /// `None` once handed to the writer that replaces this one.
+    task: Option<JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
@@ -178,6 +184,7 @@ impl Writers {
                 namespace: self.opts.lease_namespace.clone(),
                 name: self.opts.session_secret.clone(),
             }),
+            read_only: self.opts.dry_run,
         }
     }
 
@@ -230,7 +237,14 @@ impl Writers {
             {
                 continue;
             }
-            self.running.remove(&name);
+            // A changed spec may move the catalog elsewhere: the new writer removes what the
+            // old one wrote there first (a changed Secret alone moves nothing).
+            let previous = self.running.remove(&name).and_then(|mut r| {
+                let mut retiring =
+                    std::mem::take(&mut *r.retiring.lock().unwrap_or_else(|e| e.into_inner()));
+                retiring.push(r.backend.clone());
+                Some((retiring, r.task.take()?))
+            });
             let kind = crate::catalogs::kind(cat);
             let credentials = crate::catalogs::credentials(&self.client, cat).await;
             let built = credentials
@@ -247,8 +261,18 @@ impl Writers {
                     let mut cfg = writer::Config::new(&name);
                     cfg.dry_run = self.opts.dry_run;
                     cfg.drift_interval = self.opts.drift_interval;
-                    let (w, report) =
-                        Writer::new(cfg, backend, rx, self.gate.clone(), self.metrics.clone());
+                    let (mut w, report) = Writer::new(
+                        cfg,
+                        backend.clone(),
+                        rx,
+                        self.gate.clone(),
+                        self.metrics.clone(),
+                    );
+                    let retiring = writer::Retiring::default();
+                    if let Some((old, task)) = previous {
+                        *retiring.lock().unwrap_or_else(|e| e.into_inner()) = old;
+                        w = w.after(retiring.clone(), task);
+                    }
                     self.running.insert(
                         name.clone(),
                         Running {
@@ -257,11 +281,16 @@ impl Writers {
                             kind,
                             desired: tx,
                             report,
-                            task: tokio::spawn(w.run()),
+                            backend,
+                            retiring,
+                            task: Some(tokio::spawn(w.run())),
                         },
                     );
                 }
                 Err(problem) => {
+                    if let Some((_, task)) = previous {
+                        task.abort();
+                    }
                     warn!(catalog = %name, reason = problem.reason, error = %problem.message, "catalog cannot be used");
                     self.broken.insert(
                         name.clone(),

@@ -31,7 +31,9 @@ pub const GROUP: &str = "catalog-bridge.io";
     printcolumn(name = "Exported", type_ = "integer", json_path = ".status.exportedEntries"),
     printcolumn(name = "Imported", type_ = "integer", json_path = ".status.importedEntries"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("(has(self.spec.consul) ? 1 : 0) + (has(self.spec.etcd) ? 1 : 0) + (has(self.spec.zookeeper) ? 1 : 0) == 1").message("exactly one of spec.consul, spec.etcd, spec.zookeeper must be set")
+    validation = Rule::new("(has(self.spec.consul) ? 1 : 0) + (has(self.spec.etcd) ? 1 : 0) + (has(self.spec.zookeeper) ? 1 : 0) == 1").message("exactly one of spec.consul, spec.etcd, spec.zookeeper must be set"),
+    validation = Rule::new("!has(self.spec.etcd) || !has(self.spec.etcd.basePath) || !self.spec.etcd.basePath.contains('//')").message("spec.etcd.basePath must not hold an empty segment (//)"),
+    validation = Rule::new("!has(self.spec.etcd) || !has(self.spec.etcd.tls) || !has(self.spec.etcd.tls.insecureSkipVerify) || !self.spec.etcd.tls.insecureSkipVerify").message("spec.etcd.tls.insecureSkipVerify is not supported (etcd's gRPC client always verifies certificates): give the CA with tls.caSecretRef")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalCatalogSpec {
@@ -91,6 +93,7 @@ pub struct EtcdCatalog {
     pub layout: EtcdLayout,
     /// Key prefix; default `/services` (plain), empty (naming), `/skydns` (coredns).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub base_path: Option<String>,
     /// DNS zone of the `coredns` layout; default `bridge.local`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

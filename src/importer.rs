@@ -395,6 +395,7 @@ impl Importers {
         let ctx = catalogs::Context {
             owner: self.owner.clone(),
             sessions: self.sessions.clone(),
+            read_only: true,
         };
         catalogs::build(cat, credentials, &ctx)
     }

@@ -58,6 +58,7 @@ fn query_context() -> crate::catalogs::Context {
     crate::catalogs::Context {
         owner: "query".into(),
         sessions: None,
+        read_only: true,
     }
 }
 

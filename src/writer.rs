@@ -85,7 +85,28 @@ pub struct Writer {
     desired_records: DesiredRecords,
     /// `current` equals the desired records as of the previous sync.
     trusted: bool,
+    /// The backends this catalog was configured with before, whose entries go first where
+    /// they live elsewhere ([`Writer::after`]).
+    previous: Option<Previous>,
 }
+
+/// Backends of a catalog's previous configurations whose entries were not yet removed, oldest
+/// first; shared with the controller, which hands what is left to the next writer.
+pub type Retiring = Arc<std::sync::Mutex<Vec<Arc<dyn Backend>>>>;
+
+/// A catalog's previous configurations, replaced by this writer's.
+struct Previous {
+    retiring: Retiring,
+    /// The previous writer's task, stopped before anything is read through its backend.
+    stopped: Option<tokio::task::JoinHandle<()>>,
+    /// Given up on after this long without success (the old servers may be gone for good).
+    give_up_at: Option<Instant>,
+}
+
+/// How long a writer keeps trying to remove the entries of its catalog's previous location
+/// before going on without (they then stay until removed by hand; etcd keys and ZooKeeper
+/// nodes also expire unless their lease or session is still kept).
+const RETIRE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Desired records kept up to date incrementally: a snapshot that changes one instance out of
 /// ten thousand renders one instance, and the plan looks at its keys only.
@@ -200,9 +221,25 @@ impl Writer {
                 last_dry_plan: None,
                 desired_records: DesiredRecords::default(),
                 trusted: false,
+                previous: None,
             },
             report_rx,
         )
+    }
+
+    /// Takes over from the writer of the catalog's previous configuration: `stopped` (its task)
+    /// is ended, and once this replica leads, each backend in `retiring` that writes to another
+    /// location than this one (another Consul node or datacenter, etcd prefix or layout,
+    /// ZooKeeper path...) has the entries it owns there removed, before anything is written to
+    /// the new one. The same session or lease may hold both, so one backend at a time uses it.
+    pub fn after(mut self, retiring: Retiring, stopped: tokio::task::JoinHandle<()>) -> Writer {
+        stopped.abort();
+        self.previous = Some(Previous {
+            retiring,
+            stopped: Some(stopped),
+            give_up_at: None,
+        });
+        self
     }
 
     /// Runs until the desired or gate channel closes.
@@ -231,6 +268,14 @@ impl Writer {
             }
             led = true;
             self.report.send_modify(|r| r.idle = false);
+            if self.previous.is_some() && !self.retire_previous().await {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    r = self.gate.changed() => if r.is_err() { return },
+                }
+                backoff = (backoff * 2).min(self.cfg.max_backoff);
+                continue;
+            }
             if !probed {
                 probed = self.probe().await;
             }
@@ -337,6 +382,71 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// Removes what the previous configurations own at their locations, unless that is this
+    /// configuration's location too. False when it should be tried again.
+    async fn retire_previous(&mut self) -> bool {
+        let Some(prev) = self.previous.as_mut() else {
+            return true;
+        };
+        if let Some(task) = prev.stopped.take() {
+            // Aborted in `after`: this waits until it has really stopped.
+            let _ = task.await;
+        }
+        let give_up_at = *prev
+            .give_up_at
+            .get_or_insert(Instant::now() + RETIRE_PATIENCE);
+        let retiring = prev.retiring.clone();
+        let next = || {
+            retiring
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first()
+                .cloned()
+        };
+        while let Some(old) = next() {
+            let result = self.retire(old.as_ref()).await;
+            if let Err(e) = &result {
+                if Instant::now() < give_up_at {
+                    self.failed(e);
+                    return false;
+                }
+                warn!(catalog = %self.cfg.catalog, error = %e, from = %old.describe(), "giving up removing the entries at the catalog's previous location; `catalog-bridge cleanup --catalog` on an ExternalCatalog with the previous spec removes them");
+            }
+            old.release().await;
+            let mut list = retiring.lock().unwrap_or_else(|e| e.into_inner());
+            if list.first().is_some_and(|b| Arc::ptr_eq(b, &old)) {
+                list.remove(0);
+            }
+        }
+        self.previous = None;
+        true
+    }
+
+    /// Removes what `old` owns, if it writes somewhere else than this writer.
+    async fn retire(&self, old: &dyn Backend) -> Result<(), BackendError> {
+        let catalog = &self.cfg.catalog;
+        let was = old.location().await?;
+        let is = self.backend.location().await?;
+        if was == is {
+            return Ok(());
+        }
+        let owned = old.read_owned().await?;
+        let ops = plan(&BTreeMap::new(), &owned).ops;
+        if self.cfg.dry_run {
+            info!(catalog = %catalog, from = %was, to = %is, entries = ops.len(), "dry run: would remove the entries at the catalog's previous location");
+            return Ok(());
+        }
+        let round_trips = old.apply(&ops).await?;
+        self.metrics
+            .operations(catalog, "delete", "ok", ops.len() as u64);
+        self.metrics.round_trips(catalog, "ok", round_trips as u64);
+        info!(catalog = %catalog, from = %was, to = %is, removed = ops.len(), "the catalog moved: its entries at the previous location are removed");
+        if let Some(r) = old.retire().await? {
+            info!(catalog = %catalog, removed = %r, "the previous location is empty; removed");
+        }
+        Ok(())
     }
 
     async fn read(&mut self) -> Result<BTreeMap<String, Record>, BackendError> {
@@ -471,12 +581,25 @@ mod tests {
     }
 
     fn start(backend: Arc<Memory>, drift: Duration) -> Harness {
+        start_after(backend, drift, None)
+    }
+
+    /// A writer that replaces another one (a changed ExternalCatalog).
+    fn start_after(
+        backend: Arc<Memory>,
+        drift: Duration,
+        previous: Option<(Retiring, tokio::task::JoinHandle<()>)>,
+    ) -> Harness {
         let (desired, desired_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (gate, gate_rx) = watch::channel(false);
         let mut cfg = Config::new("test");
         cfg.drift_interval = drift;
         cfg.min_backoff = Duration::from_millis(10);
-        let (w, report) = Writer::new(cfg, backend, desired_rx, gate_rx, Arc::new(Metrics::new()));
+        let (mut w, report) =
+            Writer::new(cfg, backend, desired_rx, gate_rx, Arc::new(Metrics::new()));
+        if let Some((retiring, stopped)) = previous {
+            w = w.after(retiring, stopped);
+        }
         Harness {
             desired,
             gate,
@@ -567,6 +690,65 @@ mod tests {
         assert_eq!(mem.writes(), writes + 50);
         assert!(mem.all().contains_key("foreign"));
         h2.task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_moved_catalog_removes_its_entries_at_the_old_location_first() {
+        let old = Arc::new(Memory::new("me", 64).at("old"));
+        old.put_foreign("foreign", "someone-else", serde_json::json!({}));
+        let snapshot = || {
+            Arc::new(Snapshot {
+                catalog: instances(3),
+                changed_at: None,
+            })
+        };
+        let mut h = start(old.clone(), Duration::from_secs(3600));
+        h.desired.send(snapshot()).expect("send");
+        h.gate.send(true).expect("gate");
+        until(&mut h.report, |r| r.in_sync && r.entries == 3).await;
+
+        // Moved while the old location is down: nothing is written to the new one before the
+        // old one is emptied.
+        old.set_down(true);
+        let new = Arc::new(Memory::new("me", 64).at("new"));
+        let retiring: Retiring =
+            Arc::new(std::sync::Mutex::new(vec![old.clone() as Arc<dyn Backend>]));
+        let mut h2 = start_after(
+            new.clone(),
+            Duration::from_secs(3600),
+            Some((retiring.clone(), h.task)),
+        );
+        h2.desired.send(snapshot()).expect("send");
+        h2.gate.send(true).expect("gate");
+        until(&mut h2.report, |r| r.reachable == Some(false)).await;
+        assert!(
+            new.all().is_empty(),
+            "nothing written before the old location is emptied"
+        );
+        old.set_down(false);
+        until(&mut h2.report, |r| r.in_sync && r.entries == 3).await;
+        assert_eq!(new.all().len(), 3);
+        assert_eq!(
+            old.all().into_keys().collect::<Vec<_>>(),
+            ["foreign"],
+            "only this owner's entries left the old location"
+        );
+        assert!(retiring.lock().expect("lock").is_empty());
+
+        // A change that moves nothing (same location) removes nothing and writes nothing.
+        let writes = new.writes();
+        let again: Retiring =
+            Arc::new(std::sync::Mutex::new(vec![new.clone() as Arc<dyn Backend>]));
+        let mut h3 = start_after(
+            new.clone(),
+            Duration::from_secs(3600),
+            Some((again, h2.task)),
+        );
+        h3.desired.send(snapshot()).expect("send");
+        h3.gate.send(true).expect("gate");
+        until(&mut h3.report, |r| r.in_sync && r.entries == 3).await;
+        assert_eq!(new.writes(), writes);
+        h3.task.abort();
     }
 
     #[tokio::test]

@@ -226,9 +226,19 @@ async fn one_service_in_every_catalog_and_layout_follows_readiness() -> Result<(
 
 /// Revisions and zxids of what the controller wrote, to prove a restart rewrote nothing.
 async fn fingerprints(env: &Env) -> Result<String> {
+    fingerprints_of(
+        env,
+        &["/services/", "api_x/", "/skydns/"],
+        &["/services/api_x/providers", "/curator/api_x"],
+    )
+    .await
+}
+
+/// [`fingerprints`] of the keys under `prefixes` and the children of `dirs`.
+async fn fingerprints_of(env: &Env, prefixes: &[&str], dirs: &[&str]) -> Result<String> {
     let etcd = env.etcd()?;
     let mut out = String::new();
-    for prefix in ["/services/", "api_x/", "/skydns/"] {
+    for prefix in prefixes {
         let v: Value =
             serde_json::from_str(&etcd.etcdctl(&["get", "--prefix", prefix, "-w", "json"])?)?;
         for kv in v["kvs"].as_array().cloned().unwrap_or_default() {
@@ -242,12 +252,12 @@ async fn fingerprints(env: &Env) -> Result<String> {
         "import sys\n\
          from kazoo.client import KazooClient\n\
          zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
-         for base in ['/services/api_x/providers', '/curator/api_x']:\n\
+         for base in sys.argv[2:]:\n\
          \x20   for c in sorted(zk.get_children(base)):\n\
          \x20       s = zk.exists(base + '/' + c)\n\
          \x20       print(base, c, s.czxid, s.mzxid, s.ephemeralOwner)\n\
          zk.stop()\n",
-        &[&env.zookeeper()?.connect_string()],
+        &[&[env.zookeeper()?.connect_string().as_str()], dirs].concat(),
     )?;
     out.push_str(&zk);
     Ok(out)
@@ -298,6 +308,161 @@ async fn a_restart_or_handoff_keeps_every_entry_and_rewrites_none() -> Result<()
         .await?;
     assert_eq!(writes, 0.0, "{}", b.metrics().await?);
     Ok(())
+}
+
+/// `ip:port` of the instances of `name` under ZooKeeper path `dir` (plain layout children, or
+/// curator instance JSON), read with kazoo.
+fn zk_children(env: &Env, dir: &str) -> Result<Vec<String>> {
+    let out = localenv::python(
+        "import sys, json\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         d = sys.argv[2]\n\
+         kids = zk.get_children(d) if zk.exists(d) else []\n\
+         out = []\n\
+         for c in kids:\n\
+         \x20   data = zk.get(d + '/' + c)[0]\n\
+         \x20   out.append(c if not data else '%(address)s:%(port)d' % json.loads(data))\n\
+         print(json.dumps(sorted(out)))\n\
+         zk.stop()\n",
+        &[&env.zookeeper()?.connect_string(), dir],
+    )?;
+    Ok(serde_json::from_str(out.trim())?)
+}
+
+#[tokio::test]
+async fn a_catalog_moved_elsewhere_leaves_nothing_behind_and_a_change_that_moves_nothing_rewrites_nothing()
+-> Result<()> {
+    let (env, client) = setup(15, 10).await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", CATALOGS),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    let both = ["10.1.0.1:8080", "10.1.0.2:8080"];
+    wait_everywhere(&env, &both)
+        .await
+        .with_context(|| cb.log())?;
+    let consul = ConsulView::new(env.consul()?.url())?;
+    let etcd = env.etcd()?;
+    let (endpoint, zk) = (etcd.endpoint(), env.zookeeper()?.connect_string());
+    // Revisions and zxids of the catalogs whose change moves nothing (etcd-naming, zk-plain)
+    // and of one left alone (etcd-coredns).
+    let unmoved = || {
+        fingerprints_of(
+            &env,
+            &["api_x/", "/skydns/"],
+            &["/services/api_x/providers"],
+        )
+    };
+    let before = unmoved().await?;
+    ensure!(before.lines().count() == 6, "fingerprints {before}");
+
+    // The etcd lease and the ZooKeeper session stay this catalog's, so nothing left at the old
+    // location would ever expire: it has to be removed.
+    kubectl_apply(
+        &env,
+        &consul_catalog("consul", &[env.consul()?.url()], "k8s-moved"),
+    )?;
+    kubectl_apply(
+        &env,
+        &catalog(
+            "etcd-plain",
+            json!({"etcd": {"endpoints": [endpoint], "layout": "plain", "basePath": "/moved",
+                            "leaseTTLSeconds": 15}}),
+        ),
+    )?;
+    kubectl_apply(
+        &env,
+        &catalog(
+            "zk-curator",
+            json!({"zookeeper": {"connect": zk, "layout": "curator", "basePath": "/moved-curator",
+                                 "sessionTimeoutSeconds": 10}}),
+        ),
+    )?;
+    // Written differently, the same place: the same endpoint with its scheme, the same ensemble.
+    kubectl_apply(
+        &env,
+        &catalog(
+            "etcd-naming",
+            json!({"etcd": {"endpoints": [format!("http://{endpoint}")], "layout": "naming",
+                            "leaseTTLSeconds": 15, "zone": "bridge.local"}}),
+        ),
+    )?;
+    kubectl_apply(
+        &env,
+        &catalog(
+            "zk-plain",
+            json!({"zookeeper": {"connect": format!("{zk},{zk}"), "layout": "plain",
+                                 "basePath": "/services", "sessionTimeoutSeconds": 10}}),
+        ),
+    )?;
+
+    localenv::eventually("every moved catalog to hold its entries at the new location only", WAIT, || async {
+        let nodes = consul.nodes().await?;
+        let moved_node = consul.node_services("k8s-moved").await?.len();
+        let old_etcd = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/services/api_x/"])?;
+        let new_etcd = etcd.etcdctl(&["get", "--prefix", "--print-value-only", "/moved/api_x/providers/"])?;
+        let mut new_etcd: Vec<&str> = new_etcd.lines().filter(|l| !l.is_empty()).collect();
+        new_etcd.sort();
+        let old_zk = zk_children(&env, "/curator/api_x")?;
+        let new_zk = zk_children(&env, "/moved-curator/api_x")?;
+        let state = format!(
+            "consul nodes {nodes:?}, {moved_node} services on k8s-moved; etcd old {old_etcd:?} new {new_etcd:?}; \
+             zk old {old_zk:?} new {new_zk:?}"
+        );
+        if !nodes.iter().any(|n| n == "k8s-test")
+            && moved_node == 2
+            && old_etcd.trim().is_empty()
+            && new_etcd == both
+            && old_zk.is_empty()
+            && new_zk == both
+        {
+            Ok(Some(()))
+        } else {
+            anyhow::bail!(state)
+        }
+    })
+    .await
+    .with_context(|| cb.log())?;
+    assert_eq!(consul.passing("api_x").await?, both);
+
+    // The catalogs that did not move kept every entry as it was: same revisions and zxids,
+    // same lease and session.
+    wait_everywhere_but_moved(&env, &both).await?;
+    assert_eq!(
+        unmoved().await?,
+        before,
+        "nothing rewritten where nothing moved"
+    );
+    Ok(())
+}
+
+/// [`wait_everywhere`] for the catalogs the move test leaves in place.
+async fn wait_everywhere_but_moved(env: &Env, want: &[&str]) -> Result<()> {
+    localenv::eventually("the unmoved catalogs to answer", WAIT, || async {
+        let a = answers(env).await?;
+        let off: Vec<_> = a
+            .iter()
+            .filter(|(name, v)| {
+                ["etcd-naming", "zk-plain", "etcd-coredns"].contains(name) && v != want
+            })
+            .collect();
+        if off.is_empty() {
+            Ok(Some(()))
+        } else {
+            anyhow::bail!("{off:?}")
+        }
+    })
+    .await
 }
 
 #[tokio::test]

@@ -122,6 +122,16 @@ async fn the_apiserver_accepts_the_crds_and_rejects_invalid_objects() -> Result<
             "leaseTTLSeconds",
         ),
         (
+            "etcd base path with an empty segment",
+            json!({"etcd": {"endpoints": ["a:2379"], "basePath": "/services//x"}}),
+            "empty segment",
+        ),
+        (
+            "etcd without certificate verification",
+            json!({"etcd": {"endpoints": ["a:2379"], "tls": {"insecureSkipVerify": true}}}),
+            "insecureSkipVerify is not supported",
+        ),
+        (
             "bad connect string",
             json!({"zookeeper": {"connect": ""}}),
             "connect",

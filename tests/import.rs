@@ -746,15 +746,19 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
         services.get_opt("ledger").await?.is_none(),
         "no imported Service in a dry run"
     );
-    // (The etcd writer still claims its lease marker, outside the layout, when it first reads
-    // what it owns; only the entries are checked here.)
+    // Not an entry, not a lease marker, not a lease.
     let keys = env
         .etcd()?
-        .etcdctl(&["get", "--prefix", "--keys-only", "/services/"])?;
+        .etcdctl(&["get", "--prefix", "--keys-only", ""])?;
     ensure!(
         keys.lines().filter(|l| !l.is_empty()).collect::<Vec<_>>()
             == ["/services/ledger/providers/10.7.3.1:7000"],
-        "no exported entry in a dry run: {keys}"
+        "nothing written to etcd in a dry run: {keys}"
+    );
+    let leases = env.etcd()?.etcdctl(&["lease", "list"])?;
+    ensure!(
+        leases.contains("found 0 leases"),
+        "no lease granted in a dry run: {leases}"
     );
     Ok(())
 }

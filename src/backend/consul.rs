@@ -1298,6 +1298,18 @@ impl Backend for Consul {
         })
     }
 
+    async fn location(&self) -> Result<String, BackendError> {
+        let dc = match &self.datacenter {
+            Some(dc) => Some(dc.clone()),
+            None => self.probe().await?.datacenter,
+        };
+        Ok(format!(
+            "consul datacenter {} node {}",
+            dc.as_deref().unwrap_or("(the agent's)"),
+            self.node
+        ))
+    }
+
     /// Blocking queries on `/v1/health/service/<name>?passing` (see [`next_index`] for how the
     /// index moves); after a failed read the next query is a plain one from index 0, so a
     /// Consul that came back empty is read at once.

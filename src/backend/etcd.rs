@@ -148,6 +148,9 @@ pub struct EtcdConfig {
     pub insecure_skip_verify: bool,
     /// Certificate and key presented to etcd (`--client-cert-auth`); needs `ca_pem`.
     pub client_cert: Option<ClientCert>,
+    /// Reads only (`--dry-run`, `cleanup --dry-run`): never grants a lease, claims the marker or
+    /// keeps a lease alive; owns what the marker's live lease holds, nothing without one.
+    pub read_only: bool,
 }
 
 impl Default for EtcdConfig {
@@ -165,6 +168,7 @@ impl Default for EtcdConfig {
             ca_pem: None,
             insecure_skip_verify: false,
             client_cert: None,
+            read_only: false,
         }
     }
 }
@@ -637,6 +641,8 @@ struct Inner {
     catalog: String,
     marker: String,
     ttl_secs: i64,
+    /// [`EtcdConfig::read_only`].
+    read_only: bool,
     lease: tokio::sync::Mutex<LeaseState>,
     invalidations: watch::Sender<u64>,
     keeper: Mutex<Option<tokio::task::AbortHandle>>,
@@ -800,6 +806,7 @@ impl Etcd {
                 catalog: cfg.catalog,
                 marker,
                 ttl_secs,
+                read_only: cfg.read_only,
                 lease: tokio::sync::Mutex::default(),
                 invalidations: watch::channel(0).0,
                 keeper: Mutex::new(None),
@@ -1040,6 +1047,15 @@ impl Inner {
     }
 
     /// The lease in use (and the previous one), established on first use.
+    /// Read only: whether the marker names a live lease (looked up once).
+    async fn has_lease(self: &Arc<Self>) -> Result<bool, BackendError> {
+        let mut st = self.lease.lock().await;
+        if st.current.is_none() {
+            self.establish(&mut st).await?;
+        }
+        Ok(st.current.is_some())
+    }
+
     async fn ensure_lease(self: &Arc<Self>) -> Result<(Held, Option<Held>), BackendError> {
         let mut st = self.lease.lock().await;
         if let Some(h) = st.current {
@@ -1048,6 +1064,9 @@ impl Inner {
         self.establish(&mut st).await?;
         match st.current {
             Some(h) => Ok((h, st.previous)),
+            None if self.read_only => Err(BackendError::Rejected(
+                "read only: no live lease of this owner, and none granted".into(),
+            )),
             None => Err(BackendError::Protocol(
                 "no etcd lease after granting one".into(),
             )),
@@ -1076,6 +1095,9 @@ impl Inner {
                 None => (None, 0),
             };
             let mut older = None;
+            if self.read_only && existing.is_none() {
+                return Ok(());
+            }
             if let Some(id) = existing {
                 let ttl = match self
                     .call("lease time-to-live", move |mut c| async move {
@@ -1092,12 +1114,21 @@ impl Inner {
                         id,
                         ttl: t.granted_ttl().max(1),
                     };
+                    if self.read_only {
+                        // Looked at, never kept alive: the writing controller keeps it.
+                        st.current = Some(held);
+                        return Ok(());
+                    }
                     if held.ttl == self.ttl_secs {
                         self.adopt(st, held, None, "reusing the live lease of the marker");
                         return Ok(());
                     }
                     older = Some(held);
                 }
+            }
+            if self.read_only {
+                // The marker names a lease that is gone: nothing is owned.
+                return Ok(());
             }
             let ttl_secs = self.ttl_secs;
             let granted = self
@@ -1389,12 +1420,19 @@ impl Backend for Etcd {
         // Key → attached to the previous lease.
         let mut keys: BTreeMap<String, bool> = BTreeMap::new();
         let mut attempts = 0;
+        if inner.read_only && !inner.has_lease().await? {
+            return Ok(BTreeMap::new());
+        }
         let (current, previous) = loop {
             let (current, previous) = inner.ensure_lease().await?;
             match inner.lease_keys(current.id).await {
                 Ok(k) => {
                     keys.extend(k.iter().filter_map(|k| ours(k)).map(|k| (k, false)));
                     break (current, previous);
+                }
+                Err(Fail::LeaseGone(_)) if inner.read_only => {
+                    inner.lease.lock().await.current = None;
+                    return Ok(BTreeMap::new());
                 }
                 Err(Fail::LeaseGone(m)) => {
                     // Its keys went with it. Read what the new lease holds (nothing, unless it
@@ -1461,6 +1499,12 @@ impl Backend for Etcd {
         }
         self.require_owner()?;
         let inner = &self.inner;
+        if inner.read_only {
+            return Err(BackendError::Rejected(format!(
+                "{} operation(s) not written: this etcd client is read only",
+                ops.len()
+            )));
+        }
         let (lease, previous) = inner.ensure_lease().await?;
         let mut txns = 0;
         let mut skipped = Vec::new();
@@ -1540,6 +1584,16 @@ impl Backend for Etcd {
             version: Some(status.version().to_string()).filter(|v| !v.is_empty()),
             ..Default::default()
         })
+    }
+
+    async fn location(&self) -> Result<String, BackendError> {
+        let cluster = self.probe().await?.cluster_id.unwrap_or_default();
+        let l = &self.inner.layout;
+        Ok(format!(
+            "etcd cluster {cluster} layout {} prefix {:?}",
+            l.name(),
+            l.prefix
+        ))
     }
 
     fn invalidations(&self) -> Option<watch::Receiver<u64>> {

@@ -18,6 +18,8 @@ use crate::plan::Op;
 #[derive(Debug)]
 pub struct Memory {
     owner: String,
+    /// What [`Backend::location`] says: two Memory catalogs are one place when it is equal.
+    location: String,
     batch: usize,
     entries: Mutex<BTreeMap<String, (String, Record)>>,
     down: AtomicBool,
@@ -29,12 +31,19 @@ impl Memory {
     pub fn new(owner: &str, batch: usize) -> Memory {
         Memory {
             owner: owner.to_string(),
+            location: "memory".to_string(),
             batch: batch.max(1),
             entries: Mutex::default(),
             down: AtomicBool::new(false),
             writes: AtomicUsize::new(0),
             round_trips: AtomicUsize::new(0),
         }
+    }
+
+    /// The same map, said to be at `location`.
+    pub fn at(mut self, location: &str) -> Memory {
+        self.location = location.to_string();
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, Record)>> {
@@ -136,6 +145,11 @@ impl Backend for Memory {
             trips += 1;
         }
         Ok(trips)
+    }
+
+    async fn location(&self) -> Result<String, BackendError> {
+        self.check_up()?;
+        Ok(self.location.clone())
     }
 
     async fn probe(&self) -> Result<ServerInfo, BackendError> {

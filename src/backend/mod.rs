@@ -117,6 +117,13 @@ pub trait Backend: Send + Sync {
     /// Contacts the catalog and reports what it says about itself.
     async fn probe(&self) -> Result<ServerInfo, BackendError>;
 
+    /// Where this backend's entries live, as a text two configurations share exactly when they
+    /// own the same entries: Consul's datacenter and node, etcd's cluster, layout and prefix,
+    /// ZooKeeper's layout and path from the root. May ask the catalog (Consul's datacenter when
+    /// not configured, etcd's cluster id). When an ExternalCatalog is changed to write
+    /// elsewhere, the entries at its old location are removed.
+    async fn location(&self) -> Result<String, BackendError>;
+
     /// A counter that moves when the catalog lost what this controller wrote through no write
     /// of its own — an etcd lease that expired, a ZooKeeper session that expired — and the
     /// backend has re-established its liveness (new lease, new session). The writer re-reads

@@ -2170,6 +2170,17 @@ impl Backend for ZooKeeper {
         }
     }
 
+    async fn location(&self) -> Result<String, BackendError> {
+        let layout = match self.inner.layout {
+            ZooKeeperLayout::Plain => "plain",
+            ZooKeeperLayout::Curator => "curator",
+        };
+        Ok(format!(
+            "zookeeper layout {layout} root {}",
+            self.inner.root
+        ))
+    }
+
     async fn probe(&self) -> Result<ServerInfo, BackendError> {
         let conn = self.inner.conn().await?;
         conn.client
