@@ -1,10 +1,12 @@
 //! `catalog-bridge cleanup --catalog <name>`: removes every entry this owner id wrote to one
 //! catalog — after an uninstall, or to retire a cluster id. Entries of other owners and
 //! hand-made ones are untouched, exactly as in normal operation.
+//! [`remove_owned`] is the same for a live backend.
 
 use anyhow::{Context, Result};
 use kube::Api;
 
+use crate::backend::{Backend, BackendError};
 use crate::catalogs::{self, SessionSecret};
 use crate::crd::ExternalCatalog;
 use crate::plan::{Op, plan};
@@ -39,10 +41,16 @@ pub async fn cleanup(
         read_only: dry_run,
     };
     let backend = catalogs::build(&cat, credentials, &ctx).map_err(problem)?;
-    let owned = backend
-        .read_owned()
+    remove_owned(backend.as_ref(), dry_run)
         .await
-        .with_context(|| format!("reading what {owner} holds in {}", backend.describe()))?;
+        .with_context(|| format!("removing what {owner} holds in {}", backend.describe()))
+}
+
+/// Deletes every entry `backend` owns, then what held them once empty ([`Backend::retire`]:
+/// Consul's node). With `dry_run`, only counts them. Used by `cleanup`, and by the writer of a
+/// catalog that was deleted or moved elsewhere.
+pub async fn remove_owned(backend: &dyn Backend, dry_run: bool) -> Result<Outcome, BackendError> {
+    let owned = backend.read_owned().await?;
     let ops: Vec<Op> = plan(&Default::default(), &owned).ops;
     if dry_run {
         return Ok(Outcome {
@@ -51,14 +59,8 @@ pub async fn cleanup(
             retired: None,
         });
     }
-    let round_trips = backend
-        .apply(&ops)
-        .await
-        .with_context(|| format!("deleting {} entries from {}", ops.len(), backend.describe()))?;
-    let retired = backend
-        .retire()
-        .await
-        .with_context(|| format!("tidying up {} after the entries", backend.describe()))?;
+    let round_trips = backend.apply(&ops).await?;
+    let retired = backend.retire().await?;
     Ok(Outcome {
         removed: ops.len(),
         round_trips,

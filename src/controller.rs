@@ -152,6 +152,27 @@ impl Drop for Running {
     }
 }
 
+/// A deleted catalog's entries being removed.
+struct Draining {
+    retiring: writer::Retiring,
+    task: JoinHandle<()>,
+}
+
+/// What a writer leaves to the next one: backends whose entries are to be removed, oldest
+/// first, and its task, to be stopped.
+type Handover = (Vec<Arc<dyn crate::backend::Backend>>, JoinHandle<()>);
+
+impl Running {
+    /// Stops being this catalog's writer: the backends whose entries are still to be removed
+    /// (this one last) and the task to stop, for what comes next.
+    fn hand_over(mut self) -> Option<Handover> {
+        let mut retiring =
+            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|e| e.into_inner()));
+        retiring.push(self.backend.clone());
+        Some((retiring, self.task.take()?))
+    }
+}
+
 /// A catalog whose backend could not be built (missing Secret, unsupported kind).
 struct Broken {
     fingerprint: String,
@@ -168,6 +189,8 @@ struct Writers {
     metrics: Arc<Metrics>,
     running: HashMap<String, Running>,
     broken: HashMap<String, Broken>,
+    /// Writers of deleted ExternalCatalogs, removing their entries ([`writer::drain`]).
+    draining: HashMap<String, Draining>,
     /// When referenced Secrets were last re-read.
     secrets_checked: Instant,
 }
@@ -239,12 +262,15 @@ impl Writers {
             }
             // A changed spec may move the catalog elsewhere: the new writer removes what the
             // old one wrote there first (a changed Secret alone moves nothing).
-            let previous = self.running.remove(&name).and_then(|mut r| {
-                let mut retiring =
-                    std::mem::take(&mut *r.retiring.lock().unwrap_or_else(|e| e.into_inner()));
-                retiring.push(r.backend.clone());
-                Some((retiring, r.task.take()?))
-            });
+            // So does a catalog deleted and created again while its entries were being removed.
+            let previous = match self.running.remove(&name) {
+                Some(r) => r.hand_over(),
+                None => self.draining.remove(&name).map(|d| {
+                    let left =
+                        std::mem::take(&mut *d.retiring.lock().unwrap_or_else(|e| e.into_inner()));
+                    (left, d.task)
+                }),
+            };
             let kind = crate::catalogs::kind(cat);
             let credentials = crate::catalogs::credentials(&self.client, cat).await;
             let built = credentials
@@ -304,7 +330,36 @@ impl Writers {
                 }
             }
         }
-        self.running.retain(|n, _| seen.contains(n));
+        // A deleted catalog: its entries go (SPEC §6.5, as for a deleted Service).
+        let deleted: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !seen.contains(n))
+            .cloned()
+            .collect();
+        for name in deleted {
+            let Some((left, task)) = self.running.remove(&name).and_then(Running::hand_over) else {
+                continue;
+            };
+            info!(catalog = %name, "ExternalCatalog deleted: removing its entries");
+            let retiring: writer::Retiring = Arc::new(std::sync::Mutex::new(left));
+            let drain = writer::drain(
+                name.clone(),
+                retiring.clone(),
+                task,
+                self.gate.clone(),
+                self.metrics.clone(),
+                self.opts.dry_run,
+            );
+            self.draining.insert(
+                name,
+                Draining {
+                    retiring,
+                    task: tokio::spawn(drain),
+                },
+            );
+        }
+        self.draining.retain(|_, d| !d.task.is_finished());
         self.broken.retain(|n, _| seen.contains(n));
     }
 
@@ -440,6 +495,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
                 metrics: metrics.clone(),
                 running: HashMap::new(),
                 broken: HashMap::new(),
+                draining: HashMap::new(),
                 secrets_checked: Instant::now(),
             };
             let mut tick = tokio::time::interval(Duration::from_millis(500));

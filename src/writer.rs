@@ -398,14 +398,7 @@ impl Writer {
             .give_up_at
             .get_or_insert(Instant::now() + RETIRE_PATIENCE);
         let retiring = prev.retiring.clone();
-        let next = || {
-            retiring
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .first()
-                .cloned()
-        };
-        while let Some(old) = next() {
+        while let Some(old) = first(&retiring) {
             let result = self.retire(old.as_ref()).await;
             if let Err(e) = &result {
                 if Instant::now() < give_up_at {
@@ -415,10 +408,7 @@ impl Writer {
                 warn!(catalog = %self.cfg.catalog, error = %e, from = %old.describe(), "giving up removing the entries at the catalog's previous location; `catalog-bridge cleanup --catalog` on an ExternalCatalog with the previous spec removes them");
             }
             old.release().await;
-            let mut list = retiring.lock().unwrap_or_else(|e| e.into_inner());
-            if list.first().is_some_and(|b| Arc::ptr_eq(b, &old)) {
-                list.remove(0);
-            }
+            done(&retiring, &old);
         }
         self.previous = None;
         true
@@ -426,27 +416,20 @@ impl Writer {
 
     /// Removes what `old` owns, if it writes somewhere else than this writer.
     async fn retire(&self, old: &dyn Backend) -> Result<(), BackendError> {
-        let catalog = &self.cfg.catalog;
         let was = old.location().await?;
         let is = self.backend.location().await?;
         if was == is {
             return Ok(());
         }
-        let owned = old.read_owned().await?;
-        let ops = plan(&BTreeMap::new(), &owned).ops;
-        if self.cfg.dry_run {
-            info!(catalog = %catalog, from = %was, to = %is, entries = ops.len(), "dry run: would remove the entries at the catalog's previous location");
-            return Ok(());
-        }
-        let round_trips = old.apply(&ops).await?;
-        self.metrics
-            .operations(catalog, "delete", "ok", ops.len() as u64);
-        self.metrics.round_trips(catalog, "ok", round_trips as u64);
-        info!(catalog = %catalog, from = %was, to = %is, removed = ops.len(), "the catalog moved: its entries at the previous location are removed");
-        if let Some(r) = old.retire().await? {
-            info!(catalog = %catalog, removed = %r, "the previous location is empty; removed");
-        }
-        Ok(())
+        let why = format!("the catalog moved to {is}");
+        remove_all(
+            old,
+            &self.cfg.catalog,
+            &why,
+            &self.metrics,
+            self.cfg.dry_run,
+        )
+        .await
     }
 
     async fn read(&mut self) -> Result<BTreeMap<String, Record>, BackendError> {
@@ -544,6 +527,86 @@ impl Writer {
             r.in_sync = false;
             changed
         });
+    }
+}
+
+/// Removes every entry `old` owns, counting and logging it; `why` says what happened to the
+/// catalog.
+async fn remove_all(
+    old: &dyn Backend,
+    catalog: &str,
+    why: &str,
+    metrics: &Metrics,
+    dry_run: bool,
+) -> Result<(), BackendError> {
+    let was = old.describe();
+    let out = crate::cleanup::remove_owned(old, dry_run).await?;
+    if dry_run {
+        info!(catalog = %catalog, at = %was, entries = out.removed, "dry run: {why}; would remove its entries at {was}");
+        return Ok(());
+    }
+    metrics.operations(catalog, "delete", "ok", out.removed as u64);
+    metrics.round_trips(catalog, "ok", out.round_trips as u64);
+    info!(catalog = %catalog, at = %was, removed = out.removed, retired = ?out.retired, "{why}: its entries at {was} are removed");
+    Ok(())
+}
+
+/// What is left of a deleted ExternalCatalog's writer: `stopped` (its task) is ended, and once
+/// this replica leads, every entry the backends in `retiring` own (the catalog's own backend
+/// last) is removed, then Consul's node once empty. Retried with backoff for
+/// [`RETIRE_PATIENCE`] of failures while leading; paused while not leading.
+pub async fn drain(
+    catalog: String,
+    retiring: Retiring,
+    stopped: tokio::task::JoinHandle<()>,
+    mut gate: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    dry_run: bool,
+) {
+    stopped.abort();
+    let _ = stopped.await;
+    let mut backoff = Duration::from_millis(200);
+    let mut give_up_at: Option<Instant> = None;
+    while let Some(old) = first(&retiring) {
+        if !*gate.borrow_and_update() {
+            if gate.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let deadline = *give_up_at.get_or_insert(Instant::now() + RETIRE_PATIENCE);
+        let why = "the ExternalCatalog was deleted";
+        match remove_all(old.as_ref(), &catalog, why, &metrics, dry_run).await {
+            Ok(()) => {}
+            Err(e) if Instant::now() < deadline => {
+                warn!(catalog = %catalog, error = %e, reason = e.reason(), "removing the entries of a deleted ExternalCatalog failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(e) => {
+                warn!(catalog = %catalog, error = %e, at = %old.describe(), "giving up removing the entries of a deleted ExternalCatalog; re-create it and run `catalog-bridge cleanup --catalog` to remove them");
+            }
+        }
+        old.release().await;
+        done(&retiring, &old);
+    }
+}
+
+/// The oldest backend still to retire.
+fn first(retiring: &Retiring) -> Option<Arc<dyn Backend>> {
+    retiring
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .first()
+        .cloned()
+}
+
+/// `old` is retired: off the list (unless the list was taken over meanwhile).
+fn done(retiring: &Retiring, old: &Arc<dyn Backend>) {
+    let mut list = retiring.lock().unwrap_or_else(|e| e.into_inner());
+    if list.first().is_some_and(|b| Arc::ptr_eq(b, old)) {
+        list.remove(0);
     }
 }
 

@@ -331,7 +331,7 @@ fn zk_children(env: &Env, dir: &str) -> Result<Vec<String>> {
 }
 
 #[tokio::test]
-async fn a_catalog_moved_elsewhere_leaves_nothing_behind_and_a_change_that_moves_nothing_rewrites_nothing()
+async fn a_catalog_moved_elsewhere_or_deleted_leaves_nothing_behind_and_a_change_that_moves_nothing_rewrites_nothing()
 -> Result<()> {
     let (env, client) = setup(15, 10).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
@@ -442,6 +442,37 @@ async fn a_catalog_moved_elsewhere_leaves_nothing_behind_and_a_change_that_moves
         unmoved().await?,
         before,
         "nothing rewritten where nothing moved"
+    );
+
+    // Deleting an ExternalCatalog removes what it wrote, as deleting a Service does; Consul's
+    // node goes once empty.
+    for name in ["consul", "etcd-plain", "zk-curator"] {
+        env.kube()?.kubectl(&["delete", "externalcatalog", name])?;
+    }
+    localenv::eventually(
+        "the deleted catalogs to hold nothing of ours",
+        WAIT,
+        || async {
+            let nodes = consul.nodes().await?;
+            let etcd_left = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/moved/"])?;
+            let zk_left = zk_children(&env, "/moved-curator/api_x")?;
+            if !nodes.iter().any(|n| n == "k8s-moved")
+                && etcd_left.trim().is_empty()
+                && zk_left.is_empty()
+            {
+                Ok(Some(()))
+            } else {
+                anyhow::bail!("consul nodes {nodes:?}; etcd {etcd_left:?}; zk {zk_left:?}")
+            }
+        },
+    )
+    .await
+    .with_context(|| cb.log())?;
+    assert!(consul.passing("api_x").await?.is_empty());
+    assert_eq!(
+        unmoved().await?,
+        before,
+        "the other catalogs keep their entries"
     );
     Ok(())
 }
