@@ -146,6 +146,26 @@ impl Metrics {
             .set(i64::from(up));
     }
 
+    /// Starts a catalog's counters at 0, so that `rate()` and `increase()` see its first failed
+    /// write or drift repair (a series that first appears at 1 shows no increase).
+    pub fn catalog_started(&self, catalog: &str) {
+        for (family, ops) in [
+            (&self.operations, ["put", "delete"]),
+            (&self.requests, ["read", "write"]),
+        ] {
+            for op in ops {
+                for result in ["ok", "error"] {
+                    drop(family.get_or_create(&OpLabels {
+                        catalog: catalog.into(),
+                        op: op.into(),
+                        result: result.into(),
+                    }));
+                }
+            }
+        }
+        drop(self.drift.get_or_create(&Self::catalog(catalog)));
+    }
+
     pub fn operations(&self, catalog: &str, op: &str, result: &str, n: u64) {
         if n > 0 {
             self.operations

@@ -205,6 +205,7 @@ impl Writer {
         gate: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
     ) -> (Writer, watch::Receiver<Report>) {
+        metrics.catalog_started(&cfg.catalog);
         let (report, report_rx) = watch::channel(Report {
             idle: true,
             ..Default::default()

@@ -155,5 +155,52 @@ async fn make_demo_prints_each_catalogs_answer_and_every_command_it_shows_works(
             .status();
         ensure!(status.is_success(), "{what} {address} answers {status}");
     }
+
+    // Every metric the README and the docs name is one the controller serves, once there is
+    // something to count: an export to a catalog that does not exist.
+    localenv::run_tool(Command::new("bash").arg("-c").arg(format!(
+        "shopt -s expand_aliases\n{setup}\n\
+         kubectl annotate service -n shop memcache catalog-bridge.io/export=etcd,nowhere --overwrite\n"
+    )))?;
+    let (_, metrics) = demo
+        .explore
+        .addresses
+        .iter()
+        .find(|(what, _)| what.starts_with("metrics"))
+        .context("the demo prints no metrics address")?;
+    let served = localenv::eventually(
+        "the invalid export to be counted",
+        std::time::Duration::from_secs(30),
+        || async {
+            let text = http.get(metrics).send().await?.text().await?;
+            Ok(text
+                .contains("catalog_bridge_invalid_exports{")
+                .then_some(text))
+        },
+    )
+    .await?;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut named = std::collections::BTreeSet::new();
+    for doc in ["README.md", "docs/architecture.md", "docs/operations.md"] {
+        let text = std::fs::read_to_string(format!("{root}/{doc}"))
+            .with_context(|| format!("reading {doc}"))?;
+        for (i, _) in text.match_indices("catalog_bridge_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            named.insert((doc, name));
+        }
+    }
+    ensure!(named.len() >= 9, "the docs name the metrics: {named:?}");
+    for (doc, name) in named {
+        // A counter's family is served as `x` (`# TYPE x counter`), its samples as `x_total`; a
+        // histogram's samples as `x_bucket`.
+        let family = name.trim_end_matches("_total").trim_end_matches("_bucket");
+        ensure!(
+            served.contains(&format!("# TYPE {family} ")),
+            "{doc} names {name}, which /metrics does not serve:\n{served}"
+        );
+    }
     Ok(())
 }
