@@ -171,6 +171,8 @@ fn production_values() -> Value {
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}],
         "extraArgs": ["--a-future-flag=1"],
+        "metricsBindAddress": "::",
+        "leaseDuration": 8,
     })
 }
 
@@ -332,19 +334,18 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
             "/services [] delete",
             "/services [] list",
             "/services [] patch",
-            "/services [] update",
             "/services [] watch",
             "catalog-bridge.io/externalcatalogs [] list",
             "catalog-bridge.io/externalcatalogs [] watch",
             "catalog-bridge.io/externalcatalogs/status [] patch",
             "catalog-bridge.io/externalregistrations [] list",
             "catalog-bridge.io/externalregistrations [] watch",
+            "catalog-bridge.io/externalregistrations/finalizers [] update",
             "catalog-bridge.io/externalregistrations/status [] patch",
             "discovery.k8s.io/endpointslices [] create",
             "discovery.k8s.io/endpointslices [] delete",
             "discovery.k8s.io/endpointslices [] list",
             "discovery.k8s.io/endpointslices [] patch",
-            "discovery.k8s.io/endpointslices [] update",
             "discovery.k8s.io/endpointslices [] watch",
             "events.k8s.io/events [] create",
             "events.k8s.io/events [] patch",
@@ -378,10 +379,13 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
     println!("production objects: {:?}", kinds(&objects));
     let deploy = find(&objects, "Deployment", "cb-catalog-bridge").context("no Deployment")?;
     let args = args_of(deploy);
-    assert!(
-        args.contains(&"--cluster-id=prod-eu-1".to_string()),
-        "{args:?}"
-    );
+    for arg in [
+        "--cluster-id=prod-eu-1",
+        "--metrics-addr=[::]:8080",
+        "--lease-duration=8",
+    ] {
+        assert!(args.contains(&arg.to_string()), "{arg} in {args:?}");
+    }
     assert_eq!(args.last().map(String::as_str), Some("--a-future-flag=1"));
     let pod = &deploy["spec"]["template"]["spec"];
     assert_eq!(
@@ -842,6 +846,11 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         out.contains("kubectl get xcat,xreg"),
         "NOTES.txt says how to look: {out}"
     );
+    assert!(
+        out.contains("This release declared the catalogs consul, etcd, zk")
+            && !out.contains("kind: ExternalCatalog"),
+        "NOTES.txt names the catalogs from values, and offers none to overwrite them: {out}"
+    );
     let installed = env.kube()?.kubectl(&[
         "get",
         "crd,xcat,deploy,sa,role,rolebinding,clusterrole,clusterrolebinding,svc,pdb",
@@ -1169,6 +1178,10 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     ensure!(
         !sa.can_i(&["get", "services", "-n", "shop"])?,
         "list and watch only"
+    );
+    ensure!(
+        !sa.can_i(&["update", "services", "-n", "shop"])?,
+        "imports are applied (patch), never replaced"
     );
 
     // No wildcard anywhere in what the ServiceAccount may do.

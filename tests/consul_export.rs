@@ -693,3 +693,139 @@ async fn acl_token_comes_from_a_secret_and_a_wrong_one_is_reported() -> Result<(
     println!("Secret fixed -> catalog writing after {:?}", t.elapsed());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retires() -> Result<()> {
+    const MANAGEMENT: &str = "0d9c4f7e-2b1a-4c3d-8e5f-6a7b8c9d0e1f";
+    let env = Env::builder()
+        .controller_manager()
+        .consul_with_acl(MANAGEMENT)
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    let consul_url = env.consul()?.url();
+    let http = localenv::http_client()?;
+    let as_admin = |method: reqwest::Method, path: &str, body: Value| {
+        http.request(method, format!("{consul_url}{path}"))
+            .header("X-Consul-Token", MANAGEMENT)
+            .json(&body)
+    };
+
+    // What the README asks of a Consul token: node:write on the synthetic node, service:write on
+    // the exported names, service:read and node:read for imports. Nothing else.
+    let rules = r#"
+        node "k8s-least" { policy = "write" }
+        service "api_x" { policy = "write" }
+        service "ledger" { policy = "read" }
+        node_prefix "" { policy = "read" }
+    "#;
+    as_admin(
+        reqwest::Method::PUT,
+        "/v1/acl/policy",
+        json!({"Name": "catalog-bridge", "Rules": rules}),
+    )
+    .send()
+    .await?
+    .error_for_status()
+    .context("creating the ACL policy")?;
+    let token: Value = as_admin(
+        reqwest::Method::PUT,
+        "/v1/acl/token",
+        json!({"Policies": [{"Name": "catalog-bridge"}]}),
+    )
+    .send()
+    .await?
+    .error_for_status()?
+    .json()
+    .await?;
+    let secret_id = token["SecretID"].as_str().context("token SecretID")?;
+    kubectl_apply(
+        &env,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "consul-token", "namespace": "default"},
+                "stringData": {"token": secret_id}}),
+    )?;
+    kubectl_apply(
+        &env,
+        &json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+                "metadata": {"name": "least"},
+                "spec": {"consul": {"addresses": [consul_url], "nodeName": "k8s-least",
+                         "tokenSecretRef": {"namespace": "default", "name": "consul-token", "key": "token"}}}}),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+
+    // Export.
+    deploy(
+        &client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", "least"),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await?;
+    let admin = support::ConsulView::with_token(consul_url.clone(), MANAGEMENT)?;
+    admin
+        .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
+    admin
+        .wait_passing("api_x", &["10.1.0.1:8080"], WAIT)
+        .await
+        .with_context(|| cb.log())?;
+
+    // Import: a service registered from outside, read with the same token.
+    as_admin(
+        reqwest::Method::PUT,
+        "/v1/catalog/register",
+        json!({"Node": "db-host", "Address": "10.9.0.5",
+               "Service": {"ID": "ledger-1", "Service": "ledger", "Port": 7000}}),
+    )
+    .send()
+    .await?
+    .error_for_status()?;
+    kubectl_apply(
+        &env,
+        &json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+                "metadata": {"name": "ledger", "namespace": "shop"},
+                "spec": {"catalogRef": {"name": "least"}, "direction": "Import",
+                         "externalName": "ledger", "target": {"ports": [{"name": "tcp", "port": 7000}]}}}),
+    )?;
+    localenv::eventually("ledger imported through the token", WAIT, || async {
+        let out = env.kube()?.kubectl(&[
+            "get",
+            "endpointslices",
+            "-n",
+            "shop",
+            "-l",
+            "kubernetes.io/service-name=ledger",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[*]}",
+        ])?;
+        Ok((out.trim() == "10.9.0.5").then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+
+    // Deleting the catalog removes the entries and then the node: deregistration too works
+    // with these rights.
+    env.kube()?
+        .kubectl(&["delete", "externalcatalog", "least"])?;
+    localenv::eventually("the node k8s-least to go", WAIT, || async {
+        let nodes = admin.nodes().await?;
+        Ok((!nodes.iter().any(|n| n == "k8s-least")).then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    let log = cb.log();
+    ensure!(
+        !log.contains("Permission denied") && !log.contains("ACL not found"),
+        "no request was refused:\n{log}"
+    );
+    Ok(())
+}

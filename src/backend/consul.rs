@@ -11,7 +11,7 @@
 //!              "Tags": [], "Meta": {"catalog-bridge-owner": "…", "external-source": "kubernetes",
 //!                                   "k8s-namespace": "shop", "k8s-service": "api-x"}},
 //!  "Check": {"CheckID": "<stable id>:ready", "Name": "Kubernetes readiness",
-//!            "Status": "passing", "ServiceID": "<stable id>"}}
+//!            "Status": "passing", "ServiceID": "<stable id>", "ServiceName": "api_x"}}
 //! ```
 //!
 //! Ownership is the service meta `catalog-bridge-owner`: services on the node without it (or
@@ -401,6 +401,9 @@ impl Consul {
                 "Name": CHECK_NAME,
                 "Status": "passing",
                 "ServiceID": id,
+                // Consul checks `service:write` on the check's service by this name: without
+                // it, a token allowed to write only the exported names is refused.
+                "ServiceName": instance.name,
             },
         })
     }
@@ -617,6 +620,7 @@ impl Consul {
                         "Name": pick("Name"),
                         "Status": pick("Status"),
                         "ServiceID": pick("ServiceID"),
+                        "ServiceName": pick("ServiceName"),
                     })
                 }
                 _ => Value::Null,
@@ -1537,7 +1541,7 @@ mod tests {
                              "k8s-service": "api-x"},
                 },
                 "Check": {"CheckID": format!("{id}:ready"), "Name": CHECK_NAME,
-                          "Status": "passing", "ServiceID": id},
+                          "Status": "passing", "ServiceID": id, "ServiceName": "api_x"},
             })
         );
         assert_eq!(c.describe(), "consul http://127.0.0.1:8500 node k8s-c1");
@@ -1630,7 +1634,8 @@ mod tests {
         });
         let check = |id: &str, status: &str| {
             json!({"Node": "k8s-c1", "CheckID": format!("{id}:ready"), "Name": CHECK_NAME,
-                   "Status": status, "ServiceID": id, "Output": "", "ServiceTags": []})
+                   "Status": status, "ServiceID": id, "ServiceName": "api_x", "Output": "",
+                   "ServiceTags": []})
         };
         let checks = json!([
             check(&i.stable_id(), "passing"),

@@ -58,6 +58,9 @@ impl Kube {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--disable-admission-plugins=ServiceAccount")
+            // As OpenShift and hardened clusters run: an ownerReference that blocks its owner's
+            // deletion needs `update` on the owner's finalizers.
+            .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
             .arg("--authorization-mode=RBAC")
             .arg(format!("--token-auth-file={}", tokens.display()))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
