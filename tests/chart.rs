@@ -340,7 +340,6 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
             "catalog-bridge.io/externalcatalogs/status [] patch",
             "catalog-bridge.io/externalregistrations [] list",
             "catalog-bridge.io/externalregistrations [] watch",
-            "catalog-bridge.io/externalregistrations/finalizers [] update",
             "catalog-bridge.io/externalregistrations/status [] patch",
             "discovery.k8s.io/endpointslices [] create",
             "discovery.k8s.io/endpointslices [] delete",

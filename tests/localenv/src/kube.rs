@@ -58,8 +58,9 @@ impl Kube {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--disable-admission-plugins=ServiceAccount")
-            // As OpenShift and hardened clusters run: an ownerReference that blocks its owner's
-            // deletion needs `update` on the owner's finalizers.
+            // As OpenShift and hardened clusters run: setting an ownerReference needs `delete`
+            // on the object (imports own their Services and EndpointSlices by registration,
+            // without blockOwnerDeletion, which would need `update` on its finalizers).
             .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
             .arg("--authorization-mode=RBAC")
             .arg(format!("--token-auth-file={}", tokens.display()))
