@@ -342,6 +342,7 @@ impl Writers {
                 continue;
             };
             info!(catalog = %name, "ExternalCatalog deleted: removing its entries");
+            self.metrics.forget_catalog(&name);
             let retiring: writer::Retiring = Arc::new(std::sync::Mutex::new(left));
             let drain = writer::drain(
                 name.clone(),

@@ -236,6 +236,15 @@ impl Metrics {
 
     /// Entries import `namespace/registration` skipped in `catalog`.
     /// Forgets the skipped-entries gauge of a registration that is gone.
+    /// Drops the gauges of a deleted catalog (its counters stay, as counters do).
+    pub fn forget_catalog(&self, catalog: &str) {
+        self.catalog_up.remove(&Self::catalog(catalog));
+        self.entries.remove(&EntriesLabels {
+            catalog: catalog.into(),
+            direction: "export".into(),
+        });
+    }
+
     pub fn forget_import(&self, catalog: &str, namespace: &str, registration: &str) {
         self.import_skipped.remove(&RegistrationLabels {
             catalog: catalog.into(),
