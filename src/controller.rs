@@ -169,7 +169,10 @@ impl Running {
         let mut retiring =
             std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|e| e.into_inner()));
         retiring.push(self.backend.clone());
-        Some((retiring, self.task.take()?))
+        let task = self.task.take()?;
+        // Stopped now, so that it writes nothing more while its successor is being built.
+        task.abort();
+        Some((retiring, task))
     }
 }
 
@@ -179,6 +182,8 @@ struct Broken {
     kind: &'static str,
     problem: Problem,
     retry_at: Instant,
+    /// What the writer before it left to remove, for the next writer or the drain.
+    handover: Option<Handover>,
 }
 
 /// Starts and stops writers as ExternalCatalogs come and go, and hands them desired state.
@@ -222,6 +227,7 @@ impl Writers {
             self.secrets_checked = Instant::now();
         }
         let mut seen = Vec::new();
+        let mut rebuild = std::collections::HashSet::new();
         for cat in catalogs {
             let Some(name) = cat.metadata.name.clone() else {
                 continue;
@@ -236,11 +242,12 @@ impl Writers {
                 let now = crate::catalogs::credentials(&self.client, cat).await.ok();
                 if now.is_some_and(|c| c != r.credentials) {
                     info!(catalog = %name, "a referenced Secret changed; rebuilding the catalog writer");
-                    self.running.remove(&name);
+                    rebuild.insert(name.clone());
                 }
             }
             if let Some(r) = self.running.get(&name)
                 && r.fingerprint == fingerprint
+                && !rebuild.contains(&name)
             {
                 r.desired.send_if_modified(|snap| {
                     if snap.catalog == wanted {
@@ -263,13 +270,19 @@ impl Writers {
             // A changed spec may move the catalog elsewhere: the new writer removes what the
             // old one wrote there first (a changed Secret alone moves nothing).
             // So does a catalog deleted and created again while its entries were being removed.
+            // A catalog that could not be built kept what its writer before left.
             let previous = match self.running.remove(&name) {
                 Some(r) => r.hand_over(),
-                None => self.draining.remove(&name).map(|d| {
-                    let left =
-                        std::mem::take(&mut *d.retiring.lock().unwrap_or_else(|e| e.into_inner()));
-                    (left, d.task)
-                }),
+                None => match self.draining.remove(&name) {
+                    Some(d) => {
+                        let left = std::mem::take(
+                            &mut *d.retiring.lock().unwrap_or_else(|e| e.into_inner()),
+                        );
+                        d.task.abort();
+                        Some((left, d.task))
+                    }
+                    None => self.broken.remove(&name).and_then(|b| b.handover),
+                },
             };
             let kind = crate::catalogs::kind(cat);
             let credentials = crate::catalogs::credentials(&self.client, cat).await;
@@ -314,9 +327,6 @@ impl Writers {
                     );
                 }
                 Err(problem) => {
-                    if let Some((_, task)) = previous {
-                        task.abort();
-                    }
                     warn!(catalog = %name, reason = problem.reason, error = %problem.message, "catalog cannot be used");
                     self.broken.insert(
                         name.clone(),
@@ -325,6 +335,7 @@ impl Writers {
                             kind,
                             problem,
                             retry_at: Instant::now() + Duration::from_secs(10),
+                            handover: previous,
                         },
                     );
                 }
@@ -337,8 +348,18 @@ impl Writers {
             .filter(|n| !seen.contains(n))
             .cloned()
             .collect();
-        for name in deleted {
-            let Some((left, task)) = self.running.remove(&name).and_then(Running::hand_over) else {
+        let broken_deleted: Vec<String> = self
+            .broken
+            .keys()
+            .filter(|n| !seen.contains(n))
+            .cloned()
+            .collect();
+        for name in deleted.into_iter().chain(broken_deleted) {
+            let handover = match self.running.remove(&name) {
+                Some(r) => r.hand_over(),
+                None => self.broken.remove(&name).and_then(|b| b.handover),
+            };
+            let Some((left, task)) = handover else {
                 continue;
             };
             info!(catalog = %name, "ExternalCatalog deleted: removing its entries");

@@ -256,8 +256,13 @@ impl Writer {
             // Leadership and synced caches first: before that, nothing is read or written.
             if !*self.gate.borrow_and_update() {
                 if led {
-                    // Was leading: hand liveness over (a ZooKeeper session to re-attach to).
+                    // Was leading: hand liveness over (a ZooKeeper session to re-attach to),
+                    // the previous configurations' too; their patience starts again.
                     self.backend.release().await;
+                    if let Some(p) = self.previous.as_mut() {
+                        p.give_up_at = None;
+                        release_all(&p.retiring).await;
+                    }
                     led = false;
                 }
                 self.current = None;
@@ -395,13 +400,30 @@ impl Writer {
             // Aborted in `after`: this waits until it has really stopped.
             let _ = task.await;
         }
-        let give_up_at = *prev
-            .give_up_at
-            .get_or_insert(Instant::now() + RETIRE_PATIENCE);
         let retiring = prev.retiring.clone();
+        if first(&retiring).is_none() {
+            self.previous = None;
+            return true;
+        }
+        // Where this writer writes; while that is unknown (the new servers do not answer),
+        // nothing is retired and the patience for the old ones does not run.
+        let is = match self.backend.location().await {
+            Ok(is) => is,
+            Err(e) => {
+                self.failed(&e);
+                return false;
+            }
+        };
         while let Some(old) = first(&retiring) {
-            let result = self.retire(old.as_ref()).await;
+            let result = self.retire(old.as_ref(), &is).await;
             if let Err(e) = &result {
+                let Some(p) = self.previous.as_mut() else {
+                    return true;
+                };
+                let give_up_at = *p.give_up_at.get_or_insert(Instant::now() + RETIRE_PATIENCE);
+                // Whatever the old backend attached to (a ZooKeeper session) is let go between
+                // attempts: the next leader may need it.
+                old.release().await;
                 if Instant::now() < give_up_at {
                     self.failed(e);
                     return false;
@@ -410,15 +432,17 @@ impl Writer {
             }
             old.release().await;
             done(&retiring, &old);
+            if let Some(p) = self.previous.as_mut() {
+                p.give_up_at = None;
+            }
         }
         self.previous = None;
         true
     }
 
-    /// Removes what `old` owns, if it writes somewhere else than this writer.
-    async fn retire(&self, old: &dyn Backend) -> Result<(), BackendError> {
+    /// Removes what `old` owns, if it writes somewhere else than this writer (at `is`).
+    async fn retire(&self, old: &dyn Backend, is: &str) -> Result<(), BackendError> {
         let was = old.location().await?;
-        let is = self.backend.location().await?;
         if was == is {
             return Ok(());
         }
@@ -570,6 +594,8 @@ pub async fn drain(
     let mut give_up_at: Option<Instant> = None;
     while let Some(old) = first(&retiring) {
         if !*gate.borrow_and_update() {
+            // Not leading: the patience starts again when this replica leads.
+            give_up_at = None;
             if gate.changed().await.is_err() {
                 return;
             }
@@ -581,7 +607,11 @@ pub async fn drain(
             Ok(()) => {}
             Err(e) if Instant::now() < deadline => {
                 warn!(catalog = %catalog, error = %e, reason = e.reason(), "removing the entries of a deleted ExternalCatalog failed; retrying");
-                tokio::time::sleep(backoff).await;
+                old.release().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    r = gate.changed() => if r.is_err() { return },
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
@@ -591,6 +621,15 @@ pub async fn drain(
         }
         old.release().await;
         done(&retiring, &old);
+        give_up_at = None;
+    }
+}
+
+/// Lets go of what every backend in `retiring` attached to.
+async fn release_all(retiring: &Retiring) {
+    let list: Vec<Arc<dyn Backend>> = retiring.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for b in list {
+        b.release().await;
     }
 }
 

@@ -368,9 +368,29 @@ async fn a_catalog_moved_elsewhere_or_deleted_leaves_nothing_behind_and_a_change
 
     // The etcd lease and the ZooKeeper session stay this catalog's, so nothing left at the old
     // location would ever expire: it has to be removed.
+    // Consul's move goes through a spec that cannot be used at first (its token Secret does
+    // not exist yet): what is left to remove waits for the writer that can.
+    let mut moved = consul_catalog("consul", &[env.consul()?.url()], "k8s-moved");
+    moved["spec"]["consul"]["tokenSecretRef"] =
+        json!({"namespace": "default", "name": "consul-token", "key": "token"});
+    kubectl_apply(&env, &moved)?;
+    localenv::eventually("the consul catalog to miss its Secret", WAIT, || async {
+        let reason = env.kube()?.kubectl(&[
+            "get",
+            "xcat",
+            "consul",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+        ])?;
+        Ok((reason == "SecretNotFound").then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
     kubectl_apply(
         &env,
-        &consul_catalog("consul", &[env.consul()?.url()], "k8s-moved"),
+        &json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "consul-token", "namespace": "default"},
+                "stringData": {"token": "unused-without-acls"}}),
     )?;
     kubectl_apply(
         &env,

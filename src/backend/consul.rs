@@ -1304,14 +1304,30 @@ impl Backend for Consul {
 
     async fn location(&self) -> Result<String, BackendError> {
         let dc = match &self.datacenter {
-            Some(dc) => Some(dc.clone()),
-            None => self.probe().await?.datacenter,
+            Some(dc) => dc.clone(),
+            None => match self.probe().await?.datacenter {
+                Some(dc) => dc,
+                // Without `agent:read`: the agent's own datacenter comes first in the list
+                // (sorted by round-trip time), which needs no ACL.
+                None => self
+                    .get_json(
+                        "GET /v1/catalog/datacenters",
+                        &["catalog", "datacenters"],
+                        &[],
+                    )
+                    .await?
+                    .1
+                    .get(0)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        BackendError::Protocol(
+                            "GET /v1/catalog/datacenters named no datacenter".into(),
+                        )
+                    })?,
+            },
         };
-        Ok(format!(
-            "consul datacenter {} node {}",
-            dc.as_deref().unwrap_or("(the agent's)"),
-            self.node
-        ))
+        Ok(format!("consul datacenter {dc} node {}", self.node))
     }
 
     /// Blocking queries on `/v1/health/service/<name>?passing` (see [`next_index`] for how the

@@ -45,6 +45,15 @@ impl Consul {
         acl_token: Option<&str>,
         tls: Option<&TlsFiles>,
     ) -> Result<Consul> {
+        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, acl_token, tls)).await
+    }
+
+    async fn start_once(
+        dir: &Path,
+        name: &str,
+        acl_token: Option<&str>,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Consul> {
         let http_port = free_port()?;
         let node = format!("{name}-{http_port}");
         let mut spec = Spec::new(name, programs::consul()?, dir).args([

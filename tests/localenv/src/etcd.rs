@@ -35,7 +35,13 @@ impl Etcd {
     /// certificate, and each must present a certificate signed by the set's CA
     /// (`--client-cert-auth`). Peer traffic stays plain.
     pub async fn start_with(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<Etcd> {
+        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, tls)).await
+    }
+
+    async fn start_once(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<Etcd> {
         let data = dir.join(name);
+        // A first start: nothing of a try that lost its port stays (its member's URLs).
+        let _ = std::fs::remove_dir_all(data.join("data"));
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let client_port = free_port()?;
         let peer_port = free_port()?;

@@ -6,6 +6,33 @@ use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
 
+/// Runs `start` (which takes its ports from [`free_port`]) up to three times while it fails
+/// because a port was taken between [`free_port`] and the peer's bind: any process's outgoing
+/// connection may get that port from the same ephemeral range. Other failures end it at once.
+pub async fn retry_if_port_taken<T, F, Fut>(mut start: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match start().await {
+            Err(e)
+                if tries < 2
+                    && format!("{e:#}")
+                        .to_lowercase()
+                        .contains("address already in use") =>
+            {
+                tries += 1;
+                eprintln!(
+                    "a port was taken before the peer bound it; starting again with new ports"
+                );
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before.
 pub fn free_port() -> Result<u16> {
     static TAKEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
@@ -19,4 +46,44 @@ pub fn free_port() -> Result<u16> {
         }
     }
     bail!("no free loopback port found in 100 tries")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_start_that_lost_its_port_is_tried_again_and_nothing_else_is() {
+        let mut calls = 0;
+        let got = retry_if_port_taken(|| {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    bail!("consul exited\n--- log ---\nbind: Address already in use")
+                }
+                Ok(n)
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(3));
+
+        let mut calls = 0;
+        let got: Result<()> = retry_if_port_taken(|| {
+            calls += 1;
+            async { bail!("etcd exited: permission denied") }
+        })
+        .await;
+        assert!(got.is_err());
+        assert_eq!(calls, 1, "other failures are not retried");
+
+        let mut calls = 0;
+        let got: Result<()> = retry_if_port_taken(|| {
+            calls += 1;
+            async { bail!("address already in use") }
+        })
+        .await;
+        assert!(got.is_err());
+        assert_eq!(calls, 3, "three tries at most");
+    }
 }

@@ -32,6 +32,10 @@ impl ZooKeeper {
     /// [`ZooKeeper::start`], with a TLS port as well when `tls` is given: the server
     /// certificate of the set, and client certificates of its CA required.
     pub async fn start_with(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<ZooKeeper> {
+        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, tls)).await
+    }
+
+    async fn start_once(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<ZooKeeper> {
         let data = dir.join(name);
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let port = free_port()?;
