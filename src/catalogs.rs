@@ -160,6 +160,7 @@ pub fn build(
             owner: owner.to_string(),
             session_store,
             session_path_budget: crate::backend::zookeeper::DEFAULT_SESSION_PATH_BUDGET,
+            read_only: ctx.read_only,
             tls: z.tls.as_ref().map(|_| TlsSettings {
                 ca_pem: credentials.ca_pem,
                 client_cert: credentials.client_cert,

@@ -746,11 +746,6 @@ async fn cleanup_removes_every_entry_of_this_owner_after_an_uninstall() -> Resul
     wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
         .await
         .with_context(|| cb.log())?;
-    // Uninstalled: the controller is gone, its entries stay (the lease and the session live on).
-    cb.process.stop()?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"]).await?;
-
     let run = |args: &[&str]| {
         localenv::run_tool(
             std::process::Command::new(support::controller_bin()?)
@@ -759,6 +754,40 @@ async fn cleanup_removes_every_entry_of_this_owner_after_an_uninstall() -> Resul
                 .args(args),
         )
     };
+    // A dry run while the controller still runs counts its ZooKeeper nodes by the session it
+    // keeps in its Secret, without attaching to that session (which would take it from the
+    // controller): nothing written, nothing moved.
+    let before = fingerprints(&env).await?;
+    for catalog in ["zk-plain", "zk-curator", "etcd-naming"] {
+        let dry = run(&[
+            "--catalog",
+            catalog,
+            "--cluster-id",
+            "cluster-a",
+            "--dry-run",
+        ])?;
+        assert!(
+            dry.starts_with(&format!("2 entries of owner cluster-a in {catalog}")),
+            "{dry}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        fingerprints(&env).await?,
+        before,
+        "a dry run changes nothing"
+    );
+    ensure!(
+        !cb.log().contains("gave the session up"),
+        "the controller kept its ZooKeeper session:\n{}",
+        cb.log()
+    );
+
+    // Uninstalled: the controller is gone, its entries stay (the lease and the session live on).
+    cb.process.stop()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"]).await?;
+
     let dry = run(&[
         "--catalog",
         "etcd-plain",

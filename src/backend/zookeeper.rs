@@ -186,6 +186,10 @@ pub struct ZooKeeperConfig {
     /// Bytes of entry paths one session may own before the catalog warns; default
     /// [`DEFAULT_SESSION_PATH_BUDGET`].
     pub session_path_budget: usize,
+    /// Reads only (`--dry-run`, `cleanup --dry-run`): never attaches to the stored session
+    /// (which would take it from the writing leader) nor stores one; owns what the stored
+    /// session's ephemeral nodes hold, read through a session of its own; writes nothing.
+    pub read_only: bool,
 }
 
 impl Default for ZooKeeperConfig {
@@ -200,6 +204,7 @@ impl Default for ZooKeeperConfig {
             session_store: Arc::new(MemorySessionStore::default()),
             tls: None,
             session_path_budget: DEFAULT_SESSION_PATH_BUDGET,
+            read_only: false,
         }
     }
 }
@@ -417,6 +422,8 @@ enum Slot {
 }
 
 struct Inner {
+    /// [`ZooKeeperConfig::read_only`].
+    read_only: bool,
     connect: String,
     upstreams: Vec<Upstream>,
     /// TLS to the servers, spoken by the session relay.
@@ -652,7 +659,7 @@ impl Inner {
             Slot::Lost(s) => (Some(s.clone()), true),
             // Released, or never used: only a caller brings it back.
             Slot::Empty if background => return Ok(None),
-            Slot::Empty if self.has_owner() => (
+            Slot::Empty if self.has_owner() && !self.read_only => (
                 self.store.load().await.map_err(|e| {
                     BackendError::Rejected(format!(
                         "loading the stored ZooKeeper session for {}: {e:#}",
@@ -684,7 +691,11 @@ impl Inner {
         let fresh = attached.is_none();
         let conn = match attached {
             Some(c) => c,
-            None => match self.connect(None, self.has_owner()).await {
+            // A read-only session is its own: closed when dropped.
+            None => match self
+                .connect(None, self.has_owner() && !self.read_only)
+                .await
+            {
                 Ok(c) => c,
                 Err(ConnectError::Expired) => {
                     return Err(BackendError::Protocol(format!(
@@ -735,7 +746,7 @@ impl Inner {
     /// Stores the session when it is not stored yet; a failure is logged and retried on the
     /// next call (without it, a restart cannot re-attach and re-creates the entries).
     async fn save(&self, conn: &Conn) {
-        if !self.has_owner() || conn.saved.load(Ordering::SeqCst) {
+        if !self.has_owner() || self.read_only || conn.saved.load(Ordering::SeqCst) {
             return;
         }
         match self.store.save(&conn.session).await {
@@ -926,6 +937,7 @@ impl ZooKeeper {
         let (invalidated, _) = watch::channel(0);
         Ok(ZooKeeper {
             inner: Arc::new(Inner {
+                read_only: cfg.read_only,
                 connect: cfg.connect.trim().to_string(),
                 upstreams,
                 tls,
@@ -2062,7 +2074,20 @@ impl Backend for ZooKeeper {
         self.require_owner()?;
         let conn = self.inner.conn().await?;
         let client = &conn.client;
-        let me = conn.session.id;
+        let me = if self.inner.read_only {
+            // The writer's session, recognised, not attached to.
+            match self.inner.store.load().await {
+                Ok(Some(s)) => s.id,
+                Ok(None) => return Ok(BTreeMap::new()),
+                Err(e) => {
+                    return Err(BackendError::Rejected(format!(
+                        "loading the stored ZooKeeper session: {e:#}"
+                    )));
+                }
+            }
+        } else {
+            conn.session.id
+        };
         let root = &self.inner.root;
         let err = |what: &str, e: &zk::Error| self.inner.error(what, e, Some(&conn.proxy));
         let names = match client.list_children(root).await {
@@ -2136,6 +2161,12 @@ impl Backend for ZooKeeper {
             return Ok(0);
         }
         self.require_owner()?;
+        if self.inner.read_only {
+            return Err(BackendError::Rejected(format!(
+                "{} operation(s) not written: this ZooKeeper client is read only",
+                ops.len()
+            )));
+        }
         let conn = self.inner.conn().await?;
         let writes = self.writes(&conn, ops).await?;
         let known = self.inner.lock_cache().parents.clone();
