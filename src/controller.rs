@@ -166,8 +166,7 @@ impl Running {
     /// Stops being this catalog's writer: the backends whose entries are still to be removed
     /// (this one last) and the task to stop, for what comes next.
     fn hand_over(mut self) -> Option<Handover> {
-        let mut retiring =
-            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut retiring = writer::take_all(&self.retiring);
         retiring.push(self.backend.clone());
         let task = self.task.take()?;
         // Stopped now, so that it writes nothing more while its successor is being built.
@@ -271,19 +270,7 @@ impl Writers {
             // old one wrote there first (a changed Secret alone moves nothing).
             // So does a catalog deleted and created again while its entries were being removed.
             // A catalog that could not be built kept what its writer before left.
-            let previous = match self.running.remove(&name) {
-                Some(r) => r.hand_over(),
-                None => match self.draining.remove(&name) {
-                    Some(d) => {
-                        let left = std::mem::take(
-                            &mut *d.retiring.lock().unwrap_or_else(|e| e.into_inner()),
-                        );
-                        d.task.abort();
-                        Some((left, d.task))
-                    }
-                    None => self.broken.remove(&name).and_then(|b| b.handover),
-                },
-            };
+            let previous = self.take_handover(&name);
             let kind = crate::catalogs::kind(cat);
             let credentials = crate::catalogs::credentials(&self.client, cat).await;
             let built = credentials
@@ -309,7 +296,10 @@ impl Writers {
                     );
                     let retiring = writer::Retiring::default();
                     if let Some((old, task)) = previous {
-                        *retiring.lock().unwrap_or_else(|e| e.into_inner()) = old;
+                        retiring
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend(old);
                         w = w.after(retiring.clone(), task);
                     }
                     self.running.insert(
@@ -342,24 +332,13 @@ impl Writers {
             }
         }
         // A deleted catalog: its entries go (SPEC §6.5, as for a deleted Service).
-        let deleted: Vec<String> = self
-            .running
-            .keys()
+        let deleted: Vec<String> = (self.running.keys())
+            .chain(self.broken.keys())
             .filter(|n| !seen.contains(n))
             .cloned()
             .collect();
-        let broken_deleted: Vec<String> = self
-            .broken
-            .keys()
-            .filter(|n| !seen.contains(n))
-            .cloned()
-            .collect();
-        for name in deleted.into_iter().chain(broken_deleted) {
-            let handover = match self.running.remove(&name) {
-                Some(r) => r.hand_over(),
-                None => self.broken.remove(&name).and_then(|b| b.handover),
-            };
-            let Some((left, task)) = handover else {
+        for name in deleted {
+            let Some((left, task)) = self.take_handover(&name) else {
                 continue;
             };
             info!(catalog = %name, "ExternalCatalog deleted: removing its entries");
@@ -383,6 +362,20 @@ impl Writers {
         }
         self.draining.retain(|_, d| !d.task.is_finished());
         self.broken.retain(|n, _| seen.contains(n));
+    }
+
+    /// What catalog `name`'s writer leaves to the next one, whichever state it is in:
+    /// running, draining (a deleted catalog), or broken (keeping what the writer before left).
+    fn take_handover(&mut self, name: &str) -> Option<Handover> {
+        if let Some(r) = self.running.remove(name) {
+            return r.hand_over();
+        }
+        if let Some(d) = self.draining.remove(name) {
+            let left = writer::take_all(&d.retiring);
+            d.task.abort();
+            return Some((left, d.task));
+        }
+        self.broken.remove(name).and_then(|b| b.handover)
     }
 
     fn views(&self) -> BTreeMap<String, CatalogView> {

@@ -401,6 +401,7 @@ impl Writer {
             let _ = task.await;
         }
         let retiring = prev.retiring.clone();
+        let mut give_up_at = prev.give_up_at;
         if first(&retiring).is_none() {
             self.previous = None;
             return true;
@@ -414,27 +415,18 @@ impl Writer {
                 return false;
             }
         };
-        while let Some(old) = first(&retiring) {
-            let result = self.retire(old.as_ref(), &is).await;
-            if let Err(e) = &result {
-                let Some(p) = self.previous.as_mut() else {
-                    return true;
-                };
-                let give_up_at = *p.give_up_at.get_or_insert(Instant::now() + RETIRE_PATIENCE);
-                // Whatever the old backend attached to (a ZooKeeper session) is let go between
-                // attempts: the next leader may need it.
-                old.release().await;
-                if Instant::now() < give_up_at {
-                    self.failed(e);
-                    return false;
-                }
-                warn!(catalog = %self.cfg.catalog, error = %e, from = %old.describe(), "giving up removing the entries at the catalog's previous location; `catalog-bridge cleanup --catalog` on an ExternalCatalog with the previous spec removes them");
-            }
-            old.release().await;
-            done(&retiring, &old);
+        let this = &*self;
+        let result = work_through(&retiring, &mut give_up_at, &this.cfg.catalog, |old| {
+            let is = &is;
+            async move { this.retire(old.as_ref(), is).await }
+        })
+        .await;
+        if let Err(e) = result {
             if let Some(p) = self.previous.as_mut() {
-                p.give_up_at = None;
+                p.give_up_at = give_up_at;
             }
+            self.failed(&e);
+            return false;
         }
         self.previous = None;
         true
@@ -592,7 +584,8 @@ pub async fn drain(
     let _ = stopped.await;
     let mut backoff = Duration::from_millis(200);
     let mut give_up_at: Option<Instant> = None;
-    while let Some(old) = first(&retiring) {
+    let why = "the ExternalCatalog was deleted";
+    loop {
         if !*gate.borrow_and_update() {
             // Not leading: the patience starts again when this replica leads.
             give_up_at = None;
@@ -601,28 +594,50 @@ pub async fn drain(
             }
             continue;
         }
-        let deadline = *give_up_at.get_or_insert(Instant::now() + RETIRE_PATIENCE);
-        let why = "the ExternalCatalog was deleted";
-        match remove_all(old.as_ref(), &catalog, why, &metrics, dry_run).await {
-            Ok(()) => {}
-            Err(e) if Instant::now() < deadline => {
-                warn!(catalog = %catalog, error = %e, reason = e.reason(), "removing the entries of a deleted ExternalCatalog failed; retrying");
-                old.release().await;
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    r = gate.changed() => if r.is_err() { return },
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
+        let removed = work_through(&retiring, &mut give_up_at, &catalog, |old| {
+            let (catalog, metrics) = (&catalog, &metrics);
+            async move { remove_all(old.as_ref(), catalog, why, metrics, dry_run).await }
+        })
+        .await;
+        let Err(e) = removed else {
+            return;
+        };
+        warn!(catalog = %catalog, error = %e, reason = e.reason(), "removing the entries of a deleted ExternalCatalog failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            r = gate.changed() => if r.is_err() { return },
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Works through `retiring`, oldest first: `remove` what each backend owns, let go of what
+/// it attached to (a ZooKeeper session), take it off the list. A failure ends the pass (to be
+/// tried again) until [`RETIRE_PATIENCE`] after the first failure of that backend; then that
+/// backend is given up on, with a warning.
+async fn work_through<F, Fut>(
+    retiring: &Retiring,
+    give_up_at: &mut Option<Instant>,
+    catalog: &str,
+    mut remove: F,
+) -> Result<(), BackendError>
+where
+    F: FnMut(Arc<dyn Backend>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), BackendError>>,
+{
+    while let Some(old) = first(retiring) {
+        if let Err(e) = remove(old.clone()).await {
+            old.release().await;
+            if Instant::now() < *give_up_at.get_or_insert(Instant::now() + RETIRE_PATIENCE) {
+                return Err(e);
             }
-            Err(e) => {
-                warn!(catalog = %catalog, error = %e, at = %old.describe(), "giving up removing the entries of a deleted ExternalCatalog; re-create it and run `catalog-bridge cleanup --catalog` to remove them");
-            }
+            warn!(catalog = %catalog, error = %e, at = %old.describe(), "giving up removing this catalog's entries there; `catalog-bridge cleanup --catalog` on an ExternalCatalog with that spec removes them");
         }
         old.release().await;
-        done(&retiring, &old);
-        give_up_at = None;
+        done(retiring, &old);
+        *give_up_at = None;
     }
+    Ok(())
 }
 
 /// Lets go of what every backend in `retiring` attached to.
@@ -631,6 +646,11 @@ async fn release_all(retiring: &Retiring) {
     for b in list {
         b.release().await;
     }
+}
+
+/// Empties `retiring`, returning what it held (for the writer that takes over).
+pub fn take_all(retiring: &Retiring) -> Vec<Arc<dyn Backend>> {
+    std::mem::take(&mut *retiring.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// The oldest backend still to retire.
