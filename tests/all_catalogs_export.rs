@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use localenv::{Env, workload};
 use serde_json::{Value, json};
-use support::{ConsulView, Controller, annotations, consul_catalog, deploy, kubectl_apply};
+use support::{
+    ConsulView, Controller, annotations, catalog_condition, consul_catalog,
+    consul_catalog_with_token, deploy, deploy_api_x, kubectl_apply,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 const CATALOGS: &str = "consul,etcd-plain,etcd-naming,etcd-coredns,zk-plain,zk-curator";
@@ -160,19 +163,9 @@ async fn wait_everywhere(env: &Env, want: &[&str]) -> Result<()> {
 async fn one_service_in_every_catalog_and_layout_follows_readiness() -> Result<()> {
     let (env, client) = setup(15, 10).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", CATALOGS),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await
-    .with_context(|| cb.log())?;
+    deploy_api_x(&client, CATALOGS)
+        .await
+        .with_context(|| cb.log())?;
     wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
         .await
         .with_context(|| cb.log())?;
@@ -270,18 +263,7 @@ async fn a_restart_or_handoff_keeps_every_entry_and_rewrites_none() -> Result<()
     let (env, client) = setup(15, 10).await?;
     let args = ["--drift-interval=1s"];
     let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", CATALOGS),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, CATALOGS).await?;
     wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
         .await
         .with_context(|| a.log())?;
@@ -335,18 +317,7 @@ async fn a_catalog_moved_elsewhere_or_deleted_leaves_nothing_behind_and_a_change
 -> Result<()> {
     let (env, client) = setup(15, 10).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", CATALOGS),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, CATALOGS).await?;
     let both = ["10.1.0.1:8080", "10.1.0.2:8080"];
     wait_everywhere(&env, &both)
         .await
@@ -370,22 +341,20 @@ async fn a_catalog_moved_elsewhere_or_deleted_leaves_nothing_behind_and_a_change
     // location would ever expire: it has to be removed.
     // Consul's move goes through a spec that cannot be used at first (its token Secret does
     // not exist yet): what is left to remove waits for the writer that can.
-    let mut moved = consul_catalog("consul", &[env.consul()?.url()], "k8s-moved");
-    moved["spec"]["consul"]["tokenSecretRef"] =
-        json!({"namespace": "default", "name": "consul-token", "key": "token"});
-    kubectl_apply(&env, &moved)?;
-    localenv::eventually("the consul catalog to miss its Secret", WAIT, || async {
-        let reason = env.kube()?.kubectl(&[
-            "get",
-            "xcat",
+    kubectl_apply(
+        &env,
+        &consul_catalog_with_token(
             "consul",
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
-        ])?;
-        Ok((reason == "SecretNotFound").then_some(()))
-    })
-    .await
-    .with_context(|| cb.log())?;
+            &[env.consul()?.url()],
+            "k8s-moved",
+            "default",
+            "consul-token",
+        ),
+    )?;
+    let missing = catalog_condition(&client, "consul", "Ready", "False")
+        .await
+        .with_context(|| cb.log())?;
+    assert_eq!(missing.reason, "SecretNotFound", "{missing:?}");
     kubectl_apply(
         &env,
         &json!({"apiVersion": "v1", "kind": "Secret",
@@ -576,18 +545,7 @@ async fn a_dead_controller_entries_expire_with_its_lease_and_session() -> Result
 async fn catalog_restarts_are_survived_and_repaired() -> Result<()> {
     let (env, client) = setup(5, 4).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", CATALOGS),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, CATALOGS).await?;
     let both = ["10.1.0.1:8080", "10.1.0.2:8080"];
     wait_everywhere(&env, &both)
         .await
@@ -650,21 +608,7 @@ async fn foreign_entries_survive_and_removing_the_export_removes_exactly_ours() 
         &[&zk],
     )?;
     let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            (
-                "catalog-bridge.io/export",
-                "etcd-plain,etcd-naming,zk-plain",
-            ),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, "etcd-plain,etcd-naming,zk-plain").await?;
     let check = |want: &'static [&'static str]| {
         let env = &env;
         async move {
@@ -731,18 +675,7 @@ async fn foreign_entries_survive_and_removing_the_export_removes_exactly_ours() 
 async fn cleanup_removes_every_entry_of_this_owner_after_an_uninstall() -> Result<()> {
     let (env, client) = setup(30, 30).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", CATALOGS),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, CATALOGS).await?;
     wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
         .await
         .with_context(|| cb.log())?;
@@ -886,18 +819,7 @@ async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_fr
         &catalog("zk", json!({"zookeeper": {"connect": secure, "tls": refs}})),
     )?;
     let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", "consul,etcd,zk"),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, "consul,etcd,zk").await?;
 
     // Each catalog's own reader: Consul over HTTPS, etcdctl with the certificates, kazoo on
     // ZooKeeper's plain port.

@@ -18,7 +18,9 @@ use kube::Api;
 use localenv::Env;
 use localenv::process::{Process, Spec};
 use serde_json::{Value, json};
-use support::{ConsulView, annotations, deploy, kubectl_apply};
+use support::{
+    ConsulView, annotations, consul_catalog_with_token, deploy, deploy_api_x, kubectl_apply,
+};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/catalog-bridge");
 const CHART_CRDS: &str = concat!(
@@ -927,18 +929,7 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     assert_eq!(holder, pod_name, "the chart's Lease, held by this replica");
 
     // Export by annotation, to the three catalogs.
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", "consul,etcd,zk"),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, "consul,etcd,zk").await?;
     consul_view
         .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
         .await
@@ -1253,10 +1244,13 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     .await?;
     kubectl_apply(
         &env,
-        &json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
-                "metadata": {"name": "consul-2"},
-                "spec": {"consul": {"addresses": [consul], "nodeName": "k8s-chart-2",
-                         "tokenSecretRef": {"namespace": "catalog-secrets", "name": "consul-token", "key": "token"}}}}),
+        &consul_catalog_with_token(
+            "consul-2",
+            std::slice::from_ref(&consul),
+            "k8s-chart-2",
+            "catalog-secrets",
+            "consul-token",
+        ),
     )?;
     let status = localenv::eventually("consul-2 to report the refused Secret", WAIT, || async {
         let out = env.kube()?.kubectl(&[

@@ -12,7 +12,8 @@ use kube::api::{Api, DeleteParams};
 use localenv::{Env, workload};
 use serde_json::{Value, json};
 use support::{
-    ConsulView, Controller, annotate, annotations, consul_catalog, deploy, kubectl_apply,
+    ConsulView, Controller, annotate, annotations, catalog_condition, consul_catalog,
+    consul_catalog_with_token, deploy, deploy_api_x, kubectl_apply,
 };
 
 const NODE: &str = "k8s-test";
@@ -46,25 +47,6 @@ async fn api_x_exported(args: &[&str]) -> Result<(Env, kube::Client, ConsulView,
 }
 
 const API_X: [&str; 2] = ["10.1.0.1:8080", "10.1.0.2:8080"];
-
-/// Waits until ExternalCatalog `name` has condition `type_` with `status`; returns it.
-async fn catalog_condition(
-    client: &kube::Client,
-    name: &str,
-    type_: &str,
-    status: &str,
-) -> Result<catalog_bridge::crd::Condition> {
-    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
-    localenv::eventually(&format!("{type_}={status} on {name}"), WAIT, || async {
-        let c = catalogs.get(name).await?;
-        Ok(c.status
-            .unwrap_or_default()
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == type_ && c.status == status))
-    })
-    .await
-}
 
 fn export_to_consul(name: &str) -> std::collections::BTreeMap<String, String> {
     annotations(&[
@@ -611,12 +593,13 @@ async fn acl_token_comes_from_a_secret_and_a_wrong_one_is_reported() -> Result<(
         )?;
         kubectl_apply(
             &env,
-            &json!({
-                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
-                "metadata": {"name": name},
-                "spec": {"consul": {"addresses": [consul_url], "nodeName": format!("k8s-{name}"),
-                         "tokenSecretRef": {"namespace": "default", "name": secret, "key": "token"}}},
-            }),
+            &consul_catalog_with_token(
+                name,
+                std::slice::from_ref(&consul_url),
+                &format!("k8s-{name}"),
+                "default",
+                secret,
+            ),
         )?;
     }
     let _cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
@@ -748,26 +731,18 @@ async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retir
     )?;
     kubectl_apply(
         &env,
-        &json!({"apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
-                "metadata": {"name": "least"},
-                "spec": {"consul": {"addresses": [consul_url], "nodeName": "k8s-least",
-                         "tokenSecretRef": {"namespace": "default", "name": "consul-token", "key": "token"}}}}),
+        &consul_catalog_with_token(
+            "least",
+            std::slice::from_ref(&consul_url),
+            "k8s-least",
+            "default",
+            "consul-token",
+        ),
     )?;
     let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
 
     // Export.
-    deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        annotations(&[
-            ("catalog-bridge.io/export", "least"),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    deploy_api_x(&client, "least").await?;
     let admin = support::ConsulView::with_token(consul_url.clone(), MANAGEMENT)?;
     admin
         .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)

@@ -291,18 +291,7 @@ async fn curator_registrations_become_endpoints_while_their_applications_run() -
 #[tokio::test]
 async fn a_service_exported_to_and_imported_from_one_catalog_makes_no_loop() -> Result<()> {
     let (env, client, cb) = setup().await?;
-    support::deploy(
-        &client,
-        "shop",
-        "api-x",
-        1,
-        2,
-        support::annotations(&[
-            ("catalog-bridge.io/export", "consul"),
-            ("catalog-bridge.io/name", "api_x"),
-        ]),
-    )
-    .await?;
+    support::deploy_api_x(&client, "consul").await?;
     let consul = support::ConsulView::new(env.consul()?.url())?;
     consul
         .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)

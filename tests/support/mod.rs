@@ -74,6 +74,20 @@ pub fn consul_catalog(name: &str, addresses: &[String], node: &str) -> Value {
     })
 }
 
+/// [`consul_catalog`] whose ACL token is key `token` of Secret `namespace/secret`.
+pub fn consul_catalog_with_token(
+    name: &str,
+    addresses: &[String],
+    node: &str,
+    namespace: &str,
+    secret: &str,
+) -> Value {
+    let mut c = consul_catalog(name, addresses, node);
+    c["spec"]["consul"]["tokenSecretRef"] =
+        json!({"namespace": namespace, "name": secret, "key": "token"});
+    c
+}
+
 /// The `catalog-bridge` binary: Cargo's path for tests and benchmarks, else
 /// `$CATALOG_BRIDGE_BIN` (set by `make demo`).
 pub fn controller_bin() -> Result<std::path::PathBuf> {
@@ -202,6 +216,46 @@ pub async fn deploy(
         names.push(pod);
     }
     Ok(names)
+}
+
+/// [`deploy`] of `shop/api-x` (2 Pods, 10.1.0.1 and .2), exported to `export` (a
+/// comma-separated list of ExternalCatalogs) under the name `api_x`.
+pub async fn deploy_api_x(client: &kube::Client, export: &str) -> Result<Vec<String>> {
+    deploy(
+        client,
+        "shop",
+        "api-x",
+        1,
+        2,
+        annotations(&[
+            ("catalog-bridge.io/export", export),
+            ("catalog-bridge.io/name", "api_x"),
+        ]),
+    )
+    .await
+}
+
+/// Waits until ExternalCatalog `name` has condition `type_` with `status`; returns it.
+pub async fn catalog_condition(
+    client: &kube::Client,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> Result<catalog_bridge::crd::Condition> {
+    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
+    localenv::eventually(
+        &format!("{type_}={status} on {name}"),
+        Duration::from_secs(30),
+        || async {
+            let c = catalogs.get(name).await?;
+            Ok(c.status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == type_ && c.status == status))
+        },
+    )
+    .await
 }
 
 pub async fn ensure_namespace(client: &kube::Client, ns: &str) -> Result<()> {
