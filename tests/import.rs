@@ -634,15 +634,19 @@ async fn an_import_never_takes_over_a_service_it_did_not_create() -> Result<()> 
     wait_endpoints(&client, "billing-v2", &["10.7.2.1:9000"])
         .await
         .with_context(|| cb.log())?;
-    localenv::eventually("the Service under the old name to go", WAIT, || async {
-        Ok(services.get_opt("billing").await?.is_none().then_some(()))
-    })
+    // The old Service goes before the new slices are written and its slices after them, so
+    // both are waited for.
+    localenv::eventually(
+        "the Service and the slices under the old name to go",
+        WAIT,
+        || async {
+            Ok((services.get_opt("billing").await?.is_none()
+                && endpoints(&client, "billing").await?.is_empty())
+            .then_some(()))
+        },
+    )
     .await
     .with_context(|| cb.log())?;
-    ensure!(
-        endpoints(&client, "billing").await?.is_empty(),
-        "no slice left under the old name"
-    );
 
     // A second import from the same catalog: the catalog's import entries are the sum.
     for ip in ["10.7.2.2", "10.7.2.3"] {
