@@ -118,6 +118,28 @@ impl Watched {
     }
 }
 
+/// Whether the API server still holds `reg`, the same object, not being deleted. An answer
+/// that cannot be had counts as yes: undoing a change is the safe side, and an object
+/// re-created for a registration that is gone goes again with it (owner reference).
+async fn registration_stands(client: &kube::Client, reg: &ExternalRegistration) -> bool {
+    let Some(ns) = reg.namespace() else {
+        return false;
+    };
+    let api: kube::Api<ExternalRegistration> = kube::Api::namespaced(client.clone(), &ns);
+    // A list by name: the role lists and watches registrations, it does not get them.
+    let lp = kube::api::ListParams::default().fields(&format!("metadata.name={}", reg.name_any()));
+    match api.list(&lp).await {
+        Ok(live) => live
+            .items
+            .iter()
+            .any(|r| r.uid() == reg.uid() && r.metadata.deletion_timestamp.is_none()),
+        Err(e) => {
+            warn!(registration = %format!("{ns}/{}", reg.name_any()), error = %e, "reading the registration before undoing a change; undoing it");
+            true
+        }
+    }
+}
+
 /// Resource versions kept per object to recognise this import's own writes in the watch.
 const VERSIONS_KEPT: usize = 8;
 /// Someone else's changes are undone at once, up to this many times per [`REPAIR_WINDOW`] and
@@ -498,8 +520,10 @@ async fn run(
                         continue;
                     }
                     // The garbage collector removing the objects of a registration being
-                    // deleted is no one's change to undo.
-                    if !watched.holds(&reg) {
+                    // deleted is no one's change to undo. The registrations' watch may not
+                    // have seen the delete yet (the collector acts on the owner's removal,
+                    // and the watches are not ordered), so the API server is asked.
+                    if !watched.holds(&reg) || !registration_stands(&client, &reg).await {
                         continue;
                     }
                     for (kind, object) in undo {

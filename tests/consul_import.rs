@@ -262,10 +262,13 @@ async fn our_own_entries_are_never_imported() -> Result<()> {
         &["register", &name, &ours, "10.8.0.1", "11211", &owner],
     )
     .await?;
-    ensure!(
-        c.lookup(&name).await? == ["10.8.0.1:11211"],
-        "py-consul's registration is passing"
-    );
+    // The agent hands its registration to the catalog asynchronously.
+    localenv::eventually(
+        "py-consul's registration passing in the catalog",
+        SLOW,
+        || async { Ok((c.lookup(&name).await? == ["10.8.0.1:11211"]).then_some(())) },
+    )
+    .await?;
 
     let mut w = start_watch(c.clone(), &name);
     // Every snapshot the watch publishes, checked as it comes.
@@ -348,19 +351,24 @@ async fn an_outage_keeps_the_instances_and_a_consul_back_empty_is_followed() -> 
     let owner = format!("cluster-{}", scope.prefix);
     let name = scope.name("db");
     let (a, b) = (scope.name("db-a"), scope.name("db-b"));
-    let mut w = start_watch(backend(&consul.url(), &scope, &owner)?, &name);
+    let c = backend(&consul.url(), &scope, &owner)?;
 
     py(&addr, &["register", &name, &a, "10.9.0.1", "5432", "-"]).await?;
     py(&addr, &["register", &name, &b, "10.9.0.2", "5432", "-"]).await?;
-    let (before, ..) = w
-        .until("both instances", SLOW, |s| s.instances.len() == 2)
-        .await?;
     // Some traffic so that the index before the outage is well above a fresh agent's.
     for _ in 0..3 {
         py(&addr, &["fail", &b]).await?;
         py(&addr, &["pass", &b]).await?;
     }
-    w.until("both instances again", SLOW, |s| s.instances.len() == 2)
+    // The agent hands its changes to the catalog asynchronously: the watch starts once the
+    // catalog has settled, so the snapshot kept through the outage is the settled one.
+    localenv::eventually("both instances passing in the catalog", SLOW, || async {
+        Ok((c.lookup(&name).await?.len() == 2).then_some(()))
+    })
+    .await?;
+    let mut w = start_watch(c, &name);
+    let (before, ..) = w
+        .until("both instances", SLOW, |s| s.instances.len() == 2)
         .await?;
 
     let stopped = Instant::now();

@@ -137,7 +137,7 @@ type Stamps = Mutex<Vec<(Instant, usize)>>;
 
 /// Runs an etcdctl step, waits for `n` instances, prints when the snapshot changed after the
 /// call started and relative to the call returning (negative: before etcdctl exited), and
-/// returns the former.
+/// returns the latter (zero when negative): etcdctl's own start-up is no part of the watch.
 async fn timed(
     w: &mut Watch,
     stamps: &Stamps,
@@ -177,7 +177,7 @@ async fn timed(
         at - start,
         returned - start
     );
-    Ok(at - start)
+    Ok(at.saturating_duration_since(returned))
 }
 
 /// plain: keys put with a lease import, a deleted key leaves, a revoked lease takes the rest.
@@ -266,9 +266,11 @@ async fn plain_keys_follow_puts_deletes_and_revoked_leases() -> Result<()> {
     );
     let s = w.rx.borrow().clone();
     assert!(s.synced && s.error.is_none(), "{s:?}");
-    println!("delays etcdctl start → snapshot: {delays:?}");
+    println!("delays etcdctl exit → snapshot: {delays:?}");
+    // Followed by the watch, not found by a later re-read: a bound far above a loaded
+    // machine's scheduling delays and far below any polling period.
     for d in &delays {
-        assert!(*d < Duration::from_secs(2), "{delays:?}");
+        assert!(*d < Duration::from_secs(5), "{delays:?}");
     }
     recorder.abort();
     // IPv6 and host names import as well.

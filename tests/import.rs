@@ -111,7 +111,7 @@ async fn consul_instances_with_passing_checks_become_endpoints() -> Result<()> {
         )
     };
     py("for i, ip in enumerate(['10.9.0.1', '10.9.0.2']):\n\
-        \x20   c.agent.service.register('api_z', service_id='api_z-%d' % i, address=ip, port=7070, check=consul.Check.ttl('30s'))\n\
+        \x20   c.agent.service.register('api_z', service_id='api_z-%d' % i, address=ip, port=7070, check=consul.Check.ttl('10m'))\n\
         \x20   c.agent.check.ttl_pass('service:api_z-%d' % i)")?;
     kubectl_apply(&env, &import("api-z", "consul", "api_z", json!({})))?;
     wait_endpoints(&client, "api-z", &["10.9.0.1:7070", "10.9.0.2:7070"])
@@ -520,7 +520,7 @@ async fn imported_objects_deleted_or_edited_by_hand_come_back() -> Result<()> {
         Some(labelled.as_str()),
         "a harmless foreign change is not answered with a changed object"
     );
-    let log = cb.log();
+    let log = cb.full_log()?;
     let again: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("applying it again"))
@@ -551,7 +551,7 @@ async fn imported_objects_deleted_or_edited_by_hand_come_back() -> Result<()> {
         cb.log()
     );
     assert_eq!(
-        cb.log().matches("applying it again").count(),
+        cb.full_log()?.matches("applying it again").count(),
         restored,
         "nothing applied again after the registration was deleted"
     );

@@ -172,6 +172,12 @@ impl Controller {
     pub fn log(&self) -> String {
         self.process.log_tail(200)
     }
+
+    /// The whole log, for counting lines (the tail of [`Self::log`] moves on).
+    pub fn full_log(&self) -> Result<String> {
+        std::fs::read_to_string(self.process.log_path())
+            .with_context(|| format!("reading {}", self.process.log_path().display()))
+    }
 }
 
 pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
