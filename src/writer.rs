@@ -56,6 +56,8 @@ pub struct Config {
     pub drift_interval: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long to keep trying to remove the entries at a previous location.
+    pub retire_patience: Duration,
 }
 
 impl Config {
@@ -66,6 +68,7 @@ impl Config {
             drift_interval: Duration::from_secs(30),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            retire_patience: RETIRE_PATIENCE,
         }
     }
 }
@@ -88,6 +91,9 @@ pub struct Writer {
     /// The backends this catalog was configured with before, whose entries go first where
     /// they live elsewhere ([`Writer::after`]).
     previous: Option<Previous>,
+    /// Previous locations given up on, with why: reported as a warning (`NeedsAttention`)
+    /// for as long as this writer runs.
+    left_behind: Vec<String>,
 }
 
 /// Backends of a catalog's previous configurations whose entries were not yet removed, oldest
@@ -223,6 +229,7 @@ impl Writer {
                 desired_records: DesiredRecords::default(),
                 trusted: false,
                 previous: None,
+                left_behind: Vec::new(),
             },
             report_rx,
         )
@@ -415,12 +422,24 @@ impl Writer {
                 return false;
             }
         };
+        let mut gave_up = Vec::new();
         let this = &*self;
-        let result = work_through(&retiring, &mut give_up_at, &this.cfg.catalog, |old| {
-            let is = &is;
-            async move { this.retire(old.as_ref(), is).await }
-        })
+        let patience = Patience {
+            after: this.cfg.retire_patience,
+            gave_up: &mut gave_up,
+        };
+        let result = work_through(
+            &retiring,
+            &mut give_up_at,
+            patience,
+            &this.cfg.catalog,
+            |old| {
+                let is = &is;
+                async move { this.retire(old.as_ref(), is).await }
+            },
+        )
         .await;
+        self.left_behind.extend(gave_up);
         if let Err(e) = result {
             if let Some(p) = self.previous.as_mut() {
                 p.give_up_at = give_up_at;
@@ -509,7 +528,7 @@ impl Writer {
                 last_contact: r.last_contact,
                 server: r.server.clone(),
                 idle: false,
-                warning: self.backend.warning(),
+                warning: self.warning(),
             };
             // lastContactTime moves on every contact, but is only published with another
             // change or once a minute, so status is not rewritten on every write.
@@ -531,6 +550,21 @@ impl Writer {
             };
             changed
         });
+    }
+
+    /// What needs attention: the backend's warning, and the previous locations given up on.
+    fn warning(&self) -> Option<String> {
+        let left = (!self.left_behind.is_empty()).then(|| {
+            format!(
+                "entries stayed behind at the catalog's previous place ({}); `catalog-bridge \
+                 cleanup` on an ExternalCatalog with the previous spec removes them",
+                self.left_behind.join("; ")
+            )
+        });
+        match (self.backend.warning(), left) {
+            (Some(w), Some(l)) => Some(format!("{w}; {l}")),
+            (w, l) => w.or(l),
+        }
     }
 
     fn failed(&self, e: &BackendError) {
@@ -594,7 +628,12 @@ pub async fn drain(
             }
             continue;
         }
-        let removed = work_through(&retiring, &mut give_up_at, &catalog, |old| {
+        // Nowhere to report what is given up on but the log: the ExternalCatalog is gone.
+        let patience = Patience {
+            after: RETIRE_PATIENCE,
+            gave_up: &mut Vec::new(),
+        };
+        let removed = work_through(&retiring, &mut give_up_at, patience, &catalog, |old| {
             let (catalog, metrics) = (&catalog, &metrics);
             async move { remove_all(old.as_ref(), catalog, why, metrics, dry_run).await }
         })
@@ -611,13 +650,21 @@ pub async fn drain(
     }
 }
 
+/// How long [`work_through`] keeps trying one backend, and where it notes those it gave up on
+/// (where and why).
+struct Patience<'a> {
+    after: Duration,
+    gave_up: &'a mut Vec<String>,
+}
+
 /// Works through `retiring`, oldest first: `remove` what each backend owns, let go of what
 /// it attached to (a ZooKeeper session), take it off the list. A failure ends the pass (to be
-/// tried again) until [`RETIRE_PATIENCE`] after the first failure of that backend; then that
-/// backend is given up on, with a warning.
+/// tried again) until `patience.after` the first failure of that backend; then that backend
+/// is given up on, with a warning, and noted in `patience.gave_up`.
 async fn work_through<F, Fut>(
     retiring: &Retiring,
     give_up_at: &mut Option<Instant>,
+    patience: Patience<'_>,
     catalog: &str,
     mut remove: F,
 ) -> Result<(), BackendError>
@@ -628,10 +675,11 @@ where
     while let Some(old) = first(retiring) {
         if let Err(e) = remove(old.clone()).await {
             old.release().await;
-            if Instant::now() < *give_up_at.get_or_insert(Instant::now() + RETIRE_PATIENCE) {
+            if Instant::now() < *give_up_at.get_or_insert(Instant::now() + patience.after) {
                 return Err(e);
             }
             warn!(catalog = %catalog, error = %e, at = %old.describe(), "giving up removing this catalog's entries there; `catalog-bridge cleanup --catalog` on an ExternalCatalog with that spec removes them");
+            patience.gave_up.push(format!("{}: {e}", old.describe()));
         }
         old.release().await;
         done(retiring, &old);
@@ -713,11 +761,19 @@ mod tests {
         drift: Duration,
         previous: Option<(Retiring, tokio::task::JoinHandle<()>)>,
     ) -> Harness {
-        let (desired, desired_rx) = watch::channel(Arc::new(Snapshot::default()));
-        let (gate, gate_rx) = watch::channel(false);
         let mut cfg = Config::new("test");
         cfg.drift_interval = drift;
         cfg.min_backoff = Duration::from_millis(10);
+        start_with(backend, cfg, previous)
+    }
+
+    fn start_with(
+        backend: Arc<Memory>,
+        cfg: Config,
+        previous: Option<(Retiring, tokio::task::JoinHandle<()>)>,
+    ) -> Harness {
+        let (desired, desired_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (gate, gate_rx) = watch::channel(false);
         let (mut w, report) =
             Writer::new(cfg, backend, desired_rx, gate_rx, Arc::new(Metrics::new()));
         if let Some((retiring, stopped)) = previous {
@@ -872,6 +928,55 @@ mod tests {
         until(&mut h3.report, |r| r.in_sync && r.entries == 3).await;
         assert_eq!(new.writes(), writes);
         h3.task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_previous_location_given_up_on_is_reported_until_the_writer_ends() {
+        let old = Arc::new(Memory::new("me", 64).at("old"));
+        let snapshot = || {
+            Arc::new(Snapshot {
+                catalog: instances(2),
+                changed_at: None,
+            })
+        };
+        let mut h = start(old.clone(), Duration::from_secs(3600));
+        h.desired.send(snapshot()).expect("send");
+        h.gate.send(true).expect("gate");
+        until(&mut h.report, |r| r.in_sync && r.entries == 2).await;
+
+        // Moved away from servers that are gone for good.
+        old.set_down(true);
+        let new = Arc::new(Memory::new("me", 64).at("new"));
+        let retiring: Retiring =
+            Arc::new(std::sync::Mutex::new(vec![old.clone() as Arc<dyn Backend>]));
+        let mut cfg = Config::new("test");
+        cfg.drift_interval = Duration::from_secs(3600);
+        cfg.min_backoff = Duration::from_millis(10);
+        cfg.max_backoff = Duration::from_millis(50);
+        cfg.retire_patience = Duration::from_millis(300);
+        let mut h2 = start_with(new.clone(), cfg, Some((retiring.clone(), h.task)));
+        h2.desired.send(snapshot()).expect("send");
+        h2.gate.send(true).expect("gate");
+        let r = until(&mut h2.report, |r| r.in_sync && r.entries == 2).await;
+        assert_eq!(new.all().len(), 2, "written at the new place");
+        assert_eq!(old.all().len(), 2, "the old place kept its entries");
+        assert!(retiring.lock().expect("lock").is_empty());
+        let warning = r.warning.expect("a warning");
+        assert!(
+            warning.contains("stayed behind") && warning.contains("old"),
+            "{warning}"
+        );
+
+        // Still said after later writes.
+        h2.desired
+            .send(Arc::new(Snapshot {
+                catalog: instances(3),
+                changed_at: None,
+            }))
+            .expect("send");
+        let r = until(&mut h2.report, |r| r.in_sync && r.entries == 3).await;
+        assert!(r.warning.is_some_and(|w| w.contains("stayed behind")));
+        h2.task.abort();
     }
 
     #[tokio::test]

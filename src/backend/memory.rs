@@ -97,7 +97,7 @@ impl Backend for Memory {
     }
 
     fn describe(&self) -> String {
-        format!("memory (owner {})", self.owner)
+        format!("memory {} (owner {})", self.location, self.owner)
     }
 
     fn render(&self, instances: &[Instance]) -> BTreeMap<String, Record> {
