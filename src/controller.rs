@@ -446,7 +446,16 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
     };
 
     let (synced_tx, synced) = watch::channel(false);
-    let (leader, lease_task) = crate::leader::elect(client.clone(), &opts, metrics.clone()).await?;
+    // A dry run writes nothing to Kubernetes either: it takes no part in the election (it
+    // would take the Lease from the real replicas) and plans as if it led.
+    let (always, leading) = watch::channel(true);
+    let (leader, lease_task) = if opts.dry_run {
+        info!("dry run: not joining the leader election; planning as if leading");
+        (leading, None)
+    } else {
+        let (leader, lease) = crate::leader::elect(client.clone(), &opts, metrics.clone()).await?;
+        (leader, Some(lease))
+    };
     // Writers open only while this replica leads and every cache is complete.
     let (gate_tx, gate) = watch::channel(false);
     let gate_task = {
@@ -588,14 +597,19 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
         })
     };
 
-    let status_loop = tokio::spawn(crate::status::run(
-        client.clone(),
-        stores.clone(),
-        desired_rx,
-        views_rx,
-        imports_rx,
-        gate.clone(),
-    ));
+    // No status and no Events from a dry run.
+    let status_loop = if opts.dry_run {
+        tokio::spawn(std::future::pending())
+    } else {
+        tokio::spawn(crate::status::run(
+            client.clone(),
+            stores.clone(),
+            desired_rx,
+            views_rx,
+            imports_rx,
+            gate.clone(),
+        ))
+    };
 
     let outcome = tokio::select! {
         r = t1 => flatten("Service watch", r),
@@ -608,7 +622,10 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
         r = http => flatten("HTTP server", r),
         r = shutdown_signal() => r.map(|()| info!("shutting down")),
     };
-    lease_task.release().await;
+    if let Some(lease) = lease_task {
+        lease.release().await;
+    }
+    drop(always);
     outcome
 }
 

@@ -753,5 +753,31 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
         leases.contains("found 0 leases"),
         "no lease granted in a dry run: {leases}"
     );
+    // Nothing written to Kubernetes either: no leader Lease taken (the real replicas keep
+    // it), no status, no Event.
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        client.clone(),
+        "default",
+    )
+    .get_opt("catalog-bridge")
+    .await?;
+    ensure!(lease.is_none(), "no leader Lease in a dry run: {lease:?}");
+    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+        Api::namespaced(client.clone(), "shop");
+    let status = regs.get("ledger").await?.status;
+    ensure!(status.is_none(), "no status in a dry run: {status:?}");
+    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
+    let status = catalogs.get("etcd").await?.status;
+    ensure!(status.is_none(), "no status in a dry run: {status:?}");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone())
+        .list(&Default::default())
+        .await?;
+    let ours: Vec<_> = events
+        .items
+        .iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("catalog-bridge"))
+        .map(|e| format!("{:?}: {:?}", e.reason, e.note))
+        .collect();
+    ensure!(ours.is_empty(), "no Event in a dry run: {ours:?}");
     Ok(())
 }
