@@ -81,7 +81,9 @@ pub struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct QueryArgs {
-    /// An ExternalCatalog name, or `consul://host:port`.
+    /// An ExternalCatalog name, or a URL: `consul://host:port` (`consul+https://`),
+    /// `etcd://host:port[,host:port][/basePath]?layout=plain|naming|coredns&zone=…`,
+    /// `zk://host:port[,host:port][/basePath]?layout=plain|curator`.
     pub catalog: String,
     /// The service name in the catalog.
     pub name: String,

@@ -42,6 +42,59 @@ pub fn dns1035(name: &str) -> String {
     out.trim_end_matches('-').to_string()
 }
 
+/// `snap` as an EndpointSlice can hold it: host names lower-cased (DNS ignores case, the API
+/// server does not), and those Kubernetes refuses in a slice — a name of one label (`vm1`),
+/// an underscore — moved to the skipped entries with why, so that one such entry is reported
+/// and the rest import (a refused slice would stop the whole apply).
+pub fn sliceable(mut snap: ImportSnapshot) -> ImportSnapshot {
+    let mut skipped = Vec::new();
+    snap.instances.retain_mut(|i| {
+        if i.address.parse::<IpAddr>().is_ok() {
+            return true;
+        }
+        match slice_host(&i.address) {
+            Ok(name) => {
+                i.address = name;
+                true
+            }
+            Err(why) => {
+                skipped.push((i.id.clone(), why));
+                false
+            }
+        }
+    });
+    snap.instances
+        .sort_by(|a, b| (&a.address, a.port, &a.id).cmp(&(&b.address, b.port, &b.id)));
+    snap.skipped.extend(skipped);
+    snap
+}
+
+/// A host name as an EndpointSlice of type FQDN takes it: lower case, at least two labels of
+/// `[a-z0-9-]` (a DNS-1123 subdomain).
+fn slice_host(host: &str) -> Result<String, String> {
+    let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "host name {host:?} cannot go in an EndpointSlice: Kubernetes takes lower-case \
+             letters, digits, '-' and '.' only"
+        ));
+    }
+    if !name.contains('.') {
+        return Err(format!(
+            "host name {host:?} is not fully qualified: an EndpointSlice takes a host name with \
+             its domain only (like {name}.example.internal); register the full name"
+        ));
+    }
+    Ok(name)
+}
+
 /// The Service an import registration maintains.
 pub fn service_name(reg: &ExternalRegistration) -> String {
     reg.spec
@@ -402,6 +455,37 @@ mod tests {
             port,
             id: format!("{address}:{port}"),
         }
+    }
+
+    #[test]
+    fn host_names_an_endpoint_slice_refuses_are_skipped_with_why_and_the_rest_import() {
+        let snap = ImportSnapshot {
+            instances: vec![
+                ext("10.0.0.1", 3306),
+                ext("DB-1.Example.", 3306),
+                ext("vm1", 3306),
+                ext("db_2.example", 3306),
+                ext("fd00::1", 3306),
+            ],
+            skipped: vec![("earlier".into(), "not JSON".into())],
+            synced: true,
+            error: None,
+        };
+        let out = sliceable(snap);
+        let kept: Vec<&str> = out.instances.iter().map(|i| i.address.as_str()).collect();
+        assert_eq!(kept, ["10.0.0.1", "db-1.example", "fd00::1"]);
+        let skipped: Vec<&str> = out.skipped.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(skipped, ["earlier", "vm1:3306", "db_2.example:3306"]);
+        assert!(
+            out.skipped[1].1.contains("not fully qualified"),
+            "{:?}",
+            out.skipped
+        );
+        assert!(
+            out.skipped[2].1.contains("lower-case letters"),
+            "{:?}",
+            out.skipped
+        );
     }
 
     #[test]

@@ -536,7 +536,7 @@ async fn run(
                     }
                 }
             }
-            let snap = rx.borrow_and_update().clone();
+            let snap = crate::import::sliceable(rx.borrow_and_update().clone());
             metrics.import_skipped(
                 &catalog,
                 &reg.namespace().unwrap_or_default(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
@@ -299,13 +300,7 @@ pub async fn run(
     imports: watch::Receiver<HashMap<(String, String), ImportView>>,
     mut gate: watch::Receiver<bool>,
 ) -> Result<()> {
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "catalog-bridge".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
-    );
+    let mut recorder = Announcer::new(client.clone());
     let mut written_cat: HashMap<String, ExternalCatalogStatus> = HashMap::new();
     let mut written_reg: HashMap<(String, String), ExternalRegistrationStatus> = HashMap::new();
     let mut announced: HashSet<(Source, String, &'static str, String)> = HashSet::new();
@@ -440,9 +435,7 @@ pub async fn run(
                 action: "Export".into(),
                 secondary: None,
             };
-            if let Err(err) = recorder.publish(&ev, &reference).await {
-                warn!(error = %err, "publishing an Event failed");
-            }
+            recorder.publish(&ev, &reference).await;
         }
         announced = current;
 
@@ -471,12 +464,56 @@ pub async fn run(
                     action: "Import".into(),
                     secondary: None,
                 };
-                if let Err(err) = recorder.publish(&ev, &reg.object_ref(&())).await {
-                    warn!(error = %err, "publishing an Event failed");
-                }
+                recorder.publish(&ev, &reg.object_ref(&())).await;
             }
         }
         skips_announced = current_skips;
+    }
+}
+
+/// Publishes Events, one per distinct message on an object. kube's [`Recorder`] counts an Event
+/// with the reason of an earlier one on the same object as a repeat of it (its series), keeping
+/// the earlier note: two skipped entries of one import would show only the first. So each
+/// (object, reason, note) has a recorder of its own; the same message again is still a repeat.
+struct Announcer {
+    client: kube::Client,
+    recorders: HashMap<(String, String, String), Recorder>,
+}
+
+impl Announcer {
+    /// More distinct messages than this and the recorders start afresh (their repeats then
+    /// become new Events).
+    const KEPT: usize = 10_000;
+
+    fn new(client: kube::Client) -> Announcer {
+        Announcer {
+            client,
+            recorders: HashMap::new(),
+        }
+    }
+
+    async fn publish(&mut self, ev: &Event, reference: &ObjectReference) {
+        let key = (
+            reference.uid.clone().unwrap_or_default(),
+            ev.reason.clone(),
+            ev.note.clone().unwrap_or_default(),
+        );
+        if self.recorders.len() >= Self::KEPT && !self.recorders.contains_key(&key) {
+            self.recorders.clear();
+        }
+        let client = &self.client;
+        let recorder = self.recorders.entry(key).or_insert_with(|| {
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "catalog-bridge".into(),
+                    instance: std::env::var("POD_NAME").ok(),
+                },
+            )
+        });
+        if let Err(err) = recorder.publish(ev, reference).await {
+            warn!(error = %err, reason = %ev.reason, "publishing an Event failed");
+        }
     }
 }
 
