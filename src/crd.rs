@@ -259,7 +259,9 @@ pub struct ServerInfo {
     validation = Rule::new("self.spec.direction != 'Export' || has(self.spec.service)").message("direction Export needs spec.service"),
     validation = Rule::new("self.spec.direction != 'Import' || has(self.spec.externalName)").message("direction Import needs spec.externalName"),
     validation = Rule::new("self.spec.direction != 'Import' || !has(self.spec.service)").message("spec.service is for Export; Import maintains spec.target.serviceName"),
-    validation = Rule::new("self.spec.direction != 'Export' || !has(self.spec.target)").message("spec.target is for Import")
+    validation = Rule::new("self.spec.direction != 'Export' || !has(self.spec.target)").message("spec.target is for Import"),
+    validation = Rule::new("!has(self.spec.target) || !has(self.spec.target.ports) || self.spec.target.ports.all(p, self.spec.target.ports.exists_one(q, q.name == p.name))").message("spec.target.ports: each name once"),
+    validation = Rule::new("!has(self.spec.target) || !has(self.spec.target.ports) || self.spec.target.ports.all(p, self.spec.target.ports.exists_one(q, q.port == p.port))").message("spec.target.ports: each port once")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalRegistrationSpec {
@@ -358,13 +360,18 @@ pub struct ImportTarget {
     pub service_name: Option<String>,
     /// Ports of the Service; default the port(s) the catalog reports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub ports: Vec<NamedPort>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct NamedPort {
-    #[schemars(length(min = 1, max = 15))]
+    /// A Service port name: lower-case letters, digits and `-` (a DNS-1123 label).
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,

@@ -188,6 +188,21 @@ async fn the_apiserver_accepts_the_crds_and_rejects_invalid_objects() -> Result<
             json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"}, "port": -1}),
             "a port number is between 1 and 65535",
         ),
+        (
+            "a Service port name a Service refuses",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "x", "target": {"ports": [{"name": "MySQL", "port": 3306}]}}),
+            "spec.target.ports[0].name",
+        ),
+        (
+            "a port name twice",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "x", "target": {"ports": [{"name": "db", "port": 3306}, {"name": "db", "port": 3307}]}}),
+            "each name once",
+        ),
+        (
+            "a port twice",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "x", "target": {"ports": [{"name": "a", "port": 3306}, {"name": "b", "port": 3306}]}}),
+            "each port once",
+        ),
     ];
     for (i, (what, spec, expect)) in bad_registrations.into_iter().enumerate() {
         let err = create(&xreg, registration(&format!("bad-{i}"), spec)).await;
