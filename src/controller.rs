@@ -252,10 +252,9 @@ impl Writers {
                     if snap.catalog == wanted {
                         return false;
                     }
-                    *snap = Arc::new(Snapshot {
-                        catalog: wanted.clone(),
-                        changed_at: since.or(Some(Instant::now())),
-                    });
+                    *snap = Arc::new(
+                        snap.replacing(wanted.clone(), since.unwrap_or_else(Instant::now)),
+                    );
                     true
                 });
                 continue;
@@ -280,10 +279,7 @@ impl Writers {
                 Ok(backend) => {
                     info!(catalog = %name, backend = %backend.describe(), "catalog writer starting");
                     self.broken.remove(&name);
-                    let (tx, rx) = watch::channel(Arc::new(Snapshot {
-                        catalog: wanted,
-                        changed_at: since,
-                    }));
+                    let (tx, rx) = watch::channel(Arc::new(Snapshot::new(wanted, since)));
                     let mut cfg = writer::Config::new(&name);
                     cfg.dry_run = self.opts.dry_run;
                     cfg.drift_interval = self.opts.drift_interval;

@@ -23,12 +23,41 @@ use crate::model::{DesiredCatalog, Instance};
 use crate::plan::{apply_to, plan, plan_keys};
 
 /// Desired state of one catalog as published to its writer.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Snapshot {
     /// Shared with the desired-state loop: publishing it copies no instance.
     pub catalog: Arc<DesiredCatalog>,
     /// When the oldest Kubernetes change folded into this snapshot was seen.
     pub changed_at: Option<Instant>,
+    /// Set when the writer takes it: a snapshot replaced before that passes its `changed_at`
+    /// on ([`Snapshot::replacing`]), so the propagation delay counts from the oldest change.
+    pub taken: std::sync::atomic::AtomicBool,
+}
+
+impl Snapshot {
+    pub fn new(catalog: Arc<DesiredCatalog>, changed_at: Option<Instant>) -> Snapshot {
+        Snapshot {
+            catalog,
+            changed_at,
+            taken: Default::default(),
+        }
+    }
+
+    /// The snapshot of `catalog` that replaces `self`, for a change seen at `changed_at`:
+    /// while `self` was not taken yet, its older change is still the one waiting longest.
+    pub fn replacing(&self, catalog: Arc<DesiredCatalog>, changed_at: Instant) -> Snapshot {
+        let pending = self
+            .changed_at
+            .filter(|_| !self.taken.load(std::sync::atomic::Ordering::SeqCst));
+        Snapshot::new(
+            catalog,
+            Some(pending.map_or(changed_at, |p| p.min(changed_at))),
+        )
+    }
+
+    fn take(&self) {
+        self.taken.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// What the writer last saw and did, for status and readiness.
@@ -293,6 +322,7 @@ impl Writer {
                 probed = self.probe().await;
             }
             let snapshot = self.desired.borrow_and_update().clone();
+            snapshot.take();
             match self.sync(&snapshot).await {
                 Ok(()) => backoff = self.cfg.min_backoff,
                 Err(e) => {
@@ -817,10 +847,7 @@ mod tests {
         mem.put_foreign("mine-stale", "me", serde_json::json!({}));
         let h = start(mem.clone(), Duration::from_secs(3600));
         h.desired
-            .send(Arc::new(Snapshot {
-                catalog: Arc::default(),
-                changed_at: None,
-            }))
+            .send(Arc::new(Snapshot::new(Arc::default(), None)))
             .expect("send");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(mem.writes(), 0, "no write while the gate is closed");
@@ -834,10 +861,10 @@ mod tests {
         mem.put_foreign("foreign", "someone-else", serde_json::json!({}));
         let mut h = start(mem.clone(), Duration::from_secs(3600));
         h.desired
-            .send(Arc::new(Snapshot {
-                catalog: instances(200),
-                changed_at: Some(Instant::now()),
-            }))
+            .send(Arc::new(Snapshot::new(
+                instances(200),
+                Some(Instant::now()),
+            )))
             .expect("send");
         h.gate.send(true).expect("gate");
         until(&mut h.report, |r| r.in_sync && r.entries == 200).await;
@@ -849,10 +876,7 @@ mod tests {
         let writes = mem.writes();
         let mut h2 = start(mem.clone(), Duration::from_secs(3600));
         h2.desired
-            .send(Arc::new(Snapshot {
-                catalog: instances(200),
-                changed_at: None,
-            }))
+            .send(Arc::new(Snapshot::new(instances(200), None)))
             .expect("send");
         h2.gate.send(true).expect("gate");
         until(&mut h2.report, |r| r.in_sync && r.entries == 200).await;
@@ -860,10 +884,7 @@ mod tests {
 
         // Shrinking deletes exactly the difference and never the foreign entry.
         h2.desired
-            .send(Arc::new(Snapshot {
-                catalog: instances(150),
-                changed_at: None,
-            }))
+            .send(Arc::new(Snapshot::new(instances(150), None)))
             .expect("send");
         until(&mut h2.report, |r| r.in_sync && r.entries == 150).await;
         assert_eq!(mem.writes(), writes + 50);
@@ -875,12 +896,7 @@ mod tests {
     async fn a_moved_catalog_removes_its_entries_at_the_old_location_first() {
         let old = Arc::new(Memory::new("me", 64).at("old"));
         old.put_foreign("foreign", "someone-else", serde_json::json!({}));
-        let snapshot = || {
-            Arc::new(Snapshot {
-                catalog: instances(3),
-                changed_at: None,
-            })
-        };
+        let snapshot = || Arc::new(Snapshot::new(instances(3), None));
         let mut h = start(old.clone(), Duration::from_secs(3600));
         h.desired.send(snapshot()).expect("send");
         h.gate.send(true).expect("gate");
@@ -930,15 +946,32 @@ mod tests {
         h3.task.abort();
     }
 
+    #[test]
+    fn a_replaced_snapshot_passes_its_older_change_on_until_the_writer_took_it() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(5);
+        let first = Snapshot::new(instances(1), Some(t0));
+        let second = first.replacing(instances(2), t1);
+        assert_eq!(
+            second.changed_at,
+            Some(t0),
+            "not taken: the oldest change counts"
+        );
+        second.take();
+        let third = second.replacing(instances(3), t1);
+        assert_eq!(
+            third.changed_at,
+            Some(t1),
+            "taken: a new change counts from itself"
+        );
+        let none = Snapshot::new(instances(1), None).replacing(instances(2), t1);
+        assert_eq!(none.changed_at, Some(t1));
+    }
+
     #[tokio::test]
     async fn a_previous_location_given_up_on_is_reported_until_the_writer_ends() {
         let old = Arc::new(Memory::new("me", 64).at("old"));
-        let snapshot = || {
-            Arc::new(Snapshot {
-                catalog: instances(2),
-                changed_at: None,
-            })
-        };
+        let snapshot = || Arc::new(Snapshot::new(instances(2), None));
         let mut h = start(old.clone(), Duration::from_secs(3600));
         h.desired.send(snapshot()).expect("send");
         h.gate.send(true).expect("gate");
@@ -969,10 +1002,7 @@ mod tests {
 
         // Still said after later writes.
         h2.desired
-            .send(Arc::new(Snapshot {
-                catalog: instances(3),
-                changed_at: None,
-            }))
+            .send(Arc::new(Snapshot::new(instances(3), None)))
             .expect("send");
         let r = until(&mut h2.report, |r| r.in_sync && r.entries == 3).await;
         assert!(r.warning.is_some_and(|w| w.contains("stayed behind")));
@@ -985,10 +1015,7 @@ mod tests {
         mem.set_down(true);
         let mut h = start(mem.clone(), Duration::from_millis(50));
         h.desired
-            .send(Arc::new(Snapshot {
-                catalog: instances(3),
-                changed_at: None,
-            }))
+            .send(Arc::new(Snapshot::new(instances(3), None)))
             .expect("send");
         h.gate.send(true).expect("gate");
         let r = until(&mut h.report, |r| r.reachable == Some(false)).await;

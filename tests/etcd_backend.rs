@@ -872,12 +872,12 @@ async fn the_writer_puts_everything_again_after_a_lost_lease() -> Result<()> {
     let base = setup.base.clone().context("base")?;
     let backend = Arc::new(setup.backend()?);
     let instances = many("api_x", 30);
-    let (desired_tx, desired_rx) = tokio::sync::watch::channel(Arc::new(Snapshot {
-        catalog: std::sync::Arc::new(DesiredCatalog {
+    let (desired_tx, desired_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(
+        std::sync::Arc::new(DesiredCatalog {
             instances: instances.clone(),
         }),
-        changed_at: None,
-    }));
+        None,
+    )));
     let (gate_tx, gate_rx) = tokio::sync::watch::channel(true);
     let mut cfg = WriterConfig::new("etcd-test");
     cfg.drift_interval = Duration::from_secs(3600);

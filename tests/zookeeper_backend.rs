@@ -770,12 +770,12 @@ async fn the_writer_re_creates_entries_after_an_expiry() -> Result<()> {
         instance("api_x", "10.0.0.1", 8080),
         instance("api_x", "10.0.0.2", 8080),
     ];
-    let (desired_tx, desired_rx) = watch::channel(Arc::new(Snapshot {
-        catalog: std::sync::Arc::new(DesiredCatalog {
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(Snapshot::new(
+        std::sync::Arc::new(DesiredCatalog {
             instances: instances.clone(),
         }),
-        changed_at: None,
-    }));
+        None,
+    )));
     let (gate_tx, gate_rx) = watch::channel(true);
     let mut cfg = writer::Config::new("zk");
     cfg.drift_interval = Duration::from_secs(3600);
