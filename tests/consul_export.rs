@@ -57,8 +57,11 @@ fn export_to_consul(name: &str) -> std::collections::BTreeMap<String, String> {
 
 #[tokio::test]
 async fn readiness_flip_removes_and_restores_exactly_that_instance() -> Result<()> {
-    let (env, client, consul, _cb) = api_x_exported(&["--drift-interval=1s"]).await?;
+    let (env, client, consul, cb) = api_x_exported(&["--drift-interval=1s"]).await?;
     let before = consul.node_services(NODE).await?;
+    let delay = "catalog_bridge_propagation_delay_seconds_count";
+    let commits = cb.metric(delay, &[]).await?;
+    ensure!(commits >= 1.0, "the first export is timed: {commits}");
 
     let t = Instant::now();
     workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
@@ -93,6 +96,12 @@ async fn readiness_flip_removes_and_restores_exactly_that_instance() -> Result<(
         untouched.len(),
         1,
         "exactly the flipped instance changed: {before:?} -> {after:?}"
+    );
+    // Each flip's commit is timed from the change.
+    let timed = cb.metric(delay, &[]).await?;
+    ensure!(
+        timed >= commits + 2.0,
+        "two more commits timed: {commits} -> {timed}"
     );
     Ok(())
 }
