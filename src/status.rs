@@ -189,7 +189,16 @@ fn registration_status(
             ),
         },
     };
-    let endpoints = if e.problem.is_some() { 0 } else { e.endpoints };
+    // Endpoints now in sync: while the catalog is not (down, being written), the count last
+    // seen in sync stays.
+    let endpoints = match (&e.problem, synced.0) {
+        (Some(_), _) => 0,
+        (None, Some(true)) => e.endpoints,
+        (None, _) => reg
+            .status
+            .as_ref()
+            .map_or(0, |s| usize::try_from(s.endpoints).unwrap_or(0)),
+    };
     finish(reg, ready, synced, endpoints, &e.service, &e.external_name)
 }
 
@@ -548,7 +557,52 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::BackendError;
     use crate::crd::ExternalCatalogSpec;
+
+    #[test]
+    fn an_export_counts_the_endpoints_in_sync_and_keeps_the_last_count_while_the_catalog_is_not() {
+        let mut reg: ExternalRegistration = serde_json::from_value(json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+            "metadata": {"name": "api-x", "namespace": "shop"},
+            "spec": {"catalogRef": {"name": "consul"}, "direction": "Export",
+                     "service": {"name": "api-x"}},
+        }))
+        .expect("a registration");
+        let export = |endpoints| Export {
+            source: Source::Registration {
+                namespace: "shop".into(),
+                name: "api-x".into(),
+            },
+            catalog: "consul".into(),
+            service: "api-x".into(),
+            external_name: "api_x".into(),
+            endpoints,
+            problem: None,
+            warnings: Vec::new(),
+        };
+        let view = |in_sync, error: Option<BackendError>| CatalogView {
+            kind: "consul",
+            report: Report {
+                reachable: Some(error.is_none()),
+                in_sync,
+                error,
+                ..Default::default()
+            },
+            problem: None,
+        };
+        let synced = registration_status(&reg, &export(2), Some(&view(true, None)));
+        assert_eq!(synced.endpoints, 2);
+        reg.status = Some(synced);
+        let down = BackendError::Unreachable("connection refused".into());
+        let during = registration_status(&reg, &export(3), Some(&view(false, Some(down))));
+        assert_eq!(
+            during.endpoints, 2,
+            "the catalog still holds the last count"
+        );
+        let back = registration_status(&reg, &export(3), Some(&view(true, None)));
+        assert_eq!(back.endpoints, 3);
+    }
 
     #[test]
     fn a_catalog_warning_keeps_ready_and_says_what_needs_attention() {
