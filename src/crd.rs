@@ -33,7 +33,7 @@ pub const GROUP: &str = "catalog-bridge.io";
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("(has(self.spec.consul) ? 1 : 0) + (has(self.spec.etcd) ? 1 : 0) + (has(self.spec.zookeeper) ? 1 : 0) == 1").message("exactly one of spec.consul, spec.etcd, spec.zookeeper must be set"),
     validation = Rule::new("!has(self.spec.etcd) || !has(self.spec.etcd.basePath) || !self.spec.etcd.basePath.contains('//')").message("spec.etcd.basePath must not hold an empty segment (//)"),
-    validation = Rule::new("!has(self.spec.etcd) || !has(self.spec.etcd.tls) || !has(self.spec.etcd.tls.insecureSkipVerify) || !self.spec.etcd.tls.insecureSkipVerify").message("spec.etcd.tls.insecureSkipVerify is not supported (etcd's gRPC client always verifies certificates): give the CA with tls.caSecretRef")
+    validation = Rule::new("!has(self.spec.etcd) || !has(self.spec.etcd.tls) || !has(self.spec.etcd.tls.insecureSkipVerify) || !self.spec.etcd.tls.insecureSkipVerify").message("spec.etcd.tls.insecureSkipVerify is not supported (etcd's gRPC client always verifies certificates): give the CA with tls.caSecretRef, or leave it out to trust the system's CA certificates")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalCatalogSpec {
@@ -176,7 +176,8 @@ pub struct SecretRef {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsConfig {
-    /// A Secret whose `ca.crt` holds the CA bundle to trust.
+    /// A Secret whose `ca.crt` holds the CA bundle to trust; default: the system's CA
+    /// certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretRef>,
     /// A Secret with `tls.crt` and `tls.key` for client authentication.

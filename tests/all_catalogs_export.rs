@@ -822,8 +822,26 @@ async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_fr
         &env,
         &catalog("zk", json!({"zookeeper": {"connect": secure, "tls": refs}})),
     )?;
-    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
-    deploy_api_x(&client, "consul,etcd,zk").await?;
+    // An https:// etcd endpoint and no CA: etcd's certificate is checked against the system's
+    // roots, here the test CA given as $SSL_CERT_FILE (where the image's bundle would be).
+    kubectl_apply(
+        &env,
+        &catalog(
+            "etcd-roots",
+            json!({"etcd": {"endpoints": [endpoint], "basePath": "/roots",
+                            "tls": {"clientCertSecretRef": refs["clientCertSecretRef"]}}}),
+        ),
+    )?;
+    let ca_file = file(&tls.ca_file);
+    let cb = Controller::start_with_env(
+        &env,
+        "cb",
+        "cluster-a",
+        &[],
+        &[("SSL_CERT_FILE", ca_file.as_str())],
+    )
+    .await?;
+    deploy_api_x(&client, "consul,etcd,zk,etcd-roots").await?;
 
     // Each catalog's own reader: Consul over HTTPS, etcdctl with the certificates, kazoo on
     // ZooKeeper's plain port.
@@ -831,13 +849,16 @@ async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_fr
         .wait_passing("api_x", &["10.1.0.1:8080", "10.1.0.2:8080"], WAIT)
         .await
         .with_context(|| cb.log())?;
-    localenv::eventually("api_x in etcd and ZooKeeper", WAIT, || async {
-        let etcd = env.etcd()?.etcdctl(&[
-            "get",
-            "--prefix",
-            "--print-value-only",
-            "/services/api_x/providers/",
-        ])?;
+    localenv::eventually("api_x in etcd (twice) and ZooKeeper", WAIT, || async {
+        let etcd_at = |base: &str| {
+            env.etcd()?.etcdctl(&[
+                "get",
+                "--prefix",
+                "--print-value-only",
+                &format!("{base}/api_x/providers/"),
+            ])
+        };
+        let (etcd, roots) = (etcd_at("/services")?, etcd_at("/roots")?);
         let zk = localenv::python(
             "import sys, json\n\
              from kazoo.client import KazooClient\n\
@@ -848,7 +869,7 @@ async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_fr
             &[&env.zookeeper()?.connect_string()],
         )?;
         let both = ["10.1.0.1:8080", "10.1.0.2:8080"];
-        let in_etcd = both.iter().all(|a| etcd.contains(a));
+        let in_etcd = both.iter().all(|a| etcd.contains(a) && roots.contains(a));
         let in_zk = serde_json::from_str::<Vec<String>>(zk.trim())? == both;
         Ok((in_etcd && in_zk).then_some(()))
     })
@@ -859,6 +880,7 @@ async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_fr
     for (name, server) in [
         ("consul", url.as_str()),
         ("etcd", endpoint.as_str()),
+        ("etcd-roots", endpoint.as_str()),
         ("zk", secure.as_str()),
     ] {
         // The status names the TLS server it reached (the probe writes both together; a
@@ -881,6 +903,7 @@ async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_fr
         let answer = localenv::run_tool(
             std::process::Command::new(support::controller_bin()?)
                 .env("KUBECONFIG", kube.kubeconfig_path())
+                .env("SSL_CERT_FILE", &ca_file)
                 .args(["query", name, "api_x"]),
         )?;
         assert_eq!(

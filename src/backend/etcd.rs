@@ -715,13 +715,19 @@ impl Etcd {
                 cfg.lease_ttl
             );
         }
-        if cfg.client_cert.is_some() && cfg.ca_pem.is_none() {
+        let https = cfg
+            .endpoints
+            .iter()
+            .any(|e| e.trim().starts_with("https://"));
+        if cfg.client_cert.is_some() && cfg.ca_pem.is_none() && !https {
             bail!(
-                "a client certificate for etcd (tls.clientCertSecretRef) needs the CA that signed \
-                 etcd's certificate too (tls.caSecretRef)"
+                "a client certificate for etcd (tls.clientCertSecretRef) needs TLS: the CA that \
+                 signed etcd's certificate (tls.caSecretRef), or https:// endpoints"
             );
         }
-        let tls = cfg.ca_pem.is_some();
+        // TLS with the CA given, or with the system's roots for https:// endpoints without one
+        // (then every endpoint speaks TLS: host:port ones too).
+        let tls = cfg.ca_pem.is_some() || https;
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
         let mut urls = Vec::with_capacity(cfg.endpoints.len());
         for e in &cfg.endpoints {
@@ -735,14 +741,10 @@ impl Etcd {
             }
             let url = match scheme {
                 Some("http") if tls => bail!(
-                    "etcd endpoint {e:?} is http:// but a CA is configured: use https:// or \
-                     host:port"
+                    "etcd endpoint {e:?} is http:// but the others speak TLS (https:// or a CA \
+                     in tls.caSecretRef): use https:// or host:port"
                 ),
                 Some("http") => format!("http://{authority}"),
-                Some("https") if !tls => bail!(
-                    "etcd endpoint {e:?} is https:// but no CA is configured (tls.caSecretRef): \
-                     this build trusts no system roots for etcd"
-                ),
                 Some("https") => format!("https://{authority}"),
                 Some(other) => bail!("etcd endpoint {e:?}: unknown scheme {other:?}"),
                 None if tls => format!("https://{authority}"),
@@ -761,8 +763,15 @@ impl Etcd {
             if !text.contains("-----BEGIN CERTIFICATE-----") {
                 bail!("the etcd CA bundle holds no PEM certificate");
             }
+        }
+        if tls {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(pem));
+            let mut options_tls = match &cfg.ca_pem {
+                Some(pem) => TlsOptions::new().ca_certificate(Certificate::from_pem(pem)),
+                // No CA given: etcd's certificate is checked against the system's roots (the
+                // image's CA bundle, or $SSL_CERT_FILE).
+                None => TlsOptions::new().with_native_roots(),
+            };
             if let Some(c) = &cfg.client_cert {
                 for (what, bytes, marker) in [
                     ("certificate", &c.cert_pem, "-----BEGIN CERTIFICATE-----"),
@@ -772,9 +781,9 @@ impl Etcd {
                         bail!("the etcd client {what} (tls.clientCertSecretRef) is not PEM");
                     }
                 }
-                tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+                options_tls = options_tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
             }
-            options = options.with_tls(tls);
+            options = options.with_tls(options_tls);
         }
         let anonymous = options.clone();
         let user = cfg.username.clone().filter(|u| !u.is_empty());
@@ -2217,7 +2226,10 @@ mod tests {
             vec!["ftp://etcd:2379".to_string()],
             vec!["http://etcd:2379/path".to_string()],
             vec!["::1:2379".to_string()],
-            vec!["https://etcd:2379".to_string()],
+            vec![
+                "https://etcd-0:2379".to_string(),
+                "http://etcd-1:2379".to_string(),
+            ],
         ] {
             assert!(
                 bad(EtcdConfig {
@@ -2230,6 +2242,8 @@ mod tests {
         for endpoints in [
             vec!["http://etcd-0:2379".to_string(), "[::1]:2379".to_string()],
             vec!["etcd.example:2379/".to_string()],
+            // TLS checked against the system's roots.
+            vec!["https://etcd:2379".to_string(), "etcd-1:2379".to_string()],
         ] {
             assert!(!bad(EtcdConfig {
                 endpoints,

@@ -121,8 +121,35 @@ impl Controller {
     }
 
     pub fn spawn(env: &Env, name: &str, cluster_id: &str, extra: &[&str]) -> Result<Controller> {
+        Self::spawn_with_env(env, name, cluster_id, extra, &[])
+    }
+
+    /// [`Controller::start`] with environment variables of its own.
+    pub async fn start_with_env(
+        env: &Env,
+        name: &str,
+        cluster_id: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Result<Controller> {
+        let c = Self::spawn_with_env(env, name, cluster_id, extra, vars)?;
+        c.wait_ready().await?;
+        Ok(c)
+    }
+
+    fn spawn_with_env(
+        env: &Env,
+        name: &str,
+        cluster_id: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Result<Controller> {
         let metrics_port = localenv::ports::free_port()?;
-        let spec = Spec::new(name, controller_bin()?, env.dir())
+        let mut spec = Spec::new(name, controller_bin()?, env.dir());
+        for (k, v) in vars {
+            spec = spec.env(k, v);
+        }
+        let spec = spec
             .env("KUBECONFIG", env.kube()?.kubeconfig_path())
             .env("RUST_LOG", "info,catalog_bridge=debug")
             .arg("run")
