@@ -714,6 +714,44 @@ mod tests {
         assert_eq!(d.exports[0].problem, None);
     }
 
+    /// `publishNotReadyAddresses`: serving endpoints count even when not ready (a StatefulSet
+    /// finding its peers); terminating ones never do.
+    #[test]
+    fn publish_not_ready_addresses_exports_serving_endpoints() {
+        let eps = json!([
+            {"addresses": ["10.0.0.1"], "conditions": {"ready": true, "serving": true, "terminating": false}},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": false}},
+            {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": false, "terminating": false}},
+            {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+        ]);
+        let slices = [Arc::new(
+            serde_json::from_value::<EndpointSlice>(json!({
+                "metadata": {"namespace": "shop", "name": "s1", "labels": {"kubernetes.io/service-name": "db"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": eps,
+            }))
+            .expect("test slice"),
+        )];
+        let catalogs = [catalog("consul")];
+        let exported = |publish: bool| {
+            let mut svc =
+                (*service("shop", "db", json!({"catalog-bridge.io/export": "consul"}))).clone();
+            if let Some(spec) = svc.spec.as_mut() {
+                spec.publish_not_ready_addresses = Some(publish);
+            }
+            let d = compute(Inputs {
+                services: &[Arc::new(svc)],
+                slices: &slices,
+                catalogs: &catalogs,
+                registrations: &[],
+            });
+            addrs(&d, "consul")
+        };
+        assert_eq!(exported(false), ["db@10.0.0.1:8080"]);
+        assert_eq!(exported(true), ["db@10.0.0.1:8080", "db@10.0.0.2:8080"]);
+    }
+
     #[test]
     fn a_meta_key_consul_refuses_is_a_warning_for_consul_only() {
         let services = [service(
