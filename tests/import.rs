@@ -711,7 +711,16 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
             "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()]}},
         }),
     )?;
-    let cb = Controller::start(&env, "cb", "cluster-a", &["--dry-run"]).await?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk"},
+            "spec": {"zookeeper": {"connect": env.zookeeper()?.connect_string()}},
+        }),
+    )?;
+    let cb =
+        Controller::start(&env, "cb", "cluster-a", &["--dry-run", "--log-format=json"]).await?;
     env.etcd()?.etcdctl(&[
         "put",
         "/services/ledger/providers/10.7.3.1:7000",
@@ -732,13 +741,18 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
         "api-x",
         1,
         2,
-        support::annotations(&[("catalog-bridge.io/export", "etcd")]),
+        support::annotations(&[("catalog-bridge.io/export", "etcd,zk")]),
     )
     .await?;
-    localenv::eventually("both dry-run plans in the log", WAIT, || async {
-        let log = cb.log();
+    localenv::eventually("the dry-run plans in the log", WAIT, || async {
+        let log = cb.full_log()?;
+        let planned = |catalog: &str| {
+            log.lines()
+                .any(|l| l.contains("dry run: plan not applied") && l.contains(catalog))
+        };
         Ok((log.contains("dry run: would apply the imported Service")
-            && log.contains("dry run: plan not applied"))
+            && planned("\"catalog\":\"etcd\"")
+            && planned("\"catalog\":\"zk\""))
         .then_some(()))
     })
     .await
@@ -762,6 +776,19 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
     ensure!(
         leases.contains("found 0 leases"),
         "no lease granted in a dry run: {leases}"
+    );
+    // Nor to ZooKeeper: not a node.
+    let zk = localenv::python(
+        "import sys\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         print(zk.exists('/services') is not None)\n\
+         zk.stop()\n",
+        &[&env.zookeeper()?.connect_string()],
+    )?;
+    ensure!(
+        zk.trim() == "False",
+        "nothing written to ZooKeeper in a dry run"
     );
     // Nothing written to Kubernetes either: no leader Lease taken (the real replicas keep
     // it), no status, no Event.
