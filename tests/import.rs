@@ -69,6 +69,27 @@ async fn wait_endpoints(client: &kube::Client, svc: &str, want: &[&str]) -> Resu
     .await
 }
 
+/// ExternalCatalogs `etcd` and `zk` on the environment's etcd and ZooKeeper.
+fn apply_etcd_and_zk_catalogs(env: &Env) -> Result<()> {
+    kubectl_apply(
+        env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "etcd"},
+            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()]}},
+        }),
+    )?;
+    kubectl_apply(
+        env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk"},
+            "spec": {"zookeeper": {"connect": env.zookeeper()?.connect_string()}},
+        }),
+    )?;
+    Ok(())
+}
+
 async fn setup() -> Result<(Env, kube::Client, Controller)> {
     let env = Env::builder().all().start().await?;
     let client = env.kube()?.client().await?;
@@ -78,22 +99,7 @@ async fn setup() -> Result<(Env, kube::Client, Controller)> {
         &env,
         &consul_catalog("consul", &[env.consul()?.url()], "k8s-test"),
     )?;
-    kubectl_apply(
-        &env,
-        &json!({
-            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
-            "metadata": {"name": "etcd"},
-            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()]}},
-        }),
-    )?;
-    kubectl_apply(
-        &env,
-        &json!({
-            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
-            "metadata": {"name": "zk"},
-            "spec": {"zookeeper": {"connect": env.zookeeper()?.connect_string()}},
-        }),
-    )?;
+    apply_etcd_and_zk_catalogs(&env)?;
     let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
     Ok((env, client, cb))
 }
@@ -703,22 +709,7 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
     let client = env.kube()?.client().await?;
     support::install_crds(&client).await?;
     support::ensure_namespace(&client, "shop").await?;
-    kubectl_apply(
-        &env,
-        &json!({
-            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
-            "metadata": {"name": "etcd"},
-            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()]}},
-        }),
-    )?;
-    kubectl_apply(
-        &env,
-        &json!({
-            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
-            "metadata": {"name": "zk"},
-            "spec": {"zookeeper": {"connect": env.zookeeper()?.connect_string()}},
-        }),
-    )?;
+    apply_etcd_and_zk_catalogs(&env)?;
     let cb =
         Controller::start(&env, "cb", "cluster-a", &["--dry-run", "--log-format=json"]).await?;
     env.etcd()?.etcdctl(&[

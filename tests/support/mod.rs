@@ -115,9 +115,7 @@ impl Controller {
         cluster_id: &str,
         extra: &[&str],
     ) -> Result<Controller> {
-        let c = Self::spawn(env, name, cluster_id, extra)?;
-        c.wait_ready().await?;
-        Ok(c)
+        Self::start_with_env(env, name, cluster_id, extra, &[]).await
     }
 
     pub fn spawn(env: &Env, name: &str, cluster_id: &str, extra: &[&str]) -> Result<Controller> {
