@@ -134,8 +134,8 @@ struct Previous {
     retiring: Retiring,
     /// The previous writer's task, stopped before anything is read through its backend.
     stopped: Option<tokio::task::JoinHandle<()>>,
-    /// Given up on after this long without success (the old servers may be gone for good).
-    give_up_at: Option<Instant>,
+    /// How long each is tried (the old servers may be gone for good).
+    patience: Patience,
 }
 
 /// How long a writer keeps trying to remove the entries of its catalog's previous location
@@ -274,7 +274,7 @@ impl Writer {
         self.previous = Some(Previous {
             retiring,
             stopped: Some(stopped),
-            give_up_at: None,
+            patience: Patience::new(self.cfg.retire_patience),
         });
         self
     }
@@ -296,7 +296,7 @@ impl Writer {
                     // the previous configurations' too; their patience starts again.
                     self.backend.release().await;
                     if let Some(p) = self.previous.as_mut() {
-                        p.give_up_at = None;
+                        p.patience.give_up_at = None;
                         release_all(&p.retiring).await;
                     }
                     led = false;
@@ -438,7 +438,6 @@ impl Writer {
             let _ = task.await;
         }
         let retiring = prev.retiring.clone();
-        let mut give_up_at = prev.give_up_at;
         if first(&retiring).is_none() {
             self.previous = None;
             return true;
@@ -452,27 +451,25 @@ impl Writer {
                 return false;
             }
         };
-        let mut gave_up = Vec::new();
-        let this = &*self;
-        let patience = Patience {
-            after: this.cfg.retire_patience,
-            gave_up: &mut gave_up,
+        // Out of `previous` while `retire` borrows the writer; put back if tried again.
+        let fresh = Patience::new(self.cfg.retire_patience);
+        let Some(mut patience) = self
+            .previous
+            .as_mut()
+            .map(|p| std::mem::replace(&mut p.patience, fresh))
+        else {
+            return true;
         };
-        let result = work_through(
-            &retiring,
-            &mut give_up_at,
-            patience,
-            &this.cfg.catalog,
-            |old| {
-                let is = &is;
-                async move { this.retire(old.as_ref(), is).await }
-            },
-        )
+        let this = &*self;
+        let result = work_through(&retiring, &mut patience, &this.cfg.catalog, |old| {
+            let is = &is;
+            async move { this.retire(old.as_ref(), is).await }
+        })
         .await;
-        self.left_behind.extend(gave_up);
+        self.left_behind.append(&mut patience.gave_up);
         if let Err(e) = result {
             if let Some(p) = self.previous.as_mut() {
-                p.give_up_at = give_up_at;
+                p.patience = patience;
             }
             self.failed(&e);
             return false;
@@ -647,23 +644,19 @@ pub async fn drain(
     stopped.abort();
     let _ = stopped.await;
     let mut backoff = Duration::from_millis(200);
-    let mut give_up_at: Option<Instant> = None;
+    // What is given up on is only logged: the ExternalCatalog is gone.
+    let mut patience = Patience::new(RETIRE_PATIENCE);
     let why = "the ExternalCatalog was deleted";
     loop {
         if !*gate.borrow_and_update() {
             // Not leading: the patience starts again when this replica leads.
-            give_up_at = None;
+            patience.give_up_at = None;
             if gate.changed().await.is_err() {
                 return;
             }
             continue;
         }
-        // Nowhere to report what is given up on but the log: the ExternalCatalog is gone.
-        let patience = Patience {
-            after: RETIRE_PATIENCE,
-            gave_up: &mut Vec::new(),
-        };
-        let removed = work_through(&retiring, &mut give_up_at, patience, &catalog, |old| {
+        let removed = work_through(&retiring, &mut patience, &catalog, |old| {
             let (catalog, metrics) = (&catalog, &metrics);
             async move { remove_all(old.as_ref(), catalog, why, metrics, dry_run).await }
         })
@@ -680,11 +673,24 @@ pub async fn drain(
     }
 }
 
-/// How long [`work_through`] keeps trying one backend, and where it notes those it gave up on
-/// (where and why).
-struct Patience<'a> {
+/// How long [`work_through`] keeps trying one backend, and the backends it gave up on.
+struct Patience {
     after: Duration,
-    gave_up: &'a mut Vec<String>,
+    /// Set at the first failure of the backend being tried; cleared when it is done, or when
+    /// this replica stops leading (the time out of office does not count).
+    give_up_at: Option<Instant>,
+    /// Where and why, one per backend given up on.
+    gave_up: Vec<String>,
+}
+
+impl Patience {
+    fn new(after: Duration) -> Patience {
+        Patience {
+            after,
+            give_up_at: None,
+            gave_up: Vec::new(),
+        }
+    }
 }
 
 /// Works through `retiring`, oldest first: `remove` what each backend owns, let go of what
@@ -693,8 +699,7 @@ struct Patience<'a> {
 /// is given up on, with a warning, and noted in `patience.gave_up`.
 async fn work_through<F, Fut>(
     retiring: &Retiring,
-    give_up_at: &mut Option<Instant>,
-    patience: Patience<'_>,
+    patience: &mut Patience,
     catalog: &str,
     mut remove: F,
 ) -> Result<(), BackendError>
@@ -705,7 +710,8 @@ where
     while let Some(old) = first(retiring) {
         if let Err(e) = remove(old.clone()).await {
             old.release().await;
-            if Instant::now() < *give_up_at.get_or_insert(Instant::now() + patience.after) {
+            let after = patience.after;
+            if Instant::now() < *patience.give_up_at.get_or_insert(Instant::now() + after) {
                 return Err(e);
             }
             warn!(catalog = %catalog, error = %e, at = %old.describe(), "giving up removing this catalog's entries there; `catalog-bridge cleanup --catalog` on an ExternalCatalog with that spec removes them");
@@ -713,7 +719,7 @@ where
         }
         old.release().await;
         done(retiring, &old);
-        *give_up_at = None;
+        patience.give_up_at = None;
     }
     Ok(())
 }
@@ -817,6 +823,26 @@ mod tests {
         }
     }
 
+    /// A writer on `mem` that has written `snapshot`.
+    async fn in_sync(mem: Arc<Memory>, snapshot: Arc<Snapshot>) -> Harness {
+        let entries = snapshot.catalog.instances.len();
+        let mut h = start(mem, Duration::from_secs(3600));
+        h.desired.send(snapshot).expect("send");
+        h.gate.send(true).expect("gate");
+        until(&mut h.report, |r| r.in_sync && r.entries == entries).await;
+        h
+    }
+
+    /// `old` goes down and the catalog moves to location `new`: the new backend, and the
+    /// list with `old` to retire.
+    fn moved_while_down(old: &Arc<Memory>) -> (Arc<Memory>, Retiring) {
+        old.set_down(true);
+        let new = Arc::new(Memory::new("me", 64).at("new"));
+        let retiring: Retiring =
+            Arc::new(std::sync::Mutex::new(vec![old.clone() as Arc<dyn Backend>]));
+        (new, retiring)
+    }
+
     async fn until(report: &mut watch::Receiver<Report>, f: impl Fn(&Report) -> bool) -> Report {
         tokio::time::timeout(Duration::from_secs(5), report.wait_for(|r| f(r)))
             .await
@@ -897,17 +923,11 @@ mod tests {
         let old = Arc::new(Memory::new("me", 64).at("old"));
         old.put_foreign("foreign", "someone-else", serde_json::json!({}));
         let snapshot = || Arc::new(Snapshot::new(instances(3), None));
-        let mut h = start(old.clone(), Duration::from_secs(3600));
-        h.desired.send(snapshot()).expect("send");
-        h.gate.send(true).expect("gate");
-        until(&mut h.report, |r| r.in_sync && r.entries == 3).await;
+        let h = in_sync(old.clone(), snapshot()).await;
 
         // Moved while the old location is down: nothing is written to the new one before the
         // old one is emptied.
-        old.set_down(true);
-        let new = Arc::new(Memory::new("me", 64).at("new"));
-        let retiring: Retiring =
-            Arc::new(std::sync::Mutex::new(vec![old.clone() as Arc<dyn Backend>]));
+        let (new, retiring) = moved_while_down(&old);
         let mut h2 = start_after(
             new.clone(),
             Duration::from_secs(3600),
@@ -972,16 +992,10 @@ mod tests {
     async fn a_previous_location_given_up_on_is_reported_until_the_writer_ends() {
         let old = Arc::new(Memory::new("me", 64).at("old"));
         let snapshot = || Arc::new(Snapshot::new(instances(2), None));
-        let mut h = start(old.clone(), Duration::from_secs(3600));
-        h.desired.send(snapshot()).expect("send");
-        h.gate.send(true).expect("gate");
-        until(&mut h.report, |r| r.in_sync && r.entries == 2).await;
+        let h = in_sync(old.clone(), snapshot()).await;
 
         // Moved away from servers that are gone for good.
-        old.set_down(true);
-        let new = Arc::new(Memory::new("me", 64).at("new"));
-        let retiring: Retiring =
-            Arc::new(std::sync::Mutex::new(vec![old.clone() as Arc<dyn Backend>]));
+        let (new, retiring) = moved_while_down(&old);
         let mut cfg = Config::new("test");
         cfg.drift_interval = Duration::from_secs(3600);
         cfg.min_backoff = Duration::from_millis(10);
