@@ -48,12 +48,14 @@ pub fn dns1035(name: &str) -> String {
 /// and the rest import (a refused slice would stop the whole apply).
 pub fn sliceable(mut snap: ImportSnapshot) -> ImportSnapshot {
     let mut skipped = Vec::new();
+    let mut renamed = false;
     snap.instances.retain_mut(|i| {
         if i.address.parse::<IpAddr>().is_ok() {
             return true;
         }
         match slice_host(&i.address) {
             Ok(name) => {
+                renamed |= name != i.address;
                 i.address = name;
                 true
             }
@@ -63,8 +65,11 @@ pub fn sliceable(mut snap: ImportSnapshot) -> ImportSnapshot {
             }
         }
     });
-    snap.instances
-        .sort_by(|a, b| (&a.address, a.port, &a.id).cmp(&(&b.address, b.port, &b.id)));
+    if renamed {
+        // Sorted by address, as the catalogs give them.
+        snap.instances
+            .sort_by(|a, b| (&a.address, a.port, &a.id).cmp(&(&b.address, b.port, &b.id)));
+    }
     snap.skipped.extend(skipped);
     snap
 }

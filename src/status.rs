@@ -486,6 +486,7 @@ pub async fn run(
 /// (object, reason, note) has a recorder of its own; the same message again is still a repeat.
 struct Announcer {
     client: kube::Client,
+    reporter: Reporter,
     recorders: HashMap<(String, String, String), Recorder>,
 }
 
@@ -497,6 +498,10 @@ impl Announcer {
     fn new(client: kube::Client) -> Announcer {
         Announcer {
             client,
+            reporter: Reporter {
+                controller: "catalog-bridge".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
             recorders: HashMap::new(),
         }
     }
@@ -510,16 +515,11 @@ impl Announcer {
         if self.recorders.len() >= Self::KEPT && !self.recorders.contains_key(&key) {
             self.recorders.clear();
         }
-        let client = &self.client;
-        let recorder = self.recorders.entry(key).or_insert_with(|| {
-            Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "catalog-bridge".into(),
-                    instance: std::env::var("POD_NAME").ok(),
-                },
-            )
-        });
+        let (client, reporter) = (&self.client, &self.reporter);
+        let recorder = self
+            .recorders
+            .entry(key)
+            .or_insert_with(|| Recorder::new(client.clone(), reporter.clone()));
         if let Err(err) = recorder.publish(ev, reference).await {
             warn!(error = %err, reason = %ev.reason, "publishing an Event failed");
         }
