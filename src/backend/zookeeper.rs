@@ -593,6 +593,12 @@ impl Inner {
         !self.owner.is_empty()
     }
 
+    /// Whether the session is this owner's stored one, kept across restarts: attached to,
+    /// saved, left open. Not for a client without owner, nor a read-only one.
+    fn keeps_session(&self) -> bool {
+        self.has_owner() && !self.read_only
+    }
+
     fn hosts(&self) -> String {
         self.upstreams
             .iter()
@@ -659,7 +665,7 @@ impl Inner {
             Slot::Lost(s) => (Some(s.clone()), true),
             // Released, or never used: only a caller brings it back.
             Slot::Empty if background => return Ok(None),
-            Slot::Empty if self.has_owner() && !self.read_only => (
+            Slot::Empty if self.keeps_session() => (
                 self.store.load().await.map_err(|e| {
                     BackendError::Rejected(format!(
                         "loading the stored ZooKeeper session for {}: {e:#}",
@@ -692,10 +698,7 @@ impl Inner {
         let conn = match attached {
             Some(c) => c,
             // A read-only session is its own: closed when dropped.
-            None => match self
-                .connect(None, self.has_owner() && !self.read_only)
-                .await
-            {
+            None => match self.connect(None, self.keeps_session()).await {
                 Ok(c) => c,
                 Err(ConnectError::Expired) => {
                     return Err(BackendError::Protocol(format!(
@@ -746,7 +749,7 @@ impl Inner {
     /// Stores the session when it is not stored yet; a failure is logged and retried on the
     /// next call (without it, a restart cannot re-attach and re-creates the entries).
     async fn save(&self, conn: &Conn) {
-        if !self.has_owner() || self.read_only || conn.saved.load(Ordering::SeqCst) {
+        if !self.keeps_session() || conn.saved.load(Ordering::SeqCst) {
             return;
         }
         match self.store.save(&conn.session).await {
