@@ -727,8 +727,7 @@ impl Consul {
                     // the connection, depending on timing: name the setting either way.
                     if !self.client_cert
                         && self.urls[idx].scheme() == "https"
-                        && (why.contains("connection closed")
-                            || why.contains("CertificateRequired"))
+                        && may_want_client_cert(&why)
                     {
                         why.push_str(
                             "; Consul may require a client certificate (tls.clientCertSecretRef)",
@@ -1040,6 +1039,12 @@ fn transport_error(e: &reqwest::Error) -> String {
         source = s.source();
     }
     innermost
+}
+
+/// Whether `why` (a failure of an https address reached without a client certificate) may be
+/// Consul refusing the handshake for want of one.
+fn may_want_client_cert(why: &str) -> bool {
+    why.contains("connection closed") || why.contains("CertificateRequired")
 }
 
 /// `host:port` as a client dials it: IPv6 in brackets.
@@ -1832,6 +1837,23 @@ mod tests {
             ]
         );
         assert!(txn_errors(b"Permission denied", &ops).is_none());
+    }
+
+    /// A Consul with `verify_incoming` refuses a client without a certificate with an alert or
+    /// by closing the connection, depending on timing; every form the refusal takes gets the
+    /// hint (one cold run of `make test` saw the broken pipe).
+    #[test]
+    fn every_form_of_a_refused_client_certificate_is_recognised() {
+        for why in [
+            "connection closed before message completed",
+            "received fatal alert: CertificateRequired",
+            "http2 error: stream closed because of a broken pipe",
+            "connection reset",
+            "peer closed connection without sending TLS close_notify",
+        ] {
+            assert!(may_want_client_cert(why), "not recognised: {why}");
+        }
+        assert!(!may_want_client_cert("connection refused"));
     }
 
     #[test]
