@@ -36,8 +36,8 @@ use catalog_bridge::backend::Backend;
 use catalog_bridge::backend::consul::{Consul, ConsulConfig};
 use catalog_bridge::backend::etcd::{Etcd, EtcdConfig};
 use catalog_bridge::backend::zookeeper::{ZooKeeper, ZooKeeperConfig};
+use catalog_bridge::export::plan::Op;
 use catalog_bridge::model::{Instance, Origin};
-use catalog_bridge::plan::Op;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -446,8 +446,8 @@ async fn import_bench(
 /// The desired-state step after one readiness change, incremental against from scratch:
 /// p50 of each over 30 changes, as a table row.
 fn desired_state_bench() -> Result<String> {
-    use catalog_bridge::crd::ExternalCatalog;
-    use catalog_bridge::desired::{Desired, Inputs, Memo, compute, compute_with};
+    use catalog_bridge::api::crd::ExternalCatalog;
+    use catalog_bridge::export::desired::{Desired, Inputs, Memo, compute, compute_with};
     let services: Vec<Arc<Service>> = (0..SERVICES)
         .map(|s| {
             serde_json::from_value(json!({

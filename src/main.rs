@@ -2,5 +2,5 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    catalog_bridge::cli::run(catalog_bridge::cli::Cli::parse()).await
+    catalog_bridge::app::cli::run(catalog_bridge::app::cli::Cli::parse()).await
 }

@@ -876,7 +876,8 @@ async fn every_catalog_is_reached_over_tls_with_the_ca_and_client_certificate_fr
     .await
     .with_context(|| cb.log())?;
 
-    let catalogs: kube::Api<catalog_bridge::crd::ExternalCatalog> = kube::Api::all(client.clone());
+    let catalogs: kube::Api<catalog_bridge::api::crd::ExternalCatalog> =
+        kube::Api::all(client.clone());
     for (name, server) in [
         ("consul", url.as_str()),
         ("etcd", endpoint.as_str()),

@@ -368,7 +368,7 @@ async fn deleting_a_service_a_registration_or_an_annotation_removes_exactly_its_
         .await?;
 
     // The registration reports what it did.
-    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+    let regs: Api<catalog_bridge::api::crd::ExternalRegistration> =
         Api::namespaced(client.clone(), "shop");
     localenv::eventually(
         "registration Ready and Synced with 2 endpoints",

@@ -13,7 +13,7 @@ use support::{CRDS_FILE, install_crds};
 
 #[test]
 fn committed_crds_match_the_rust_types() -> Result<()> {
-    let generated = catalog_bridge::crd::crds_yaml()?;
+    let generated = catalog_bridge::api::crd::crds_yaml()?;
     let committed =
         std::fs::read_to_string(CRDS_FILE).with_context(|| format!("reading {CRDS_FILE}"))?;
     assert!(

@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use catalog_bridge::api::crd::EtcdLayout;
 use catalog_bridge::backend::etcd::{Etcd, EtcdConfig, MAX_PLAN_OPS_PER_TXN, MAX_TXN_OPS, batches};
 use catalog_bridge::backend::{Backend, BackendError, ClientCert, Record};
-use catalog_bridge::crd::EtcdLayout;
-use catalog_bridge::metrics::Metrics;
+use catalog_bridge::export::Snapshot;
+use catalog_bridge::export::plan::{Op, plan};
+use catalog_bridge::export::writer::{Config as WriterConfig, Writer};
 use catalog_bridge::model::{DesiredCatalog, Instance, Origin};
-use catalog_bridge::plan::{Op, plan};
-use catalog_bridge::writer::{Config as WriterConfig, Snapshot, Writer};
+use catalog_bridge::runtime::metrics::Metrics;
 use localenv::{Env, Scope};
 use serde_json::Value;
 use tokio::sync::OnceCell;

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use catalog_bridge::api::crd::EtcdLayout;
 use catalog_bridge::backend::etcd::{Etcd, EtcdConfig};
 use catalog_bridge::backend::{Backend, BackendError, External, ImportSnapshot};
-use catalog_bridge::crd::EtcdLayout;
+use catalog_bridge::export::plan::plan;
 use catalog_bridge::model::{Instance, Origin};
-use catalog_bridge::plan::plan;
 use localenv::{Env, Scope};
 use tokio::sync::OnceCell;
 use tokio::sync::watch;

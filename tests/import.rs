@@ -142,7 +142,7 @@ async fn consul_instances_with_passing_checks_become_endpoints() -> Result<()> {
     println!("Consul check passing -> endpoint back in {took:?}");
 
     // Deleting the registration removes the Service and its slices (owner references).
-    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+    let regs: Api<catalog_bridge::api::crd::ExternalRegistration> =
         Api::namespaced(client.clone(), "shop");
     regs.delete("api-z", &Default::default()).await?;
     localenv::eventually("the imported Service to go", WAIT, || async {
@@ -416,7 +416,7 @@ async fn a_catalog_outage_keeps_the_last_known_endpoints() -> Result<()> {
         .with_context(|| cb.log())?;
 
     consul.stop()?;
-    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+    let regs: Api<catalog_bridge::api::crd::ExternalRegistration> =
         Api::namespaced(client.clone(), "shop");
     let message = localenv::eventually("Synced=False naming the outage", WAIT, || async {
         let s = regs.get("db").await?.status.unwrap_or_default();
@@ -598,7 +598,7 @@ async fn an_import_never_takes_over_a_service_it_did_not_create() -> Result<()> 
             json!({"ports": [{"name": "http", "port": 9000}]}),
         ),
     )?;
-    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+    let regs: Api<catalog_bridge::api::crd::ExternalRegistration> =
         Api::namespaced(client.clone(), "shop");
     let ready = localenv::eventually("Ready=False ServiceConflict", WAIT, || async {
         let s = regs.get("billing").await?.status.unwrap_or_default();
@@ -788,11 +788,11 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
             .get_opt("catalog-bridge")
             .await?;
     ensure!(lease.is_none(), "no leader Lease in a dry run: {lease:?}");
-    let regs: Api<catalog_bridge::crd::ExternalRegistration> =
+    let regs: Api<catalog_bridge::api::crd::ExternalRegistration> =
         Api::namespaced(client.clone(), "shop");
     let status = regs.get("ledger").await?.status;
     ensure!(status.is_none(), "no status in a dry run: {status:?}");
-    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
+    let catalogs: Api<catalog_bridge::api::crd::ExternalCatalog> = Api::all(client.clone());
     let status = catalogs.get("etcd").await?.status;
     ensure!(status.is_none(), "no status in a dry run: {status:?}");
     let events = Api::<k8s_openapi::api::events::v1::Event>::all(client.clone())

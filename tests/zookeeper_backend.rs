@@ -14,16 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use catalog_bridge::api::crd::ZooKeeperLayout;
 use catalog_bridge::backend::tls::TlsSettings;
 use catalog_bridge::backend::zookeeper::{
     MAX_MULTI_OPS, MemorySessionStore, SessionStore, ZooKeeper, ZooKeeperConfig,
 };
 use catalog_bridge::backend::{Backend, BackendError, ClientCert, ImportSnapshot, Record};
-use catalog_bridge::crd::ZooKeeperLayout;
-use catalog_bridge::metrics::Metrics;
+use catalog_bridge::export::Snapshot;
+use catalog_bridge::export::plan::{Op, plan};
+use catalog_bridge::export::writer::{self, Writer};
 use catalog_bridge::model::{DesiredCatalog, Instance, Origin};
-use catalog_bridge::plan::{Op, plan};
-use catalog_bridge::writer::{self, Snapshot, Writer};
+use catalog_bridge::runtime::metrics::Metrics;
 use localenv::{Env, Scope, eventually};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use catalog_bridge::api::crd::ZooKeeperLayout;
 use catalog_bridge::backend::zookeeper::{MemorySessionStore, ZooKeeper, ZooKeeperConfig};
 use catalog_bridge::backend::{Backend, BackendError, External, ImportSnapshot, Record};
-use catalog_bridge::crd::ZooKeeperLayout;
+use catalog_bridge::export::plan::{Op, plan};
 use catalog_bridge::model::{Instance, Origin};
-use catalog_bridge::plan::{Op, plan};
 use localenv::{Env, Scope};
 use serde_json::{Value, json};
 use tokio::sync::{OnceCell, watch};

@@ -33,9 +33,10 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
 
 use super::{Backend, BackendError, ClientCert, External, ImportSnapshot, Record};
-use crate::crd::ServerInfo;
+use crate::api::crd::ServerInfo;
 use crate::model::Instance;
-use crate::plan::Op;
+use crate::model::Op;
+use crate::model::address::import_host;
 
 /// At most this many operations in one `/v1/txn` request (the limit of older Consul servers),
 /// counting every operation: node, service and check.
@@ -727,7 +728,7 @@ impl Consul {
                     // the connection, depending on timing: name the setting either way.
                     if !self.client_cert
                         && self.urls[idx].scheme() == "https"
-                        && may_want_client_cert(&why)
+                        && super::transport::may_want_client_cert(&why)
                     {
                         why.push_str(
                             "; Consul may require a client certificate (tls.clientCertSecretRef)",
@@ -848,25 +849,6 @@ fn next_index(sent: u64, got: Option<u64>) -> (u64, bool) {
     }
 }
 
-/// Whether `host` is something a client can dial: an IP address or a DNS name.
-fn usable_host(host: &str) -> bool {
-    if host.parse::<IpAddr>().is_ok() {
-        return true;
-    }
-    let name = host.strip_suffix('.').unwrap_or(host);
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 /// The instances an answer imports, and the entries skipped with why.
 type Imported = (Vec<External>, Vec<(String, String)>);
 
@@ -936,13 +918,13 @@ fn import_entries(name: &str, owner: &str, entries: &Value) -> Result<Imported, 
             ));
             continue;
         }
-        if !usable_host(&host) {
-            skipped.push((
-                id,
-                format!("address {host:?} is neither an IP address nor a host name"),
-            ));
-            continue;
-        }
+        let host = match import_host(&host) {
+            Ok(h) => h,
+            Err(why) => {
+                skipped.push((id, why));
+                continue;
+            }
+        };
         let port = match service.get("Port") {
             None | Some(Value::Null) => {
                 skipped.push((id, "no port".to_string()));
@@ -1039,12 +1021,6 @@ fn transport_error(e: &reqwest::Error) -> String {
         source = s.source();
     }
     innermost
-}
-
-/// Whether `why` (a failure of an https address reached without a client certificate) may be
-/// Consul refusing the handshake for want of one.
-fn may_want_client_cert(why: &str) -> bool {
-    why.contains("connection closed") || why.contains("CertificateRequired")
 }
 
 /// `host:port` as a client dials it: IPv6 in brackets.
@@ -1665,12 +1641,12 @@ mod tests {
         let (node_ok, owned) = c.owned_records(&node_services, &checks).expect("parses");
         assert!(node_ok);
         assert_eq!(owned, rendered);
-        assert!(crate::plan::plan(&rendered, &owned).is_empty());
+        assert!(crate::export::plan::plan(&rendered, &owned).is_empty());
 
         // A check that is not passing, or missing, is drift that a put repairs.
         let checks = json!([check(&i.stable_id(), "critical")]);
         let (_, owned) = c.owned_records(&node_services, &checks).expect("parses");
-        let p = crate::plan::plan(&rendered, &owned);
+        let p = crate::export::plan::plan(&rendered, &owned);
         assert_eq!((p.creates, p.updates, p.deletes), (0, 2, 0));
 
         // Null Tags and Meta read as empty ones.
@@ -1839,23 +1815,6 @@ mod tests {
         assert!(txn_errors(b"Permission denied", &ops).is_none());
     }
 
-    /// A Consul with `verify_incoming` refuses a client without a certificate with an alert or
-    /// by closing the connection, depending on timing; every form the refusal takes gets the
-    /// hint (one cold run of `make test` saw the broken pipe).
-    #[test]
-    fn every_form_of_a_refused_client_certificate_is_recognised() {
-        for why in [
-            "connection closed before message completed",
-            "received fatal alert: CertificateRequired",
-            "http2 error: stream closed because of a broken pipe",
-            "connection reset",
-            "peer closed connection without sending TLS close_notify",
-        ] {
-            assert!(may_want_client_cert(why), "not recognised: {why}");
-        }
-        assert!(!may_want_client_cert("connection refused"));
-    }
-
     #[test]
     fn blocking_query_index_follows_consuls_rules() {
         // First answer, then a change: block from the new index.
@@ -1908,7 +1867,7 @@ mod tests {
                 ext("10.0.0.2", 5432, "db-2"),
                 ext("10.0.0.8", 1, "theirs"),
                 ext("192.0.2.1", 5432, "n1/db-1"),
-                ext("db.example.", 1, "db-host"),
+                ext("db.example", 1, "db-host"),
                 ext("fd00::1", 5433, "n2/db-1"),
             ]
         );

@@ -66,7 +66,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -84,9 +84,10 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::{Backend, BackendError, ClientCert, External, ImportSnapshot, Record};
-use crate::crd::{EtcdLayout, ServerInfo};
+use crate::api::crd::{EtcdLayout, ServerInfo};
+use crate::model::Op;
+use crate::model::address::{import_host, parse_host_port};
 use crate::model::{Instance, fnv1a64};
-use crate::plan::Op;
 
 /// At most this many operations in one transaction (etcd's `--max-txn-ops` default).
 ///
@@ -1812,66 +1813,8 @@ fn marker_lease(kv: &KeyValue) -> Option<i64> {
         .filter(|id| *id != 0)
 }
 
-/// A host of an imported entry: an IP address (normalized) or a DNS host name.
-fn parse_host(h: &str) -> Result<String, String> {
-    if let Ok(ip) = h.parse::<IpAddr>() {
-        return Ok(ip.to_string());
-    }
-    let name = h.strip_suffix('.').unwrap_or(h);
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if name.is_empty()
-        || name.len() > 253
-        || name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        || !name.split('.').all(label_ok)
-    {
-        return Err(format!("{h:?} is neither an IP address nor a host name"));
-    }
-    Ok(name.to_string())
-}
-
 /// An imported entry's host and port, or why it has none.
 type HostPort = Result<(String, u16), String>;
-
-/// A port of an imported entry: 1 to 65535.
-fn parse_port(p: &str) -> Result<u16, String> {
-    p.parse::<u16>()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
-}
-
-/// `ip:port`, `[ipv6]:port` or `host:port`.
-fn parse_host_port(s: &str) -> HostPort {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty value, not host:port".into());
-    }
-    if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest
-            .split_once("]:")
-            .ok_or_else(|| format!("{s:?} is not [IPv6]:port"))?;
-        let ip: Ipv6Addr = h
-            .parse()
-            .map_err(|_| format!("{h:?} in {s:?} is not an IPv6 address"))?;
-        return Ok((ip.to_string(), parse_port(p)?));
-    }
-    let (h, p) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not host:port"))?;
-    if h.contains(':') {
-        return Err(format!(
-            "{s:?}: an IPv6 address needs brackets ([addr]:port)"
-        ));
-    }
-    Ok((parse_host(h)?, parse_port(p)?))
-}
 
 /// A `plain` value: `host:port`.
 fn parse_plain(value: &[u8]) -> HostPort {
@@ -1921,11 +1864,7 @@ fn parse_coredns(value: &[u8]) -> HostPort {
         .and_then(Value::as_str)
         .filter(|h| !h.is_empty())
         .ok_or("no host")?;
-    let host = parse_host(
-        host.strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host),
-    )?;
+    let host = import_host(host)?;
     let port = match v.get("port") {
         Some(p) => p
             .as_u64()
@@ -2453,9 +2392,9 @@ mod tests {
         let rendered = e.render(std::slice::from_ref(&i));
         let (key, value) = e.entry(&i);
         let read = BTreeMap::from([(key.clone(), record_of(&value, false))]);
-        assert!(crate::plan::plan(&rendered, &read).is_empty());
+        assert!(crate::export::plan::plan(&rendered, &read).is_empty());
         let moved = BTreeMap::from([(key.clone(), record_of(&value, true))]);
-        let p = crate::plan::plan(&rendered, &moved);
+        let p = crate::export::plan::plan(&rendered, &moved);
         assert_eq!((p.creates, p.updates, p.deletes), (0, 1, 0));
         assert_eq!(
             record_value(&key, &rendered[&key]).expect("value"),

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use super::{Backend, BackendError, Record};
-use crate::crd::ServerInfo;
+use crate::api::crd::ServerInfo;
 use crate::model::Instance;
-use crate::plan::Op;
+use crate::model::Op;
 
 /// A catalog in a map. Entries of other owners can be planted with [`Memory::put_foreign`];
 /// [`Memory::set_down`] makes every call fail as an unreachable catalog would.

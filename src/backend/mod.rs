@@ -8,51 +8,19 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod failover;
 pub mod memory;
 pub mod tls;
+pub mod transport;
 pub mod zookeeper;
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::crd::ServerInfo;
+use crate::api::crd::{ExternalCatalogSpec, ServerInfo};
 use crate::model::Instance;
-use crate::plan::Op;
-
-/// An entry as a backend stores it, in a canonical form that compares equal when the catalog
-/// holds what would be written.
-pub type Record = serde_json::Value;
-
-/// Why a catalog operation failed; the variant is a bounded category for metrics and
-/// condition reasons, the text the real error.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum BackendError {
-    /// No address answered (connection refused, timeout, DNS).
-    #[error("{0}")]
-    Unreachable(String),
-    /// The catalog answered, with an error.
-    #[error("{0}")]
-    Rejected(String),
-    /// Credentials were refused.
-    #[error("{0}")]
-    Unauthorized(String),
-    /// What the catalog returned could not be understood.
-    #[error("{0}")]
-    Protocol(String),
-}
-
-impl BackendError {
-    /// A CamelCase reason for conditions and a metric label.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            BackendError::Unreachable(_) => "Unreachable",
-            BackendError::Rejected(_) => "Rejected",
-            BackendError::Unauthorized(_) => "Unauthorized",
-            BackendError::Protocol(_) => "ProtocolError",
-        }
-    }
-}
+pub use crate::model::{BackendError, Op, Record};
 
 /// A client certificate and its private key (PEM), for mutual TLS with a catalog.
 #[derive(Clone, PartialEq, Eq)]
@@ -92,6 +60,43 @@ pub struct ImportSnapshot {
     pub error: Option<BackendError>,
     /// At least one read has succeeded.
     pub synced: bool,
+}
+
+/// Publishes a change of an import watch's snapshot, and only a change.
+pub fn publish(
+    tx: &tokio::sync::watch::Sender<ImportSnapshot>,
+    f: impl FnOnce(&mut ImportSnapshot),
+) {
+    tx.send_if_modified(|s| {
+        let before = s.clone();
+        f(s);
+        *s != before
+    });
+}
+
+/// What the layout of `catalog` leaves out of an instance with `meta`, and why (Consul refuses
+/// some keys, and more than 64 pairs). Pure: for the desired state, which reports it where the
+/// user wrote the meta.
+pub fn meta_left_out(
+    catalog: &ExternalCatalogSpec,
+    meta: &BTreeMap<String, String>,
+) -> Vec<String> {
+    if catalog.consul.is_some() {
+        consul::dropped_meta(meta)
+    } else {
+        Vec::new()
+    }
+}
+
+/// `consul`, `etcd` or `zookeeper`: the kind of catalog `spec` describes.
+pub fn kind_of(spec: &ExternalCatalogSpec) -> &'static str {
+    if spec.consul.is_some() {
+        "consul"
+    } else if spec.etcd.is_some() {
+        "etcd"
+    } else {
+        "zookeeper"
+    }
 }
 
 /// One catalog, as the writer and `catalog-bridge query` use it.

@@ -69,9 +69,10 @@ use zookeeper_client as zk;
 
 use super::tls::TlsSettings;
 use super::{Backend, BackendError, External, ImportSnapshot, Record};
-use crate::crd::{ServerInfo, ZooKeeperLayout};
+use crate::api::crd::{ServerInfo, ZooKeeperLayout};
 use crate::model::Instance;
-use crate::plan::Op;
+use crate::model::Op;
+use crate::model::address::{import_host, parse_host_port};
 
 /// At most this many operations (entries and the parents they need) in one `multi`: far below
 /// `jute.maxbuffer` (1 MiB) for entries of the sizes written here.
@@ -1627,62 +1628,7 @@ impl OwnSessions {
 
 /// Address and port of a plain-layout child name: `ip:port`, `[ipv6]:port` or `host:port`.
 fn parse_provider(child: &str) -> Result<(String, u16), String> {
-    let (host, port) = if let Some(rest) = child.strip_prefix('[') {
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or_else(|| "no closing ']'".to_string())?;
-        let port = after
-            .strip_prefix(':')
-            .ok_or_else(|| "no ':port' after ']'".to_string())?;
-        let ip: std::net::Ipv6Addr = host
-            .parse()
-            .map_err(|_| format!("{host:?} in brackets is not an IPv6 address"))?;
-        (ip.to_string(), port)
-    } else {
-        let (host, port) = child
-            .rsplit_once(':')
-            .ok_or_else(|| "not host:port".to_string())?;
-        if host.contains(':') {
-            return Err("an IPv6 address must be in brackets".into());
-        }
-        (host.to_string(), port)
-    };
-    let port = parse_port(port)?;
-    Ok((checked_host(&host)?, port))
-}
-
-fn parse_port(p: &str) -> Result<u16, String> {
-    match p.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("{p:?} is not a port")),
-    }
-}
-
-/// An address as imported: IPs in canonical form (IPv6 without brackets), host names as they
-/// are if they are valid DNS names.
-fn checked_host(host: &str) -> Result<String, String> {
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Ok(ip.to_string());
-    }
-    let valid = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        });
-    if valid {
-        Ok(host.to_string())
-    } else {
-        Err(format!("{host:?} is neither an IP address nor a host name"))
-    }
+    parse_host_port(child)
 }
 
 /// Address and port of a Curator `ServiceInstance` (`port`, or `sslPort` when `port` is null
@@ -1719,7 +1665,7 @@ fn parse_curator(data: &[u8]) -> Result<Option<(String, u16)>, String> {
             port_of("sslPort")?.ok_or_else(|| "neither \"port\" nor \"sslPort\"".to_string())?
         }
     };
-    Ok(Some((checked_host(address)?, port)))
+    Ok(Some((import_host(address)?, port)))
 }
 
 /// Whether plain-layout data names `owner` (`{"owner": …}`, as [`ZooKeeper::entry`] writes).

@@ -272,8 +272,8 @@ pub async fn catalog_condition(
     name: &str,
     type_: &str,
     status: &str,
-) -> Result<catalog_bridge::crd::Condition> {
-    let catalogs: Api<catalog_bridge::crd::ExternalCatalog> = Api::all(client.clone());
+) -> Result<catalog_bridge::api::crd::Condition> {
+    let catalogs: Api<catalog_bridge::api::crd::ExternalCatalog> = Api::all(client.clone());
     localenv::eventually(
         &format!("{type_}={status} on {name}"),
         Duration::from_secs(30),

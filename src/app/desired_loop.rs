@@ -1,0 +1,119 @@
+//! The desired-state loop: on every Kubernetes change (coalesced) and every 500 ms, it
+//! recomputes desired state, hands each writer its snapshot, brings the import tasks in line,
+//! and publishes what the status loop and the metrics read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::export::desired::{self, Desired, Inputs, Source};
+use crate::export::writers::{CatalogView, Writers};
+use crate::import::{ImportView, Importers};
+use crate::k8s::stores::Stores;
+use crate::runtime::Metrics;
+use crate::runtime::health::Changes;
+
+/// How often the loop turns without a change: views refresh, broken catalogs are retried.
+pub const TICK: Duration = Duration::from_millis(500);
+
+/// Where the loop publishes.
+pub struct Outputs {
+    pub desired: watch::Sender<Arc<Desired>>,
+    pub catalogs: watch::Sender<BTreeMap<String, CatalogView>>,
+    pub imports: watch::Sender<HashMap<(String, String), ImportView>>,
+    /// Set once every cache has synced.
+    pub synced: watch::Sender<bool>,
+}
+
+/// Runs the loop; it ends only with an error.
+pub async fn run(
+    stores: Stores,
+    changes: Arc<Changes>,
+    mut writers: Writers,
+    mut importers: Importers,
+    metrics: Arc<Metrics>,
+    out: Outputs,
+) -> Result<()> {
+    stores.wait_synced().await?;
+    info!("Kubernetes caches synced");
+    out.synced.send_replace(true);
+    let mut tick = tokio::time::interval(TICK);
+    let mut first = true;
+    let mut memo = desired::Memo::default();
+    loop {
+        let since = changes.take();
+        let cats = stores.catalogs.state();
+        // Recompute only when something changed; the tick alone refreshes views and retries
+        // catalogs that could not be built.
+        let d = if since.is_some() || first {
+            first = false;
+            let (svcs, sls, regs) = (
+                stores.services.state(),
+                stores.slices.state(),
+                stores.registrations.state(),
+            );
+            desired::compute_with(
+                Inputs {
+                    services: &svcs,
+                    slices: &sls,
+                    catalogs: &cats,
+                    registrations: &regs,
+                },
+                &mut memo,
+            )
+        } else {
+            out.desired.borrow().as_ref().clone()
+        };
+        writers.sync(&cats, &d, since).await;
+        importers.sync(&stores.registrations.state(), &cats).await;
+        out.imports.send_if_modified(|cur| {
+            let v = importers.views();
+            if *cur == v {
+                return false;
+            }
+            *cur = v;
+            true
+        });
+        metrics.set_invalid_exports(&invalid_exports(&d));
+        out.desired.send_if_modified(|cur| {
+            if **cur == d {
+                return false;
+            }
+            *cur = Arc::new(d);
+            true
+        });
+        out.catalogs.send_if_modified(|cur| {
+            let v = writers.views();
+            if *cur == v {
+                return false;
+            }
+            *cur = v;
+            true
+        });
+        tokio::select! {
+            () = changes.marked() => {}
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// The exports that cannot take effect, by (source kind, reason).
+fn invalid_exports(d: &Desired) -> BTreeMap<(String, String), i64> {
+    let mut invalid: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for e in &d.exports {
+        if let Some(p) = &e.problem {
+            let kind = match e.source {
+                Source::Annotation { .. } => "annotation",
+                Source::Registration { .. } => "registration",
+            };
+            *invalid
+                .entry((kind.to_string(), p.reason.to_string()))
+                .or_default() += 1;
+        }
+    }
+    invalid
+}

@@ -1,0 +1,40 @@
+//! `catalog-bridge cleanup --catalog <name>`: removes every entry this owner id wrote to one
+//! catalog — after an uninstall, or to retire a cluster id. Entries of other owners and
+//! hand-made ones are untouched, exactly as in normal operation (`export::retire::remove_owned`,
+//! which the writer of a moved or deleted catalog uses too).
+
+use anyhow::{Context, Result};
+use kube::Api;
+
+use crate::api::crd::ExternalCatalog;
+pub use crate::export::retire::Outcome;
+use crate::export::retire::remove_owned;
+use crate::k8s::catalogs::{self, SessionSecret};
+use crate::k8s::secrets;
+use crate::model::Problem;
+
+/// Reads the owned entries of ExternalCatalog `name` for `owner` and deletes them all (or, with
+/// `dry_run`, only counts them).
+pub async fn cleanup(
+    client: &kube::Client,
+    name: &str,
+    owner: &str,
+    sessions: SessionSecret,
+    dry_run: bool,
+) -> Result<Outcome> {
+    let cat = Api::<ExternalCatalog>::all(client.clone())
+        .get(name)
+        .await
+        .with_context(|| format!("reading ExternalCatalog {name}"))?;
+    let problem = |p: Problem| anyhow::anyhow!("{p}");
+    let credentials = secrets::credentials(client, &cat).await.map_err(problem)?;
+    let ctx = catalogs::Context {
+        owner: owner.to_string(),
+        sessions: Some(sessions),
+        read_only: dry_run,
+    };
+    let backend = catalogs::build(&cat, credentials, &ctx).map_err(problem)?;
+    remove_owned(backend.as_ref(), dry_run)
+        .await
+        .with_context(|| format!("removing what {owner} holds in {}", backend.describe()))
+}

@@ -1,0 +1,20 @@
+//! Export, from Kubernetes to the catalogs: the desired state of every catalog (pure), the plan
+//! (a pure diff against what this controller owns there), one writer per catalog, the removal
+//! of what a moved or deleted catalog left behind, and the supervisor that starts, restarts and
+//! stops the writers as ExternalCatalogs come and go.
+//!
+//! ```text
+//! desired::compute ─▶ Snapshot per catalog ─▶ Writer: gate, read_owned, plan, Backend::apply
+//!                                               └▶ Report (status, metrics)
+//! ```
+
+pub mod desired;
+pub mod plan;
+pub mod records;
+pub mod retire;
+pub mod snapshot;
+pub mod writer;
+pub mod writers;
+
+pub use snapshot::{Report, Snapshot};
+pub use writer::Writer;

@@ -1,0 +1,129 @@
+//! The records a catalog should hold, kept up to date incrementally: a snapshot that changes
+//! one instance out of ten thousand renders one instance, and the plan looks at its keys only.
+//! A test checks that it always equals a full render.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::model::{DesiredCatalog, Instance, Record};
+
+/// Desired records kept up to date incrementally: a snapshot that changes one instance out of
+/// ten thousand renders one instance, and the plan looks at its keys only.
+#[derive(Default)]
+pub struct DesiredRecords {
+    /// The instances rendered, sorted (snapshots are sorted).
+    instances: Arc<DesiredCatalog>,
+    pub records: BTreeMap<String, Record>,
+    /// Which instances render to each key (several can, where a layout merges them).
+    holders: HashMap<String, BTreeSet<Instance>>,
+}
+
+impl DesiredRecords {
+    /// Moves to `next` (sorted) and returns the keys whose record may have changed.
+    pub fn update(
+        &mut self,
+        backend: &dyn Backend,
+        next: &Arc<DesiredCatalog>,
+    ) -> BTreeSet<String> {
+        let mut touched = BTreeSet::new();
+        let (removed, added) = diff_sorted(&self.instances.instances, &next.instances);
+        for inst in removed {
+            for key in backend.render(std::slice::from_ref(inst)).into_keys() {
+                if let Some(h) = self.holders.get_mut(&key) {
+                    h.remove(inst);
+                }
+                touched.insert(key);
+            }
+        }
+        for inst in added {
+            for key in backend.render(std::slice::from_ref(inst)).into_keys() {
+                self.holders
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(inst.clone());
+                touched.insert(key);
+            }
+        }
+        for key in &touched {
+            // As a full render would: the last instance (in order) holding a key wins.
+            match self.holders.get(key).and_then(|h| h.last()) {
+                Some(inst) => {
+                    if let Some(r) = backend.render(std::slice::from_ref(inst)).remove(key) {
+                        self.records.insert(key.clone(), r);
+                    }
+                }
+                None => {
+                    self.holders.remove(key);
+                    self.records.remove(key);
+                }
+            }
+        }
+        self.instances = next.clone();
+        touched
+    }
+}
+
+/// The elements only in `a` and only in `b`, both sorted.
+fn diff_sorted<'a>(a: &'a [Instance], b: &'a [Instance]) -> (Vec<&'a Instance>, Vec<&'a Instance>) {
+    let (mut i, mut j) = (0, 0);
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                only_a.push(&a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                only_b.push(&b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    only_a.extend(&a[i..]);
+    only_b.extend(&b[j..]);
+    (only_a, only_b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::Memory;
+    use crate::model::Origin;
+
+    fn instances(n: usize) -> Vec<Instance> {
+        (0..n)
+            .map(|i| Instance {
+                name: "api_x".into(),
+                address: format!("10.0.0.{}", i + 1).parse().expect("ip"),
+                port: 8080,
+                origin: Origin {
+                    namespace: "shop".into(),
+                    service: "api-x".into(),
+                },
+                tags: vec![],
+                meta: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incremental_records_equal_a_full_render() {
+        let mem = Memory::new("me", 64);
+        let mut d = DesiredRecords::default();
+        let all = instances(30);
+        let steps: [&[Instance]; 4] = [&all[..10], &all[5..20], &all[..0], &all[3..30]];
+        for next in steps {
+            let next = Arc::new(DesiredCatalog {
+                instances: next.to_vec(),
+            });
+            let touched = d.update(&mem, &next);
+            assert_eq!(d.records, mem.render(&next.instances));
+            assert!(touched.len() <= 30);
+        }
+    }
+}

@@ -1,0 +1,767 @@
+//! The writer of one catalog: a task that keeps the catalog equal to the desired state while
+//! this replica leads, writing only diffs (the safety rules are in docs/architecture.md, "Why
+//! a writer never deletes what it should not").
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::plan::{Plan, apply_to, plan, plan_keys};
+use super::records::DesiredRecords;
+use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
+use super::snapshot::{Report, Snapshot};
+use crate::backend::Backend;
+use crate::model::{BackendError, Record};
+use crate::runtime::{Backoff, Metrics};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub catalog: String,
+    pub dry_run: bool,
+    pub drift_interval: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long to keep trying to remove the entries at a previous location.
+    pub retire_patience: Duration,
+}
+
+impl Config {
+    pub fn new(catalog: &str) -> Config {
+        Config {
+            catalog: catalog.to_string(),
+            dry_run: false,
+            drift_interval: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            retire_patience: RETIRE_PATIENCE,
+        }
+    }
+}
+
+pub struct Writer {
+    cfg: Config,
+    backend: Arc<dyn Backend>,
+    desired: watch::Receiver<Arc<Snapshot>>,
+    gate: watch::Receiver<bool>,
+    report: watch::Sender<Report>,
+    metrics: Arc<Metrics>,
+    /// The owned records as last read or written; `None` when unknown.
+    current: Option<BTreeMap<String, Record>>,
+    /// With `--dry-run`: the plan last logged.
+    last_dry_plan: Option<Plan>,
+    /// The desired records, rendered incrementally.
+    desired_records: DesiredRecords,
+    /// `current` equals the desired records as of the previous sync.
+    trusted: bool,
+    /// The backends this catalog was configured with before, whose entries go first where
+    /// they live elsewhere ([`Writer::after`]).
+    previous: Option<Previous>,
+    /// Previous locations given up on, with why: reported as a warning (`NeedsAttention`)
+    /// for as long as this writer runs.
+    left_behind: Vec<String>,
+}
+
+/// A catalog's previous configurations, replaced by this writer's.
+struct Previous {
+    retiring: Retiring,
+    /// The previous writer's task, stopped before anything is read through its backend.
+    stopped: Option<JoinHandle<()>>,
+    /// How long each is tried (the old servers may be gone for good).
+    patience: Patience,
+}
+
+/// Resolves when the backend reports lost entries; never, for backends that cannot lose them.
+async fn lost(rx: &mut Option<watch::Receiver<u64>>) {
+    if let Some(r) = rx
+        && r.changed().await.is_ok()
+    {
+        return;
+    }
+    // No backend signal (or the backend is gone): never resolves.
+    *rx = None;
+    std::future::pending::<()>().await
+}
+
+/// The channel a writer reports on, starting idle.
+pub fn report_channel() -> (watch::Sender<Report>, watch::Receiver<Report>) {
+    watch::channel(Report {
+        idle: true,
+        ..Default::default()
+    })
+}
+
+impl Writer {
+    /// A writer that reports on a channel of its own.
+    pub fn new(
+        cfg: Config,
+        backend: Arc<dyn Backend>,
+        desired: watch::Receiver<Arc<Snapshot>>,
+        gate: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+    ) -> (Writer, watch::Receiver<Report>) {
+        let (report, report_rx) = report_channel();
+        (
+            Writer::reporting_to(cfg, backend, desired, gate, report, metrics),
+            report_rx,
+        )
+    }
+
+    /// A writer that reports on `report`: the channel its predecessor reported on when it is
+    /// started again after a failure.
+    pub fn reporting_to(
+        cfg: Config,
+        backend: Arc<dyn Backend>,
+        desired: watch::Receiver<Arc<Snapshot>>,
+        gate: watch::Receiver<bool>,
+        report: watch::Sender<Report>,
+        metrics: Arc<Metrics>,
+    ) -> Writer {
+        metrics.catalog_started(&cfg.catalog);
+        Writer {
+            cfg,
+            backend,
+            desired,
+            gate,
+            report,
+            metrics,
+            current: None,
+            last_dry_plan: None,
+            desired_records: DesiredRecords::default(),
+            trusted: false,
+            previous: None,
+            left_behind: Vec::new(),
+        }
+    }
+
+    /// Takes over from the writer of the catalog's previous configuration: `stopped` (its task,
+    /// told to stop) is awaited first, and once this replica leads, each backend in `retiring` that writes to another
+    /// location than this one (another Consul node or datacenter, etcd prefix or layout,
+    /// ZooKeeper path...) has the entries it owns there removed, before anything is written to
+    /// the new one. The same session or lease may hold both, so one backend at a time uses it.
+    pub fn after(mut self, retiring: Retiring, stopped: Option<JoinHandle<()>>) -> Writer {
+        self.previous = Some(Previous {
+            retiring,
+            stopped,
+            patience: Patience::new(self.cfg.retire_patience),
+        });
+        self
+    }
+
+    /// Runs until the desired or gate channel closes.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
+        let mut drift = tokio::time::interval(self.cfg.drift_interval);
+        drift.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        drift.tick().await;
+        let mut probed = false;
+        let mut invalidations = self.backend.invalidations();
+        let mut led = false;
+        loop {
+            // Leadership and synced caches first: before that, nothing is read or written.
+            if !*self.gate.borrow_and_update() {
+                if led {
+                    // Was leading: hand liveness over (a ZooKeeper session to re-attach to),
+                    // the previous configurations' too; their patience starts again.
+                    self.backend.release().await;
+                    if let Some(p) = self.previous.as_mut() {
+                        p.patience.give_up_at = None;
+                        retire::release_all(&p.retiring).await;
+                    }
+                    led = false;
+                }
+                self.current = None;
+                self.report.send_modify(|r| r.idle = true);
+                if self.gate.changed().await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            led = true;
+            self.report.send_modify(|r| r.idle = false);
+            if self.previous.is_some() && !self.retire_previous().await {
+                tokio::select! {
+                    () = backoff.wait() => {}
+                    r = self.gate.changed() => if r.is_err() { return Ok(()) },
+                }
+                continue;
+            }
+            if !probed {
+                probed = self.probe().await;
+            }
+            let snapshot = self.desired.borrow_and_update().clone();
+            snapshot.take();
+            match self.sync(&snapshot).await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    self.failed(&e);
+                    tokio::select! {
+                        () = backoff.wait() => {}
+                        r = self.gate.changed() => if r.is_err() { return Ok(()) },
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                r = self.desired.changed() => if r.is_err() { return Ok(()) },
+                r = self.gate.changed() => if r.is_err() { return Ok(()) },
+                _ = lost(&mut invalidations) => {
+                    warn!(catalog = %self.cfg.catalog, "the catalog lost this controller's entries (lease or session expired); writing them again");
+                    self.current = None;
+                }
+                _ = drift.tick() => {
+                    self.probe().await;
+                    if let Err(e) = self.check_drift().await {
+                        self.failed(&e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Brings the catalog to `snapshot`: reads the owned state if unknown, plans, writes.
+    async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), BackendError> {
+        let touched = self
+            .desired_records
+            .update(self.backend.as_ref(), &snapshot.catalog);
+        let current = match self.current.take() {
+            Some(c) => c,
+            None => {
+                self.trusted = false;
+                self.read().await?
+            }
+        };
+        let desired = &self.desired_records.records;
+        // In sync before this snapshot: only what the snapshot touched can differ.
+        let p = if self.trusted {
+            plan_keys(desired, &current, &touched)
+        } else {
+            plan(desired, &current)
+        };
+        let entries = desired.len();
+        if p.is_empty() {
+            self.current = Some(current);
+            self.trusted = !self.cfg.dry_run;
+            self.succeeded(entries, true);
+            return Ok(());
+        }
+        if self.cfg.dry_run {
+            // Log each distinct plan once; the catalog keeps its real state, so the plan stays
+            // what a real run would do now.
+            if self.last_dry_plan.as_ref() != Some(&p) {
+                for op in &p.ops {
+                    info!(catalog = %self.cfg.catalog, ?op, "dry run: would write");
+                }
+                info!(catalog = %self.cfg.catalog, plan = %p, "dry run: plan not applied");
+                self.last_dry_plan = Some(p);
+            }
+            self.current = Some(current);
+            self.succeeded(entries, false);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = self.backend.apply(&p.ops).await;
+        let label = &self.cfg.catalog;
+        match result {
+            Ok(round_trips) => {
+                let mut current = current;
+                apply_to(&mut current, &p.ops);
+                self.metrics
+                    .operations(label, "put", "ok", (p.creates + p.updates) as u64);
+                self.metrics
+                    .operations(label, "delete", "ok", p.deletes as u64);
+                self.metrics.round_trips(label, "ok", round_trips as u64);
+                if let Some(t) = snapshot.changed_at {
+                    self.metrics.propagation(label, t.elapsed());
+                }
+                info!(catalog = %label, plan = %p, round_trips, took = ?started.elapsed(), "catalog updated");
+                self.current = Some(current);
+                self.trusted = true;
+                self.succeeded(entries, true);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .operations(label, "put", "error", (p.creates + p.updates) as u64);
+                self.metrics
+                    .operations(label, "delete", "error", p.deletes as u64);
+                self.metrics.round_trips(label, "error", 1);
+                // Some batches may have been committed: re-read before the next plan.
+                self.current = None;
+                self.trusted = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes what the previous configurations own at their locations, unless that is this
+    /// configuration's location too. False when it should be tried again.
+    async fn retire_previous(&mut self) -> bool {
+        let Some(prev) = self.previous.as_mut() else {
+            return true;
+        };
+        if let Some(task) = prev.stopped.take() {
+            // Told to stop by whoever handed it over: this waits until it has really stopped.
+            let _ = task.await;
+        }
+        let retiring = prev.retiring.clone();
+        if retire::first(&retiring).is_none() {
+            self.previous = None;
+            return true;
+        }
+        // Where this writer writes; while that is unknown (the new servers do not answer),
+        // nothing is retired and the patience for the old ones does not run.
+        let is = match self.backend.location().await {
+            Ok(is) => is,
+            Err(e) => {
+                self.failed(&e);
+                return false;
+            }
+        };
+        // Out of `previous` while `retire` borrows the writer; put back if tried again.
+        let fresh = Patience::new(self.cfg.retire_patience);
+        let Some(mut patience) = self
+            .previous
+            .as_mut()
+            .map(|p| std::mem::replace(&mut p.patience, fresh))
+        else {
+            return true;
+        };
+        let this = &*self;
+        let result = retire::work_through(&retiring, &mut patience, &this.cfg.catalog, |old| {
+            let is = &is;
+            async move { this.retire(old.as_ref(), is).await }
+        })
+        .await;
+        self.left_behind.append(&mut patience.gave_up);
+        if let Err(e) = result {
+            if let Some(p) = self.previous.as_mut() {
+                p.patience = patience;
+            }
+            self.failed(&e);
+            return false;
+        }
+        self.previous = None;
+        true
+    }
+
+    /// Removes what `old` owns, if it writes somewhere else than this writer (at `is`).
+    async fn retire(&self, old: &dyn Backend, is: &str) -> Result<(), BackendError> {
+        let was = old.location().await?;
+        if was == is {
+            return Ok(());
+        }
+        let why = format!("the catalog moved to {is}");
+        retire::remove_all(
+            old,
+            &self.cfg.catalog,
+            &why,
+            &self.metrics,
+            self.cfg.dry_run,
+        )
+        .await
+    }
+
+    async fn read(&mut self) -> Result<BTreeMap<String, Record>, BackendError> {
+        let r = self.backend.read_owned().await;
+        self.metrics
+            .reads(&self.cfg.catalog, if r.is_ok() { "ok" } else { "error" });
+        let owned = r?;
+        debug!(catalog = %self.cfg.catalog, entries = owned.len(), "read owned state");
+        Ok(owned)
+    }
+
+    /// Re-reads the owned state and counts every entry that differs from what was written
+    /// (removed, changed or added behind this controller's back); the next sync repairs them.
+    async fn check_drift(&mut self) -> Result<(), BackendError> {
+        let read = self.read().await?;
+        if let Some(known) = &self.current {
+            let drifted = plan(known, &read);
+            self.trusted &= drifted.is_empty();
+            if !drifted.is_empty() {
+                warn!(catalog = %self.cfg.catalog, drift = %drifted, "catalog drifted from what was written; repairing");
+                self.metrics
+                    .drift(&self.cfg.catalog, drifted.ops.len() as u64);
+            }
+        }
+        if self.current.is_none() {
+            self.trusted = false;
+        }
+        self.current = Some(read);
+        let snapshot = self.desired.borrow().clone();
+        self.sync(&snapshot).await
+    }
+
+    async fn probe(&mut self) -> bool {
+        match self.backend.probe().await {
+            Ok(info) => {
+                self.report.send_modify(|r| {
+                    r.server = Some(info);
+                    r.reachable = Some(true);
+                    r.last_contact = Some(SystemTime::now());
+                });
+                true
+            }
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
+        }
+    }
+
+    fn succeeded(&self, entries: usize, in_sync: bool) {
+        self.metrics.up(&self.cfg.catalog, true);
+        self.metrics
+            .entries(&self.cfg.catalog, "export", entries as i64);
+        self.report.send_if_modified(|r| {
+            let new = Report {
+                reachable: Some(true),
+                error: None,
+                in_sync,
+                entries,
+                last_contact: r.last_contact,
+                server: r.server.clone(),
+                idle: false,
+                warning: self.warning(),
+            };
+            // lastContactTime moves on every contact, but is only published with another
+            // change or once a minute, so status is not rewritten on every write.
+            let stale = r
+                .last_contact
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age > Duration::from_secs(60));
+            if new.warning.is_some() && new.warning != r.warning {
+                warn!(catalog = %self.cfg.catalog, warning = new.warning.as_deref().unwrap_or_default(), "catalog needs attention");
+            }
+            let changed = *r != new || stale;
+            *r = Report {
+                last_contact: if changed {
+                    Some(SystemTime::now())
+                } else {
+                    r.last_contact
+                },
+                ..new
+            };
+            changed
+        });
+    }
+
+    /// What needs attention: the backend's warning, and the previous locations given up on.
+    fn warning(&self) -> Option<String> {
+        let left = (!self.left_behind.is_empty()).then(|| {
+            format!(
+                "entries stayed behind at the catalog's previous place ({}); `catalog-bridge \
+                 cleanup` on an ExternalCatalog with the previous spec removes them",
+                self.left_behind.join("; ")
+            )
+        });
+        match (self.backend.warning(), left) {
+            (Some(w), Some(l)) => Some(format!("{w}; {l}")),
+            (w, l) => w.or(l),
+        }
+    }
+
+    fn failed(&self, e: &BackendError) {
+        warn!(catalog = %self.cfg.catalog, error = %e, reason = %e.reason(), "catalog operation failed");
+        let unreachable = matches!(e, BackendError::Unreachable(_));
+        self.metrics.up(&self.cfg.catalog, !unreachable);
+        self.report.send_if_modified(|r| {
+            let changed = r.error.as_ref() != Some(e) || r.in_sync;
+            r.reachable = Some(!unreachable);
+            r.error = Some(e.clone());
+            r.in_sync = false;
+            changed
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::Memory;
+    use crate::model::{DesiredCatalog, Instance, Origin};
+
+    fn instances(n: usize) -> Arc<DesiredCatalog> {
+        Arc::new(DesiredCatalog {
+            instances: (0..n)
+                .map(|i| Instance {
+                    name: "api_x".into(),
+                    address: format!("10.0.{}.{}", i / 250, i % 250 + 1)
+                        .parse()
+                        .expect("ip"),
+                    port: 8080,
+                    origin: Origin {
+                        namespace: "shop".into(),
+                        service: "api-x".into(),
+                    },
+                    tags: vec![],
+                    meta: BTreeMap::new(),
+                })
+                .collect(),
+        })
+    }
+
+    struct Harness {
+        desired: watch::Sender<Arc<Snapshot>>,
+        gate: watch::Sender<bool>,
+        report: watch::Receiver<Report>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start(backend: Arc<Memory>, drift: Duration) -> Harness {
+        start_after(backend, drift, None)
+    }
+
+    /// A writer that replaces another one (a changed ExternalCatalog).
+    fn start_after(
+        backend: Arc<Memory>,
+        drift: Duration,
+        previous: Option<(Retiring, tokio::task::JoinHandle<()>)>,
+    ) -> Harness {
+        let mut cfg = Config::new("test");
+        cfg.drift_interval = drift;
+        cfg.min_backoff = Duration::from_millis(10);
+        start_with(backend, cfg, previous)
+    }
+
+    fn start_with(
+        backend: Arc<Memory>,
+        cfg: Config,
+        previous: Option<(Retiring, tokio::task::JoinHandle<()>)>,
+    ) -> Harness {
+        let (desired, desired_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (gate, gate_rx) = watch::channel(false);
+        let (mut w, report) =
+            Writer::new(cfg, backend, desired_rx, gate_rx, Arc::new(Metrics::new()));
+        if let Some((retiring, stopped)) = previous {
+            stopped.abort();
+            w = w.after(retiring, Some(stopped));
+        }
+        Harness {
+            desired,
+            gate,
+            report,
+            task: tokio::spawn(async move {
+                let _ = w.run().await;
+            }),
+        }
+    }
+
+    /// A writer on `mem` that has written `snapshot`.
+    async fn in_sync(mem: Arc<Memory>, snapshot: Arc<Snapshot>) -> Harness {
+        let entries = snapshot.catalog.instances.len();
+        let mut h = start(mem, Duration::from_secs(3600));
+        h.desired.send(snapshot).expect("send");
+        h.gate.send(true).expect("gate");
+        until(&mut h.report, |r| r.in_sync && r.entries == entries).await;
+        h
+    }
+
+    /// `old` goes down and the catalog moves to location `new`: the new backend, and the
+    /// list with `old` to retire.
+    fn moved_while_down(old: &Arc<Memory>) -> (Arc<Memory>, Retiring) {
+        old.set_down(true);
+        let new = Arc::new(Memory::new("me", 64).at("new"));
+        let retiring: Retiring =
+            Arc::new(std::sync::Mutex::new(vec![old.clone() as Arc<dyn Backend>]));
+        (new, retiring)
+    }
+
+    async fn until(report: &mut watch::Receiver<Report>, f: impl Fn(&Report) -> bool) -> Report {
+        tokio::time::timeout(Duration::from_secs(5), report.wait_for(|r| f(r)))
+            .await
+            .expect("report in time")
+            .expect("writer alive")
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn nothing_happens_before_the_gate_opens() {
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.put_foreign("mine-stale", "me", serde_json::json!({}));
+        let h = start(mem.clone(), Duration::from_secs(3600));
+        h.desired
+            .send(Arc::new(Snapshot::new(Arc::default(), None)))
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(mem.writes(), 0, "no write while the gate is closed");
+        assert_eq!(mem.all().len(), 1);
+        h.task.abort();
+    }
+
+    #[tokio::test]
+    async fn converges_in_batches_and_an_unchanged_restart_writes_nothing() {
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.put_foreign("foreign", "someone-else", serde_json::json!({}));
+        let mut h = start(mem.clone(), Duration::from_secs(3600));
+        h.desired
+            .send(Arc::new(Snapshot::new(
+                instances(200),
+                Some(Instant::now()),
+            )))
+            .expect("send");
+        h.gate.send(true).expect("gate");
+        until(&mut h.report, |r| r.in_sync && r.entries == 200).await;
+        assert_eq!(mem.round_trips(), 4, "200 puts in batches of 64");
+        assert_eq!(mem.all().len(), 201);
+        h.task.abort();
+
+        // A new writer (a restart, or another replica taking over) with the same desired state.
+        let writes = mem.writes();
+        let mut h2 = start(mem.clone(), Duration::from_secs(3600));
+        h2.desired
+            .send(Arc::new(Snapshot::new(instances(200), None)))
+            .expect("send");
+        h2.gate.send(true).expect("gate");
+        until(&mut h2.report, |r| r.in_sync && r.entries == 200).await;
+        assert_eq!(mem.writes(), writes, "an unchanged restart writes nothing");
+
+        // Shrinking deletes exactly the difference and never the foreign entry.
+        h2.desired
+            .send(Arc::new(Snapshot::new(instances(150), None)))
+            .expect("send");
+        until(&mut h2.report, |r| r.in_sync && r.entries == 150).await;
+        assert_eq!(mem.writes(), writes + 50);
+        assert!(mem.all().contains_key("foreign"));
+        h2.task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_moved_catalog_removes_its_entries_at_the_old_location_first() {
+        let old = Arc::new(Memory::new("me", 64).at("old"));
+        old.put_foreign("foreign", "someone-else", serde_json::json!({}));
+        let snapshot = || Arc::new(Snapshot::new(instances(3), None));
+        let h = in_sync(old.clone(), snapshot()).await;
+
+        // Moved while the old location is down: nothing is written to the new one before the
+        // old one is emptied.
+        let (new, retiring) = moved_while_down(&old);
+        let mut h2 = start_after(
+            new.clone(),
+            Duration::from_secs(3600),
+            Some((retiring.clone(), h.task)),
+        );
+        h2.desired.send(snapshot()).expect("send");
+        h2.gate.send(true).expect("gate");
+        until(&mut h2.report, |r| r.reachable == Some(false)).await;
+        assert!(
+            new.all().is_empty(),
+            "nothing written before the old location is emptied"
+        );
+        old.set_down(false);
+        until(&mut h2.report, |r| r.in_sync && r.entries == 3).await;
+        assert_eq!(new.all().len(), 3);
+        assert_eq!(
+            old.all().into_keys().collect::<Vec<_>>(),
+            ["foreign"],
+            "only this owner's entries left the old location"
+        );
+        assert!(retiring.lock().expect("lock").is_empty());
+
+        // A change that moves nothing (same location) removes nothing and writes nothing.
+        let writes = new.writes();
+        let again: Retiring =
+            Arc::new(std::sync::Mutex::new(vec![new.clone() as Arc<dyn Backend>]));
+        let mut h3 = start_after(
+            new.clone(),
+            Duration::from_secs(3600),
+            Some((again, h2.task)),
+        );
+        h3.desired.send(snapshot()).expect("send");
+        h3.gate.send(true).expect("gate");
+        until(&mut h3.report, |r| r.in_sync && r.entries == 3).await;
+        assert_eq!(new.writes(), writes);
+        h3.task.abort();
+    }
+
+    #[test]
+    fn a_replaced_snapshot_passes_its_older_change_on_until_the_writer_took_it() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(5);
+        let first = Snapshot::new(instances(1), Some(t0));
+        let second = first.replacing(instances(2), t1);
+        assert_eq!(
+            second.changed_at,
+            Some(t0),
+            "not taken: the oldest change counts"
+        );
+        second.take();
+        let third = second.replacing(instances(3), t1);
+        assert_eq!(
+            third.changed_at,
+            Some(t1),
+            "taken: a new change counts from itself"
+        );
+        let none = Snapshot::new(instances(1), None).replacing(instances(2), t1);
+        assert_eq!(none.changed_at, Some(t1));
+    }
+
+    #[tokio::test]
+    async fn a_previous_location_given_up_on_is_reported_until_the_writer_ends() {
+        let old = Arc::new(Memory::new("me", 64).at("old"));
+        let snapshot = || Arc::new(Snapshot::new(instances(2), None));
+        let h = in_sync(old.clone(), snapshot()).await;
+
+        // Moved away from servers that are gone for good.
+        let (new, retiring) = moved_while_down(&old);
+        let mut cfg = Config::new("test");
+        cfg.drift_interval = Duration::from_secs(3600);
+        cfg.min_backoff = Duration::from_millis(10);
+        cfg.max_backoff = Duration::from_millis(50);
+        cfg.retire_patience = Duration::from_millis(300);
+        let mut h2 = start_with(new.clone(), cfg, Some((retiring.clone(), h.task)));
+        h2.desired.send(snapshot()).expect("send");
+        h2.gate.send(true).expect("gate");
+        let r = until(&mut h2.report, |r| r.in_sync && r.entries == 2).await;
+        assert_eq!(new.all().len(), 2, "written at the new place");
+        assert_eq!(old.all().len(), 2, "the old place kept its entries");
+        assert!(retiring.lock().expect("lock").is_empty());
+        let warning = r.warning.expect("a warning");
+        assert!(
+            warning.contains("stayed behind") && warning.contains("old"),
+            "{warning}"
+        );
+
+        // Still said after later writes.
+        h2.desired
+            .send(Arc::new(Snapshot::new(instances(3), None)))
+            .expect("send");
+        let r = until(&mut h2.report, |r| r.in_sync && r.entries == 3).await;
+        assert!(r.warning.is_some_and(|w| w.contains("stayed behind")));
+        h2.task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_reported_and_repaired_on_return() {
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.set_down(true);
+        let mut h = start(mem.clone(), Duration::from_millis(50));
+        h.desired
+            .send(Arc::new(Snapshot::new(instances(3), None)))
+            .expect("send");
+        h.gate.send(true).expect("gate");
+        let r = until(&mut h.report, |r| r.reachable == Some(false)).await;
+        assert!(
+            r.error
+                .expect("error")
+                .to_string()
+                .contains("connection refused")
+        );
+        mem.set_down(false);
+        until(&mut h.report, |r| r.in_sync && r.entries == 3).await;
+
+        // The catalog forgets everything (a dev agent restart): the drift check repairs it.
+        mem.wipe();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while mem.all().len() != 3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("repaired after wipe");
+        h.task.abort();
+    }
+}

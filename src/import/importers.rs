@@ -1,0 +1,233 @@
+//! The import supervisor: one supervised task per `direction: Import` ExternalRegistration,
+//! started, restarted (a changed registration or catalog, or a task that panicked) and stopped
+//! as registrations and catalogs change; and what each import shows in its status.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::task::{self, Task};
+use super::touched::Watched;
+use crate::api::crd::{Direction, ExternalCatalog, ExternalRegistration};
+use crate::backend::{Backend, BackendError};
+use crate::k8s::catalogs::Connect;
+use crate::model::{Problem, Reason};
+use crate::runtime::Metrics;
+use crate::runtime::supervisor::{Supervised, TaskKind, TaskState};
+
+/// What one import task last saw and did, for status, Events and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImportView {
+    pub catalog: String,
+    pub service_name: String,
+    /// Endpoints now in the EndpointSlices.
+    pub endpoints: usize,
+    /// Entries the catalog holds that could not be parsed: (id, why).
+    pub skipped: Vec<(String, String)>,
+    /// The catalog's last read failed (the last known endpoints stay).
+    pub catalog_error: Option<BackendError>,
+    /// Writing the Service or EndpointSlices failed.
+    pub apply_error: Option<String>,
+    /// The first read succeeded and its result was applied.
+    pub synced: bool,
+    /// The import cannot run (catalog missing, backend not buildable).
+    pub problem: Option<Problem>,
+    /// The import's task: restarts, and whether it is down right now.
+    pub task: TaskState,
+}
+
+struct Running {
+    fingerprint: String,
+    view: watch::Receiver<ImportView>,
+    /// `None` for an import that cannot run: its view says why.
+    task: Option<Supervised>,
+}
+
+/// Starts, restarts and stops import tasks as registrations and catalogs change.
+pub struct Importers {
+    client: kube::Client,
+    connect: Arc<dyn Connect>,
+    gate: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    watched: Watched,
+    /// `--dry-run`: log what would be applied, apply nothing.
+    dry_run: bool,
+    running: HashMap<(String, String), Running>,
+    /// Catalogs whose import entries gauge was last set above 0.
+    import_catalogs: HashSet<String>,
+}
+
+impl Importers {
+    /// Imports apply with `client` while `gate` is open (this replica leads and every cache has
+    /// synced), reading catalogs through backends from `connect`.
+    pub fn new(
+        client: kube::Client,
+        connect: Arc<dyn Connect>,
+        gate: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+        watched: Watched,
+        dry_run: bool,
+    ) -> Importers {
+        Importers {
+            client,
+            connect,
+            gate,
+            metrics,
+            watched,
+            dry_run,
+            running: HashMap::new(),
+            import_catalogs: HashSet::new(),
+        }
+    }
+
+    /// Brings the tasks in line with the Import registrations and the catalogs.
+    pub async fn sync(
+        &mut self,
+        registrations: &[Arc<ExternalRegistration>],
+        catalogs: &[Arc<ExternalCatalog>],
+    ) {
+        let mut seen = HashSet::new();
+        for reg in registrations {
+            if reg.spec.direction != Direction::Import {
+                continue;
+            }
+            let (Some(ns), name) = (reg.namespace(), reg.name_any()) else {
+                continue;
+            };
+            let key = (ns, name);
+            seen.insert(key.clone());
+            let catalog = catalogs
+                .iter()
+                .find(|c| c.name_any() == reg.spec.catalog_ref.name);
+            let fingerprint = format!(
+                "{}|{}|{}",
+                serde_json::to_string(&reg.spec).unwrap_or_default(),
+                reg.uid().unwrap_or_default(),
+                catalog
+                    .map(|c| serde_json::to_string(&c.spec).unwrap_or_default())
+                    .unwrap_or_default()
+            );
+            if self
+                .running
+                .get(&key)
+                .is_some_and(|r| r.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            self.running.remove(&key);
+            let (view_tx, view) = watch::channel(ImportView {
+                catalog: reg.spec.catalog_ref.name.clone(),
+                service_name: super::render::service_name(reg),
+                ..Default::default()
+            });
+            let backend = match catalog {
+                None => Err(Problem::new(
+                    Reason::CatalogNotFound,
+                    format!(
+                        "ExternalCatalog {:?} does not exist",
+                        reg.spec.catalog_ref.name
+                    ),
+                )),
+                Some(cat) => self.backend(cat).await,
+            };
+            let task = match backend {
+                Ok(backend) => {
+                    let id = format!("{}/{}", key.0, key.1);
+                    info!(registration = %id, catalog = %backend.describe(), "import starting");
+                    let shared = Task {
+                        client: self.client.clone(),
+                        metrics: self.metrics.clone(),
+                        watched: self.watched.clone(),
+                        dry_run: self.dry_run,
+                    };
+                    let (reg, gate) = (reg.clone(), self.gate.clone());
+                    Some(Supervised::spawn(
+                        TaskKind::Import,
+                        id,
+                        self.metrics.clone(),
+                        move || {
+                            task::run(
+                                shared.clone(),
+                                reg.clone(),
+                                backend.clone(),
+                                gate.clone(),
+                                view_tx.clone(),
+                            )
+                        },
+                    ))
+                }
+                Err(problem) => {
+                    view_tx.send_modify(|v| v.problem = Some(problem));
+                    None
+                }
+            };
+            self.running.insert(
+                key,
+                Running {
+                    fingerprint,
+                    view,
+                    task,
+                },
+            );
+        }
+        let gone: Vec<(String, String)> = self
+            .running
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(r) = self.running.remove(&key) {
+                let catalog = r.view.borrow().catalog.clone();
+                self.metrics.forget_import(&catalog, &key.0, &key.1);
+            }
+            // The owner references let the garbage collector do this too; doing it here makes it
+            // immediate (the collector may not watch a freshly installed CRD yet).
+            if *self.gate.borrow()
+                && let Err(e) = super::apply::remove(&self.client, &key.0, &key.1).await
+            {
+                warn!(registration = %format!("{}/{}", key.0, key.1), error = %format!("{e:#}"), "removing the imported Service failed; the garbage collector will");
+            }
+        }
+    }
+
+    /// A backend for reading the catalog. Its import watches use a ZooKeeper session of their
+    /// own; the session in the Secret belongs to the exporting writer (two clients on one
+    /// session take it from each other) and is only read, to recognise the writer's entries.
+    async fn backend(&self, cat: &ExternalCatalog) -> Result<Arc<dyn Backend>, Problem> {
+        let credentials = self.connect.credentials(cat).await?;
+        self.connect.build(cat, credentials, true)
+    }
+
+    /// The current view of every import, by (namespace, name). Also sets
+    /// `entries{direction="import"}` of each catalog to the endpoints of all its imports (0 for
+    /// a catalog whose last import went).
+    pub fn views(&mut self) -> HashMap<(String, String), ImportView> {
+        let views: HashMap<(String, String), ImportView> = self
+            .running
+            .iter()
+            .map(|(k, r)| {
+                let mut v = r.view.borrow().clone();
+                v.task = r.task.as_ref().map(Supervised::state).unwrap_or_default();
+                (k.clone(), v)
+            })
+            .collect();
+        let mut per_catalog: HashMap<String, i64> =
+            self.import_catalogs.drain().map(|c| (c, 0)).collect();
+        for v in views.values() {
+            *per_catalog.entry(v.catalog.clone()).or_default() += v.endpoints as i64;
+        }
+        for (catalog, n) in &per_catalog {
+            self.metrics.entries(catalog, "import", *n);
+        }
+        self.import_catalogs = per_catalog
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, _)| c)
+            .collect();
+        views
+    }
+}

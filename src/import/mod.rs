@@ -1,0 +1,16 @@
+//! Import, from the catalogs to Kubernetes: one supervised task per import registration that
+//! follows its external service in the catalog and keeps a selector-less Service and its
+//! EndpointSlices equal to the healthy instances.
+//!
+//! ```text
+//! Backend::watch_service ─▶ ImportSnapshot ─▶ render (pure) ─▶ apply (server-side apply)
+//! ```
+
+pub mod apply;
+pub mod importers;
+pub mod render;
+pub mod task;
+pub mod touched;
+
+pub use importers::{ImportView, Importers};
+pub use touched::{Touched, Watched};

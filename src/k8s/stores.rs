@@ -1,0 +1,77 @@
+//! The watches: one reflector per kind (Services, EndpointSlices, ExternalCatalogs,
+//! ExternalRegistrations) filling a store that every other part reads, never the API. Every
+//! event marks [`Changes`], which wakes the desired-state loop.
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::api::crd::{ExternalCatalog, ExternalRegistration};
+use crate::runtime::health::Changes;
+
+/// Called with every event of a watch, before the store and `Changes` see the next one.
+pub type Tap<K> = Box<dyn Fn(&watcher::Event<K>) + Send + Sync>;
+
+/// A reflector (a watch feeding a store) whose every event marks `changes` and is shown to
+/// `tap`. The task ends only with an error: a watch that stops is a replica that goes blind.
+pub fn reflect<K>(
+    api: Api<K>,
+    changes: Arc<Changes>,
+    tap: Option<Tap<K>>,
+) -> (Store<K>, JoinHandle<Result<()>>)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(ev) => {
+                    if let Some(tap) = &tap {
+                        tap(&ev);
+                    }
+                    changes.mark()
+                }
+                Err(e) => warn!(%kind, error = %e, "watch failed; retrying"),
+            }
+        }
+        bail!("the {kind} watch ended")
+    });
+    (reader, task)
+}
+
+/// The stores every part reads from.
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub catalogs: Store<ExternalCatalog>,
+    pub registrations: Store<ExternalRegistration>,
+}
+
+impl Stores {
+    /// Resolves once every store holds its watch's first complete list.
+    pub async fn wait_synced(&self) -> Result<()> {
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
+        self.catalogs.wait_until_ready().await?;
+        self.registrations.wait_until_ready().await?;
+        Ok(())
+    }
+}

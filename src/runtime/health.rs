@@ -1,0 +1,102 @@
+//! The desired-state loop's pulse: Kubernetes changes seen and not yet folded into desired
+//! state, and when the loop last turned. `/healthz` fails when changes have waited for
+//! [`STALLED_AFTER`] and the loop has not turned for as long: a replica whose loop is stuck
+//! publishes nothing, and its Pod is better restarted.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// How long changes may wait, with the loop not turning, before the replica is unhealthy: 60
+/// turns of the loop's 500 ms tick. Slow API calls inside one turn stay below it.
+pub const STALLED_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Marks {
+    /// The oldest change not yet taken.
+    since: Option<Instant>,
+    last_turn: Instant,
+}
+
+/// Changes seen but not yet folded into desired state, shared by the watches (which mark
+/// them), the desired-state loop (which takes them) and `/healthz`.
+#[derive(Debug)]
+pub struct Changes {
+    notify: Notify,
+    marks: Mutex<Marks>,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes {
+            notify: Notify::new(),
+            marks: Mutex::new(Marks {
+                since: None,
+                last_turn: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl Changes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Marks> {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A change was seen: wakes the loop.
+    pub fn mark(&self) {
+        self.lock().since.get_or_insert_with(Instant::now);
+        self.notify.notify_one();
+    }
+
+    /// A turn of the loop: takes the changes waiting, returning when the oldest was seen.
+    pub fn take(&self) -> Option<Instant> {
+        let mut m = self.lock();
+        m.last_turn = Instant::now();
+        m.since.take()
+    }
+
+    /// Resolves at the next [`Changes::mark`] (or at once when one came since the last take).
+    pub async fn marked(&self) {
+        self.notify.notified().await;
+    }
+
+    /// How long the loop has not turned while changes waited, when that is past
+    /// [`STALLED_AFTER`] at `now`.
+    pub fn stalled_at(&self, now: Instant) -> Option<Duration> {
+        let m = self.lock();
+        let waiting = now.saturating_duration_since(m.since?);
+        let idle = now.saturating_duration_since(m.last_turn);
+        (waiting >= STALLED_AFTER && idle >= STALLED_AFTER).then_some(idle)
+    }
+
+    /// [`Changes::stalled_at`] now.
+    pub fn stalled(&self) -> Option<Duration> {
+        self.stalled_at(Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalled_only_when_changes_wait_and_the_loop_does_not_turn() {
+        let c = Changes::default();
+        let later = Instant::now() + STALLED_AFTER + Duration::from_secs(1);
+        assert_eq!(
+            c.stalled_at(later),
+            None,
+            "nothing waits: an idle loop is healthy"
+        );
+        c.mark();
+        assert!(
+            c.stalled_at(later).is_some(),
+            "a change waits and the loop is stuck"
+        );
+        assert_eq!(c.stalled_at(Instant::now()), None, "not for long yet");
+        assert!(c.take().is_some());
+        assert_eq!(c.stalled_at(later), None, "the loop took it");
+    }
+}

@@ -1,0 +1,163 @@
+//! The status of an ExternalCatalog, from what its writer reports: `Reachable`, `Ready`, the
+//! counts and what the catalog says about itself. Pure.
+
+use super::conditions::{ConditionType, Verdict, condition, system_time};
+use crate::api::crd::{ExternalCatalog, ExternalCatalogStatus};
+use crate::export::writers::CatalogView;
+use crate::model::Reason;
+use crate::runtime::supervisor::TaskState;
+
+/// The Ready verdict while the task behind an object is down, waiting to be started again.
+pub fn task_down(what: &str, task: &TaskState) -> Option<Verdict> {
+    task.down.then(|| {
+        Verdict::no(
+            Reason::TaskRestarted,
+            format!(
+                "{what} stopped unexpectedly ({}) and is being started again (restart {})",
+                task.last_failure.as_deref().unwrap_or("no reason given"),
+                task.restarts
+            ),
+        )
+    })
+}
+
+/// The status of `cat` as `view` shows it, with `imported` endpoints imported from it.
+pub fn catalog_status(
+    cat: &ExternalCatalog,
+    view: &CatalogView,
+    imported: i64,
+) -> ExternalCatalogStatus {
+    let prev = cat.status.clone().unwrap_or_default();
+    let generation = cat.metadata.generation;
+    let r = &view.report;
+    let reachable = match (&view.problem, r.reachable, &r.error) {
+        (Some(p), _, _) => Verdict::problem(p),
+        (None, Some(false), Some(e)) => Verdict::no(e.reason(), e.to_string()),
+        (None, Some(true), _) => Verdict::yes(Reason::Connected, "the catalog answers"),
+        _ => Verdict::unknown(Reason::NotContacted, "not contacted yet"),
+    };
+    let ready = match (&view.problem, &r.error) {
+        (Some(p), _) => Verdict::problem(p),
+        _ if view.task.down => task_down("the catalog's writer", &view.task)
+            .unwrap_or_else(|| Verdict::unknown(Reason::Syncing, "not in sync yet")),
+        (None, Some(e)) => Verdict::no(e.reason(), e.to_string()),
+        (None, None) if r.in_sync => match &r.warning {
+            None => Verdict::yes(
+                Reason::InSync,
+                format!("{} exported entries in place", r.entries),
+            ),
+            Some(w) => Verdict::yes(
+                Reason::NeedsAttention,
+                format!("{} exported entries in place, but {w}", r.entries),
+            ),
+        },
+        _ => Verdict::unknown(Reason::Syncing, "not in sync yet"),
+    };
+    ExternalCatalogStatus {
+        conditions: vec![
+            condition(
+                &prev.conditions,
+                ConditionType::Reachable,
+                reachable,
+                generation,
+            ),
+            condition(&prev.conditions, ConditionType::Ready, ready, generation),
+        ],
+        kind: Some(view.kind.to_string()),
+        last_contact_time: r
+            .last_contact
+            .and_then(system_time)
+            .or(prev.last_contact_time),
+        server: r.server.clone().or(prev.server),
+        exported_entries: r.entries as i64,
+        imported_entries: imported,
+        observed_generation: generation,
+        task_restarts: i64::from(view.task.restarts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::crd::{Condition, ExternalCatalogSpec};
+    use crate::export::Report;
+
+    fn ready(s: &ExternalCatalogStatus) -> Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .cloned()
+            .expect("a Ready condition")
+    }
+
+    fn view(warning: Option<&str>, task: TaskState) -> CatalogView {
+        CatalogView {
+            kind: "zookeeper",
+            report: Report {
+                reachable: Some(true),
+                in_sync: true,
+                entries: 3,
+                warning: warning.map(str::to_string),
+                ..Default::default()
+            },
+            problem: None,
+            task,
+        }
+    }
+
+    #[test]
+    fn a_catalog_warning_keeps_ready_and_says_what_needs_attention() {
+        let cat = ExternalCatalog::new("zk", ExternalCatalogSpec::default());
+        let plain = ready(&catalog_status(&cat, &view(None, TaskState::default()), 0));
+        assert_eq!(
+            (plain.status.as_str(), plain.reason.as_str()),
+            ("True", "InSync")
+        );
+        let warned = ready(&catalog_status(
+            &cat,
+            &view(Some("the session is large"), TaskState::default()),
+            0,
+        ));
+        assert_eq!(
+            (warned.status.as_str(), warned.reason.as_str()),
+            ("True", "NeedsAttention")
+        );
+        assert!(
+            warned
+                .message
+                .contains("3 exported entries in place, but the session is large"),
+            "{warned:?}"
+        );
+    }
+
+    #[test]
+    fn a_writer_down_after_a_panic_is_shown_and_its_restarts_counted() {
+        let cat = ExternalCatalog::new("zk", ExternalCatalogSpec::default());
+        let down = TaskState {
+            restarts: 2,
+            last_failure: Some("panicked: boom".into()),
+            down: true,
+        };
+        let s = catalog_status(&cat, &view(None, down.clone()), 0);
+        let r = ready(&s);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "TaskRestarted")
+        );
+        assert!(r.message.contains("panicked: boom"), "{r:?}");
+        assert_eq!(s.task_restarts, 2);
+        let back = catalog_status(
+            &cat,
+            &view(
+                None,
+                TaskState {
+                    down: false,
+                    ..down
+                },
+            ),
+            0,
+        );
+        assert_eq!(ready(&back).reason, "InSync");
+        assert_eq!(back.task_restarts, 2, "the count stays");
+    }
+}

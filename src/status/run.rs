@@ -1,0 +1,292 @@
+//! The status loop: while this replica leads, writes the status of every ExternalCatalog and
+//! ExternalRegistration when it changed, and a Warning Event for each problem when it appears
+//! (what users see with `kubectl get xcat,xreg` and `kubectl describe`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::catalog::catalog_status;
+use super::events::{Announcer, warning};
+use super::registration::{export_status, import_status, same_ignoring_sync_time};
+use crate::api::crd::{
+    Direction, ExternalCatalog, ExternalCatalogStatus, ExternalRegistration,
+    ExternalRegistrationStatus,
+};
+use crate::export::desired::{Desired, Export, Source};
+use crate::export::writers::CatalogView;
+use crate::import::ImportView;
+use crate::k8s::stores::Stores;
+use crate::model::{Problem, Reason};
+
+/// What the status loop reads: the desired state, every catalog's and every import's view.
+pub struct Views {
+    pub desired: watch::Receiver<Arc<Desired>>,
+    pub catalogs: watch::Receiver<BTreeMap<String, CatalogView>>,
+    pub imports: watch::Receiver<HashMap<(String, String), ImportView>>,
+}
+
+/// What was written and announced while leading; forgotten when this replica stops leading.
+#[derive(Default)]
+struct Written {
+    catalogs: HashMap<String, ExternalCatalogStatus>,
+    registrations: HashMap<(String, String), ExternalRegistrationStatus>,
+    problems: HashSet<(Source, String, Reason, String)>,
+    skips: HashSet<(String, String, String, String)>,
+    /// Restarts announced, by object uid.
+    restarts: HashMap<String, u32>,
+}
+
+/// Writes status and Events while the gate (leadership) is open.
+pub async fn run(
+    client: kube::Client,
+    stores: Stores,
+    views: Views,
+    mut gate: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut recorder = Announcer::new(client.clone());
+    let mut written = Written::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if !*gate.borrow_and_update() {
+            written = Written::default();
+            gate.changed().await?;
+            continue;
+        }
+        let d = views.desired.borrow().clone();
+        let v = views.catalogs.borrow().clone();
+        let imp = views.imports.borrow().clone();
+        catalogs(&client, &stores, &v, &imp, &mut written).await;
+        registrations(&client, &stores, &d, &v, &imp, &mut written).await;
+        problems(&stores, &d, &mut recorder, &mut written).await;
+        skips(&stores, &imp, &mut recorder, &mut written).await;
+        restarts(&stores, &v, &imp, &mut recorder, &mut written).await;
+    }
+}
+
+/// The status of every ExternalCatalog, written when it changed.
+async fn catalogs(
+    client: &kube::Client,
+    stores: &Stores,
+    v: &BTreeMap<String, CatalogView>,
+    imp: &HashMap<(String, String), ImportView>,
+    written: &mut Written,
+) {
+    let mut imported: HashMap<&str, i64> = HashMap::new();
+    for view in imp.values() {
+        *imported.entry(view.catalog.as_str()).or_default() += view.endpoints as i64;
+    }
+    for cat in stores.catalogs.state() {
+        let name = cat.name_any();
+        let Some(view) = v.get(&name) else { continue };
+        let status = catalog_status(
+            &cat,
+            view,
+            imported.get(name.as_str()).copied().unwrap_or(0),
+        );
+        if cat.status.as_ref() == Some(&status) || written.catalogs.get(&name) == Some(&status) {
+            continue;
+        }
+        let api: Api<ExternalCatalog> = Api::all(client.clone());
+        match patch_status(&api, &name, &status).await {
+            Ok(()) => {
+                written.catalogs.insert(name, status);
+            }
+            Err(e) => warn!(catalog = %name, error = %e, "updating ExternalCatalog status failed"),
+        }
+    }
+}
+
+/// The status of every ExternalRegistration, written when it changed.
+async fn registrations(
+    client: &kube::Client,
+    stores: &Stores,
+    d: &Desired,
+    v: &BTreeMap<String, CatalogView>,
+    imp: &HashMap<(String, String), ImportView>,
+    written: &mut Written,
+) {
+    let exports: HashMap<(String, String), &Export> = d
+        .exports
+        .iter()
+        .filter_map(|e| match &e.source {
+            Source::Registration { namespace, name } => {
+                Some(((namespace.clone(), name.clone()), e))
+            }
+            Source::Annotation { .. } => None,
+        })
+        .collect();
+    for reg in stores.registrations.state() {
+        let (Some(ns), name) = (reg.namespace(), reg.name_any()) else {
+            continue;
+        };
+        let key = (ns.clone(), name.clone());
+        let status = match reg.spec.direction {
+            Direction::Export => match exports.get(&key).copied() {
+                Some(export) => export_status(&reg, export, v.get(&reg.spec.catalog_ref.name)),
+                None => continue, // not folded into desired state yet
+            },
+            Direction::Import => match imp.get(&key) {
+                Some(view) => import_status(&reg, view),
+                None => continue, // no task yet
+            },
+        };
+        if same_ignoring_sync_time(reg.status.as_ref(), &status)
+            || written
+                .registrations
+                .get(&key)
+                .is_some_and(|w| same_ignoring_sync_time(Some(w), &status))
+        {
+            continue;
+        }
+        let api: Api<ExternalRegistration> = Api::namespaced(client.clone(), &ns);
+        match patch_status(&api, &name, &status).await {
+            Ok(()) => {
+                written.registrations.insert(key, status);
+            }
+            Err(e) => {
+                warn!(registration = %format!("{ns}/{name}"), error = %e, "updating ExternalRegistration status failed")
+            }
+        }
+    }
+}
+
+/// A Warning Event for each problem of an export when it appears.
+async fn problems(stores: &Stores, d: &Desired, recorder: &mut Announcer, written: &mut Written) {
+    let mut current = HashSet::new();
+    let findings = d
+        .exports
+        .iter()
+        .flat_map(|e| e.problem.iter().chain(&e.warnings).map(move |p| (e, p)))
+        .collect::<Vec<(&Export, &Problem)>>();
+    for (e, p) in findings {
+        let id = (
+            e.source.clone(),
+            e.catalog.clone(),
+            p.reason,
+            p.message.clone(),
+        );
+        current.insert(id.clone());
+        if written.problems.contains(&id) {
+            continue;
+        }
+        let reference = match &e.source {
+            Source::Annotation { namespace, service } => stores
+                .services
+                .state()
+                .into_iter()
+                .find(|s| s.namespace().as_deref() == Some(namespace) && s.name_any() == *service)
+                .map(|s| s.object_ref(&())),
+            Source::Registration { namespace, name } => stores
+                .registrations
+                .state()
+                .into_iter()
+                .find(|r| r.namespace().as_deref() == Some(namespace) && r.name_any() == *name)
+                .map(|r| r.object_ref(&())),
+        };
+        let Some(reference) = reference else { continue };
+        recorder
+            .publish(&warning(p.reason, &p.message, "Export"), &reference)
+            .await;
+    }
+    written.problems = current;
+}
+
+/// A Warning Event for each catalog entry an import had to skip, when it appears.
+async fn skips(
+    stores: &Stores,
+    imp: &HashMap<(String, String), ImportView>,
+    recorder: &mut Announcer,
+    written: &mut Written,
+) {
+    let mut current = HashSet::new();
+    for reg in stores.registrations.state() {
+        let Some(ns) = reg.namespace() else { continue };
+        let Some(view) = imp.get(&(ns.clone(), reg.name_any())) else {
+            continue;
+        };
+        for (id, why) in &view.skipped {
+            let key = (ns.clone(), reg.name_any(), id.clone(), why.clone());
+            current.insert(key.clone());
+            if written.skips.contains(&key) {
+                continue;
+            }
+            let note = format!("skipped {id} in {}: {why}", view.catalog);
+            recorder
+                .publish(
+                    &warning(Reason::UnparsableEntry, &note, "Import"),
+                    &reg.object_ref(&()),
+                )
+                .await;
+        }
+    }
+    written.skips = current;
+}
+
+/// A Warning Event on an ExternalCatalog or an import registration whose task stopped
+/// unexpectedly and was started again, once per restart.
+async fn restarts(
+    stores: &Stores,
+    v: &BTreeMap<String, CatalogView>,
+    imp: &HashMap<(String, String), ImportView>,
+    recorder: &mut Announcer,
+    written: &mut Written,
+) {
+    let mut found = Vec::new();
+    for cat in stores.catalogs.state() {
+        if let Some(view) = v.get(&cat.name_any()) {
+            found.push((
+                cat.object_ref(&()),
+                "the catalog's writer",
+                view.task.clone(),
+            ));
+        }
+    }
+    for reg in stores.registrations.state() {
+        if let Some(ns) = reg.namespace()
+            && let Some(view) = imp.get(&(ns, reg.name_any()))
+        {
+            found.push((reg.object_ref(&()), "the import", view.task.clone()));
+        }
+    }
+    for (reference, what, task) in found {
+        let uid = reference.uid.clone().unwrap_or_default();
+        let announced = written.restarts.entry(uid).or_insert(task.restarts);
+        if task.restarts <= *announced {
+            continue;
+        }
+        *announced = task.restarts;
+        let note = format!(
+            "{what} stopped unexpectedly ({}) and was started again (restart {})",
+            task.last_failure.as_deref().unwrap_or("no reason given"),
+            task.restarts
+        );
+        recorder
+            .publish(
+                &warning(Reason::TaskRestarted, &note, "Supervise"),
+                &reference,
+            )
+            .await;
+    }
+}
+
+async fn patch_status<K>(api: &Api<K>, name: &str, status: &impl serde::Serialize) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
