@@ -25,3 +25,6 @@ pub mod k8s;
 pub mod model;
 pub mod runtime;
 pub mod status;
+
+#[cfg(test)]
+pub mod fixtures;

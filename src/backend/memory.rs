@@ -1,5 +1,6 @@
-//! An in-memory catalog for fast tests of the writer and the pipeline. Never a stand-in for a
-//! real catalog in an integration test.
+//! An in-memory catalog for fast tests of the writer, the supervisors and the pipeline: entries
+//! in a map, external services to import, and faults on demand (down, a panic in the next
+//! write or watch). Never a stand-in for a real catalog in an integration test.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -7,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use serde_json::json;
+use tokio::sync::watch;
 
-use super::{Backend, BackendError, Record};
+use super::{Backend, BackendError, External, ImportSnapshot, Record};
 use crate::api::crd::ServerInfo;
 use crate::model::Instance;
 use crate::model::Op;
@@ -25,6 +27,12 @@ pub struct Memory {
     down: AtomicBool,
     writes: AtomicUsize,
     round_trips: AtomicUsize,
+    /// The next `apply` panics (a fault injected by a test).
+    panic_on_apply: AtomicBool,
+    /// The next `watch_service` panics.
+    panic_on_watch: AtomicBool,
+    /// External services to import, by name: what an import watch reports.
+    external: watch::Sender<BTreeMap<String, Vec<External>>>,
 }
 
 impl Memory {
@@ -37,7 +45,29 @@ impl Memory {
             down: AtomicBool::new(false),
             writes: AtomicUsize::new(0),
             round_trips: AtomicUsize::new(0),
+            panic_on_apply: AtomicBool::new(false),
+            panic_on_watch: AtomicBool::new(false),
+            external: watch::channel(BTreeMap::new()).0,
         }
+    }
+
+    /// The next write panics, as a bug in a writer would.
+    pub fn panic_on_next_apply(&self) {
+        self.panic_on_apply.store(true, Ordering::SeqCst);
+    }
+
+    /// The import watch panics at its next change.
+    pub fn panic_on_next_watch(&self) {
+        self.panic_on_watch.store(true, Ordering::SeqCst);
+    }
+
+    /// Registers the instances of external service `name`, as software outside Kubernetes
+    /// would; import watches see them at once.
+    pub fn register_external(&self, name: &str, mut instances: Vec<External>) {
+        instances.sort();
+        self.external.send_modify(|m| {
+            m.insert(name.to_string(), instances);
+        });
     }
 
     /// The same map, said to be at `location`.
@@ -124,6 +154,9 @@ impl Backend for Memory {
     }
 
     async fn apply(&self, ops: &[Op]) -> Result<usize, BackendError> {
+        if self.panic_on_apply.swap(false, Ordering::SeqCst) {
+            panic!("injected: the memory catalog's apply panics");
+        }
         let mut trips = 0;
         for chunk in ops.chunks(self.batch) {
             self.check_up()?;
@@ -158,6 +191,29 @@ impl Backend for Memory {
             mode: Some("memory".into()),
             ..Default::default()
         })
+    }
+
+    async fn watch_service(
+        &self,
+        name: &str,
+        tx: watch::Sender<ImportSnapshot>,
+    ) -> Result<(), BackendError> {
+        let mut external = self.external.subscribe();
+        loop {
+            if self.panic_on_watch.swap(false, Ordering::SeqCst) {
+                panic!("injected: the memory catalog's import watch panics");
+            }
+            let instances = external.borrow_and_update().get(name).cloned();
+            super::publish(&tx, |s| {
+                s.instances = instances.unwrap_or_default();
+                s.synced = true;
+                s.error = None;
+            });
+            tokio::select! {
+                r = external.changed() => if r.is_err() { return Ok(()) },
+                () = tx.closed() => return Ok(()),
+            }
+        }
     }
 
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {

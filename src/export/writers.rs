@@ -373,3 +373,145 @@ impl Writers {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::memory::Memory;
+    use crate::fixtures::{MemoryCatalogs, catalog};
+    use crate::model::{DesiredCatalog, Instance, Origin, Reason};
+    use std::future::Future;
+
+    fn instances(n: usize) -> Arc<DesiredCatalog> {
+        Arc::new(DesiredCatalog {
+            instances: (0..n)
+                .map(|i| Instance {
+                    name: "api_x".into(),
+                    address: format!("10.0.0.{}", i + 1).parse().expect("ip"),
+                    port: 8080,
+                    origin: Origin {
+                        namespace: "shop".into(),
+                        service: "api-x".into(),
+                    },
+                    tags: vec![],
+                    meta: Default::default(),
+                })
+                .collect(),
+        })
+    }
+
+    fn desired(name: &str, n: usize) -> Desired {
+        Desired {
+            catalogs: BTreeMap::from([(name.to_string(), instances(n))]),
+            exports: Vec::new(),
+        }
+    }
+
+    /// Writers for the catalogs `connect` knows, behind an open gate.
+    fn writers(
+        connect: Arc<MemoryCatalogs>,
+        metrics: Arc<Metrics>,
+    ) -> (Writers, watch::Sender<bool>) {
+        let (gate_tx, gate) = watch::channel(true);
+        let settings = Settings {
+            dry_run: false,
+            drift_interval: Duration::from_secs(3600),
+        };
+        (Writers::new(connect, settings, gate, metrics), gate_tx)
+    }
+
+    async fn eventually<F, Fut>(what: &str, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f().await {
+            assert!(Instant::now() < deadline, "not in time: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_panics_is_started_again_counted_and_shown() {
+        let mem = Arc::new(Memory::new("me", 64));
+        let connect = Arc::new(MemoryCatalogs::default());
+        connect.insert("c", mem.clone());
+        let metrics = Arc::new(Metrics::new());
+        let (mut w, _gate) = writers(connect, metrics.clone());
+        let cats = [catalog("c")];
+        w.sync(&cats, &desired("c", 3), None).await;
+        eventually("3 entries written", || async { mem.all().len() == 3 }).await;
+
+        // A bug in the writer: its next write panics. The supervisor starts it again, and the
+        // new writer reads what the catalog holds and writes the change.
+        mem.panic_on_next_apply();
+        w.sync(&cats, &desired("c", 4), Some(Instant::now())).await;
+        eventually("the restarted writer wrote the 4th entry", || async {
+            mem.all().len() == 4
+        })
+        .await;
+        let view = &w.views()["c"];
+        assert_eq!(view.task.restarts, 1, "{view:?}");
+        assert!(
+            view.task
+                .last_failure
+                .as_deref()
+                .is_some_and(|f| f.contains("injected")),
+            "{view:?}"
+        );
+        eventually("in sync again", || async { w.views()["c"].report.in_sync }).await;
+        assert!(
+            metrics
+                .encode()
+                .contains("catalog_bridge_task_restarts_total{task=\"writer\"} 1"),
+            "{}",
+            metrics.encode()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_catalog_is_drained_and_a_moved_one_leaves_nothing_behind() {
+        let old = Arc::new(Memory::new("me", 64).at("old"));
+        old.put_foreign("foreign", "someone-else", serde_json::json!({}));
+        let connect = Arc::new(MemoryCatalogs::default());
+        connect.insert("c", old.clone());
+        let (mut w, _gate) = writers(connect.clone(), Arc::new(Metrics::new()));
+        w.sync(&[catalog("c")], &desired("c", 2), None).await;
+        eventually("written", || async { old.all().len() == 3 }).await;
+
+        // Moved: a changed spec, and the catalog answers at another place now.
+        let new = Arc::new(Memory::new("me", 64).at("new"));
+        connect.insert("c", new.clone());
+        let mut moved = (*catalog("c")).clone();
+        if let Some(c) = moved.spec.consul.as_mut() {
+            c.addresses = vec!["http://127.0.0.2:8500".into()];
+        }
+        w.sync(&[Arc::new(moved)], &desired("c", 2), None).await;
+        eventually("written at the new place, removed at the old", || async {
+            new.all().len() == 2 && old.all().len() == 1
+        })
+        .await;
+        assert!(old.all().contains_key("foreign"), "never another owner's");
+
+        // Deleted: drained by a supervised task, which ends once done.
+        w.sync(&[], &Desired::default(), None).await;
+        eventually("drained", || async { new.all().is_empty() }).await;
+        eventually("the drain ended", || {
+            let done = w.draining.values().all(|d| d.task.is_finished());
+            async move { done }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_catalog_that_cannot_be_built_shows_why() {
+        let connect = Arc::new(MemoryCatalogs::default());
+        let (mut w, _gate) = writers(connect, Arc::new(Metrics::new()));
+        w.sync(&[catalog("nowhere")], &desired("nowhere", 1), None)
+            .await;
+        let view = &w.views()["nowhere"];
+        let problem = view.problem.as_ref().expect("a problem");
+        assert_eq!(problem.reason, Reason::InvalidConfig);
+    }
+}

@@ -9,35 +9,14 @@ use kube::ResourceExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::task::{self, Task};
+use super::task::{self, ImportView, Task};
 use super::touched::Watched;
 use crate::api::crd::{Direction, ExternalCatalog, ExternalRegistration};
-use crate::backend::{Backend, BackendError};
+use crate::backend::Backend;
 use crate::k8s::catalogs::Connect;
 use crate::model::{Problem, Reason};
 use crate::runtime::Metrics;
-use crate::runtime::supervisor::{Supervised, TaskKind, TaskState};
-
-/// What one import task last saw and did, for status, Events and metrics.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ImportView {
-    pub catalog: String,
-    pub service_name: String,
-    /// Endpoints now in the EndpointSlices.
-    pub endpoints: usize,
-    /// Entries the catalog holds that could not be parsed: (id, why).
-    pub skipped: Vec<(String, String)>,
-    /// The catalog's last read failed (the last known endpoints stay).
-    pub catalog_error: Option<BackendError>,
-    /// Writing the Service or EndpointSlices failed.
-    pub apply_error: Option<String>,
-    /// The first read succeeded and its result was applied.
-    pub synced: bool,
-    /// The import cannot run (catalog missing, backend not buildable).
-    pub problem: Option<Problem>,
-    /// The import's task: restarts, and whether it is down right now.
-    pub task: TaskState,
-}
+use crate::runtime::supervisor::{Supervised, TaskKind};
 
 struct Running {
     fingerprint: String,
@@ -229,5 +208,132 @@ impl Importers {
             .map(|(c, _)| c)
             .collect();
         views
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::External;
+    use crate::backend::memory::Memory;
+    use crate::fixtures::{FakeApi, MemoryCatalogs, catalog};
+    use kube::runtime::reflector;
+    use serde_json::{Value, json};
+    use std::time::{Duration, Instant};
+
+    const SERVICE: &str = "/api/v1/namespaces/shop/services/mysql-x";
+    const SLICE: &str =
+        "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/mysql-x-ipv4-3306-0";
+
+    fn registration() -> Arc<ExternalRegistration> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+                "metadata": {"name": "mysql-x", "namespace": "shop", "uid": "uid-reg"},
+                "spec": {"catalogRef": {"name": "zk"}, "direction": "Import",
+                         "externalName": "mysql_x"},
+            }))
+            .expect("a registration"),
+        )
+    }
+
+    fn external(ips: &[&str]) -> Vec<External> {
+        ips.iter()
+            .map(|ip| External {
+                address: ip.to_string(),
+                port: 3306,
+                id: format!("{ip}:3306"),
+            })
+            .collect()
+    }
+
+    fn addresses(slice: Option<Value>) -> Vec<String> {
+        slice
+            .and_then(|s| s.get("endpoints").cloned())
+            .and_then(|e| e.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e.pointer("/addresses/0").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "not in time: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_import_whose_watch_panics_is_started_again_and_its_objects_removed_with_it() {
+        let (api, client) = FakeApi::start();
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.register_external("mysql_x", external(&["10.8.0.8"]));
+        let connect = Arc::new(MemoryCatalogs::default());
+        connect.insert("zk", mem.clone());
+        let metrics = Arc::new(Metrics::new());
+        let (_gate_tx, gate) = watch::channel(true);
+        let watched = Watched {
+            services: reflector::store().0,
+            slices: reflector::store().0,
+            registrations: reflector::store().0,
+            touched: tokio::sync::broadcast::channel(16).0,
+        };
+        let mut importers = Importers::new(client, connect, gate, metrics.clone(), watched, false);
+        let (regs, cats) = ([registration()], [catalog("zk")]);
+        importers.sync(&regs, &cats).await;
+        eventually("the Service and its slice", || {
+            api.get(SERVICE).is_some() && addresses(api.get(SLICE)) == ["10.8.0.8"]
+        })
+        .await;
+
+        // A bug in the watch: it panics at its next change. The import fails with it, is
+        // started again, and the new one applies what the catalog holds now.
+        mem.panic_on_next_watch();
+        mem.register_external("mysql_x", external(&["10.8.0.8", "10.8.0.9"]));
+        eventually("the restarted import applied the new instance", || {
+            addresses(api.get(SLICE)) == ["10.8.0.8", "10.8.0.9"]
+        })
+        .await;
+        let key = ("shop".to_string(), "mysql-x".to_string());
+        let view = importers.views()[&key].clone();
+        assert_eq!(view.task.restarts, 1, "{view:?}");
+        assert!(view.synced && view.endpoints == 2, "{view:?}");
+        assert!(
+            metrics
+                .encode()
+                .contains("catalog_bridge_task_restarts_total{task=\"import\"} 1")
+        );
+
+        // The registration goes: so do its Service and slices.
+        importers.sync(&[], &cats).await;
+        assert!(api.get(SERVICE).is_none() && api.get(SLICE).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_import_of_a_missing_catalog_says_so_and_applies_nothing() {
+        let (api, client) = FakeApi::start();
+        let (_gate_tx, gate) = watch::channel(true);
+        let watched = Watched {
+            services: reflector::store().0,
+            slices: reflector::store().0,
+            registrations: reflector::store().0,
+            touched: tokio::sync::broadcast::channel(16).0,
+        };
+        let mut importers = Importers::new(
+            client,
+            Arc::new(MemoryCatalogs::default()),
+            gate,
+            Arc::new(Metrics::new()),
+            watched,
+            false,
+        );
+        importers.sync(&[registration()], &[]).await;
+        let key = ("shop".to_string(), "mysql-x".to_string());
+        let problem = importers.views()[&key].problem.clone().expect("a problem");
+        assert_eq!(problem.reason, Reason::CatalogNotFound);
+        assert!(api.requests().is_empty(), "{:?}", api.requests());
     }
 }

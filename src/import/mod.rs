@@ -12,5 +12,6 @@ pub mod render;
 pub mod task;
 pub mod touched;
 
-pub use importers::{ImportView, Importers};
+pub use importers::Importers;
+pub use task::ImportView;
 pub use touched::{Touched, Watched};

@@ -17,13 +17,34 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 use super::apply::{self, Written};
-use super::importers::ImportView;
 use super::render::{self, Kind, Rendered};
 use super::touched::{Touched, TouchedObject, Watched};
 use crate::api::crd::ExternalRegistration;
-use crate::backend::{Backend, ImportSnapshot};
+use crate::backend::{Backend, BackendError, ImportSnapshot};
 use crate::model::{Problem, Reason};
 use crate::runtime::Metrics;
+use crate::runtime::supervisor::TaskState;
+
+/// What one import task last saw and did, for status, Events and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImportView {
+    pub catalog: String,
+    pub service_name: String,
+    /// Endpoints now in the EndpointSlices.
+    pub endpoints: usize,
+    /// Entries the catalog holds that could not be parsed: (id, why).
+    pub skipped: Vec<(String, String)>,
+    /// The catalog's last read failed (the last known endpoints stay).
+    pub catalog_error: Option<BackendError>,
+    /// Writing the Service or EndpointSlices failed.
+    pub apply_error: Option<String>,
+    /// The first read succeeded and its result was applied.
+    pub synced: bool,
+    /// The import cannot run (catalog missing, backend not buildable).
+    pub problem: Option<Problem>,
+    /// The import's task: restarts, and whether it is down right now.
+    pub task: TaskState,
+}
 
 /// Whether the API server still holds `reg`, the same object, not being deleted. An answer
 /// that cannot be had counts as yes: undoing a change is the safe side, and an object
@@ -313,14 +334,15 @@ pub async fn run(
             }
         }
         watcher.abort();
-        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_millis(10), watcher).await {
-            view.send_modify(|v| {
-                v.problem = Some(Problem {
-                    reason: e.reason(),
-                    message: e.to_string(),
-                })
-            });
-            return Ok(());
+        match tokio::time::timeout(Duration::from_millis(10), watcher).await {
+            Ok(Ok(Err(e))) => {
+                view.send_modify(|v| v.problem = Some(Problem::new(e.reason(), e.to_string())));
+                return Ok(());
+            }
+            // A watch that panicked is a bug: this task fails with it, and its supervisor
+            // counts it and starts the import again.
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            _ => {}
         }
     }
 }

@@ -290,3 +290,109 @@ where
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::Report;
+    use crate::fixtures::{FakeApi, catalog};
+    use crate::runtime::supervisor::TaskState;
+    use kube::runtime::reflector;
+    use serde_json::Value;
+    use std::time::Instant;
+
+    const CATALOG: &str = "/apis/catalog-bridge.io/v1alpha1/externalcatalogs/c";
+
+    fn view(task: TaskState) -> CatalogView {
+        CatalogView {
+            kind: "consul",
+            report: Report {
+                reachable: Some(true),
+                in_sync: true,
+                entries: 2,
+                ..Default::default()
+            },
+            problem: None,
+            task,
+        }
+    }
+
+    fn ready(api: &FakeApi) -> Option<(String, String)> {
+        let c = api.get(CATALOG)?;
+        let conditions = c.pointer("/status/conditions")?.as_array()?.clone();
+        let ready = conditions.iter().find(|c| c["type"] == "Ready")?;
+        Some((
+            ready["status"].as_str()?.to_string(),
+            ready["reason"].as_str()?.to_string(),
+        ))
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "not in time: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn catalog_status_follows_its_writer_and_a_restart_is_announced() {
+        let (api, client) = FakeApi::start();
+        let cat = catalog("c");
+        api.put(CATALOG, serde_json::to_value(cat.as_ref()).expect("json"));
+        let (cats, mut w) = reflector::store();
+        w.apply_watcher_event(&kube::runtime::watcher::Event::Apply((*cat).clone()));
+        let stores = Stores {
+            services: reflector::store().0,
+            slices: reflector::store().0,
+            catalogs: cats,
+            registrations: reflector::store().0,
+        };
+        let (_d, desired) = watch::channel(Arc::new(Desired::default()));
+        let (views, catalogs) = watch::channel(BTreeMap::from([(
+            "c".to_string(),
+            view(TaskState::default()),
+        )]));
+        let (_i, imports) = watch::channel(HashMap::new());
+        let (_gate_tx, gate) = watch::channel(true);
+        let task = tokio::spawn(run(
+            client,
+            stores,
+            Views {
+                desired,
+                catalogs,
+                imports,
+            },
+            gate,
+        ));
+        eventually("Ready=True InSync", || {
+            ready(&api) == Some(("True".into(), "InSync".into()))
+        })
+        .await;
+
+        // The writer panicked and waits to be started again.
+        views.send_replace(BTreeMap::from([(
+            "c".to_string(),
+            view(TaskState {
+                restarts: 1,
+                last_failure: Some("panicked: boom".into()),
+                down: true,
+            }),
+        )]));
+        eventually("Ready=False TaskRestarted", || {
+            ready(&api) == Some(("False".into(), "TaskRestarted".into()))
+        })
+        .await;
+        eventually("a TaskRestarted Event", || {
+            api.under("/apis/events.k8s.io/v1/namespaces/")
+                .values()
+                .any(|e| e["reason"] == "TaskRestarted")
+        })
+        .await;
+        let restarts = api
+            .get(CATALOG)
+            .and_then(|c| c.pointer("/status/taskRestarts").cloned());
+        assert_eq!(restarts, Some(Value::from(1)));
+        task.abort();
+    }
+}
