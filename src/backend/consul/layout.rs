@@ -1,0 +1,261 @@
+//! The layout: what an instance becomes in Consul and how the owned entries are read back.
+//! Pure: no HTTP here.
+//!
+//! A record is the part of a catalog entry this controller decides, in the exact shape Consul
+//! returns it, so that what [`Consul::read_owned`] reconstructs compares equal to what
+//! [`Consul::render`] produces when nothing changed:
+//!
+//! ```json
+//! {"Service": {"ID": "<stable id>", "Service": "api_x", "Address": "10.0.0.1", "Port": 8080,
+//!              "Tags": [], "Meta": {"catalog-bridge-owner": "…", "external-source": "kubernetes",
+//!                                   "k8s-namespace": "shop", "k8s-service": "api-x"}},
+//!  "Check": {"CheckID": "<stable id>:ready", "Name": "Kubernetes readiness",
+//!            "Status": "passing", "ServiceID": "<stable id>", "ServiceName": "api_x"}}
+//! ```
+//!
+//! Ownership is the service meta `catalog-bridge-owner`: services on the node without it (or
+//! with another owner) are never read as ours, so never changed or deleted.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Value, json};
+
+use super::Consul;
+use crate::backend::{BackendError, Record};
+use crate::model::Instance;
+
+/// Service meta key that marks the owner of an entry.
+pub const OWNER_META: &str = "catalog-bridge-owner";
+/// Service meta key naming the ExternalCatalog that wrote an entry: two ExternalCatalogs of one
+/// owner on one Consul node (one for import only, say) each own only their own entries.
+pub const CATALOG_META: &str = "catalog-bridge-catalog";
+/// Meta key (node and service) that marks entries synced from Kubernetes.
+pub const SOURCE_META: &str = "external-source";
+pub const SOURCE_VALUE: &str = "kubernetes";
+/// Name of the one check each exported instance carries.
+pub const CHECK_NAME: &str = "Kubernetes readiness";
+/// Address of the synthetic node (it runs no agent; the services carry their own addresses).
+pub const NODE_ADDRESS: &str = "127.0.0.1";
+
+/// Consul's limits on service meta (`agent/structs`): pairs per service, key and value length.
+pub const MAX_META_PAIRS: usize = 64;
+const MAX_META_KEY_LEN: usize = 128;
+const MAX_META_VALUE_LEN: usize = 512;
+/// The meta keys every record carries besides the instance's own.
+const OWN_META_KEYS: usize = 5;
+
+/// Why Consul would refuse this service meta pair (and with it the whole transaction that
+/// carries it), or None when it is valid. For the layer that reads annotations and
+/// registrations, to report a bad key where the user wrote it.
+pub fn meta_problem(key: &str, value: &str) -> Option<String> {
+    if key.is_empty() {
+        return Some("a Consul meta key cannot be empty".into());
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Some(format!(
+            "Consul meta key {key:?} may only hold letters, digits, '_' and '-'"
+        ));
+    }
+    if key.len() > MAX_META_KEY_LEN {
+        return Some(format!(
+            "Consul meta key {key:?} is longer than {MAX_META_KEY_LEN} characters"
+        ));
+    }
+    if key.starts_with("consul-") {
+        return Some(format!(
+            "Consul meta key {key:?}: the prefix consul- is reserved"
+        ));
+    }
+    if value.len() > MAX_META_VALUE_LEN {
+        return Some(format!(
+            "Consul meta value of {key:?} is longer than {MAX_META_VALUE_LEN} characters"
+        ));
+    }
+    None
+}
+
+/// Why each meta pair of an instance is left out of its Consul entry ([`Consul::record`]): the
+/// pairs Consul would refuse, and those beyond its limit of pairs. Empty when all are kept.
+pub fn dropped_meta(meta: &BTreeMap<String, String>) -> Vec<String> {
+    let mut kept = 0;
+    let mut dropped = Vec::new();
+    for (k, v) in meta {
+        if let Some(why) = meta_problem(k, v) {
+            dropped.push(why);
+        } else if kept == MAX_META_PAIRS - OWN_META_KEYS {
+            dropped.push(format!(
+                "Consul meta key {k:?} is beyond the {} pairs an entry can carry besides catalog-bridge's own",
+                MAX_META_PAIRS - OWN_META_KEYS
+            ));
+        } else {
+            kept += 1;
+        }
+    }
+    dropped
+}
+
+impl Consul {
+    /// The ID of the check of the instance with service ID `service_id`.
+    pub fn check_id(service_id: &str) -> String {
+        format!("{service_id}:ready")
+    }
+
+    /// The record of one instance (see the module documentation). Meta pairs Consul would
+    /// refuse ([`meta_problem`], and those beyond its 64 pairs) are left out: one of them
+    /// would fail the whole transaction, and with it every other instance in it.
+    pub fn record(&self, instance: &Instance) -> Record {
+        let id = instance.stable_id();
+        let mut meta: BTreeMap<String, String> = instance
+            .meta
+            .iter()
+            .filter(|(k, v)| meta_problem(k, v).is_none())
+            .take(MAX_META_PAIRS - OWN_META_KEYS)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        meta.insert(SOURCE_META.into(), SOURCE_VALUE.into());
+        meta.insert(OWNER_META.into(), self.owner.clone());
+        if !self.catalog.is_empty() {
+            meta.insert(CATALOG_META.into(), self.catalog.clone());
+        }
+        meta.insert("k8s-namespace".into(), instance.origin.namespace.clone());
+        meta.insert("k8s-service".into(), instance.origin.service.clone());
+        json!({
+            "Service": {
+                "ID": id,
+                "Service": instance.name,
+                "Address": instance.address.to_string(),
+                "Port": instance.port,
+                "Tags": instance.tags,
+                "Meta": meta,
+            },
+            "Check": {
+                "CheckID": Self::check_id(&id),
+                "Name": CHECK_NAME,
+                "Status": "passing",
+                "ServiceID": id,
+                // Consul checks `service:write` on the check's service by this name: without
+                // it, a token allowed to write only the exported names is refused.
+                "ServiceName": instance.name,
+            },
+        })
+    }
+
+    /// The txn operation that registers the synthetic node.
+    pub(super) fn node_op(&self) -> Value {
+        json!({"Node": {"Verb": "set", "Node": {
+            "Node": self.node,
+            "Address": NODE_ADDRESS,
+            "Meta": {SOURCE_META: SOURCE_VALUE, OWNER_META: self.owner},
+        }}})
+    }
+
+    /// The owned records in the answers of `/v1/catalog/node-services/<node>` and
+    /// `/v1/health/node/<node>`, and whether the node is registered as we register it.
+    pub(super) fn owned_records(
+        &self,
+        node_services: &Value,
+        checks: &Value,
+    ) -> Result<(bool, BTreeMap<String, Record>), BackendError> {
+        let node = node_services.get("Node").unwrap_or(&Value::Null);
+        let node_ok = node.is_object()
+            && node.get("Address").and_then(Value::as_str) == Some(NODE_ADDRESS)
+            && node
+                .pointer(&format!("/Meta/{SOURCE_META}"))
+                .and_then(Value::as_str)
+                == Some(SOURCE_VALUE)
+            && node
+                .pointer(&format!("/Meta/{OWNER_META}"))
+                .and_then(Value::as_str)
+                == Some(self.owner.as_str());
+
+        let services = match node_services.get("Services") {
+            None | Some(Value::Null) => return Ok((node_ok, BTreeMap::new())),
+            Some(Value::Array(s)) => s,
+            Some(other) => {
+                return Err(BackendError::Protocol(format!(
+                    "node-services of {}: Services is not a list: {other}",
+                    self.node
+                )));
+            }
+        };
+        let checks: &[Value] = match checks {
+            Value::Array(c) => c,
+            Value::Null => &[],
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "health of node {}: not a list of checks: {other}",
+                    self.node
+                )));
+            }
+        };
+        let mut checks_by_id: HashMap<&str, &Value> = HashMap::new();
+        for c in checks {
+            if let Some(id) = c.get("CheckID").and_then(Value::as_str) {
+                checks_by_id.insert(id, c);
+            }
+        }
+
+        let mut out = BTreeMap::new();
+        for s in services {
+            let meta = |key: &str| {
+                s.get("Meta")
+                    .and_then(|m| m.get(key))
+                    .and_then(Value::as_str)
+            };
+            if meta(OWNER_META) != Some(self.owner.as_str()) {
+                continue;
+            }
+            // Written by another ExternalCatalog of this owner on the same node. (Entries
+            // without the key predate it and are this catalog's; a backend without a catalog
+            // name owns every entry of its owner.)
+            if !self.catalog.is_empty() && meta(CATALOG_META).is_some_and(|c| c != self.catalog) {
+                continue;
+            }
+            let field = |name: &str| {
+                s.get(name).ok_or_else(|| {
+                    BackendError::Protocol(format!(
+                        "a service on node {} has no {name}: {s}",
+                        self.node
+                    ))
+                })
+            };
+            let id = field("ID")?.as_str().unwrap_or_default().to_string();
+            if id.is_empty() {
+                return Err(BackendError::Protocol(format!(
+                    "a service on node {} has no ID: {s}",
+                    self.node
+                )));
+            }
+            let or_empty = |name: &str, empty: Value| match s.get(name) {
+                None | Some(Value::Null) => empty,
+                Some(v) => v.clone(),
+            };
+            let service = json!({
+                "ID": id,
+                "Service": field("Service")?,
+                "Address": or_empty("Address", json!("")),
+                "Port": or_empty("Port", json!(0)),
+                "Tags": or_empty("Tags", json!([])),
+                "Meta": or_empty("Meta", json!({})),
+            });
+            let check = match checks_by_id.get(Self::check_id(&id).as_str()) {
+                Some(c) if c.get("ServiceID").and_then(Value::as_str) == Some(id.as_str()) => {
+                    let pick = |k: &str| c.get(k).cloned().unwrap_or(Value::Null);
+                    json!({
+                        "CheckID": pick("CheckID"),
+                        "Name": pick("Name"),
+                        "Status": pick("Status"),
+                        "ServiceID": pick("ServiceID"),
+                        "ServiceName": pick("ServiceName"),
+                    })
+                }
+                _ => Value::Null,
+            };
+            out.insert(id, json!({"Service": service, "Check": check}));
+        }
+        Ok((node_ok, out))
+    }
+}
