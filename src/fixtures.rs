@@ -18,7 +18,7 @@ use crate::backend::Backend;
 use crate::backend::memory::Memory;
 use crate::k8s::catalogs::Connect;
 use crate::k8s::secrets::Credentials;
-use crate::model::{Problem, Reason};
+use crate::model::{DesiredCatalog, Instance, Origin, Problem, Reason};
 
 /// The collections the fake serves (the last segment of a collection's path).
 const COLLECTIONS: [&str; 7] = [
@@ -337,4 +337,34 @@ pub fn catalog(name: &str) -> Arc<ExternalCatalog> {
         }))
         .expect("a test catalog"),
     )
+}
+
+/// `n` instances of `api_x` (shop/api-x) at 10.0.x.y:8080, sorted.
+pub fn instances(n: usize) -> Arc<DesiredCatalog> {
+    Arc::new(DesiredCatalog {
+        instances: (0..n)
+            .map(|i| Instance {
+                name: "api_x".into(),
+                address: format!("10.0.{}.{}", i / 250, i % 250 + 1)
+                    .parse()
+                    .expect("an address"),
+                port: 8080,
+                origin: Origin {
+                    namespace: "shop".into(),
+                    service: "api-x".into(),
+                },
+                tags: vec![],
+                meta: BTreeMap::new(),
+            })
+            .collect(),
+    })
+}
+
+/// Waits until `f` holds, checking every 10 ms, for at most 10 s.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "not in time: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }

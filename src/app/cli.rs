@@ -167,10 +167,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-            let owner = match args.cluster_id {
-                Some(id) if !id.trim().is_empty() => id.trim().to_string(),
-                _ => default_cluster_id(&client).await?,
-            };
+            let owner = owner(&client, args.cluster_id).await?;
             let sessions = crate::k8s::catalogs::SessionSecret {
                 client: client.clone(),
                 namespace: args.session_namespace,
@@ -205,10 +202,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-            let owner = match args.cluster_id {
-                Some(id) if !id.trim().is_empty() => id.trim().to_string(),
-                _ => default_cluster_id(&client).await?,
-            };
+            let owner = owner(&client, args.cluster_id).await?;
             let identity = args.identity.unwrap_or_else(|| {
                 std::env::var("HOSTNAME")
                     .unwrap_or_else(|_| format!("catalog-bridge-{}", std::process::id()))
@@ -227,6 +221,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             super::run::run(client, opts).await
         }
+    }
+}
+
+/// The owner id: `--cluster-id` when given, else [`default_cluster_id`].
+async fn owner(client: &kube::Client, cluster_id: Option<String>) -> Result<String> {
+    match cluster_id {
+        Some(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => default_cluster_id(client).await,
     }
 }
 

@@ -93,29 +93,13 @@ fn diff_sorted<'a>(a: &'a [Instance], b: &'a [Instance]) -> (Vec<&'a Instance>, 
 mod tests {
     use super::*;
     use crate::backend::memory::Memory;
-    use crate::model::Origin;
-
-    fn instances(n: usize) -> Vec<Instance> {
-        (0..n)
-            .map(|i| Instance {
-                name: "api_x".into(),
-                address: format!("10.0.0.{}", i + 1).parse().expect("ip"),
-                port: 8080,
-                origin: Origin {
-                    namespace: "shop".into(),
-                    service: "api-x".into(),
-                },
-                tags: vec![],
-                meta: BTreeMap::new(),
-            })
-            .collect()
-    }
+    use crate::fixtures::instances;
 
     #[test]
     fn incremental_records_equal_a_full_render() {
         let mem = Memory::new("me", 64);
         let mut d = DesiredRecords::default();
-        let all = instances(30);
+        let all = instances(30).instances.clone();
         let steps: [&[Instance]; 4] = [&all[..10], &all[5..20], &all[..0], &all[3..30]];
         for next in steps {
             let next = Arc::new(DesiredCatalog {

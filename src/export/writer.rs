@@ -482,27 +482,7 @@ impl Writer {
 mod tests {
     use super::*;
     use crate::backend::memory::Memory;
-    use crate::model::{DesiredCatalog, Instance, Origin};
-
-    fn instances(n: usize) -> Arc<DesiredCatalog> {
-        Arc::new(DesiredCatalog {
-            instances: (0..n)
-                .map(|i| Instance {
-                    name: "api_x".into(),
-                    address: format!("10.0.{}.{}", i / 250, i % 250 + 1)
-                        .parse()
-                        .expect("ip"),
-                    port: 8080,
-                    origin: Origin {
-                        namespace: "shop".into(),
-                        service: "api-x".into(),
-                    },
-                    tags: vec![],
-                    meta: BTreeMap::new(),
-                })
-                .collect(),
-        })
-    }
+    use crate::fixtures::instances;
 
     struct Harness {
         desired: watch::Sender<Arc<Snapshot>>,

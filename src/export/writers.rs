@@ -378,27 +378,8 @@ impl Writers {
 mod tests {
     use super::*;
     use crate::backend::memory::Memory;
-    use crate::fixtures::{MemoryCatalogs, catalog};
-    use crate::model::{DesiredCatalog, Instance, Origin, Reason};
-    use std::future::Future;
-
-    fn instances(n: usize) -> Arc<DesiredCatalog> {
-        Arc::new(DesiredCatalog {
-            instances: (0..n)
-                .map(|i| Instance {
-                    name: "api_x".into(),
-                    address: format!("10.0.0.{}", i + 1).parse().expect("ip"),
-                    port: 8080,
-                    origin: Origin {
-                        namespace: "shop".into(),
-                        service: "api-x".into(),
-                    },
-                    tags: vec![],
-                    meta: Default::default(),
-                })
-                .collect(),
-        })
-    }
+    use crate::fixtures::{MemoryCatalogs, catalog, eventually, instances};
+    use crate::model::Reason;
 
     fn desired(name: &str, n: usize) -> Desired {
         Desired {
@@ -420,18 +401,6 @@ mod tests {
         (Writers::new(connect, settings, gate, metrics), gate_tx)
     }
 
-    async fn eventually<F, Fut>(what: &str, mut f: F)
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = bool>,
-    {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f().await {
-            assert!(Instant::now() < deadline, "not in time: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     #[tokio::test]
     async fn a_writer_that_panics_is_started_again_counted_and_shown() {
         let mem = Arc::new(Memory::new("me", 64));
@@ -441,13 +410,13 @@ mod tests {
         let (mut w, _gate) = writers(connect, metrics.clone());
         let cats = [catalog("c")];
         w.sync(&cats, &desired("c", 3), None).await;
-        eventually("3 entries written", || async { mem.all().len() == 3 }).await;
+        eventually("3 entries written", || mem.all().len() == 3).await;
 
         // A bug in the writer: its next write panics. The supervisor starts it again, and the
         // new writer reads what the catalog holds and writes the change.
         mem.panic_on_next_apply();
         w.sync(&cats, &desired("c", 4), Some(Instant::now())).await;
-        eventually("the restarted writer wrote the 4th entry", || async {
+        eventually("the restarted writer wrote the 4th entry", || {
             mem.all().len() == 4
         })
         .await;
@@ -460,7 +429,7 @@ mod tests {
                 .is_some_and(|f| f.contains("injected")),
             "{view:?}"
         );
-        eventually("in sync again", || async { w.views()["c"].report.in_sync }).await;
+        eventually("in sync again", || w.views()["c"].report.in_sync).await;
         assert!(
             metrics
                 .encode()
@@ -478,7 +447,7 @@ mod tests {
         connect.insert("c", old.clone());
         let (mut w, _gate) = writers(connect.clone(), Arc::new(Metrics::new()));
         w.sync(&[catalog("c")], &desired("c", 2), None).await;
-        eventually("written", || async { old.all().len() == 3 }).await;
+        eventually("written", || old.all().len() == 3).await;
 
         // Moved: a changed spec, and the catalog answers at another place now.
         let new = Arc::new(Memory::new("me", 64).at("new"));
@@ -488,7 +457,7 @@ mod tests {
             c.addresses = vec!["http://127.0.0.2:8500".into()];
         }
         w.sync(&[Arc::new(moved)], &desired("c", 2), None).await;
-        eventually("written at the new place, removed at the old", || async {
+        eventually("written at the new place, removed at the old", || {
             new.all().len() == 2 && old.all().len() == 1
         })
         .await;
@@ -496,10 +465,9 @@ mod tests {
 
         // Deleted: drained by a supervised task, which ends once done.
         w.sync(&[], &Desired::default(), None).await;
-        eventually("drained", || async { new.all().is_empty() }).await;
+        eventually("drained", || new.all().is_empty()).await;
         eventually("the drain ended", || {
-            let done = w.draining.values().all(|d| d.task.is_finished());
-            async move { done }
+            w.draining.values().all(|d| d.task.is_finished())
         })
         .await;
     }

@@ -216,10 +216,9 @@ mod tests {
     use super::*;
     use crate::backend::External;
     use crate::backend::memory::Memory;
-    use crate::fixtures::{FakeApi, MemoryCatalogs, catalog};
+    use crate::fixtures::{FakeApi, MemoryCatalogs, catalog, eventually};
     use kube::runtime::reflector;
     use serde_json::{Value, json};
-    use std::time::{Duration, Instant};
 
     const SERVICE: &str = "/api/v1/namespaces/shop/services/mysql-x";
     const SLICE: &str =
@@ -256,14 +255,6 @@ mod tests {
             .filter_map(|e| e.pointer("/addresses/0").and_then(Value::as_str))
             .map(str::to_string)
             .collect()
-    }
-
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f() {
-            assert!(Instant::now() < deadline, "not in time: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     #[tokio::test]

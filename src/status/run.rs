@@ -295,11 +295,10 @@ where
 mod tests {
     use super::*;
     use crate::export::Report;
-    use crate::fixtures::{FakeApi, catalog};
+    use crate::fixtures::{FakeApi, catalog, eventually};
     use crate::runtime::supervisor::TaskState;
     use kube::runtime::reflector;
     use serde_json::Value;
-    use std::time::Instant;
 
     const CATALOG: &str = "/apis/catalog-bridge.io/v1alpha1/externalcatalogs/c";
 
@@ -325,14 +324,6 @@ mod tests {
             ready["status"].as_str()?.to_string(),
             ready["reason"].as_str()?.to_string(),
         ))
-    }
-
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f() {
-            assert!(Instant::now() < deadline, "not in time: {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 
     #[tokio::test]
