@@ -1,0 +1,458 @@
+//! The session relay.
+//!
+//! zookeeper-client 0.11 neither exposes a session's password nor builds a session from an id
+//! and password, so every connection of the backend goes through a small relay on loopback
+//! ([`Proxy`]) that reads the session handshake: it records the id and password the server
+//! hands out and, to re-attach, puts the stored ones into the client's first connect request.
+//! After the handshake it copies bytes and nothing else. With TLS, the relay speaks it to the
+//! servers; the client speaks plain text to the relay on loopback.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use super::layout::Upstream;
+use crate::backend::transport::{brief, client_cert_hint, tls_hint};
+
+/// Bound on the connect handshake frames the relay reads (they are about 50 bytes).
+const MAX_HANDSHAKE_FRAME: usize = 4096;
+
+/// TLS to the servers (their `secureClientPort`).
+#[derive(Clone)]
+pub(super) struct Tls {
+    pub(super) connector: TlsConnector,
+    /// A client certificate is presented: a refused handshake is then not read as the server
+    /// wanting one.
+    pub(super) client_cert: bool,
+}
+
+/// What the server answered to a connect request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Handshake {
+    pub(super) session_id: i64,
+    pub(super) password: Vec<u8>,
+    pub(super) timeout_ms: i32,
+}
+
+/// A jute `ConnectRequest`: `protocolVersion:int lastZxidSeen:long timeOut:int sessionId:long
+/// passwd:buffer` and, from newer clients, `readOnly:bool`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ConnectRequest {
+    pub(super) protocol_version: i32,
+    pub(super) last_zxid_seen: i64,
+    pub(super) timeout_ms: i32,
+    pub(super) session_id: i64,
+    pub(super) password: Vec<u8>,
+    /// What follows the password (the readOnly flag).
+    pub(super) rest: Vec<u8>,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn i32(&mut self) -> Option<i32> {
+        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn buffer(&mut self) -> Option<Vec<u8>> {
+        let n = self.i32()?;
+        if n < 0 {
+            return Some(Vec::new());
+        }
+        Some(self.take(usize::try_from(n).ok()?)?.to_vec())
+    }
+}
+
+impl ConnectRequest {
+    pub(super) fn parse(b: &[u8]) -> Option<ConnectRequest> {
+        let mut r = Reader(b);
+        Some(ConnectRequest {
+            protocol_version: r.i32()?,
+            last_zxid_seen: r.i64()?,
+            timeout_ms: r.i32()?,
+            session_id: r.i64()?,
+            password: r.buffer()?,
+            rest: r.0.to_vec(),
+        })
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(32 + self.password.len() + self.rest.len());
+        b.extend_from_slice(&self.protocol_version.to_be_bytes());
+        b.extend_from_slice(&self.last_zxid_seen.to_be_bytes());
+        b.extend_from_slice(&self.timeout_ms.to_be_bytes());
+        b.extend_from_slice(&self.session_id.to_be_bytes());
+        b.extend_from_slice(&(self.password.len() as i32).to_be_bytes());
+        b.extend_from_slice(&self.password);
+        b.extend_from_slice(&self.rest);
+        b
+    }
+}
+
+/// A jute `ConnectResponse`: `protocolVersion:int timeOut:int sessionId:long passwd:buffer`
+/// (then `readOnly:bool`). Session id 0 means the session asked for has expired.
+pub(super) fn parse_connect_response(b: &[u8]) -> Option<Handshake> {
+    let mut r = Reader(b);
+    let _protocol = r.i32()?;
+    let timeout_ms = r.i32()?;
+    let session_id = r.i64()?;
+    let password = r.buffer()?;
+    Some(Handshake {
+        session_id,
+        password,
+        timeout_ms,
+    })
+}
+
+async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
+    let len = r.read_i32().await?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&n| n <= MAX_HANDSHAKE_FRAME)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a handshake frame of {len} bytes"),
+            )
+        })?;
+    let mut buf = vec![0; len];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, body: &[u8]) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(4 + body.len());
+    b.extend_from_slice(&(body.len() as i32).to_be_bytes());
+    b.extend_from_slice(body);
+    w.write_all(&b).await
+}
+
+#[derive(Default)]
+struct RelayState {
+    /// Session id and password to put into connect requests that ask for a new session.
+    attach: Option<(i64, Vec<u8>)>,
+    /// The last session the server handed out.
+    handshake: Option<Handshake>,
+    /// The server of the last established connection.
+    current: Option<usize>,
+    /// Why each server could not be reached, last time it was tried.
+    failures: Vec<Option<String>>,
+}
+
+struct RelayShared {
+    upstreams: Vec<Upstream>,
+    tls: Option<Tls>,
+    connect_timeout: Duration,
+    state: Mutex<RelayState>,
+}
+
+impl RelayShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RelayState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A relay on loopback in front of each server of the connect string, through which the
+/// client of one session connects: it sees the session handshake (see the module
+/// documentation) and copies everything else unchanged.
+pub(super) struct Proxy {
+    listeners: Vec<SocketAddr>,
+    shared: Arc<RelayShared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // Each listener task owns its connections: aborting it closes them.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Proxy {
+    pub(super) async fn start(
+        upstreams: &[Upstream],
+        tls: Option<Tls>,
+        attach: Option<(i64, Vec<u8>)>,
+        connect_timeout: Duration,
+    ) -> std::io::Result<Proxy> {
+        let shared = Arc::new(RelayShared {
+            upstreams: upstreams.to_vec(),
+            tls,
+            connect_timeout,
+            state: Mutex::new(RelayState {
+                attach,
+                failures: vec![None; upstreams.len()],
+                ..Default::default()
+            }),
+        });
+        let mut proxy = Proxy {
+            listeners: Vec::new(),
+            shared: shared.clone(),
+            tasks: Vec::new(),
+        };
+        for i in 0..upstreams.len() {
+            let listener = match TcpListener::bind("127.0.0.1:0").await {
+                Ok(l) => l,
+                Err(_) => TcpListener::bind("[::1]:0").await?,
+            };
+            proxy.listeners.push(listener.local_addr()?);
+            proxy
+                .tasks
+                .push(tokio::spawn(accept(listener, i, shared.clone())));
+        }
+        Ok(proxy)
+    }
+
+    /// The connect string of the relays, one per server, in the same order.
+    pub(super) fn connect_string(&self) -> String {
+        self.listeners
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// From now on, requests for a new session pass unchanged.
+    pub(super) fn stop_attaching(&self) {
+        self.shared.lock().attach = None;
+    }
+
+    pub(super) fn handshake(&self) -> Option<Handshake> {
+        self.shared.lock().handshake.clone()
+    }
+
+    pub(super) fn current(&self) -> Option<Upstream> {
+        let i = self.shared.lock().current?;
+        self.shared.upstreams.get(i).cloned()
+    }
+
+    /// `host:port: why` of each server that failed last time, or None.
+    pub(super) fn failures(&self) -> Option<String> {
+        let state = self.shared.lock();
+        let f: Vec<String> = state
+            .failures
+            .iter()
+            .zip(&self.shared.upstreams)
+            .filter_map(|(f, u)| f.as_ref().map(|f| format!("{u}: {f}")))
+            .collect();
+        (!f.is_empty()).then(|| f.join(", "))
+    }
+
+    /// ` (host:port: why, …)` for an error message, or nothing when no server failed.
+    pub(super) fn failures_note(&self) -> String {
+        self.failures()
+            .map(|f| format!(" ({f})"))
+            .unwrap_or_default()
+    }
+}
+
+async fn accept(listener: TcpListener, upstream: usize, shared: Arc<RelayShared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((down, _)) => {
+                    conns.spawn(relay(down, upstream, shared.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "session relay accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// ` (what to set)` when a TLS connection failed with `e` for a reason the catalog's `tls` can
+/// fix (during the handshake, or at the first read with TLS 1.3, where a refused client
+/// certificate arrives after the handshake: as an alert, or as the connection closed), else
+/// nothing.
+fn tls_note(tls: Option<&Tls>, e: &std::io::Error) -> String {
+    let Some(tls) = tls else {
+        return String::new();
+    };
+    tls_hint("ZooKeeper", e, tls.client_cert)
+        .or_else(|| {
+            (!tls.client_cert && e.kind() == std::io::ErrorKind::UnexpectedEof)
+                .then(|| client_cert_hint("ZooKeeper"))
+        })
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default()
+}
+
+/// A connection to a ZooKeeper server: plain TCP or TLS.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Connects to `u`, over TLS when `tls` is set (the server's `secureClientPort`).
+pub(super) async fn dial(u: &Upstream, tls: Option<&Tls>) -> std::io::Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect((u.host.as_str(), u.port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(t) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let name = ServerName::try_from(u.host.clone()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{:?} is no TLS server name: {e}", u.host),
+        )
+    })?;
+    let stream = t.connector.connect(name, tcp).await.map_err(|e| {
+        // A text of its own (not shortened to its kind by `brief`): the hint must stay.
+        std::io::Error::other(format!("TLS handshake: {}{}", brief(&e), tls_note(tls, &e)))
+    })?;
+    Ok(Box::new(stream))
+}
+
+async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
+    let Some(target) = shared.upstreams.get(i).cloned() else {
+        return;
+    };
+    let connected =
+        tokio::time::timeout(shared.connect_timeout, dial(&target, shared.tls.as_ref())).await;
+    let mut up = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.lock().failures[i] = Some(brief(&e));
+            return;
+        }
+        Err(_) => {
+            shared.lock().failures[i] = Some("timed out".into());
+            return;
+        }
+    };
+    shared.lock().failures[i] = None;
+    let _ = down.set_nodelay(true);
+    let handshake = tokio::time::timeout(
+        shared.connect_timeout * 2,
+        relay_handshake(&mut down, &mut up, i, &shared),
+    )
+    .await;
+    match handshake {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(server = %target, error = %e, "session handshake failed");
+            // (TLS hints are in the message already.)
+            let hint = if shared.tls.is_none() && e.kind() == std::io::ErrorKind::UnexpectedEof {
+                " (a server without a quorum does that; so does a TLS port: if this is \
+                 ZooKeeper's secureClientPort, set zookeeper.tls)"
+            } else {
+                ""
+            };
+            shared.lock().failures[i] = Some(format!("{e}{hint}"));
+            return;
+        }
+        Err(_) => {
+            shared.lock().failures[i] = Some("no answer to the session handshake".into());
+            return;
+        }
+    }
+    let (mut dr, mut dw) = down.into_split();
+    let (mut ur, mut uw) = tokio::io::split(up);
+    // Either side closing ends the connection (ZooKeeper has no half-closed state).
+    tokio::select! {
+        _ = tokio::io::copy(&mut dr, &mut uw) => {}
+        _ = tokio::io::copy(&mut ur, &mut dw) => {}
+    }
+}
+
+async fn relay_handshake(
+    down: &mut TcpStream,
+    up: &mut Box<dyn Io>,
+    i: usize,
+    shared: &RelayShared,
+) -> std::io::Result<()> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let context = |what: &'static str| {
+        move |e: std::io::Error| {
+            let note = tls_note(shared.tls.as_ref(), &e);
+            std::io::Error::new(e.kind(), format!("{what}: {}{note}", brief(&e)))
+        }
+    };
+    let request = read_frame(down)
+        .await
+        .map_err(context("reading the client's connect request"))?;
+    let mut parsed =
+        ConnectRequest::parse(&request).ok_or_else(|| invalid("malformed connect request"))?;
+    let attach = shared.lock().attach.clone();
+    let request = match attach {
+        Some((id, password)) if parsed.session_id == 0 => {
+            parsed.session_id = id;
+            parsed.password = password;
+            parsed.encode()
+        }
+        _ => request,
+    };
+    write_frame(up, &request)
+        .await
+        .map_err(context("sending the connect request"))?;
+    // A server that is not serving yet (starting, or without a quorum) closes here.
+    let response = read_frame(up).await.map_err(context(
+        "the server closed the connection in the session handshake",
+    ))?;
+    let hs =
+        parse_connect_response(&response).ok_or_else(|| invalid("malformed connect response"))?;
+    {
+        let mut state = shared.lock();
+        if hs.session_id != 0 {
+            state.handshake = Some(hs);
+            state.current = Some(i);
+        }
+    }
+    write_frame(down, &response).await
+}
+
+/// Mode and version from a `srvr` four-letter command, best effort (it may be disabled).
+pub(super) async fn srvr(
+    u: &Upstream,
+    tls: Option<&Tls>,
+) -> Option<(Option<String>, Option<String>)> {
+    let ask = async {
+        let mut s = dial(u, tls).await.ok()?;
+        s.write_all(b"srvr").await.ok()?;
+        let mut out = Vec::new();
+        (&mut s).take(64 * 1024).read_to_end(&mut out).await.ok()?;
+        Some(String::from_utf8_lossy(&out).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()??;
+    Some(parse_srvr(&text))
+}
+
+/// `(mode, version)` of a `srvr` answer.
+pub(super) fn parse_srvr(text: &str) -> (Option<String>, Option<String>) {
+    let mut mode = None;
+    let mut version = None;
+    for line in text.lines() {
+        if let Some(m) = line.strip_prefix("Mode:") {
+            mode = Some(m.trim().to_string());
+        } else if let Some(v) = line.strip_prefix("Zookeeper version:") {
+            version = v.split(',').next().map(|v| v.trim().to_string());
+        }
+    }
+    (
+        mode.filter(|m| !m.is_empty()),
+        version.filter(|v| !v.is_empty()),
+    )
+}

@@ -1,0 +1,440 @@
+//! Writes: plan operations turned into `multi`s of ephemeral entries and the persistent
+//! directories they need, and one by one when a `multi` is refused.
+//!
+//! Nodes of other sessions and persistent nodes are never changed or deleted; updates and
+//! deletes carry the version read.
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use zookeeper_client as zk;
+
+use super::batch::{Write, batches};
+use super::layout::ancestors;
+use super::read::pipelined;
+use super::session::{Conn, is_connection_error};
+use super::{Known, ZooKeeper};
+use crate::backend::BackendError;
+use crate::model::Op;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl ZooKeeper {
+    /// [`Backend::apply`](crate::backend::Backend::apply): the writes in `multi`s; the
+    /// operations of a refused one, one by one. Returns the round trips.
+    pub(super) async fn write_ops(&self, ops: &[Op]) -> Result<usize, BackendError> {
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        self.require_owner()?;
+        if self.inner.read_only {
+            return Err(BackendError::Rejected(format!(
+                "{} operation(s) not written: this ZooKeeper client is read only",
+                ops.len()
+            )));
+        }
+        let conn = self.inner.conn().await?;
+        let writes = self.writes(&conn, ops).await?;
+        let known = self.inner.lock_cache().parents.clone();
+        let mut trips = 0;
+        let mut failures = Vec::new();
+        for batch in batches(&writes, &known) {
+            let part = &writes[batch.range.clone()];
+            let mut parents = batch.parents.clone();
+            if let Some(index) = self.commit(&conn, &mut parents, part, &mut trips).await? {
+                tracing::info!(
+                    path = part.get(index).map(Write::path).unwrap_or("?"),
+                    writes = part.len(),
+                    "a ZooKeeper multi was refused; writing its operations one by one"
+                );
+                for w in part {
+                    if let Some(why) = self.write_one(&conn, w, &mut trips).await? {
+                        failures.push(why);
+                    }
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(trips)
+        } else {
+            Err(BackendError::Rejected(format!(
+                "{} of {} operation(s) failed on ZooKeeper {}: {}",
+                failures.len(),
+                ops.len(),
+                self.inner.hosts(),
+                failures.join("; ")
+            )))
+        }
+    }
+
+    /// Turns plan operations into writes, with the versions of the owned nodes.
+    async fn writes(&self, conn: &Conn, ops: &[Op]) -> Result<Vec<Write>, BackendError> {
+        let me = conn.session.id;
+        let mut out = Vec::with_capacity(ops.len());
+        let mut unknown_deletes = Vec::new();
+        let now = now_ms();
+        {
+            let cache = self.inner.lock_cache();
+            for op in ops {
+                self.check_key(op.key())?;
+                let key = op.key().to_string();
+                let path = self.path_of(&key);
+                let known = if cache.session == me {
+                    cache.entries.get(&key).copied()
+                } else {
+                    None
+                };
+                match (op, known) {
+                    (Op::Put { record, .. }, Some(k)) => {
+                        let registered = k.registered.unwrap_or(now);
+                        out.push(Write::Set {
+                            data: self.data_of(&key, record, registered)?,
+                            record: record.clone(),
+                            registered: Some(registered),
+                            version: k.version,
+                            key,
+                            path,
+                        });
+                    }
+                    (Op::Put { record, .. }, None) => out.push(Write::Create {
+                        data: self.data_of(&key, record, now)?,
+                        record: record.clone(),
+                        registered: Some(now),
+                        key,
+                        path,
+                    }),
+                    (Op::Delete { .. }, Some(k)) => out.push(Write::Delete {
+                        key,
+                        path,
+                        version: k.version,
+                    }),
+                    (Op::Delete { .. }, None) => {
+                        unknown_deletes.push(out.len());
+                        out.push(Write::Delete {
+                            key,
+                            path,
+                            version: -1,
+                        });
+                    }
+                }
+            }
+        }
+        // Deletes of nodes not read before: only ours, at the version they have now.
+        if !unknown_deletes.is_empty() {
+            let paths: Vec<String> = unknown_deletes
+                .iter()
+                .map(|&i| out[i].path().to_string())
+                .collect();
+            let stats = pipelined(&paths, |p| conn.client.check_stat(p)).await;
+            let mut drop_idx = HashSet::new();
+            for (&i, s) in unknown_deletes.iter().zip(stats) {
+                match s {
+                    Ok(Some(stat)) if stat.ephemeral_owner == me => {
+                        if let Write::Delete { version, .. } = &mut out[i] {
+                            *version = stat.version;
+                        }
+                    }
+                    Ok(_) => {
+                        tracing::debug!(
+                            path = out[i].path(),
+                            "not deleting a node that is gone or not ours"
+                        );
+                        drop_idx.insert(i);
+                    }
+                    Err(e) => {
+                        return Err(self.inner.error(
+                            &format!("checking {}", out[i].path()),
+                            &e,
+                            Some(&conn.proxy),
+                        ));
+                    }
+                }
+            }
+            let mut i = 0;
+            out.retain(|_| {
+                i += 1;
+                !drop_idx.contains(&(i - 1))
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records the effect of committed writes.
+    fn committed(&self, me: i64, parents: &[String], writes: &[Write], versions: &[Option<i32>]) {
+        let mut cache = self.inner.lock_cache();
+        cache.parents.extend(parents.iter().cloned());
+        if cache.session != me {
+            return;
+        }
+        for (w, v) in writes.iter().zip(versions) {
+            match w {
+                Write::Create {
+                    key, registered, ..
+                } => {
+                    cache.entries.insert(
+                        key.clone(),
+                        Known {
+                            version: v.unwrap_or(0),
+                            registered: *registered,
+                        },
+                    );
+                }
+                Write::Set {
+                    key,
+                    registered,
+                    version,
+                    ..
+                } => {
+                    cache.entries.insert(
+                        key.clone(),
+                        Known {
+                            version: v.unwrap_or(version + 1),
+                            registered: *registered,
+                        },
+                    );
+                }
+                Write::Delete { key, .. } => {
+                    cache.entries.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Records an owned node written outside a multi.
+    fn remember(&self, me: i64, key: &str, version: i32, registered: Option<u64>) {
+        let mut cache = self.inner.lock_cache();
+        if cache.session == me {
+            cache.entries.insert(
+                key.to_string(),
+                Known {
+                    version,
+                    registered,
+                },
+            );
+        }
+    }
+
+    /// Commits one batch as a `multi`. `Ok(None)` when committed; `Ok(Some(index))` when the
+    /// write at `index` (of the batch) was refused for a reason another write might not share.
+    async fn commit(
+        &self,
+        conn: &Conn,
+        parents: &mut Vec<String>,
+        writes: &[Write],
+        trips: &mut usize,
+    ) -> Result<Option<usize>, BackendError> {
+        let entry = zk::CreateMode::Ephemeral.with_acls(zk::Acls::new(&self.inner.entry_acls));
+        let parent = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&self.inner.parent_acls));
+        loop {
+            let mut m = conn.client.new_multi_writer();
+            let invalid =
+                |e: zk::Error| BackendError::Protocol(format!("building a ZooKeeper multi: {e}"));
+            for p in parents.iter() {
+                m.add_create(p, &[], &parent).map_err(invalid)?;
+            }
+            for w in writes {
+                match w {
+                    Write::Create { path, data, .. } => m.add_create(path, data, &entry),
+                    Write::Set {
+                        path,
+                        data,
+                        version,
+                        ..
+                    } => m.add_set_data(path, data, Some(*version)),
+                    Write::Delete { path, version, .. } => m.add_delete(path, Some(*version)),
+                }
+                .map_err(invalid)?;
+            }
+            *trips += 1;
+            match m.commit().await {
+                Ok(results) => {
+                    let versions: Vec<Option<i32>> = results
+                        .iter()
+                        .skip(parents.len())
+                        .map(|r| match r {
+                            zk::MultiWriteResult::Create { stat, .. }
+                            | zk::MultiWriteResult::SetData { stat }
+                                if !stat.is_invalid() =>
+                            {
+                                Some(stat.version)
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    self.committed(conn.session.id, parents, writes, &versions);
+                    tracing::debug!(
+                        parents = parents.len(),
+                        writes = writes.len(),
+                        "ZooKeeper multi committed"
+                    );
+                    return Ok(None);
+                }
+                Err(zk::MultiWriteError::OperationFailed { index, source }) => {
+                    if source == zk::Error::NoAuth {
+                        let path = parents
+                            .get(index)
+                            .map(String::as_str)
+                            .or_else(|| writes.get(index - parents.len()).map(Write::path))
+                            .unwrap_or("?");
+                        return Err(self.inner.error(&format!("writing {path}"), &source, None));
+                    }
+                    if index < parents.len() && source == zk::Error::NodeExists {
+                        // Created meanwhile by someone else: fine, without it.
+                        let p = parents.remove(index);
+                        self.inner.lock_cache().parents.insert(p);
+                        continue;
+                    }
+                    if index < parents.len() {
+                        let p = &parents[index];
+                        return Err(self.inner.error(&format!("creating {p}"), &source, None));
+                    }
+                    tracing::debug!(index, error = %source, "ZooKeeper multi refused; writing its operations one by one");
+                    return Ok(Some(index - parents.len()));
+                }
+                Err(zk::MultiWriteError::RequestFailed { source }) => {
+                    return Err(self
+                        .inner
+                        .error("ZooKeeper multi", &source, Some(&conn.proxy)));
+                }
+            }
+        }
+    }
+
+    /// Writes one operation on its own, resolving conflicts with what is there now: the
+    /// reason it could not be written, or None.
+    async fn write_one(
+        &self,
+        conn: &Conn,
+        w: &Write,
+        trips: &mut usize,
+    ) -> Result<Option<String>, BackendError> {
+        let client = &conn.client;
+        let me = conn.session.id;
+        let entry = zk::CreateMode::Ephemeral.with_acls(zk::Acls::new(&self.inner.entry_acls));
+        let parent = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&self.inner.parent_acls));
+        let fail = |what: &str, e: &zk::Error| -> Result<Option<String>, BackendError> {
+            if is_connection_error(e) || *e == zk::Error::NoAuth {
+                Err(self.inner.error(what, e, Some(&conn.proxy)))
+            } else {
+                Ok(Some(format!("{what}: {e}")))
+            }
+        };
+        let path = w.path();
+        match w {
+            Write::Create {
+                record,
+                data,
+                registered,
+                ..
+            }
+            | Write::Set {
+                record,
+                data,
+                registered,
+                ..
+            } => {
+                let mut version = match w {
+                    Write::Set { version, .. } => Some(*version),
+                    _ => None,
+                };
+                let mut made_parents = false;
+                for _ in 0..4 {
+                    *trips += 1;
+                    let result = match version {
+                        Some(v) => client.set_data(path, data, Some(v)).await,
+                        None => client.create(path, data, &entry).await.map(|(s, _)| s),
+                    };
+                    match result {
+                        Ok(stat) => {
+                            let v = if stat.is_invalid() {
+                                version.map_or(0, |v| v + 1)
+                            } else {
+                                stat.version
+                            };
+                            self.remember(me, w.key(), v, *registered);
+                            return Ok(None);
+                        }
+                        Err(zk::Error::NoNode) if version.is_none() && !made_parents => {
+                            made_parents = true;
+                            for p in ancestors(path) {
+                                *trips += 1;
+                                match client.create(&p, &[], &parent).await {
+                                    Ok(_) | Err(zk::Error::NodeExists) => {
+                                        self.inner.lock_cache().parents.insert(p);
+                                    }
+                                    Err(e) => return fail(&format!("creating {p}"), &e),
+                                }
+                            }
+                        }
+                        Err(zk::Error::NoNode) if version.is_some() => version = None,
+                        Err(zk::Error::NodeExists | zk::Error::BadVersion) => {
+                            *trips += 1;
+                            match client.get_data(path).await {
+                                Ok((have, stat)) if stat.ephemeral_owner == me => {
+                                    let (have_record, have_registered) =
+                                        self.record_from_data(&have);
+                                    if &have_record == record {
+                                        self.remember(me, w.key(), stat.version, have_registered);
+                                        return Ok(None);
+                                    }
+                                    version = Some(stat.version);
+                                }
+                                Ok((_, stat)) => {
+                                    return Ok(Some(format!(
+                                        "{path} exists and is not this controller's ({})",
+                                        describe_owner(stat.ephemeral_owner)
+                                    )));
+                                }
+                                Err(zk::Error::NoNode) => version = None,
+                                Err(e) => return fail(&format!("reading {path}"), &e),
+                            }
+                        }
+                        Err(e) => return fail(&format!("writing {path}"), &e),
+                    }
+                }
+                Ok(Some(format!("{path} kept changing while it was written")))
+            }
+            Write::Delete { version, .. } => {
+                let mut version = *version;
+                for _ in 0..4 {
+                    *trips += 1;
+                    match client.delete(path, Some(version)).await {
+                        Ok(()) | Err(zk::Error::NoNode) => {
+                            self.committed(me, &[], std::slice::from_ref(w), &[None]);
+                            return Ok(None);
+                        }
+                        Err(zk::Error::BadVersion) => {
+                            *trips += 1;
+                            match client.check_stat(path).await {
+                                Ok(Some(stat)) if stat.ephemeral_owner == me => {
+                                    version = stat.version
+                                }
+                                Ok(_) => {
+                                    tracing::debug!(path, "not deleting a node that is not ours");
+                                    self.committed(me, &[], std::slice::from_ref(w), &[None]);
+                                    return Ok(None);
+                                }
+                                Err(e) => return fail(&format!("checking {path}"), &e),
+                            }
+                        }
+                        Err(e) => return fail(&format!("deleting {path}"), &e),
+                    }
+                }
+                Ok(Some(format!("{path} kept changing while it was deleted")))
+            }
+        }
+    }
+}
+
+fn describe_owner(ephemeral_owner: i64) -> String {
+    if ephemeral_owner == 0 {
+        "a persistent node".into()
+    } else {
+        format!("an ephemeral node of session {ephemeral_owner:#x}")
+    }
+}
