@@ -1,8 +1,5 @@
 //! Where ZooKeeper sessions are kept between controller processes: one key per catalog in a
-//! Secret of the controller's namespace. A restarted controller, or the replica that takes
-//! over leadership, re-attaches to the live session, so its ephemeral nodes never vanish.
-//! If the Secret is lost, the next leader opens a new session and re-creates every node; the
-//! old session's nodes go when it times out.
+//! Secret of the controller's namespace (docs/architecture.md, "Where the session is kept").
 
 use std::collections::BTreeMap;
 
