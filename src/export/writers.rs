@@ -77,6 +77,14 @@ impl Running {
     }
 }
 
+/// A catalog's backend, and what it was built from.
+struct Built {
+    fingerprint: String,
+    credentials: Credentials,
+    kind: &'static str,
+    backend: Arc<dyn Backend>,
+}
+
 /// A catalog whose backend could not be built (missing Secret, unsupported kind).
 struct Broken {
     fingerprint: String,
@@ -193,15 +201,13 @@ impl Writers {
                 Ok(backend) => {
                     info!(catalog = %name, backend = %backend.describe(), "catalog writer starting");
                     self.broken.remove(&name);
-                    let running = self.start(
-                        &name,
+                    let built = Built {
                         fingerprint,
-                        credentials.unwrap_or_default(),
+                        credentials: credentials.unwrap_or_default(),
                         kind,
                         backend,
-                        Snapshot::new(wanted, since),
-                        previous,
-                    );
+                    };
+                    let running = self.start(&name, built, Snapshot::new(wanted, since), previous);
                     self.running.insert(name, running);
                 }
                 Err(problem) => {
@@ -239,17 +245,19 @@ impl Writers {
     }
 
     /// A supervised writer for catalog `name`, after what `previous` left to remove.
-    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         name: &str,
-        fingerprint: String,
-        credentials: Credentials,
-        kind: &'static str,
-        backend: Arc<dyn Backend>,
+        built: Built,
         first: Snapshot,
         previous: Option<Handover>,
     ) -> Running {
+        let Built {
+            fingerprint,
+            credentials,
+            kind,
+            backend,
+        } = built;
         let (desired, desired_rx) = watch::channel(Arc::new(first));
         let (report_tx, report) = writer::report_channel();
         let mut cfg = writer::Config::new(name);
@@ -430,13 +438,7 @@ mod tests {
             "{view:?}"
         );
         eventually("in sync again", || w.views()["c"].report.in_sync).await;
-        assert!(
-            metrics
-                .encode()
-                .contains("catalog_bridge_task_restarts_total{task=\"writer\"} 1"),
-            "{}",
-            metrics.encode()
-        );
+        assert_eq!(metrics.task_restarts("writer"), 1);
     }
 
     #[tokio::test]

@@ -284,6 +284,13 @@ impl Metrics {
         );
     }
 
+    /// Restarts counted so far for a kind of task.
+    pub fn task_restarts(&self, task: &str) -> u64 {
+        self.task_restarts
+            .get_or_create(&TaskLabel { task: task.into() })
+            .get()
+    }
+
     pub fn task_restarted(&self, task: &str) {
         self.task_restarts
             .get_or_create(&TaskLabel { task: task.into() })

@@ -217,13 +217,7 @@ mod tests {
         let st = until(&s, |st| st.restarts == 1 && !st.down).await;
         assert_eq!(st.last_failure.as_deref(), Some("panicked: injected"));
         assert_eq!(runs.load(Ordering::SeqCst), 2);
-        assert!(
-            metrics
-                .encode()
-                .contains("catalog_bridge_task_restarts_total{task=\"writer\"} 1"),
-            "{}",
-            metrics.encode()
-        );
+        assert_eq!(metrics.task_restarts("writer"), 1);
         // Stopping waits for the task to end.
         s.stop().await.expect("stopped");
     }

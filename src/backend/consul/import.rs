@@ -171,15 +171,7 @@ pub(super) fn import_entries(
     owner: &str,
     entries: &Value,
 ) -> Result<Imported, BackendError> {
-    let entries = match entries {
-        Value::Array(e) => e.as_slice(),
-        Value::Null => &[],
-        other => {
-            return Err(BackendError::Protocol(format!(
-                "health of service {name}: not a list: {other}"
-            )));
-        }
-    };
+    let entries = health_entries(name, entries)?;
     let str_at = |e: &Value, p: &str| -> String {
         e.pointer(p)
             .and_then(Value::as_str)
@@ -263,17 +255,20 @@ pub(super) fn import_entries(
     Ok((instances, skipped))
 }
 
+/// The entries of a `/v1/health/service/<name>` answer (none for `null`).
+fn health_entries<'a>(name: &str, entries: &'a Value) -> Result<&'a [Value], BackendError> {
+    match entries {
+        Value::Array(e) => Ok(e.as_slice()),
+        Value::Null => Ok(&[]),
+        other => Err(BackendError::Protocol(format!(
+            "health of service {name}: not a list: {other}"
+        ))),
+    }
+}
+
 /// `host:port` of every entry of a `/v1/health/service/<name>` answer, sorted.
 pub(super) fn health_addresses(name: &str, entries: &Value) -> Result<Vec<String>, BackendError> {
-    let entries = match entries {
-        Value::Array(e) => e.as_slice(),
-        Value::Null => &[],
-        other => {
-            return Err(BackendError::Protocol(format!(
-                "health of service {name}: not a list: {other}"
-            )));
-        }
-    };
+    let entries = health_entries(name, entries)?;
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         let service_addr = e
