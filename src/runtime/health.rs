@@ -12,31 +12,21 @@ use tokio::sync::Notify;
 /// turns of the loop's 500 ms tick. Slow API calls inside one turn stay below it.
 pub const STALLED_AFTER: Duration = Duration::from_secs(30);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Marks {
     /// The oldest change not yet taken.
     since: Option<Instant>,
-    last_turn: Instant,
+    /// `None` until the loop's first turn: while the caches sync, `/readyz` speaks, not
+    /// `/healthz` (a first list of 100,000 objects may take longer than a stall).
+    last_turn: Option<Instant>,
 }
 
 /// Changes seen but not yet folded into desired state, shared by the watches (which mark
 /// them), the desired-state loop (which takes them) and `/healthz`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Changes {
     notify: Notify,
     marks: Mutex<Marks>,
-}
-
-impl Default for Changes {
-    fn default() -> Self {
-        Changes {
-            notify: Notify::new(),
-            marks: Mutex::new(Marks {
-                since: None,
-                last_turn: Instant::now(),
-            }),
-        }
-    }
 }
 
 impl Changes {
@@ -53,7 +43,7 @@ impl Changes {
     /// A turn of the loop: takes the changes waiting, returning when the oldest was seen.
     pub fn take(&self) -> Option<Instant> {
         let mut m = self.lock();
-        m.last_turn = Instant::now();
+        m.last_turn = Some(Instant::now());
         m.since.take()
     }
 
@@ -67,7 +57,7 @@ impl Changes {
     pub fn stalled_at(&self, now: Instant) -> Option<Duration> {
         let m = self.lock();
         let waiting = now.saturating_duration_since(m.since?);
-        let idle = now.saturating_duration_since(m.last_turn);
+        let idle = now.saturating_duration_since(m.last_turn?);
         (waiting >= STALLED_AFTER && idle >= STALLED_AFTER).then_some(idle)
     }
 
@@ -85,15 +75,14 @@ mod tests {
     fn stalled_only_when_changes_wait_and_the_loop_does_not_turn() {
         let c = Changes::default();
         let later = Instant::now() + STALLED_AFTER + Duration::from_secs(1);
-        assert_eq!(
-            c.stalled_at(later),
-            None,
-            "nothing waits: an idle loop is healthy"
-        );
+        c.mark();
+        assert_eq!(c.stalled_at(later), None, "not started: the caches sync");
+        assert!(c.take().is_some());
+        assert_eq!(c.stalled_at(later), None, "nothing waits: idle is healthy");
         c.mark();
         assert!(
             c.stalled_at(later).is_some(),
-            "a change waits and the loop is stuck"
+            "a change waits, the loop is stuck"
         );
         assert_eq!(c.stalled_at(Instant::now()), None, "not for long yet");
         assert!(c.take().is_some());
