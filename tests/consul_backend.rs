@@ -608,7 +608,8 @@ async fn a_tls_consul_is_reached_with_its_ca_and_a_client_certificate() -> Resul
         (
             "trusting another CA",
             with(&tls.other_ca_pem, Some(&client_cert))?,
-            "invalid peer certificate",
+            "invalid peer certificate: UnknownIssuer; the server's certificate is not signed by a \
+             CA this controller trusts (tls.caSecretRef)",
         ),
     ] {
         match refused.read_owned().await {

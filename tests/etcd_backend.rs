@@ -961,14 +961,16 @@ async fn a_tls_etcd_is_reached_with_its_ca_and_a_client_certificate() -> Result<
     let again = with(&authority, &tls.ca_pem, Some(&client_cert))?;
     assert_eq!(again.read_owned().await?, desired);
 
-    for (what, refused) in [
+    for (what, refused, hint) in [
         (
             "without a client certificate",
             with(&endpoint, &tls.ca_pem, None)?,
+            "tls.clientCertSecretRef",
         ),
         (
             "trusting another CA",
             with(&endpoint, &tls.other_ca_pem, Some(&client_cert))?,
+            "tls.caSecretRef",
         ),
     ] {
         match refused.read_owned().await {
@@ -977,6 +979,10 @@ async fn a_tls_etcd_is_reached_with_its_ca_and_a_client_certificate() -> Result<
                 ensure!(
                     e.to_string().contains(&authority),
                     "{what}: the endpoint is named: {e}"
+                );
+                ensure!(
+                    e.to_string().contains(hint),
+                    "{what}: says what to set: {e}"
                 );
             }
             other => bail!("{what}: expected the connection to fail, got {other:?}"),

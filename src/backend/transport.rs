@@ -90,7 +90,52 @@ pub fn tls_hint(catalog: &str, e: &(dyn Error + 'static), client_cert: bool) -> 
         }
         cur = err.source();
     }
-    (!client_cert && may_want_client_cert(&chain(e))).then(|| client_cert_hint(catalog))
+    // Wrapped where the chain does not reach it (a boxed connector error): its text.
+    let text = chain(e);
+    if text.contains("UnknownIssuer") {
+        return Some(UNKNOWN_ISSUER.to_string());
+    }
+    if text.contains("NotValidForName") || text.contains("not valid for name") {
+        return Some(NOT_VALID_FOR_NAME.to_string());
+    }
+    if text.contains("received fatal alert")
+        && [
+            "BadCertificate",
+            "CertificateRequired",
+            "UnknownCA",
+            "CertificateUnknown",
+        ]
+        .iter()
+        .any(|a| text.contains(a))
+    {
+        return Some(client_cert_hint(catalog));
+    }
+    (!client_cert && (cut_short(e) || may_want_client_cert(&text)))
+        .then(|| client_cert_hint(catalog))
+}
+
+const UNKNOWN_ISSUER: &str =
+    "the server's certificate is not signed by a CA this controller trusts (tls.caSecretRef)";
+const NOT_VALID_FOR_NAME: &str = "the server's certificate does not name the host of the \
+                                  address: connect by a name the certificate carries";
+
+/// Whether an io::Error in `e`'s chain says the connection was cut: closed before its end,
+/// reset, broken or aborted — how a refusal for want of a client certificate may show.
+fn cut_short(e: &(dyn Error + 'static)) -> bool {
+    use std::io::ErrorKind as K;
+    let mut cur: Option<&(dyn Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                K::UnexpectedEof | K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted
+            )
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The hint for a refused client certificate.
@@ -109,16 +154,10 @@ fn rustls_hint(catalog: &str, e: &rustls::Error) -> Option<String> {
             | AlertDescription::UnknownCA
             | AlertDescription::CertificateUnknown,
         ) => client_cert_hint(catalog),
-        E::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            "the server's certificate is not signed by a CA this controller trusts \
-             (tls.caSecretRef)"
-                .to_string()
-        }
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => UNKNOWN_ISSUER.to_string(),
         E::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        ) => "the server's certificate does not name the host of the address: connect by a \
-              name the certificate carries"
-            .to_string(),
+        ) => NOT_VALID_FOR_NAME.to_string(),
         _ => return None,
     })
 }
@@ -164,8 +203,16 @@ mod tests {
         ));
         let hint = tls_hint("etcd", &issuer, true).expect("a hint");
         assert!(hint.contains("tls.caSecretRef"), "{hint}");
+        let boxed: Box<dyn Error + Send + Sync> = "invalid peer certificate: UnknownIssuer".into();
+        let hint = tls_hint("Consul", boxed.as_ref(), true).expect("a hint from the text");
+        assert!(hint.contains("tls.caSecretRef"), "{hint}");
         let closed = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "broken pipe");
         assert!(tls_hint("Consul", &closed, false).is_some());
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert!(
+            tls_hint("ZooKeeper", &eof, false).is_some(),
+            "an EOF by its kind"
+        );
         assert!(
             tls_hint("Consul", &closed, true).is_none(),
             "a client certificate was presented"

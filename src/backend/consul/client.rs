@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{Consul, ConsulConfig};
 use crate::backend::BackendError;
 use crate::backend::failover::{Attempt, Failed};
-use crate::backend::transport::{brief, client_cert_hint, may_want_client_cert};
+use crate::backend::transport::{brief, client_cert_hint, may_want_client_cert, tls_hint};
 
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -229,9 +229,14 @@ impl Consul {
         };
         // A Consul that verifies clients either says so (an alert) or just closes the
         // connection, depending on timing: name the setting either way.
-        if !self.client_cert && self.urls[idx].scheme() == "https" && may_want_client_cert(&why) {
+        if self.urls[idx].scheme() == "https"
+            && let Some(hint) = tls_hint("Consul", e, self.client_cert).or_else(|| {
+                (!self.client_cert && may_want_client_cert(&why))
+                    .then(|| client_cert_hint("Consul"))
+            })
+        {
             why.push_str("; ");
-            why.push_str(&client_cert_hint("Consul"));
+            why.push_str(&hint);
         }
         why
     }

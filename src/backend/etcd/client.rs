@@ -17,7 +17,7 @@ use super::EtcdConfig;
 use crate::api::crd::ServerInfo;
 use crate::backend::BackendError;
 use crate::backend::failover::{Attempt, Failed, Failover};
-use crate::backend::transport::{chain, push_part};
+use crate::backend::transport::{chain, push_part, tls_hint};
 
 /// Time for one request to one endpoint, connection included.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,6 +132,10 @@ pub(super) struct Connections {
     anonymous: Option<ConnectOptions>,
     user: Option<String>,
     clients: Mutex<Vec<Option<Client>>>,
+    /// Every endpoint speaks TLS, and whether a client certificate is presented: for the hint
+    /// a failed connection gets ([`crate::backend::transport::tls_hint`]).
+    tls: bool,
+    client_cert: bool,
 }
 
 /// `host:port` (or `[v6]:port`) with a numeric port.
@@ -233,7 +237,22 @@ impl Connections {
             anonymous: user.as_ref().map(|_| anonymous),
             user,
             clients: Mutex::new(vec![None; n]),
+            tls,
+            client_cert: cfg.client_cert.is_some(),
         })
+    }
+
+    /// `text`, and what to set in `tls` when it is a TLS connection's failure that the
+    /// ExternalCatalog can fix.
+    fn with_tls_hint(&self, text: String, e: &etcd_client::Error) -> String {
+        match self
+            .tls
+            .then(|| tls_hint("etcd", e, self.client_cert))
+            .flatten()
+        {
+            Some(hint) => format!("{text}; {hint}"),
+            None => text,
+        }
     }
 
     /// The endpoints as configured.
@@ -308,7 +327,7 @@ impl Connections {
                 match kind {
                     Kind::Transport => {
                         self.forget(idx);
-                        Attempt::Next(text)
+                        Attempt::Next(self.with_tls_hint(text, &err))
                     }
                     Kind::Unauthorized => {
                         self.forget(idx);
@@ -410,6 +429,7 @@ impl Connections {
         match kind {
             Kind::Transport => {
                 self.forget(idx);
+                let text = self.with_tls_hint(text, e);
                 BackendError::Unreachable(format!("{what} on etcd {endpoint}: {text}"))
             }
             Kind::Unauthorized => {

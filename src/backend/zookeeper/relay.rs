@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::layout::Upstream;
-use crate::backend::transport::{brief, client_cert_hint, tls_hint};
+use crate::backend::transport::{brief, tls_hint};
 
 /// Bound on the connect handshake frames the relay reads (they are about 50 bytes).
 const MAX_HANDSHAKE_FRAME: usize = 4096;
@@ -291,10 +291,6 @@ fn tls_note(tls: Option<&Tls>, e: &std::io::Error) -> String {
         return String::new();
     };
     tls_hint("ZooKeeper", e, tls.client_cert)
-        .or_else(|| {
-            (!tls.client_cert && e.kind() == std::io::ErrorKind::UnexpectedEof)
-                .then(|| client_cert_hint("ZooKeeper"))
-        })
         .map(|h| format!(" ({h})"))
         .unwrap_or_default()
 }
