@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::backend::Backend;
 use crate::model::{DesiredCatalog, Instance, Record};
 
 /// Desired records kept up to date incrementally: a snapshot that changes one instance out of
@@ -20,16 +19,17 @@ pub struct DesiredRecords {
 }
 
 impl DesiredRecords {
-    /// Moves to `next` (sorted) and returns the keys whose record may have changed.
+    /// Moves to `next` (sorted), rendering with the layout's pure `render`, and returns the
+    /// keys whose record may have changed.
     pub fn update(
         &mut self,
-        backend: &dyn Backend,
+        render: impl Fn(&[Instance]) -> BTreeMap<String, Record>,
         next: &Arc<DesiredCatalog>,
     ) -> BTreeSet<String> {
         let mut touched = BTreeSet::new();
         let (removed, added) = diff_sorted(&self.instances.instances, &next.instances);
         for inst in removed {
-            for key in backend.render(std::slice::from_ref(inst)).into_keys() {
+            for key in render(std::slice::from_ref(inst)).into_keys() {
                 if let Some(h) = self.holders.get_mut(&key) {
                     h.remove(inst);
                 }
@@ -37,7 +37,7 @@ impl DesiredRecords {
             }
         }
         for inst in added {
-            for key in backend.render(std::slice::from_ref(inst)).into_keys() {
+            for key in render(std::slice::from_ref(inst)).into_keys() {
                 self.holders
                     .entry(key.clone())
                     .or_default()
@@ -49,7 +49,7 @@ impl DesiredRecords {
             // As a full render would: the last instance (in order) holding a key wins.
             match self.holders.get(key).and_then(|h| h.last()) {
                 Some(inst) => {
-                    if let Some(r) = backend.render(std::slice::from_ref(inst)).remove(key) {
+                    if let Some(r) = render(std::slice::from_ref(inst)).remove(key) {
                         self.records.insert(key.clone(), r);
                     }
                 }
@@ -92,6 +92,7 @@ fn diff_sorted<'a>(a: &'a [Instance], b: &'a [Instance]) -> (Vec<&'a Instance>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Backend;
     use crate::backend::memory::Memory;
     use crate::fixtures::instances;
 
@@ -105,7 +106,7 @@ mod tests {
             let next = Arc::new(DesiredCatalog {
                 instances: next.to_vec(),
             });
-            let touched = d.update(&mem, &next);
+            let touched = d.update(|i| mem.render(i), &next);
             assert_eq!(d.records, mem.render(&next.instances));
             assert!(touched.len() <= 30);
         }

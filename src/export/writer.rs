@@ -226,7 +226,7 @@ impl Writer {
     async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), BackendError> {
         let touched = self
             .desired_records
-            .update(self.backend.as_ref(), &snapshot.catalog);
+            .update(|i| self.backend.render(i), &snapshot.catalog);
         let current = match self.current.take() {
             Some(c) => c,
             None => {
