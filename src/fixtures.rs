@@ -92,11 +92,8 @@ impl FakeApi {
         let query: HashMap<String, String> = parts
             .uri
             .query()
-            .map(|q| {
-                url_pairs(q)
-                    .into_iter()
-                    .collect::<HashMap<String, String>>()
-            })
+            .and_then(|q| reqwest::Url::parse(&format!("http://fake/?{q}")).ok())
+            .map(|u| u.query_pairs().into_owned().collect())
             .unwrap_or_default();
         let body = body
             .collect_bytes()
@@ -246,46 +243,6 @@ fn selector(s: Option<&String>) -> Vec<(String, String)> {
             .collect()
     })
     .unwrap_or_default()
-}
-
-/// The pairs of a query string, percent-decoded.
-fn url_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter_map(|p| p.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    Err(_) => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A [`Connect`] that hands out in-memory catalogs by ExternalCatalog name.

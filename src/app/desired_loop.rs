@@ -46,16 +46,12 @@ pub async fn run(
     let mut memo = desired::Memo::default();
     loop {
         let since = changes.take();
-        let cats = stores.catalogs.state();
+        let (cats, regs) = (stores.catalogs.state(), stores.registrations.state());
         // Recompute only when something changed; the tick alone refreshes views and retries
         // catalogs that could not be built.
         let d = if since.is_some() || first {
             first = false;
-            let (svcs, sls, regs) = (
-                stores.services.state(),
-                stores.slices.state(),
-                stores.registrations.state(),
-            );
+            let (svcs, sls) = (stores.services.state(), stores.slices.state());
             desired::compute_with(
                 Inputs {
                     services: &svcs,
@@ -69,7 +65,7 @@ pub async fn run(
             out.desired.borrow().as_ref().clone()
         };
         writers.sync(&cats, &d, since).await;
-        importers.sync(&stores.registrations.state(), &cats).await;
+        importers.sync(&regs, &cats).await;
         out.imports.send_if_modified(|cur| {
             let v = importers.views();
             if *cur == v {

@@ -77,9 +77,8 @@ pub async fn remove_all(
 }
 
 /// What is left of a deleted ExternalCatalog's writer: `stopped` (its task, told to stop) is
-/// awaited, and once
-/// this replica leads, every entry the backends in `retiring` own (the catalog's own backend
-/// last) is removed, then Consul's node once empty. Retried with backoff for
+/// awaited, and once this replica leads, every entry the backends in `retiring` own (the
+/// catalog's own backend last) is removed, then Consul's node once empty. Retried with backoff for
 /// [`RETIRE_PATIENCE`] of failures while leading; paused while not leading.
 pub async fn drain(
     catalog: String,

@@ -7,18 +7,16 @@ use crate::export::writers::CatalogView;
 use crate::model::Reason;
 use crate::runtime::supervisor::TaskState;
 
-/// The Ready verdict while the task behind an object is down, waiting to be started again.
-pub fn task_down(what: &str, task: &TaskState) -> Option<Verdict> {
-    task.down.then(|| {
-        Verdict::no(
-            Reason::TaskRestarted,
-            format!(
-                "{what} stopped unexpectedly ({}) and is being started again (restart {})",
-                task.last_failure.as_deref().unwrap_or("no reason given"),
-                task.restarts
-            ),
-        )
-    })
+/// The verdict while the task behind an object (`what`) is down, waiting to be started again.
+pub fn task_down(what: &str, task: &TaskState) -> Verdict {
+    Verdict::no(
+        Reason::TaskRestarted,
+        format!(
+            "{what} stopped unexpectedly ({}) and is being started again (restart {})",
+            task.last_failure.as_deref().unwrap_or("no reason given"),
+            task.restarts
+        ),
+    )
 }
 
 /// The status of `cat` as `view` shows it, with `imported` endpoints imported from it.
@@ -38,8 +36,7 @@ pub fn catalog_status(
     };
     let ready = match (&view.problem, &r.error) {
         (Some(p), _) => Verdict::problem(p),
-        _ if view.task.down => task_down("the catalog's writer", &view.task)
-            .unwrap_or_else(|| Verdict::unknown(Reason::Syncing, "not in sync yet")),
+        _ if view.task.down => task_down("the catalog's writer", &view.task),
         (None, Some(e)) => Verdict::no(e.reason(), e.to_string()),
         (None, None) if r.in_sync => match &r.warning {
             None => Verdict::yes(

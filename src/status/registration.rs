@@ -36,13 +36,7 @@ pub fn export_status(
         ),
         (_, Some(v)) => match (&v.problem, &v.report.error) {
             (Some(p), _) => Verdict::no(p.reason, format!("catalog {catalog}: {}", p.message)),
-            _ if v.task.down => task_down(&format!("the writer of catalog {catalog}"), &v.task)
-                .unwrap_or_else(|| {
-                    Verdict::unknown(
-                        Reason::Syncing,
-                        format!("catalog {catalog} is being updated"),
-                    )
-                }),
+            _ if v.task.down => task_down(&format!("the writer of catalog {catalog}"), &v.task),
             (None, Some(err)) => Verdict::no(err.reason(), format!("catalog {catalog}: {err}")),
             (None, None) if v.report.in_sync => Verdict::yes(
                 Reason::InSync,
@@ -102,8 +96,7 @@ pub fn import_status(reg: &ExternalRegistration, v: &ImportView) -> ExternalRegi
     };
     let synced = match (&v.problem, &v.apply_error, &v.catalog_error) {
         (Some(p), _, _) => Verdict::problem(p),
-        _ if v.task.down => task_down("the import", &v.task)
-            .unwrap_or_else(|| Verdict::unknown(Reason::Syncing, format!("reading {catalog}"))),
+        _ if v.task.down => task_down("the import", &v.task),
         (None, Some(err), _) => Verdict::no(Reason::ApplyFailed, err.clone()),
         (None, None, Some(err)) => Verdict::no(
             err.reason(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -181,15 +182,11 @@ async fn problems(stores: &Stores, d: &Desired, recorder: &mut Announcer, writte
         let reference = match &e.source {
             Source::Annotation { namespace, service } => stores
                 .services
-                .state()
-                .into_iter()
-                .find(|s| s.namespace().as_deref() == Some(namespace) && s.name_any() == *service)
+                .get(&ObjectRef::new(service).within(namespace))
                 .map(|s| s.object_ref(&())),
             Source::Registration { namespace, name } => stores
                 .registrations
-                .state()
-                .into_iter()
-                .find(|r| r.namespace().as_deref() == Some(namespace) && r.name_any() == *name)
+                .get(&ObjectRef::new(name).within(namespace))
                 .map(|r| r.object_ref(&())),
         };
         let Some(reference) = reference else { continue };
@@ -208,13 +205,12 @@ async fn skips(
     written: &mut Written,
 ) {
     let mut current = HashSet::new();
-    for reg in stores.registrations.state() {
-        let Some(ns) = reg.namespace() else { continue };
-        let Some(view) = imp.get(&(ns.clone(), reg.name_any())) else {
+    for ((ns, name), view) in imp.iter().filter(|(_, v)| !v.skipped.is_empty()) {
+        let Some(reg) = stores.registrations.get(&ObjectRef::new(name).within(ns)) else {
             continue;
         };
         for (id, why) in &view.skipped {
-            let key = (ns.clone(), reg.name_any(), id.clone(), why.clone());
+            let key = (ns.clone(), name.clone(), id.clone(), why.clone());
             current.insert(key.clone());
             if written.skips.contains(&key) {
                 continue;
@@ -240,23 +236,15 @@ async fn restarts(
     recorder: &mut Announcer,
     written: &mut Written,
 ) {
-    let mut found = Vec::new();
-    for cat in stores.catalogs.state() {
-        if let Some(view) = v.get(&cat.name_any()) {
-            found.push((
-                cat.object_ref(&()),
-                "the catalog's writer",
-                view.task.clone(),
-            ));
-        }
-    }
-    for reg in stores.registrations.state() {
-        if let Some(ns) = reg.namespace()
-            && let Some(view) = imp.get(&(ns, reg.name_any()))
-        {
-            found.push((reg.object_ref(&()), "the import", view.task.clone()));
-        }
-    }
+    let catalogs = v.iter().filter_map(|(name, view)| {
+        let cat = stores.catalogs.get(&ObjectRef::new(name))?;
+        Some((cat.object_ref(&()), "the catalog's writer", &view.task))
+    });
+    let imports = imp.iter().filter_map(|((ns, name), view)| {
+        let reg = stores.registrations.get(&ObjectRef::new(name).within(ns))?;
+        Some((reg.object_ref(&()), "the import", &view.task))
+    });
+    let found: Vec<_> = catalogs.chain(imports).collect();
     for (reference, what, task) in found {
         let uid = reference.uid.clone().unwrap_or_default();
         let announced = written.restarts.entry(uid).or_insert(task.restarts);
