@@ -46,7 +46,7 @@ impl Failover {
     }
 
     /// The index of the address that answered last.
-    pub fn preferred(&self) -> usize {
+    fn preferred(&self) -> usize {
         self.preferred.load(Ordering::Relaxed) % self.addresses.len().max(1)
     }
 

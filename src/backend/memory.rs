@@ -204,11 +204,7 @@ impl Backend for Memory {
                 panic!("injected: the memory catalog's import watch panics");
             }
             let instances = external.borrow_and_update().get(name).cloned();
-            super::publish(&tx, |s| {
-                s.instances = instances.unwrap_or_default();
-                s.synced = true;
-                s.error = None;
-            });
+            super::publish_read(&tx, instances.unwrap_or_default(), Vec::new());
             tokio::select! {
                 r = external.changed() => if r.is_err() { return Ok(()) },
                 () = tx.closed() => return Ok(()),

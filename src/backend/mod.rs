@@ -62,15 +62,37 @@ pub struct ImportSnapshot {
     pub synced: bool,
 }
 
-/// Publishes a change of an import watch's snapshot, and only a change.
-pub fn publish(
+/// Publishes a successful read of an import watch: the instances and the skipped entries,
+/// no error. Only a change is published (compared in place: nothing is copied).
+pub fn publish_read(
     tx: &tokio::sync::watch::Sender<ImportSnapshot>,
-    f: impl FnOnce(&mut ImportSnapshot),
+    instances: Vec<External>,
+    skipped: Vec<(String, String)>,
 ) {
+    let next = ImportSnapshot {
+        instances,
+        skipped,
+        error: None,
+        synced: true,
+    };
     tx.send_if_modified(|s| {
-        let before = s.clone();
-        f(s);
-        *s != before
+        let changed = *s != next;
+        if changed {
+            *s = next;
+        }
+        changed
+    });
+}
+
+/// Publishes a failed read of an import watch: the last instances stay, with the error. Only
+/// a change is published.
+pub fn publish_error(tx: &tokio::sync::watch::Sender<ImportSnapshot>, e: BackendError) {
+    tx.send_if_modified(|s| {
+        let changed = s.error.as_ref() != Some(&e);
+        if changed {
+            s.error = Some(e);
+        }
+        changed
     });
 }
 

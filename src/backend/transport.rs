@@ -29,8 +29,15 @@ pub fn brief(e: &(dyn Error + 'static)) -> String {
 /// An error and its sources, each part once, joined by `: ` (parts that say nothing new, such
 /// as `transport error`, left out).
 pub fn chain(e: &(dyn Error + 'static)) -> String {
+    chain_after(&e.to_string(), e.source())
+}
+
+/// [`chain`] for an error whose own text is `head` (a gRPC status's message), followed by
+/// `source` and its sources.
+pub fn chain_after(head: &str, source: Option<&(dyn Error + 'static)>) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut cur: Option<&(dyn Error + 'static)> = Some(e);
+    push_part(&mut parts, head);
+    let mut cur = source;
     while let Some(err) = cur {
         push_part(&mut parts, &err.to_string());
         cur = err.source();
@@ -39,7 +46,7 @@ pub fn chain(e: &(dyn Error + 'static)) -> String {
 }
 
 /// Adds a part of an error text unless it says nothing new (`transport error`, a repeat).
-pub fn push_part(parts: &mut Vec<String>, s: &str) {
+fn push_part(parts: &mut Vec<String>, s: &str) {
     let s = s.trim();
     if !s.is_empty() && s != "transport error" && !parts.iter().any(|p| p.contains(s)) {
         parts.push(s.to_string());
@@ -62,7 +69,7 @@ const REFUSED_FORMS: [&str; 8] = [
 
 /// Whether `text`, the failure of a TLS connection made without a client certificate, may be
 /// the server refusing it for want of one.
-pub fn may_want_client_cert(text: &str) -> bool {
+fn may_want_client_cert(text: &str) -> bool {
     let lower = text.to_ascii_lowercase();
     !lower.contains("invalid peer certificate")
         && REFUSED_FORMS
@@ -70,9 +77,24 @@ pub fn may_want_client_cert(text: &str) -> bool {
             .any(|f| text.contains(f) || lower.contains(&f.to_ascii_lowercase()))
 }
 
-/// What to set when a TLS connection to `catalog` (`Consul`, `etcd`, `ZooKeeper`) failed with
-/// `e`: read from rustls' own error inside `e` when there is one, else from the forms a
-/// refused client certificate takes (only when `client_cert` is false: none was presented).
+/// `text` (what went wrong with a TLS connection to `catalog`: `Consul`, `etcd`, `ZooKeeper`),
+/// and `; what to set` when [`tls_hint`] finds something the ExternalCatalog's `tls` can fix.
+/// Every catalog writes its hints this way.
+pub fn with_tls_hint(
+    text: String,
+    catalog: &str,
+    e: &(dyn Error + 'static),
+    client_cert: bool,
+) -> String {
+    match tls_hint(catalog, e, client_cert) {
+        Some(hint) => format!("{text}; {hint}"),
+        None => text,
+    }
+}
+
+/// What to set when a TLS connection to `catalog` failed with `e`: read from rustls' own error
+/// inside `e` (or its text), else from the forms a refused client certificate takes (only when
+/// `client_cert` is false: none was presented).
 pub fn tls_hint(catalog: &str, e: &(dyn Error + 'static), client_cert: bool) -> Option<String> {
     let mut cur: Option<&(dyn Error + 'static)> = Some(e);
     while let Some(err) = cur {
@@ -81,12 +103,13 @@ pub fn tls_hint(catalog: &str, e: &(dyn Error + 'static), client_cert: bool) -> 
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::get_ref)
             .map(|i| i as &(dyn Error + 'static));
-        if let Some(r) = [Some(err), inner]
+        if let Some(hint) = [Some(err), inner]
             .into_iter()
             .flatten()
             .find_map(|e| e.downcast_ref::<rustls::Error>())
+            .and_then(|r| rustls_hint(catalog, r))
         {
-            return rustls_hint(catalog, r);
+            return Some(hint);
         }
         cur = err.source();
     }
@@ -139,7 +162,7 @@ fn cut_short(e: &(dyn Error + 'static)) -> bool {
 }
 
 /// The hint for a refused client certificate.
-pub fn client_cert_hint(catalog: &str) -> String {
+fn client_cert_hint(catalog: &str) -> String {
     format!(
         "{catalog} may require a client certificate of a CA it trusts (tls.clientCertSecretRef)"
     )

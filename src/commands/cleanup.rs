@@ -9,8 +9,7 @@ use kube::Api;
 use crate::api::crd::ExternalCatalog;
 pub use crate::export::retire::Outcome;
 use crate::export::retire::remove_owned;
-use crate::k8s::catalogs::{self, SessionSecret};
-use crate::k8s::secrets;
+use crate::k8s::catalogs::{Catalogs, Connect, SessionSecret};
 use crate::model::Problem;
 
 /// Reads the owned entries of ExternalCatalog `name` for `owner` and deletes them all (or, with
@@ -27,13 +26,14 @@ pub async fn cleanup(
         .await
         .with_context(|| format!("reading ExternalCatalog {name}"))?;
     let problem = |p: Problem| anyhow::anyhow!("{p}");
-    let credentials = secrets::credentials(client, &cat).await.map_err(problem)?;
-    let ctx = catalogs::Context {
+    // As the controller builds it; a dry run only reads.
+    let connect = Catalogs {
+        client: client.clone(),
         owner: owner.to_string(),
-        sessions: Some(sessions),
-        read_only: dry_run,
+        sessions,
     };
-    let backend = catalogs::build(&cat, credentials, &ctx).map_err(problem)?;
+    let credentials = connect.credentials(&cat).await.map_err(problem)?;
+    let backend = connect.build(&cat, credentials, dry_run).map_err(problem)?;
     remove_owned(backend.as_ref(), dry_run)
         .await
         .with_context(|| format!("removing what {owner} holds in {}", backend.describe()))

@@ -74,8 +74,7 @@ pub fn host_port(host: &str, port: impl Display) -> String {
 
 /// A port as text: 1 to 65535.
 pub fn parse_port(p: &str) -> Result<u16, String> {
-    p.trim()
-        .parse::<u16>()
+    p.parse::<u16>()
         .ok()
         .filter(|p| *p > 0)
         .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))

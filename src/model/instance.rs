@@ -32,7 +32,7 @@ pub struct Instance {
 impl Instance {
     /// `10.0.0.1:8080`, or `[fd00::1]:8080` for IPv6.
     pub fn host_port(&self) -> String {
-        super::address::host_port(&self.address.to_string(), self.port)
+        std::net::SocketAddr::new(self.address, self.port).to_string()
     }
 
     /// A deterministic identifier from (namespace, service, external name, address, port):

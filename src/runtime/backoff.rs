@@ -28,11 +28,6 @@ impl Backoff {
         pause
     }
 
-    /// The pause [`Backoff::next_pause`] will give, without moving on.
-    pub fn peek(&self) -> Duration {
-        self.next
-    }
-
     /// After a success: the next pause is the minimum again.
     pub fn reset(&mut self) {
         self.next = self.min;

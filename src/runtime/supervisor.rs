@@ -54,12 +54,12 @@ const RESTART_MIN: Duration = Duration::from_millis(200);
 const RESTART_MAX: Duration = Duration::from_secs(30);
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
-/// A supervised task. Dropping it stops the task; [`Supervised::stop`] also says when it has
-/// really stopped.
+/// A supervised task. Dropping it stops the task (its stop channel closes);
+/// [`Supervised::stop`] also says when it has really stopped.
 pub struct Supervised {
     stop: watch::Sender<bool>,
     state: watch::Receiver<TaskState>,
-    handle: Option<JoinHandle<()>>,
+    handle: JoinHandle<()>,
 }
 
 impl Supervised {
@@ -77,7 +77,7 @@ impl Supervised {
         Supervised {
             stop,
             state,
-            handle: Some(handle),
+            handle,
         }
     }
 
@@ -88,19 +88,13 @@ impl Supervised {
 
     /// Whether the supervision has ended: the task finished on purpose, or was stopped.
     pub fn is_finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(JoinHandle::is_finished)
+        self.handle.is_finished()
     }
 
     /// Stops the task. The handle resolves once it has stopped: nothing it started still runs.
-    pub fn stop(mut self) -> JoinHandle<()> {
+    pub fn stop(self) -> JoinHandle<()> {
         self.stop.send_replace(true);
-        self.handle.take().unwrap_or_else(|| tokio::spawn(async {}))
-    }
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        self.stop.send_replace(true);
+        self.handle
     }
 }
 
@@ -116,9 +110,9 @@ async fn supervise<F, Fut>(
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let mut backoff = Backoff::new(RESTART_MIN, RESTART_MAX);
-    let stopping = |stop: &watch::Receiver<bool>| *stop.borrow();
     loop {
-        if stopping(&stop) {
+        // Told to stop, or the handle is gone.
+        if *stop.borrow() || stop.has_changed().is_err() {
             return;
         }
         let started = Instant::now();
@@ -159,7 +153,8 @@ async fn supervise<F, Fut>(
     }
 }
 
-/// Resolves once the supervision is told to stop (or its handle is gone).
+/// Resolves once the supervision is told to stop, or its handle is dropped (the channel
+/// closes).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{Consul, ConsulConfig};
 use crate::backend::BackendError;
 use crate::backend::failover::{Attempt, Failed};
-use crate::backend::transport::{brief, client_cert_hint, may_want_client_cert, tls_hint};
+use crate::backend::transport::{brief, with_tls_hint};
 
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -229,28 +229,23 @@ impl Consul {
         };
         // A Consul that verifies clients either says so (an alert) or just closes the
         // connection, depending on timing: name the setting either way.
-        if self.urls[idx].scheme() == "https"
-            && let Some(hint) = tls_hint("Consul", e, self.client_cert).or_else(|| {
-                (!self.client_cert && may_want_client_cert(&why))
-                    .then(|| client_cert_hint("Consul"))
-            })
-        {
-            why.push_str("; ");
-            why.push_str(&hint);
+        if self.urls[idx].scheme() == "https" {
+            why = with_tls_hint(why, "Consul", e, self.client_cert);
         }
         why
     }
 
+    /// A GET whose answer must be a success, as JSON.
     pub(super) async fn get_json(
         &self,
         what: &str,
         path: &[&str],
         query: &[(&str, &str)],
-    ) -> Result<(String, Value), BackendError> {
+    ) -> Result<Value, BackendError> {
         let reply = self.call(Method::GET, path, query, true, None).await?;
         if !reply.status.is_success() {
             return Err(reply.status_error(what));
         }
-        Ok((reply.address.clone(), reply.json(what)?))
+        reply.json(what)
     }
 }

@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use super::Consul;
 use super::client::REQUEST_TIMEOUT;
 use super::layout::OWNER_META;
-use crate::backend::{BackendError, External, ImportSnapshot, publish};
-use crate::model::address::{host_port, import_host};
+use crate::backend::{BackendError, External, ImportSnapshot, publish_error, publish_read};
+use crate::model::address::{host_port, import_host, port_number};
 use crate::runtime::backoff::Backoff;
 
 /// How long an import watch's blocking query waits for a change (`wait=`) before Consul
@@ -110,14 +110,7 @@ impl Consul {
                         failing = false;
                     }
                     backoff.reset();
-                    publish(&tx, |snap| {
-                        *snap = ImportSnapshot {
-                            instances,
-                            skipped,
-                            error: None,
-                            synced: true,
-                        }
-                    });
+                    publish_read(&tx, instances, skipped);
                     let (next_index, pause) = next_index(index, got);
                     if pause {
                         tracing::debug!(service = name, index = ?got, "Consul answered without a usable X-Consul-Index");
@@ -132,7 +125,7 @@ impl Consul {
                         tracing::warn!(service = name, error = %e, "Consul import watch failed; keeping the last instances");
                         failing = true;
                     }
-                    publish(&tx, |snap| snap.error = Some(e));
+                    publish_error(&tx, e);
                     index = 0;
                     Some(backoff.next_pause())
                 }
@@ -236,8 +229,8 @@ pub(super) fn import_entries(
                 skipped.push((id, "no port".to_string()));
                 continue;
             }
-            Some(p) => match p.as_u64().map(u16::try_from) {
-                Some(Ok(p)) if p > 0 => p,
+            Some(p) => match p.as_u64().map(port_number) {
+                Some(Ok(p)) => p,
                 _ => {
                     skipped.push((id, format!("port {p} is not in 1-65535")));
                     continue;

@@ -215,7 +215,6 @@ impl Backend for Consul {
             let what = format!("GET /v1/health/node/{}", self.node);
             self.get_json(&what, &["health", "node", &self.node], &[])
                 .await?
-                .1
         } else {
             Value::Null
         };
@@ -234,7 +233,7 @@ impl Backend for Consul {
     }
 
     async fn probe(&self) -> Result<ServerInfo, BackendError> {
-        let (_, leader) = self
+        let leader = self
             .get_json("GET /v1/status/leader", &["status", "leader"], &[])
             .await?;
         let leader = leader.as_str().unwrap_or_default().to_string();
@@ -284,7 +283,6 @@ impl Backend for Consul {
                         &[],
                     )
                     .await?
-                    .1
                     .get(0)
                     .and_then(Value::as_str)
                     .map(str::to_string)
@@ -307,7 +305,7 @@ impl Backend for Consul {
     }
 
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
-        let (_, entries) = self
+        let entries = self
             .get_json(
                 &format!("GET /v1/health/service/{name}?passing"),
                 &["health", "service", name],

@@ -17,7 +17,8 @@ use super::EtcdConfig;
 use crate::api::crd::ServerInfo;
 use crate::backend::BackendError;
 use crate::backend::failover::{Attempt, Failed, Failover};
-use crate::backend::transport::{chain, push_part, tls_hint};
+use crate::backend::transport::{chain, chain_after, with_tls_hint};
+use crate::model::address::parse_port;
 
 /// Time for one request to one endpoint, connection included.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -100,14 +101,7 @@ fn classify(e: &etcd_client::Error) -> (Kind, String) {
     use etcd_client::Error as E;
     match e {
         E::GRpcStatus(s) => {
-            let mut parts = Vec::new();
-            push_part(&mut parts, s.message());
-            let mut cur = std::error::Error::source(s);
-            while let Some(err) = cur {
-                push_part(&mut parts, &err.to_string());
-                cur = err.source();
-            }
-            let mut text = parts.join(": ");
+            let mut text = chain_after(s.message(), std::error::Error::source(s));
             if text.is_empty() {
                 text = format!("gRPC status {:?}", s.code());
             }
@@ -133,7 +127,7 @@ pub(super) struct Connections {
     user: Option<String>,
     clients: Mutex<Vec<Option<Client>>>,
     /// Every endpoint speaks TLS, and whether a client certificate is presented: for the hint
-    /// a failed connection gets ([`crate::backend::transport::tls_hint`]).
+    /// a failed connection gets ([`Connections::failure`]).
     tls: bool,
     client_cert: bool,
 }
@@ -145,7 +139,7 @@ fn valid_authority(a: &str) -> bool {
     };
     !host.is_empty()
         && !host.contains('/')
-        && port.parse::<u16>().is_ok_and(|p| p > 0)
+        && parse_port(port).is_ok()
         && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
 }
 
@@ -242,16 +236,21 @@ impl Connections {
         })
     }
 
-    /// `text`, and what to set in `tls` when it is a TLS connection's failure that the
-    /// ExternalCatalog can fix.
-    fn with_tls_hint(&self, text: String, e: &etcd_client::Error) -> String {
-        match self
-            .tls
-            .then(|| tls_hint("etcd", e, self.client_cert))
-            .flatten()
-        {
-            Some(hint) => format!("{text}; {hint}"),
-            None => text,
+    /// What `e` on endpoint `idx` means: its category and text, with what to set in `tls` when
+    /// a TLS connection failed for a reason the ExternalCatalog can fix. A broken connection,
+    /// or one whose credentials were refused, is dropped: the next request connects again.
+    fn failure(&self, idx: usize, e: &etcd_client::Error) -> (Kind, String) {
+        let (kind, text) = classify(e);
+        match kind {
+            Kind::Transport if self.tls => {
+                self.forget(idx);
+                (kind, with_tls_hint(text, "etcd", e, self.client_cert))
+            }
+            Kind::Transport | Kind::Unauthorized => {
+                self.forget(idx);
+                (kind, text)
+            }
+            Kind::LeaseGone | Kind::Rejected => (kind, text),
         }
     }
 
@@ -323,14 +322,10 @@ impl Connections {
                     }
                 };
                 let endpoint = &self.endpoints()[idx];
-                let (kind, text) = classify(&err);
+                let (kind, text) = self.failure(idx, &err);
                 match kind {
-                    Kind::Transport => {
-                        self.forget(idx);
-                        Attempt::Next(self.with_tls_hint(text, &err))
-                    }
+                    Kind::Transport => Attempt::Next(text),
                     Kind::Unauthorized => {
-                        self.forget(idx);
                         let user = self.user.as_deref().map_or_else(
                             || "without credentials".to_string(),
                             |u| format!("as {u:?}"),
@@ -425,15 +420,12 @@ impl Connections {
         e: &etcd_client::Error,
     ) -> BackendError {
         let endpoint = &self.endpoints()[idx];
-        let (kind, text) = classify(e);
+        let (kind, text) = self.failure(idx, e);
         match kind {
             Kind::Transport => {
-                self.forget(idx);
-                let text = self.with_tls_hint(text, e);
                 BackendError::Unreachable(format!("{what} on etcd {endpoint}: {text}"))
             }
             Kind::Unauthorized => {
-                self.forget(idx);
                 BackendError::Unauthorized(format!("{what} on etcd {endpoint}: {text}"))
             }
             Kind::LeaseGone | Kind::Rejected => {

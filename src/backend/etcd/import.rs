@@ -23,7 +23,7 @@ use super::client::{Fail, REQUEST_TIMEOUT};
 use super::layout::{names_label, parse_coredns, parse_naming, parse_plain, prefix_end};
 use super::lease::marker_lease;
 use crate::api::crd::EtcdLayout;
-use crate::backend::{BackendError, External, ImportSnapshot, publish};
+use crate::backend::{BackendError, External, ImportSnapshot, publish_error, publish_read};
 use crate::runtime::Backoff;
 
 /// First pause after a failed import read; it doubles up to [`IMPORT_RETRY_MAX`].
@@ -215,12 +215,7 @@ impl Etcd {
 
     fn publish_state(&self, tx: &watch::Sender<ImportSnapshot>, state: &ImportState) {
         let (instances, skipped) = state.parts(&self.own_leases(state));
-        publish(tx, |s| {
-            s.instances = instances;
-            s.skipped = skipped;
-            s.error = None;
-            s.synced = true;
-        });
+        publish_read(tx, instances, skipped);
     }
 
     /// Reads, watches and re-reads forever.
@@ -239,7 +234,7 @@ impl Etcd {
                         warn!(catalog = %self.inner.catalog, prefix = %target.prefix, error = %e, "etcd import read failed; keeping the last instances and retrying");
                     }
                     retry.failing = true;
-                    publish(tx, |s| s.error = Some(e));
+                    publish_error(tx, e);
                     retry.backoff.wait().await;
                 }
                 Ok((why, lived)) => {

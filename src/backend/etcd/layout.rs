@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::api::crd::EtcdLayout;
 use crate::backend::{BackendError, Record};
-use crate::model::address::{host_port, import_host, parse_host_port};
+use crate::model::address::{host_port, import_host, parse_host_port, port_number};
 use crate::model::{Instance, fnv1a64};
 
 /// Default DNS zone of the `coredns` layout.
@@ -353,8 +353,7 @@ pub(super) fn parse_coredns(value: &[u8]) -> HostPort {
     let port = match v.get("port") {
         Some(p) => p
             .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p > 0)
+            .and_then(|p| port_number(p).ok())
             .ok_or_else(|| format!("port {p} is not a port (1-65535)"))?,
         None => return Err("no port".into()),
     };

@@ -14,7 +14,7 @@ use super::read::pipelined;
 use super::session::{Conn, ConnectError};
 use super::{Inner, ZooKeeper};
 use crate::api::crd::ZooKeeperLayout;
-use crate::backend::{BackendError, External, ImportSnapshot, publish};
+use crate::backend::{BackendError, External, ImportSnapshot, publish_error, publish_read};
 
 /// How long the import watches trust a stored session id they loaded before loading it again
 /// when they meet a session they do not know.
@@ -104,11 +104,6 @@ impl OwnSessions {
         self.foreign.insert(ephemeral_owner);
         false
     }
-}
-
-/// A read failed: the snapshot keeps the last instances and says why.
-fn publish_error(tx: &watch::Sender<ImportSnapshot>, e: BackendError) {
-    publish(tx, |s| s.error = Some(e));
 }
 
 impl ZooKeeper {
@@ -352,12 +347,7 @@ impl ZooKeeper {
             backoff.reset();
             let publish_read = |read: &ImportRead| {
                 let (instances, skipped) = read.parts();
-                publish(tx, |s| {
-                    s.instances = instances;
-                    s.skipped = skipped;
-                    s.error = None;
-                    s.synced = true;
-                });
+                publish_read(tx, instances, skipped);
             };
             publish_read(&read);
             // Every armed watch; one that fires is followed by reading only what it names.

@@ -28,7 +28,7 @@ use super::ZooKeeper;
 use crate::api::crd::ZooKeeperLayout;
 use crate::backend::{BackendError, Record};
 use crate::model::Instance;
-use crate::model::address::{host_port, import_host, parse_host_port};
+use crate::model::address::{host_port, import_host, parse_host_port, parse_port, port_number};
 
 /// The directory of the plain layout below each name.
 pub const PROVIDERS: &str = "providers";
@@ -144,9 +144,9 @@ pub(super) fn parse_connect(s: &str) -> anyhow::Result<(Vec<Upstream>, String)> 
         }
         let port = match port {
             None => 2181,
-            Some(p) => match p.parse::<u16>() {
-                Ok(p) if p > 0 => p,
-                _ => bail!("ZooKeeper address {part:?} has an invalid port"),
+            Some(p) => match parse_port(p) {
+                Ok(p) => p,
+                Err(_) => bail!("ZooKeeper address {part:?} has an invalid port"),
             },
         };
         upstreams.push(Upstream {
@@ -324,8 +324,8 @@ pub(super) fn parse_curator(data: &[u8]) -> Result<Option<(String, u16)>, String
     let port_of = |key: &str| -> Result<Option<u16>, String> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => match n.as_u64().and_then(|p| u16::try_from(p).ok()) {
-                Some(p) if p > 0 => Ok(Some(p)),
+            Some(Value::Number(n)) => match n.as_u64().map(port_number) {
+                Some(Ok(p)) => Ok(Some(p)),
                 _ => Err(format!("\"{key}\" is {n}, not a port")),
             },
             Some(other) => Err(format!("\"{key}\" is {other}, not a port")),

@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::layout::Upstream;
-use crate::backend::transport::{brief, tls_hint};
+use crate::backend::transport::{brief, with_tls_hint};
 
 /// Bound on the connect handshake frames the relay reads (they are about 50 bytes).
 const MAX_HANDSHAKE_FRAME: usize = 4096;
@@ -282,17 +282,14 @@ async fn accept(listener: TcpListener, upstream: usize, shared: Arc<RelayShared>
     }
 }
 
-/// ` (what to set)` when a TLS connection failed with `e` for a reason the catalog's `tls` can
-/// fix (during the handshake, or at the first read with TLS 1.3, where a refused client
-/// certificate arrives after the handshake: as an alert, or as the connection closed), else
-/// nothing.
-fn tls_note(tls: Option<&Tls>, e: &std::io::Error) -> String {
-    let Some(tls) = tls else {
-        return String::new();
-    };
-    tls_hint("ZooKeeper", e, tls.client_cert)
-        .map(|h| format!(" ({h})"))
-        .unwrap_or_default()
+/// `brief(e)` of a failure on the connection to a server, with what to set when it is a TLS
+/// connection's failure the catalog's `tls` can fix (during the handshake, or at the first
+/// read with TLS 1.3, where a refused client certificate arrives after the handshake).
+fn server_failure(tls: Option<&Tls>, e: &std::io::Error) -> String {
+    match tls {
+        Some(t) => with_tls_hint(brief(e), "ZooKeeper", e, t.client_cert),
+        None => brief(e),
+    }
 }
 
 /// A connection to a ZooKeeper server: plain TCP or TLS.
@@ -314,7 +311,7 @@ pub(super) async fn dial(u: &Upstream, tls: Option<&Tls>) -> std::io::Result<Box
     })?;
     let stream = t.connector.connect(name, tcp).await.map_err(|e| {
         // A text of its own (not shortened to its kind by `brief`): the hint must stay.
-        std::io::Error::other(format!("TLS handshake: {}{}", brief(&e), tls_note(tls, &e)))
+        std::io::Error::other(format!("TLS handshake: {}", server_failure(tls, &e)))
     })?;
     Ok(Box::new(stream))
 }
@@ -379,15 +376,19 @@ async fn relay_handshake(
 ) -> std::io::Result<()> {
     let invalid =
         |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    // Failures towards the server may want a TLS hint; those of the local client may not.
     let context = |what: &'static str| {
         move |e: std::io::Error| {
-            let note = tls_note(shared.tls.as_ref(), &e);
-            std::io::Error::new(e.kind(), format!("{what}: {}{note}", brief(&e)))
+            let why = server_failure(shared.tls.as_ref(), &e);
+            std::io::Error::new(e.kind(), format!("{what}: {why}"))
         }
     };
-    let request = read_frame(down)
-        .await
-        .map_err(context("reading the client's connect request"))?;
+    let request = read_frame(down).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("reading the client's connect request: {}", brief(&e)),
+        )
+    })?;
     let mut parsed =
         ConnectRequest::parse(&request).ok_or_else(|| invalid("malformed connect request"))?;
     let attach = shared.lock().attach.clone();
