@@ -13,6 +13,8 @@ use localenv::process::{Process, Spec};
 use localenv::{Env, workload};
 use serde_json::{Value, json};
 
+pub mod everywhere;
+
 pub const CRDS_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");
 
 /// Applies the CRDs from `crds/` and waits until the API server serves them.
@@ -143,13 +145,14 @@ impl Controller {
         vars: &[(&str, &str)],
     ) -> Result<Controller> {
         let metrics_port = localenv::ports::free_port()?;
-        let mut spec = Spec::new(name, controller_bin()?, env.dir());
+        // The defaults first: `vars` may replace them (a KUBECONFIG through a proxy).
+        let mut spec = Spec::new(name, controller_bin()?, env.dir())
+            .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+            .env("RUST_LOG", "info,catalog_bridge=debug");
         for (k, v) in vars {
             spec = spec.env(k, v);
         }
         let spec = spec
-            .env("KUBECONFIG", env.kube()?.kubeconfig_path())
-            .env("RUST_LOG", "info,catalog_bridge=debug")
             .arg("run")
             .arg(format!("--cluster-id={cluster_id}"))
             .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))

@@ -25,6 +25,7 @@ pub struct Kube {
     port: u16,
     dir: PathBuf,
     kubeconfig: PathBuf,
+    ca: PathBuf,
     http: reqwest::Client,
 }
 
@@ -96,6 +97,7 @@ impl Kube {
             port,
             dir: dir.clone(),
             kubeconfig,
+            ca: certs.ca_crt.clone(),
             http,
         };
         kube.wait_apiserver_ready().await?;
@@ -165,6 +167,21 @@ impl Kube {
     /// A kubeconfig file (admin identity) for kubectl, helm and the controller.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// A kubeconfig like [`Self::kubeconfig_path`] that reaches the API server on another
+    /// local port (a [`crate::proxy::Proxy`] in front of it); the server's certificate names
+    /// 127.0.0.1, so TLS passes through unchanged.
+    pub fn kubeconfig_via(&self, port: u16, name: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, kubeconfig_yaml(port, &self.ca))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The API server's port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `https://127.0.0.1:<port>`.

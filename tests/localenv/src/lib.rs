@@ -18,6 +18,7 @@ pub mod etcd;
 pub mod kube;
 pub mod ports;
 pub mod process;
+pub mod proxy;
 pub mod programs;
 pub mod ready;
 pub mod tls;
