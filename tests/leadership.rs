@@ -8,15 +8,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use localenv::proxy::Proxy;
 use localenv::workload;
-use support::everywhere::{CATALOGS, WAIT, answers, setup, wait_everywhere};
+use support::everywhere::{CATALOGS, WAIT, answers, setup, spawn_readers, wait_everywhere};
 use support::{Controller, deploy_api_x, sum_metric};
 
 /// Every catalog operation a replica has counted: entries written and deleted, write round
 /// trips and reads.
 async fn catalog_operations(c: &Controller) -> Result<f64> {
     let m = c.metrics().await?;
-    Ok(sum_metric(&m, "catalog_bridge_backend_operations_total", &[])
-        + sum_metric(&m, "catalog_bridge_backend_requests_total", &[]))
+    Ok(
+        sum_metric(&m, "catalog_bridge_backend_operations_total", &[])
+            + sum_metric(&m, "catalog_bridge_backend_requests_total", &[]),
+    )
 }
 
 async fn wait_leading(c: &Controller, leading: bool) -> Result<()> {
@@ -63,6 +65,11 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_lease_can
         .await
         .with_context(|| a.log())?;
 
+    ensure!(
+        !a.full_log()?.contains("stopped writing to catalogs"),
+        "a leader in touch with the API server never stops: {}",
+        a.log()
+    );
     let cut = Instant::now();
     proxy.cut();
     wait_leading(&a, false).await?;
@@ -106,7 +113,9 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_lease_can
     // writes the next change.
     proxy.restore();
     localenv::eventually("the old leader to see the new one", WAIT, || async {
-        Ok(a.full_log()?.contains("the leader Lease is held by cb-b").then_some(()))
+        Ok(a.full_log()?
+            .contains("the leader Lease is held by cb-b")
+            .then_some(()))
     })
     .await
     .with_context(|| a.log())?;
@@ -114,11 +123,126 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_lease_can
     wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
         .await
         .with_context(|| b.log())?;
-    ensure!(b.is_leader().await && !a.is_leader().await, "b leads, a follows");
+    ensure!(
+        b.is_leader().await && !a.is_leader().await,
+        "b leads, a follows"
+    );
     ensure!(
         catalog_operations(&a).await? == ops,
         "the follower wrote nothing\n{}",
         a.log()
+    );
+    Ok(())
+}
+
+/// Readers saw every instance at every look.
+fn no_gap(looks: &[support::everywhere::Looks]) -> Result<()> {
+    println!("readers: {looks:?}");
+    for l in looks {
+        ensure!(
+            l.looks >= 50 && l.misses == 0,
+            "{}: {} of {} looks missed an instance",
+            l.catalog,
+            l.misses,
+            l.looks
+        );
+    }
+    Ok(())
+}
+
+/// A rolling update: SIGTERM to the leader with a live standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_handover_leaves_readers_no_gap_and_the_new_leader_writes_nothing() -> Result<()>
+{
+    let (env, client) = setup(15, 10).await?;
+    let args = ["--drift-interval=1s"];
+    let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
+    wait_leading(&a, true).await?;
+    let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
+    deploy_api_x(&client, CATALOGS).await?;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| a.log())?;
+
+    let readers = spawn_readers(&env, 2, Duration::from_secs(15))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let term = Instant::now();
+    tokio::task::block_in_place(|| a.process.stop())?;
+    println!("the leader exited {:?} after SIGTERM", term.elapsed());
+    wait_leading(&b, true).await?;
+    println!("the standby led {:?} after SIGTERM", term.elapsed());
+    no_gap(&readers.await??).with_context(|| b.log())?;
+    let writes = b
+        .metric("catalog_bridge_backend_operations_total", &[])
+        .await?;
+    ensure!(
+        writes == 0.0,
+        "the new leader wrote {writes} entries\n{}",
+        b.log()
+    );
+    Ok(())
+}
+
+/// The remaining TTL of the etcd lease that holds `catalog`'s entries of `owner`.
+fn etcd_lease_remaining(env: &localenv::Env, owner: &str, catalog: &str) -> Result<i64> {
+    let etcd = env.etcd()?;
+    let marker = format!("/catalog-bridge.io/leases/{owner}/{catalog}");
+    let id: i64 = etcd
+        .etcdctl(&["get", "--print-value-only", &marker])?
+        .trim()
+        .parse()
+        .with_context(|| format!("the lease marker {marker}"))?;
+    let out = etcd.etcdctl(&["lease", "timetolive", &format!("{id:x}")])?;
+    // "lease 694d… granted with TTL(12s), remaining(11s)"
+    out.split("remaining(")
+        .nth(1)
+        .and_then(|r| r.split('s').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("etcdctl lease timetolive: {out}"))
+}
+
+/// A crash (kill -9): the standby re-attaches to the etcd lease and keeps it alive at once, so
+/// the entries do not expire under it (the lease had only what the crashed leader left it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_handoff_keeps_the_etcd_lease_alive_at_once_and_readers_see_no_gap() -> Result<()> {
+    const TTL: i64 = 12;
+    let (env, client) = setup(TTL, 10).await?;
+    let args = ["--drift-interval=1s"];
+    let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
+    wait_leading(&a, true).await?;
+    let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
+    deploy_api_x(&client, CATALOGS).await?;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| a.log())?;
+
+    let readers = spawn_readers(&env, 2, Duration::from_secs(25))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let crash = Instant::now();
+    a.process.kill()?;
+    wait_leading(&b, true).await?;
+    localenv::eventually("the standby to take the etcd lease over", WAIT, || async {
+        Ok(b.full_log()?
+            .contains("etcd lease: reusing the live lease of the marker")
+            .then_some(()))
+    })
+    .await
+    .with_context(|| b.log())?;
+    let remaining = etcd_lease_remaining(&env, "cluster-a", "etcd-plain")?;
+    println!(
+        "the standby took the etcd lease over {:?} after the crash; it has {remaining} s of {TTL} left",
+        crash.elapsed()
+    );
+    ensure!(
+        remaining > TTL / 2,
+        "the lease was not kept alive on takeover: {remaining} s of {TTL} left\n{}",
+        b.log()
+    );
+    no_gap(&readers.await??).with_context(|| b.log())?;
+    ensure!(
+        !b.full_log()?.contains("etcd lease expired or was revoked"),
+        "the lease expired under the new leader\n{}",
+        b.log()
     );
     Ok(())
 }

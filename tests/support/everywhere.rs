@@ -154,3 +154,122 @@ pub async fn wait_everywhere(env: &Env, want: &[&str]) -> Result<()> {
     .await
 }
 
+/// What readers polling every 20 ms saw of `api_x` during a span: per catalog, how many looks
+/// and how many of them missed an entry (fewer than `want` instances).
+#[derive(Debug)]
+pub struct Looks {
+    pub catalog: &'static str,
+    pub looks: u64,
+    pub misses: u64,
+}
+
+/// Polls Consul (passing instances), etcd (the plain layout's keys) and ZooKeeper (the plain
+/// and curator layouts' nodes, with kazoo) every 20 ms for `span`, as discovery clients that
+/// poll would, and counts every look that found fewer than `want` instances. Runs as a task of
+/// its own, so the test goes on meanwhile.
+pub fn spawn_readers(
+    env: &Env,
+    want: usize,
+    span: Duration,
+) -> Result<tokio::task::JoinHandle<Result<Vec<Looks>>>> {
+    let every = Duration::from_millis(20);
+    let consul = {
+        let http = localenv::http_client()?;
+        let url = format!("{}/v1/health/service/api_x?passing", env.consul()?.url());
+        async move {
+            let (mut looks, mut misses) = (0, 0);
+            let until = std::time::Instant::now() + span;
+            while std::time::Instant::now() < until {
+                let n = match http.get(&url).send().await {
+                    Ok(r) => r.json::<Vec<Value>>().await.map(|v| v.len()).unwrap_or(0),
+                    Err(_) => 0,
+                };
+                looks += 1;
+                misses += u64::from(n < want);
+                tokio::time::sleep(every).await;
+            }
+            Ok::<_, anyhow::Error>(Looks {
+                catalog: "consul",
+                looks,
+                misses,
+            })
+        }
+    };
+    let etcd = {
+        let endpoint = env.etcd()?.endpoint();
+        async move {
+            let mut client = etcd_client::Client::connect([endpoint], None)
+                .await
+                .context("connecting to etcd")?;
+            let (mut looks, mut misses) = (0, 0);
+            let until = std::time::Instant::now() + span;
+            while std::time::Instant::now() < until {
+                let n = client
+                    .get(
+                        "/services/api_x/providers/",
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_count_only(),
+                        ),
+                    )
+                    .await
+                    .map_or(0, |r| r.count());
+                looks += 1;
+                misses += u64::from(n < want as i64);
+                tokio::time::sleep(every).await;
+            }
+            Ok::<_, anyhow::Error>(Looks {
+                catalog: "etcd",
+                looks,
+                misses,
+            })
+        }
+    };
+    let connect = env.zookeeper()?.connect_string();
+    let secs = span.as_secs_f64().to_string();
+    // A child process killed when dropped: a test that fails meanwhile does not wait for it.
+    let zookeeper = tokio::process::Command::new(localenv::programs::python()?)
+        .arg("-c")
+        .arg(
+            "import sys, json, time\n\
+             from kazoo.client import KazooClient\n\
+             zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+             want, until = int(sys.argv[2]), time.time() + float(sys.argv[3])\n\
+             looks, misses = 0, 0\n\
+             def count(p):\n\
+             \x20   try:\n\
+             \x20       return len(zk.get_children(p))\n\
+             \x20   except Exception:\n\
+             \x20       return 0\n\
+             while time.time() < until:\n\
+             \x20   looks += 1\n\
+             \x20   if count('/services/api_x/providers') < want or count('/curator/api_x') < want:\n\
+             \x20       misses += 1\n\
+             \x20   time.sleep(0.02)\n\
+             print(json.dumps({'looks': looks, 'misses': misses}))\n\
+             zk.stop()\n",
+        )
+        .args([connect, want.to_string(), secs])
+        .kill_on_drop(true)
+        .output();
+    let zookeeper = async move {
+        let out = zookeeper.await.context("running the ZooKeeper reader")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "the ZooKeeper reader failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value =
+            serde_json::from_slice(&out.stdout).context("the ZooKeeper reader's answer")?;
+        Ok::<_, anyhow::Error>(Looks {
+            catalog: "zookeeper",
+            looks: v["looks"].as_u64().unwrap_or(0),
+            misses: v["misses"].as_u64().unwrap_or(u64::MAX),
+        })
+    };
+    Ok(tokio::spawn(async move {
+        let (consul, etcd, zookeeper) = tokio::join!(consul, etcd, zookeeper);
+        Ok(vec![consul?, etcd?, zookeeper?])
+    }))
+}
