@@ -2,8 +2,8 @@
 //! controller's entries disappear after its TTL ("TTL = failure detection latency").
 //!
 //! - One lease per (owner, catalog), TTL = `leaseTTLSeconds`, kept alive by a background task
-//!   (every TTL/3, every second while failing) that the backend spawns on first use and stops
-//!   when it is dropped. Every key is put with that lease.
+//!   (at once, then every TTL/3, every second while failing) that the backend spawns on first
+//!   use and stops when it is dropped. Every key is put with that lease.
 //! - The lease id is kept in etcd, in a marker key outside every layout prefix,
 //!   `/catalog-bridge.io/leases/<owner>/<catalog>` = the lease id in decimal, put with the same
 //!   lease (it dies with it). On first use the backend reads the marker and, when that lease is
@@ -344,15 +344,20 @@ impl Inner {
     }
 }
 
-/// Keeps the leases alive while the backend exists.
+/// Keeps the leases alive while the backend exists. The first keep-alive goes out at once: a
+/// lease taken over from a crashed leader has only what that one left it, possibly less than
+/// the interval.
 async fn keep_alive_loop(weak: Weak<Inner>) {
     let mut failing = false;
+    let mut first = true;
     loop {
         let wait = match weak.upgrade() {
             Some(inner) => inner.keep_alive_interval(failing).await,
             None => return,
         };
-        tokio::time::sleep(wait).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(wait).await;
+        }
         let Some(inner) = weak.upgrade() else {
             return;
         };
