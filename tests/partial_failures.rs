@@ -503,5 +503,130 @@ async fn an_export_too_large_for_one_consul_request_fails_only_that_export() -> 
         .with_context(|| cb.log())?;
     println!("tags shrunk -> big in Consul after {:?}", t.elapsed());
     registration_condition(&client, "big", "Synced", "True").await?;
+
+    // Annotations beyond the bounds are refused before they reach the catalog, with a
+    // message that says which bound.
+    let many: Vec<String> = (0..65).map(|i| format!("t{i}")).collect();
+    deploy(
+        &client,
+        "shop",
+        "tagged",
+        5,
+        1,
+        annotations(&[
+            ("catalog-bridge.io/export", "consul"),
+            ("catalog-bridge.io/tags", &many.join(",")),
+        ]),
+    )
+    .await?;
+    let note = warning_event(&client, "Service", "tagged", "InvalidAnnotation").await?;
+    println!("Event on Service shop/tagged: {note}");
+    anyhow::ensure!(
+        note.contains("catalog-bridge.io/tags holds 65 tags; at most 64"),
+        "{note}"
+    );
+    anyhow::ensure!(consul.passing("tagged").await?.is_empty());
+    Ok(())
+}
+
+/// Runs `body` with kazoo connected to `connect` (`sys.argv[2:]` are `args`).
+fn kazoo(connect: &str, body: &str, args: &[&str]) -> Result<String> {
+    let script = format!(
+        "import sys, json\n\
+         from kazoo.client import KazooClient\n\
+         from kazoo.security import make_digest_acl\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         try:\n{}\nfinally:\n    zk.stop()\n",
+        body.lines()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let mut all = vec![connect];
+    all.extend_from_slice(args);
+    localenv::python(&script, &all)
+}
+
+/// The children of `path`, sorted, as kazoo lists them.
+fn zk_children(connect: &str, path: &str) -> Result<Vec<String>> {
+    let out = kazoo(
+        connect,
+        "print(json.dumps(sorted(zk.get_children(sys.argv[2])) if zk.exists(sys.argv[2]) else []))",
+        &[path],
+    )?;
+    serde_json::from_str(out.trim()).with_context(|| format!("kazoo printed {out:?}"))
+}
+
+#[tokio::test]
+async fn a_zookeeper_acl_on_one_path_fails_only_that_export() -> Result<()> {
+    let env = Env::builder()
+        .controller_manager()
+        .zookeeper()
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    let connect = env.zookeeper()?.connect_string();
+    // Someone else owns /services/denied: the world may read it, only they may write.
+    kazoo(
+        &connect,
+        "zk.ensure_path('/services')\n\
+         zk.create('/services/denied', b'', acl=[make_digest_acl('other', 'pw', all=True), make_digest_acl('x', 'y', read=True)])\n\
+         print('ok')",
+        &[],
+    )?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk"},
+            "spec": {"zookeeper": {"connect": connect, "layout": "plain"}},
+        }),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=2s"]).await?;
+    deploy_two(&client, "zk").await?;
+    let wait_children = |path: &'static str, want: &'static [&'static str]| {
+        let connect = connect.clone();
+        async move {
+            localenv::eventually(&format!("{path} = {want:?}"), WAIT, || async {
+                let got = zk_children(&connect, path)?;
+                if got == want {
+                    Ok(Some(()))
+                } else {
+                    bail!("got {got:?}")
+                }
+            })
+            .await
+        }
+    };
+    wait_children(
+        "/services/api_x/providers",
+        &["10.1.0.1:8080", "10.1.0.2:8080"],
+    )
+    .await
+    .with_context(|| cb.log())?;
+    wait_children(
+        "/services/ledger/providers",
+        &["10.2.0.1:8080", "10.2.0.2:8080"],
+    )
+    .await
+    .with_context(|| cb.log())?;
+
+    deploy_registered(&env, &client, "denied", 3, "zk", "denied", &[]).await?;
+    registration_condition(&client, "denied", "Synced", "False")
+        .await
+        .with_context(|| cb.log())?;
+    let t = flip_and_delete(&client).await?;
+    wait_children("/services/api_x/providers", &["10.1.0.1:8080"])
+        .await
+        .with_context(|| cb.log())?;
+    wait_children("/services/ledger/providers", &[])
+        .await
+        .with_context(|| cb.log())?;
+    println!(
+        "readiness flip and deletion in ZooKeeper {:?} after the change, beside a refused export",
+        t.elapsed()
+    );
+    refusal_is_reported(&client, &cb, "zk", "denied", "not authorized").await?;
     Ok(())
 }
