@@ -203,6 +203,31 @@ async fn the_apiserver_accepts_the_crds_and_rejects_invalid_objects() -> Result<
             json!({"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "x", "target": {"ports": [{"name": "a", "port": 3306}, {"name": "b", "port": 3306}]}}),
             "each port once",
         ),
+        // Tags and meta bounded so that one entry fits every catalog's request limit.
+        (
+            "65 tags",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"},
+                   "tags": (0..65).map(|i| format!("t{i}")).collect::<Vec<_>>()}),
+            "spec.tags: Too many: 65: must have at most 64 items",
+        ),
+        (
+            "a tag of 256 characters",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"},
+                   "tags": ["x".repeat(256)]}),
+            "spec.tags[0]: Too long",
+        ),
+        (
+            "65 meta pairs",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"},
+                   "meta": (0..65).map(|i| (format!("k{i}"), "v".to_string())).collect::<std::collections::BTreeMap<_, _>>()}),
+            "spec.meta: Too many: 65: must have at most 64 items",
+        ),
+        (
+            "a meta value of 513 characters",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"},
+                   "meta": {"team": "x".repeat(513)}}),
+            "spec.meta.team: Too long",
+        ),
     ];
     for (i, (what, spec, expect)) in bad_registrations.into_iter().enumerate() {
         let err = create(&xreg, registration(&format!("bad-{i}"), spec)).await;

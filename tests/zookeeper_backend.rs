@@ -466,12 +466,13 @@ async fn foreign_nodes_are_never_touched() -> Result<()> {
     let p = plan(&z.render(&wanted), &read);
     assert_eq!(p.creates, 2);
     match z.apply(&p.ops).await {
-        Err(BackendError::Rejected(m)) => {
+        Err(BackendError::Refused { message: m, keys }) => {
             assert!(
                 m.contains("10.9.9.8:1") && m.contains("not this controller's"),
                 "{m}"
             );
             assert!(m.starts_with("1 of 2"), "{m}");
+            assert_eq!(keys.len(), 1, "the refused operation is named: {keys:?}");
         }
         other => bail!("expected a conflict, got {other:?}"),
     }
@@ -868,7 +869,8 @@ async fn a_dead_controllers_nodes_go_after_the_session_timeout() -> Result<()> {
 /// A chroot and several hosts (the first dead), digest authentication: nodes land below the
 /// chroot, the controller's identity owns them and the world may read (and register its own
 /// entries in the shared directories, but not change ours). A base path the credentials may
-/// not write is Unauthorized; no server at all is Unreachable, naming the hosts.
+/// not read is Unauthorized, one they may not write refuses the writes under it (Refused);
+/// no server at all is Unreachable, naming the hosts.
 #[tokio::test]
 async fn chroot_several_hosts_digest_auth_and_errors() -> Result<()> {
     let env = shared_zk().await?;
@@ -952,9 +954,14 @@ async fn chroot_several_hosts_digest_auth_and_errors() -> Result<()> {
         Err(BackendError::Unauthorized(m)) => assert!(m.contains(&locked), "{m}"),
         Ok(read) => {
             assert!(read.is_empty());
+            // An ACL on a path refuses the writes under it, not the catalog: the writer holds
+            // back only their export.
             match denied.apply(&puts(&desired)).await {
-                Err(BackendError::Unauthorized(m)) => assert!(m.contains(&locked), "{m}"),
-                other => bail!("expected Unauthorized, got {other:?}"),
+                Err(BackendError::Refused { message: m, keys }) => {
+                    assert!(m.contains(&locked), "{m}");
+                    assert_eq!(keys.len(), desired.len(), "{keys:?}");
+                }
+                other => bail!("expected a refusal, got {other:?}"),
             }
         }
         Err(other) => bail!("expected Unauthorized, got {other:?}"),

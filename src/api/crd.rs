@@ -13,6 +13,16 @@ use serde::{Deserialize, Serialize};
 
 pub const GROUP: &str = "catalog-bridge.io";
 
+/// The most tags one export carries (the CRD schema's `maxItems`, the annotation's limit): with
+/// the other bounds, one entry stays far below every catalog's request limit.
+pub const MAX_TAGS: usize = 64;
+/// The longest tag.
+pub const MAX_TAG_LENGTH: usize = 255;
+/// The most meta pairs one export carries (Consul's limit).
+pub const MAX_META: usize = 64;
+/// The longest meta value (Consul's limit).
+pub const MAX_META_VALUE_LENGTH: usize = 512;
+
 // ---------------------------------------------------------------------------------------------
 // ExternalCatalog
 
@@ -286,11 +296,18 @@ pub struct ExternalRegistrationSpec {
         regex(pattern = r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
     )]
     pub external_name: Option<String>,
-    /// Export: Consul tags; carried in the payload where the layout has one.
+    /// Export: Consul tags; carried in the payload where the layout has one. At most 64 tags
+    /// of 1 to 255 characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 255)))]
     pub tags: Vec<String>,
-    /// Export: Consul service meta; carried in the payload where the layout has one.
+    /// Export: Consul service meta; carried in the payload where the layout has one. At most
+    /// 64 pairs, values of at most 512 characters (Consul's own limits).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 512}
+    ))]
     pub meta: BTreeMap<String, String>,
     /// Import: the Service to maintain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -442,6 +459,20 @@ pub fn crds_yaml() -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_schema_bounds_tags_and_meta_as_the_constants_say() {
+        let crd = serde_json::to_value(<ExternalRegistration as kube::CustomResourceExt>::crd())
+            .expect("the CRD as JSON");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        assert_eq!(spec["tags"]["maxItems"], MAX_TAGS, "{}", spec["tags"]);
+        assert_eq!(spec["tags"]["items"]["maxLength"], MAX_TAG_LENGTH);
+        assert_eq!(spec["meta"]["maxProperties"], MAX_META, "{}", spec["meta"]);
+        assert_eq!(
+            spec["meta"]["additionalProperties"]["maxLength"],
+            MAX_META_VALUE_LENGTH
+        );
+    }
 
     #[test]
     fn any_port_number_decodes_so_one_bad_object_cannot_stop_the_watch() {

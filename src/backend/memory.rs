@@ -33,6 +33,9 @@ pub struct Memory {
     panic_on_watch: AtomicBool,
     /// External services to import, by name: what an import watch reports.
     external: watch::Sender<BTreeMap<String, Vec<External>>>,
+    /// Batches with an operation on a key starting with this are refused as a whole, as an
+    /// ACL refuses a name; with `true`, the refusal names the operations (as Consul does).
+    refused: Mutex<Option<(String, bool)>>,
 }
 
 impl Memory {
@@ -48,7 +51,31 @@ impl Memory {
             panic_on_apply: AtomicBool::new(false),
             panic_on_watch: AtomicBool::new(false),
             external: watch::channel(BTreeMap::new()).0,
+            refused: Mutex::new(None),
         }
+    }
+
+    /// Refuses every batch holding an operation on a key that starts with `prefix`
+    /// ([`BackendError::Refused`], naming those operations when `named`); the batches before
+    /// it are written. An empty prefix refuses nothing.
+    pub fn refuse_prefix(&self, prefix: &str, named: bool) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) =
+            (!prefix.is_empty()).then(|| (prefix.to_string(), named));
+    }
+
+    /// The refusal of `chunk`, if it holds a refused key.
+    fn refusal(&self, chunk: &[Op]) -> Option<BackendError> {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let (prefix, named) = refused.as_ref()?;
+        let keys: Vec<String> = chunk
+            .iter()
+            .map(|op| op.key().to_string())
+            .filter(|k| k.starts_with(prefix.as_str()))
+            .collect();
+        (!keys.is_empty()).then(|| BackendError::Refused {
+            message: format!("permission denied on {}", keys.join(", ")),
+            keys: if *named { keys } else { Vec::new() },
+        })
     }
 
     /// The next write panics, as a bug in a writer would.
@@ -160,6 +187,10 @@ impl Backend for Memory {
         let mut trips = 0;
         for chunk in ops.chunks(self.batch) {
             self.check_up()?;
+            if let Some(e) = self.refusal(chunk) {
+                self.round_trips.fetch_add(1, Ordering::SeqCst);
+                return Err(e);
+            }
             let mut entries = self.lock();
             for op in chunk {
                 match op {

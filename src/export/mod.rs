@@ -5,10 +5,14 @@
 //!
 //! ```text
 //! desired::compute ─▶ Snapshot per catalog ─▶ Writer: gate, read_owned, plan, Backend::apply
+//!                                               │  isolate: a refused write holds back only
+//!                                               │  its export (held), the rest is written
 //!                                               └▶ Report (status, metrics)
 //! ```
 
 pub mod desired;
+pub mod held;
+pub mod isolate;
 pub mod plan;
 pub mod records;
 pub mod retire;

@@ -5,7 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::model::{DesiredCatalog, Instance, Record};
+use crate::model::{DesiredCatalog, Instance, Record, Unit};
+
+/// At most this many keys are remembered for [`DesiredRecords::unit`] after their instances
+/// left; beyond it they are forgotten (their deletions then belong to the entry alone).
+const RELEASED_KEPT: usize = 10_000;
 
 /// Desired records kept up to date incrementally: a snapshot that changes one instance out of
 /// ten thousand renders one instance, and the plan looks at its keys only.
@@ -16,6 +20,9 @@ pub struct DesiredRecords {
     pub records: BTreeMap<String, Record>,
     /// Which instances render to each key (several can, where a layout merges them).
     holders: HashMap<String, BTreeSet<Instance>>,
+    /// The instance that last held a key no instance holds any more, until its deletion is
+    /// written ([`DesiredRecords::forget`]): which export the deletion belongs to.
+    released: HashMap<String, Instance>,
 }
 
 impl DesiredRecords {
@@ -27,12 +34,14 @@ impl DesiredRecords {
         next: &Arc<DesiredCatalog>,
     ) -> BTreeSet<String> {
         let mut touched = BTreeSet::new();
+        let mut left: HashMap<String, &Instance> = HashMap::new();
         let (removed, added) = diff_sorted(&self.instances.instances, &next.instances);
         for inst in removed {
             for key in render(std::slice::from_ref(inst)).into_keys() {
                 if let Some(h) = self.holders.get_mut(&key) {
                     h.remove(inst);
                 }
+                left.insert(key.clone(), inst);
                 touched.insert(key);
             }
         }
@@ -52,15 +61,44 @@ impl DesiredRecords {
                     if let Some(r) = render(std::slice::from_ref(inst)).remove(key) {
                         self.records.insert(key.clone(), r);
                     }
+                    self.released.remove(key);
                 }
                 None => {
                     self.holders.remove(key);
                     self.records.remove(key);
+                    if let Some(inst) = left.get(key) {
+                        if self.released.len() >= RELEASED_KEPT {
+                            self.released.clear();
+                        }
+                        self.released.insert(key.clone(), (*inst).clone());
+                    }
                 }
             }
         }
         self.instances = next.clone();
         touched
+    }
+
+    /// The export whose instance renders to `key`, or rendered to it last (a deletion).
+    pub fn unit(&self, key: &str) -> Option<Unit> {
+        self.holders
+            .get(key)
+            .and_then(|h| h.last())
+            .or_else(|| self.released.get(key))
+            .map(|i| Unit::Export {
+                origin: i.origin.clone(),
+                name: i.name.clone(),
+            })
+    }
+
+    /// Forgets which export the deleted `keys` belonged to (their deletions are written).
+    pub fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) {
+        if self.released.is_empty() {
+            return;
+        }
+        for k in keys {
+            self.released.remove(k);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+pub use super::held::Refused;
 use crate::api::crd::ServerInfo;
 use crate::model::{BackendError, DesiredCatalog};
 
@@ -52,7 +53,7 @@ pub struct Report {
     /// `None` until the first contact.
     pub reachable: Option<bool>,
     pub error: Option<BackendError>,
-    /// The catalog holds exactly the desired state.
+    /// The catalog holds exactly the desired state, but for the `refused` exports.
     pub in_sync: bool,
     /// Entries this controller holds there.
     pub entries: usize,
@@ -62,4 +63,6 @@ pub struct Report {
     pub idle: bool,
     /// [`Backend::warning`] after the last write.
     pub warning: Option<String>,
+    /// The exports whose writes the catalog refuses, held back while the others are written.
+    pub refused: Vec<Refused>,
 }

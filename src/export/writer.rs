@@ -2,7 +2,7 @@
 //! this replica leads, writing only diffs (the safety rules are in docs/architecture.md, "Why
 //! a writer never deletes what it should not").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,12 +10,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::held::Held;
+use super::isolate::{self, Outcome};
 use super::plan::{Plan, apply_to, plan, plan_keys};
 use super::records::DesiredRecords;
 use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
 use super::snapshot::{Report, Snapshot};
 use crate::backend::Backend;
-use crate::model::{BackendError, Record};
+use crate::model::{BackendError, Op, Record, Unit};
 use crate::runtime::{Backoff, Metrics};
 
 #[derive(Clone, Debug)]
@@ -55,8 +57,10 @@ pub struct Writer {
     last_dry_plan: Option<Plan>,
     /// The desired records, rendered incrementally.
     desired_records: DesiredRecords,
-    /// `current` equals the desired records as of the previous sync.
+    /// `current` equals the desired records as of the previous sync, but for the keys held.
     trusted: bool,
+    /// The exports whose writes the catalog refused, tried again on their own.
+    held: Held,
     /// The backends this catalog was configured with before, whose entries go first where
     /// they live elsewhere ([`Writer::after`]).
     previous: Option<Previous>,
@@ -84,6 +88,14 @@ async fn lost(rx: &mut Option<watch::Receiver<u64>>) {
     // No backend signal (or the backend is gone): never resolves.
     *rx = None;
     std::future::pending::<()>().await
+}
+
+/// Resolves at `t`; never, without one.
+async fn at(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The channel a writer reports on, starting idle.
@@ -132,6 +144,7 @@ impl Writer {
             last_dry_plan: None,
             desired_records: DesiredRecords::default(),
             trusted: false,
+            held: Held::default(),
             previous: None,
             left_behind: Vec::new(),
         }
@@ -205,9 +218,11 @@ impl Writer {
                     continue;
                 }
             }
+            let retry = self.held.next_try();
             tokio::select! {
                 r = self.desired.changed() => if r.is_err() { return Ok(()) },
                 r = self.gate.changed() => if r.is_err() { return Ok(()) },
+                () = at(retry) => {}
                 _ = lost(&mut invalidations) => {
                     warn!(catalog = %self.cfg.catalog, "the catalog lost this controller's entries (lease or session expired); writing them again");
                     self.current = None;
@@ -235,12 +250,22 @@ impl Writer {
             }
         };
         let desired = &self.desired_records.records;
-        // In sync before this snapshot: only what the snapshot touched can differ.
+        let now = Instant::now();
+        self.held.prune(desired, &current);
+        // In sync before this snapshot: only what the snapshot touched can differ, and what
+        // is held back.
         let p = if self.trusted {
-            plan_keys(desired, &current, &touched)
+            let mut keys: BTreeSet<String> = self.held.due_keys(now);
+            keys.extend(touched.iter().cloned());
+            plan_keys(desired, &current, &keys)
         } else {
             plan(desired, &current)
         };
+        // Refused exports wait for their turn (or a change of their own).
+        let (ops, waiting) = self
+            .held
+            .hold_back(p.ops, &touched, now, |op| self.unit_of(op));
+        let p = Plan { ops, ..p };
         let entries = desired.len();
         if p.is_empty() {
             self.current = Some(current);
@@ -263,36 +288,88 @@ impl Writer {
             return Ok(());
         }
         let started = Instant::now();
-        let result = self.backend.apply(&p.ops).await;
+        let groups = isolate::groups(p.ops.clone(), |op| self.unit_of(op));
+        let outcome = isolate::apply(self.backend.as_ref(), groups).await;
+        self.count(&p.ops, &outcome);
+        let mut current = current;
+        apply_to(&mut current, &outcome.written);
+        self.desired_records.forget(
+            outcome
+                .written
+                .iter()
+                .filter(|op| matches!(op, Op::Delete { .. }))
+                .map(Op::key),
+        );
+        self.held.record(
+            &outcome.written,
+            &outcome.refused,
+            Instant::now(),
+            (self.cfg.min_backoff, self.cfg.max_backoff),
+        );
+        self.metrics
+            .refused_exports(&self.cfg.catalog, self.held.len() as i64);
+        for (unit, (ops, e)) in &outcome.refused {
+            warn!(catalog = %self.cfg.catalog, export = %unit, operations = ops.len(), error = %e, "the catalog refused the writes of one export; the others are written and it is tried again on its own");
+        }
+        if let Some(e) = outcome.stopped {
+            // Some batches may have been committed: re-read before the next plan.
+            self.current = None;
+            self.trusted = false;
+            return Err(e);
+        }
+        if let Some(t) = snapshot.changed_at {
+            self.metrics.propagation(&self.cfg.catalog, t.elapsed());
+        }
+        info!(catalog = %self.cfg.catalog, plan = %p, written = outcome.written.len(), refused = outcome.refused.values().map(|(o, _)| o.len()).sum::<usize>(), held_back = waiting, requests = outcome.requests, round_trips = outcome.round_trips, took = ?started.elapsed(), "catalog updated");
+        self.current = Some(current);
+        self.trusted = true;
+        self.succeeded(entries, true);
+        Ok(())
+    }
+
+    /// The export an operation belongs to: its instance's, the last one's for a deletion, the
+    /// one it was refused with, else the entry alone.
+    fn unit_of(&self, op: &Op) -> Unit {
+        self.desired_records
+            .unit(op.key())
+            .or_else(|| self.held.unit_of_key(op.key()).cloned())
+            .unwrap_or_else(|| Unit::Entry {
+                key: op.key().to_string(),
+            })
+    }
+
+    /// The metrics of an apply of `ops`: operations by kind and result (`ok`, `refused`, and
+    /// `error` for what an outage left unwritten), round trips.
+    fn count(&self, ops: &[Op], o: &Outcome) {
         let label = &self.cfg.catalog;
-        match result {
-            Ok(round_trips) => {
-                let mut current = current;
-                apply_to(&mut current, &p.ops);
-                self.metrics
-                    .operations(label, "put", "ok", (p.creates + p.updates) as u64);
-                self.metrics
-                    .operations(label, "delete", "ok", p.deletes as u64);
-                self.metrics.round_trips(label, "ok", round_trips as u64);
-                if let Some(t) = snapshot.changed_at {
-                    self.metrics.propagation(label, t.elapsed());
-                }
-                info!(catalog = %label, plan = %p, round_trips, took = ?started.elapsed(), "catalog updated");
-                self.current = Some(current);
-                self.trusted = true;
-                self.succeeded(entries, true);
-                Ok(())
+        let kind = |op: &Op| match op {
+            Op::Put { .. } => "put",
+            Op::Delete { .. } => "delete",
+        };
+        let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for op in ops {
+            *counts.entry((kind(op), "error")).or_default() += 1;
+        }
+        let done = o.written.iter().map(|op| (op, "ok")).chain(
+            o.refused
+                .values()
+                .flat_map(|(r, _)| r.iter().map(|op| (op, "refused"))),
+        );
+        for (op, result) in done {
+            *counts.entry((kind(op), result)).or_default() += 1;
+            if let Some(n) = counts.get_mut(&(kind(op), "error")) {
+                *n = n.saturating_sub(1);
             }
-            Err(e) => {
-                self.metrics
-                    .operations(label, "put", "error", (p.creates + p.updates) as u64);
-                self.metrics
-                    .operations(label, "delete", "error", p.deletes as u64);
-                self.metrics.round_trips(label, "error", 1);
-                // Some batches may have been committed: re-read before the next plan.
-                self.current = None;
-                self.trusted = false;
-                Err(e)
+        }
+        for ((op, result), n) in counts {
+            self.metrics.operations(label, op, result, n);
+        }
+        let failed = u64::from(o.stopped.is_some());
+        let refused = o.refusals as u64;
+        let ok = (o.round_trips as u64).saturating_sub(failed + refused);
+        for (result, n) in [("ok", ok), ("refused", refused), ("error", failed)] {
+            if n > 0 {
+                self.metrics.round_trips(label, result, n);
             }
         }
     }
@@ -426,6 +503,7 @@ impl Writer {
                 server: r.server.clone(),
                 idle: false,
                 warning: self.warning(),
+                refused: self.held.report(),
             };
             // lastContactTime moves on every contact, but is only published with another
             // change or once a minute, so status is not rewritten on every write.
@@ -712,6 +790,71 @@ mod tests {
         let r = until(&mut h2.report, |r| r.in_sync && r.entries == 3).await;
         assert!(r.warning.is_some_and(|w| w.contains("stayed behind")));
         h2.task.abort();
+    }
+
+    /// `n` instances of Service `service`, published as `service`.
+    fn of(service: &str, n: usize, net: u8) -> Vec<crate::model::Instance> {
+        (0..n)
+            .map(|i| crate::model::Instance {
+                name: service.into(),
+                address: format!("10.{net}.0.{}", i + 1).parse().expect("an address"),
+                port: 8080,
+                origin: crate::model::Origin {
+                    namespace: "shop".into(),
+                    service: service.into(),
+                },
+                tags: vec![],
+                meta: BTreeMap::new(),
+            })
+            .collect()
+    }
+
+    fn snapshot(parts: &[&[crate::model::Instance]]) -> Arc<Snapshot> {
+        let mut instances: Vec<_> = parts.concat();
+        instances.sort();
+        Arc::new(Snapshot::new(
+            Arc::new(crate::model::DesiredCatalog { instances }),
+            None,
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_refused_export_is_held_back_and_everything_else_is_written() {
+        let mem = Arc::new(Memory::new("me", 64));
+        let (a, b) = (of("api-x", 3, 1), of("ledger", 2, 2));
+        let mut h = in_sync(mem.clone(), snapshot(&[&a, &b])).await;
+        mem.refuse_prefix("denied-", false);
+        let denied = of("denied", 2, 3);
+        // One export refused, and in the same change an endpoint leaves and a Service goes.
+        h.desired.send(snapshot(&[&a[..2], &denied])).expect("send");
+        let r = until(&mut h.report, |r| r.in_sync && !r.refused.is_empty()).await;
+        assert_eq!(r.refused.len(), 1, "{:?}", r.refused);
+        assert_eq!(r.refused[0].operations, 2);
+        assert!(
+            r.refused[0]
+                .unit
+                .to_string()
+                .starts_with("shop/denied as denied")
+        );
+        assert!(
+            r.error.is_none(),
+            "not an error of the catalog: {:?}",
+            r.error
+        );
+        let keys: Vec<String> = mem.all().into_keys().collect();
+        assert_eq!(
+            keys.len(),
+            2,
+            "api-x's two, nothing of ledger nor denied: {keys:?}"
+        );
+        assert!(keys.iter().all(|k| k.starts_with("api-x-")), "{keys:?}");
+
+        // The catalog takes it now: it is tried again on its own and lands.
+        mem.refuse_prefix("", false);
+        let r = until(&mut h.report, |r| r.in_sync && r.refused.is_empty()).await;
+        assert_eq!(r.entries, 4);
+        assert_eq!(mem.all().len(), 4);
+        h.task.abort();
     }
 
     #[tokio::test]

@@ -18,6 +18,13 @@ pub enum BackendError {
     /// What the catalog returned could not be understood.
     #[error("{0}")]
     Protocol(String),
+    /// The catalog refused the request for what it holds — a permission on one name or key, a
+    /// size limit, a value it does not take — and would take other requests: the export the
+    /// refused operations belong to is held back, every other write goes on. `keys`: the
+    /// operations the catalog named as refused, when it did (empty: somewhere in the
+    /// request); the other operations of the request may or may not have been written.
+    #[error("{message}")]
+    Refused { message: String, keys: Vec<String> },
 }
 
 impl BackendError {
@@ -28,6 +35,21 @@ impl BackendError {
             BackendError::Rejected(_) => Reason::Rejected,
             BackendError::Unauthorized(_) => Reason::Unauthorized,
             BackendError::Protocol(_) => Reason::ProtocolError,
+            BackendError::Refused { .. } => Reason::Refused,
         }
+    }
+
+    /// A refusal of the request itself, without naming the operations refused.
+    pub fn refused(message: impl Into<String>) -> BackendError {
+        BackendError::Refused {
+            message: message.into(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// Whether the catalog refused the request for what it holds, so that other requests may
+    /// go through (not an outage, not the credentials).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, BackendError::Refused { .. })
     }
 }

@@ -63,6 +63,9 @@ reasons! {
     Unauthorized,
     /// What the catalog answered could not be understood.
     ProtocolError,
+    /// The catalog refused the writes of one export (a permission on its name, a size limit);
+    /// every other export is written.
+    Refused,
 
     // Import.
     /// The Service an import would write belongs to someone else.

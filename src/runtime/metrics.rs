@@ -48,6 +48,7 @@ pub struct Metrics {
     entries: Family<EntriesLabels, Gauge>,
     propagation: Family<CatalogLabel, Histogram>,
     drift: Family<CatalogLabel, Counter>,
+    refused_exports: Family<CatalogLabel, Gauge>,
     leader: Gauge,
     config_errors: Family<ConfigErrorLabels, Gauge>,
     import_skipped: Family<RegistrationLabels, Gauge>,
@@ -79,7 +80,7 @@ impl Metrics {
         let operations = Family::<OpLabels, Counter>::default();
         registry.register(
             "backend_operations",
-            "Entries written to catalogs, by operation (put, delete) and result",
+            "Entries written to catalogs, by operation (put, delete) and result (ok; refused: the catalog refused that export's write; error: not written because of an outage)",
             operations.clone(),
         );
         let requests = Family::<OpLabels, Counter>::default();
@@ -107,6 +108,12 @@ impl Metrics {
             "drift_repairs",
             "Entries found changed or missing in a catalog by the drift check, and repaired",
             drift.clone(),
+        );
+        let refused_exports = Family::<CatalogLabel, Gauge>::default();
+        registry.register(
+            "refused_exports",
+            "Exports whose writes the catalog refuses now (an ACL or role on their name, a size limit), held back while every other export is written",
+            refused_exports.clone(),
         );
         let leader = Gauge::default();
         registry.register(
@@ -142,6 +149,7 @@ impl Metrics {
             entries,
             propagation,
             drift,
+            refused_exports,
             leader,
             config_errors,
         }
@@ -162,12 +170,17 @@ impl Metrics {
     /// Starts a catalog's counters at 0, so that `rate()` and `increase()` see its first failed
     /// write or drift repair (a series that first appears at 1 shows no increase).
     pub fn catalog_started(&self, catalog: &str) {
-        for (family, ops) in [
-            (&self.operations, ["put", "delete"]),
-            (&self.requests, ["read", "write"]),
+        for (family, op) in [
+            (&self.operations, "put"),
+            (&self.operations, "delete"),
+            (&self.requests, "read"),
+            (&self.requests, "write"),
         ] {
-            for op in ops {
-                for result in ["ok", "error"] {
+            {
+                for result in ["ok", "error", "refused"] {
+                    if op == "read" && result == "refused" {
+                        continue;
+                    }
                     drop(family.get_or_create(&OpLabels {
                         catalog: catalog.into(),
                         op: op.into(),
@@ -177,6 +190,14 @@ impl Metrics {
             }
         }
         drop(self.drift.get_or_create(&Self::catalog(catalog)));
+        self.refused_exports(catalog, 0);
+    }
+
+    /// How many exports' writes `catalog` refuses now.
+    pub fn refused_exports(&self, catalog: &str, n: i64) {
+        self.refused_exports
+            .get_or_create(&Self::catalog(catalog))
+            .set(n);
     }
 
     pub fn operations(&self, catalog: &str, op: &str, result: &str, n: u64) {
@@ -250,6 +271,7 @@ impl Metrics {
     /// Drops the gauges of a deleted catalog (its counters stay, as counters do).
     pub fn forget_catalog(&self, catalog: &str) {
         self.catalog_up.remove(&Self::catalog(catalog));
+        self.refused_exports.remove(&Self::catalog(catalog));
         self.entries.remove(&EntriesLabels {
             catalog: catalog.into(),
             direction: "export".into(),

@@ -3,6 +3,7 @@
 
 use super::conditions::{ConditionType, Verdict, condition, system_time};
 use crate::api::crd::{ExternalCatalog, ExternalCatalogStatus};
+use crate::export::snapshot::Refused;
 use crate::export::writers::CatalogView;
 use crate::model::Reason;
 use crate::runtime::supervisor::TaskState;
@@ -16,6 +17,40 @@ pub fn task_down(what: &str, task: &TaskState) -> Verdict {
             task.last_failure.as_deref().unwrap_or("no reason given"),
             task.restarts
         ),
+    )
+}
+
+/// At most this many refused exports are named in `Ready`, each message cut to
+/// [`STUCK_MESSAGE`] characters.
+const STUCK_NAMED: usize = 10;
+const STUCK_MESSAGE: usize = 300;
+
+/// `Ready`'s message while the catalog refuses the writes of some exports: which, and why.
+fn stuck(entries: usize, refused: &[Refused]) -> String {
+    let named: Vec<String> = refused
+        .iter()
+        .take(STUCK_NAMED)
+        .map(|r| {
+            let why = r.error.to_string();
+            let why: String = if why.chars().count() > STUCK_MESSAGE {
+                format!("{}…", why.chars().take(STUCK_MESSAGE).collect::<String>())
+            } else {
+                why
+            };
+            format!("{} ({} write(s): {why})", r.unit, r.operations)
+        })
+        .collect();
+    let more = refused.len().saturating_sub(STUCK_NAMED);
+    format!(
+        "the catalog refuses the writes of {} export(s), tried again on their own: {}{}; \
+         every other export is written ({entries} entries desired)",
+        refused.len(),
+        named.join("; "),
+        if more > 0 {
+            format!("; and {more} more")
+        } else {
+            String::new()
+        }
     )
 }
 
@@ -38,6 +73,9 @@ pub fn catalog_status(
         (Some(p), _) => Verdict::problem(p),
         _ if view.task.down => task_down("the catalog's writer", &view.task),
         (None, Some(e)) => Verdict::no(e.reason(), e.to_string()),
+        (None, None) if r.in_sync && !r.refused.is_empty() => {
+            Verdict::no(Reason::Refused, stuck(r.entries, &r.refused))
+        }
         (None, None) if r.in_sync => match &r.warning {
             None => Verdict::yes(
                 Reason::InSync,
@@ -124,6 +162,35 @@ mod tests {
                 .message
                 .contains("3 exported entries in place, but the session is large"),
             "{warned:?}"
+        );
+    }
+
+    #[test]
+    fn refused_exports_turn_ready_false_and_are_named() {
+        let cat = ExternalCatalog::new("consul", ExternalCatalogSpec::default());
+        let mut v = view(None, TaskState::default());
+        v.report.refused = (0..12)
+            .map(|i| Refused {
+                unit: crate::model::Unit::Export {
+                    origin: crate::model::Origin {
+                        namespace: "shop".into(),
+                        service: format!("s{i}"),
+                    },
+                    name: format!("s{i}"),
+                },
+                operations: 2,
+                error: crate::model::BackendError::refused("Permission denied"),
+            })
+            .collect();
+        let r = ready(&catalog_status(&cat, &v, 0));
+        assert_eq!((r.status.as_str(), r.reason.as_str()), ("False", "Refused"));
+        assert!(
+            r.message.contains("12 export(s)")
+                && r.message
+                    .contains("shop/s0 as s0 (2 write(s): Permission denied)")
+                && r.message.contains("and 2 more"),
+            "{}",
+            r.message
         );
     }
 

@@ -5,10 +5,31 @@
 use super::catalog::task_down;
 use super::conditions::{ConditionType, Verdict, condition, now, status_of};
 use crate::api::crd::{ExternalRegistration, ExternalRegistrationStatus};
-use crate::export::desired::Export;
+use crate::export::desired::{Export, Source};
+use crate::export::snapshot::Refused;
 use crate::export::writers::CatalogView;
 use crate::import::ImportView;
-use crate::model::Reason;
+use crate::model::{Reason, Unit};
+
+/// The refusal of export `e` among what its catalog's writer holds back.
+pub fn refused_for<'a>(e: &Export, refused: &'a [Refused]) -> Option<&'a Refused> {
+    let namespace = match &e.source {
+        Source::Annotation { namespace, .. } | Source::Registration { namespace, .. } => namespace,
+    };
+    refused.iter().find(|r| {
+        matches!(&r.unit, Unit::Export { origin, name }
+            if origin.namespace == *namespace && origin.service == e.service && *name == e.external_name)
+    })
+}
+
+/// What users read about a refused export (the condition's message, the Event's note).
+pub fn refusal_message(catalog: &str, r: &Refused) -> String {
+    format!(
+        "catalog {catalog} refused {} write(s) of this export (tried again on its own; every \
+         other export is written): {}",
+        r.operations, r.error
+    )
+}
 
 /// The status of export registration `reg`, whose outcome is `e`, written to the catalog
 /// `view` shows (`None`: it does not exist).
@@ -38,14 +59,17 @@ pub fn export_status(
             (Some(p), _) => Verdict::no(p.reason, format!("catalog {catalog}: {}", p.message)),
             _ if v.task.down => task_down(&format!("the writer of catalog {catalog}"), &v.task),
             (None, Some(err)) => Verdict::no(err.reason(), format!("catalog {catalog}: {err}")),
-            (None, None) if v.report.in_sync => Verdict::yes(
-                Reason::InSync,
-                format!("catalog {catalog} holds every exported endpoint"),
-            ),
-            _ => Verdict::unknown(
-                Reason::Syncing,
-                format!("catalog {catalog} is being updated"),
-            ),
+            (None, None) => match refused_for(e, &v.report.refused) {
+                Some(r) => Verdict::no(Reason::Refused, refusal_message(catalog, r)),
+                None if v.report.in_sync => Verdict::yes(
+                    Reason::InSync,
+                    format!("catalog {catalog} holds every exported endpoint"),
+                ),
+                None => Verdict::unknown(
+                    Reason::Syncing,
+                    format!("catalog {catalog} is being updated"),
+                ),
+            },
         },
     };
     // Endpoints now in sync: while the catalog is not (down, being written), the count last
@@ -226,6 +250,36 @@ mod tests {
         );
         let back = export_status(&reg, &export(3), Some(&view(true, None)));
         assert_eq!(back.endpoints, 3);
+
+        // The catalog refuses this export's writes, and writes the others.
+        reg.status = Some(back);
+        let mut refusing = view(true, None);
+        refusing.report.refused = vec![Refused {
+            unit: Unit::Export {
+                origin: crate::model::Origin {
+                    namespace: "shop".into(),
+                    service: "api-x".into(),
+                },
+                name: "api_x".into(),
+            },
+            operations: 1,
+            error: BackendError::refused("Permission denied on \"api_x\""),
+        }];
+        let s = export_status(&reg, &export(4), Some(&refusing));
+        let synced = &s.conditions[1];
+        assert_eq!(
+            (synced.status.as_str(), synced.reason.as_str()),
+            ("False", "Refused")
+        );
+        assert!(synced.message.contains("Permission denied"), "{synced:?}");
+        assert_eq!(s.endpoints, 3, "the count last in sync");
+        let mut other = export(4);
+        other.external_name = "api_y".into();
+        let s = export_status(&reg, &other, Some(&refusing));
+        assert_eq!(
+            s.conditions[1].reason, "InSync",
+            "another export is not refused"
+        );
     }
 
     #[test]

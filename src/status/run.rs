@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -16,7 +17,9 @@ use tracing::warn;
 
 use super::catalog::catalog_status;
 use super::events::{Announcer, warning};
-use super::registration::{export_status, import_status, same_ignoring_sync_time};
+use super::registration::{
+    export_status, import_status, refusal_message, refused_for, same_ignoring_sync_time,
+};
 use crate::api::crd::{
     Direction, ExternalCatalog, ExternalCatalogStatus, ExternalRegistration,
     ExternalRegistrationStatus,
@@ -40,6 +43,8 @@ struct Written {
     catalogs: HashMap<String, ExternalCatalogStatus>,
     registrations: HashMap<(String, String), ExternalRegistrationStatus>,
     problems: HashSet<(Source, String, Reason, String)>,
+    /// Refused exports announced: (source, catalog, message).
+    refusals: HashSet<(Source, String, String)>,
     skips: HashSet<(String, String, String, String)>,
     /// Restarts announced, by object uid.
     restarts: HashMap<String, u32>,
@@ -68,6 +73,7 @@ pub async fn run(
         catalogs(&client, &stores, &v, &imp, &mut written).await;
         registrations(&client, &stores, &d, &v, &imp, &mut written).await;
         problems(&stores, &d, &mut recorder, &mut written).await;
+        refusals(&stores, &d, &v, &mut recorder, &mut written).await;
         skips(&stores, &imp, &mut recorder, &mut written).await;
         restarts(&stores, &v, &imp, &mut recorder, &mut written).await;
     }
@@ -179,22 +185,61 @@ async fn problems(stores: &Stores, d: &Desired, recorder: &mut Announcer, writte
         if written.problems.contains(&id) {
             continue;
         }
-        let reference = match &e.source {
-            Source::Annotation { namespace, service } => stores
-                .services
-                .get(&ObjectRef::new(service).within(namespace))
-                .map(|s| s.object_ref(&())),
-            Source::Registration { namespace, name } => stores
-                .registrations
-                .get(&ObjectRef::new(name).within(namespace))
-                .map(|r| r.object_ref(&())),
+        let Some(reference) = export_object(stores, &e.source) else {
+            continue;
         };
-        let Some(reference) = reference else { continue };
         recorder
             .publish(&warning(p.reason, &p.message, "Export"), &reference)
             .await;
     }
     written.problems = current;
+}
+
+/// The object an export's Events go to: its Service (annotation) or its registration.
+fn export_object(stores: &Stores, source: &Source) -> Option<ObjectReference> {
+    match source {
+        Source::Annotation { namespace, service } => stores
+            .services
+            .get(&ObjectRef::new(service).within(namespace))
+            .map(|s| s.object_ref(&())),
+        Source::Registration { namespace, name } => stores
+            .registrations
+            .get(&ObjectRef::new(name).within(namespace))
+            .map(|r| r.object_ref(&())),
+    }
+}
+
+/// A Warning Event for each export whose writes its catalog refuses, when it appears (and
+/// when the catalog's words change).
+async fn refusals(
+    stores: &Stores,
+    d: &Desired,
+    v: &BTreeMap<String, CatalogView>,
+    recorder: &mut Announcer,
+    written: &mut Written,
+) {
+    let mut current = HashSet::new();
+    for e in &d.exports {
+        let Some(view) = v.get(&e.catalog) else {
+            continue;
+        };
+        let Some(r) = refused_for(e, &view.report.refused) else {
+            continue;
+        };
+        let note = refusal_message(&e.catalog, r);
+        let id = (e.source.clone(), e.catalog.clone(), note.clone());
+        current.insert(id.clone());
+        if written.refusals.contains(&id) {
+            continue;
+        }
+        warn!(catalog = %e.catalog, export = %r.unit, error = %r.error, "export refused by its catalog");
+        if let Some(reference) = export_object(stores, &e.source) {
+            recorder
+                .publish(&warning(Reason::Refused, &note, "Write"), &reference)
+                .await;
+        }
+    }
+    written.refusals = current;
 }
 
 /// A Warning Event for each catalog entry an import had to skip, when it appears.

@@ -391,24 +391,55 @@ fn large_records_are_batched_by_size_too() {
 fn txn_errors_name_the_operation() {
     let ops = vec![
         json!({"Service": {"Verb": "set", "Node": "n", "Service": {"ID": "s1"}}}),
-        json!({"Check": {"Verb": "set", "Check": {"CheckID": "s1:ready"}}}),
+        json!({"Check": {"Verb": "set", "Check": {"CheckID": "s1:ready", "ServiceID": "s1"}}}),
     ];
     let body = br#"{"Results":null,"Errors":[{"OpIndex":0,"What":"Missing node registration"},{"OpIndex":1,"What":"Missing service registration"}]}"#;
     let errs = txn_errors(body, &ops).expect("errors");
+    let seen: Vec<(&str, &str, Option<&str>)> = errs
+        .iter()
+        .map(|e| (e.op.as_str(), e.what.as_str(), e.key.as_deref()))
+        .collect();
     assert_eq!(
-        errs,
+        seen,
         vec![
             (
-                "op 0 (service set s1)".to_string(),
-                "Missing node registration".to_string()
+                "op 0 (service set s1)",
+                "Missing node registration",
+                Some("s1")
             ),
             (
-                "op 1 (check set s1:ready)".to_string(),
-                "Missing service registration".to_string()
+                "op 1 (check set s1:ready)",
+                "Missing service registration",
+                Some("s1")
             ),
         ]
     );
     assert!(txn_errors(b"Permission denied", &ops).is_none());
+}
+
+#[test]
+fn answers_that_refuse_the_request_are_refusals_and_an_unknown_token_is_not() {
+    use super::txn::refusal_or;
+    use reqwest::StatusCode;
+    let other = || BackendError::Unauthorized("HTTP 403".into());
+    for (status, body, refused) in [
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Request body(10636 bytes) too large",
+            true,
+        ),
+        (StatusCode::BAD_REQUEST, "Invalid service meta", true),
+        (
+            StatusCode::FORBIDDEN,
+            "Permission denied: token lacks 'service:write' on \"x\"",
+            true,
+        ),
+        (StatusCode::FORBIDDEN, "ACL not found", false),
+        (StatusCode::INTERNAL_SERVER_ERROR, "rpc error", false),
+    ] {
+        let e = refusal_or(status, body.as_bytes(), other());
+        assert_eq!(e.is_refusal(), refused, "{status} {body}: {e:?}");
+    }
 }
 
 #[test]

@@ -170,26 +170,32 @@ impl Consul {
             if let Some(errors) = errors {
                 let missing_node = errors
                     .iter()
-                    .any(|(_, what)| what.contains("Missing node registration"));
+                    .any(|e| e.what.contains("Missing node registration"));
                 let text = errors
                     .iter()
-                    .map(|(op, what)| format!("{op}: {what}"))
+                    .map(|e| format!("{}: {}", e.op, e.what))
                     .collect::<Vec<_>>()
                     .join("; ");
-                let err = BackendError::Rejected(format!(
+                let message = format!(
                     "Consul at {} rejected the transaction of {} operation(s) on node {}: {text}",
                     reply.address,
                     ops.len(),
                     self.node
-                ));
-                return Err(if missing_node {
-                    TxnFailure::MissingNode(err)
-                } else {
-                    TxnFailure::Other(err)
-                });
+                );
+                if missing_node {
+                    return Err(TxnFailure::MissingNode(BackendError::Rejected(message)));
+                }
+                // Consul checks every operation (ACLs, values) and names each it refuses: the
+                // others would go through without them.
+                let keys = errors.into_iter().filter_map(|e| e.key).collect();
+                return Err(TxnFailure::Other(BackendError::Refused { message, keys }));
             }
         }
-        Err(TxnFailure::Other(reply.status_error("PUT /v1/txn")))
+        Err(TxnFailure::Other(refusal_or(
+            reply.status,
+            &reply.body,
+            reply.status_error("PUT /v1/txn"),
+        )))
     }
 
     /// Writes `ops` in batches ([`Backend::apply`](crate::backend::Backend::apply)).
@@ -310,8 +316,16 @@ impl Consul {
     }
 }
 
-/// `(operation, message)` of each error of a 409 txn answer, or None when it has none.
-pub(super) fn txn_errors(body: &[u8], ops: &[Value]) -> Option<Vec<(String, String)>> {
+/// One error of a 409 txn answer: the operation (`op 3 (service set api-x-…)`), what Consul
+/// said, and the plan key of the operation when it is a service's or a check's.
+pub(super) struct TxnError {
+    pub(super) op: String,
+    pub(super) what: String,
+    pub(super) key: Option<String>,
+}
+
+/// The errors of a 409 txn answer, or None when it has none.
+pub(super) fn txn_errors(body: &[u8], ops: &[Value]) -> Option<Vec<TxnError>> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let errors = v.get("Errors")?.as_array()?;
     if errors.is_empty() {
@@ -326,17 +340,41 @@ pub(super) fn txn_errors(body: &[u8], ops: &[Value]) -> Option<Vec<(String, Stri
                     .and_then(Value::as_str)
                     .unwrap_or("unknown error")
                     .to_string();
-                let op = e
+                let found = e
                     .get("OpIndex")
                     .and_then(Value::as_u64)
                     .and_then(|i| usize::try_from(i).ok())
-                    .and_then(|i| ops.get(i).map(|op| (i, op)))
+                    .and_then(|i| ops.get(i).map(|op| (i, op)));
+                let op = found
                     .map(|(i, op)| format!("op {i} ({})", describe_op(op)))
                     .unwrap_or_else(|| "op ?".into());
-                (op, what)
+                let key = found.and_then(|(_, op)| {
+                    op.pointer("/Service/Service/ID")
+                        .or_else(|| op.pointer("/Check/Check/ServiceID"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                });
+                TxnError { op, what, key }
             })
             .collect(),
     )
+}
+
+/// A txn answer other than 409 that refuses the request for what it holds: too large (413),
+/// malformed or invalid (400), or an ACL that denies one name (403 "Permission denied"; a
+/// token Consul does not know is "ACL not found", the credentials' fault). Else `otherwise`.
+pub(super) fn refusal_or(status: StatusCode, body: &[u8], otherwise: BackendError) -> BackendError {
+    let text = String::from_utf8_lossy(body);
+    let refused = match status {
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::BAD_REQUEST => true,
+        StatusCode::FORBIDDEN => text.contains("Permission denied"),
+        _ => false,
+    };
+    if refused {
+        BackendError::refused(otherwise.to_string())
+    } else {
+        otherwise
+    }
 }
 
 /// `service set api-x-…`, `check set api-x-…:ready`, `node set k8s-x`.

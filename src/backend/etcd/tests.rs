@@ -507,3 +507,32 @@ async fn a_client_without_owner_only_looks_up_and_nothing_connects_early() {
     }
     assert!(e.invalidations().is_some());
 }
+
+#[test]
+fn a_transaction_refused_for_its_keys_or_size_is_a_refusal_and_bad_credentials_are_not() {
+    use super::write::refusal;
+    for (e, refused) in [
+        (
+            BackendError::Unauthorized("txn as \"bridge\": etcdserver: permission denied".into()),
+            true,
+        ),
+        (
+            BackendError::Rejected("txn: etcdserver: request is too large".into()),
+            true,
+        ),
+        (
+            BackendError::Rejected("txn: etcdserver: too many operations in txn request".into()),
+            true,
+        ),
+        (
+            BackendError::Unauthorized("etcdserver: authentication failed".into()),
+            false,
+        ),
+        (
+            BackendError::Unreachable("connection refused".into()),
+            false,
+        ),
+    ] {
+        assert_eq!(refusal(e.clone()).is_refusal(), refused, "{e:?}");
+    }
+}

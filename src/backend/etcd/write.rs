@@ -92,6 +92,24 @@ fn took_effect(r: &TxnResponse) -> bool {
             .any(|o| matches!(o, TxnOpResponse::Txn(n) if took_effect(n)))
 }
 
+/// An error of a transaction that is the request's, not etcd's: a role without permission on
+/// one of its keys, a request too large or with too many operations. etcd names no key: the
+/// writer finds the refused ones by sending parts of the request.
+pub(super) fn refusal(e: BackendError) -> BackendError {
+    let request = |m: &str| {
+        let m = m.to_ascii_lowercase();
+        m.contains("permission denied")
+            || m.contains("request is too large")
+            || m.contains("too many operations")
+    };
+    match e {
+        BackendError::Unauthorized(m) | BackendError::Rejected(m) if request(&m) => {
+            BackendError::refused(m)
+        }
+        e => e,
+    }
+}
+
 impl Etcd {
     /// The transaction of one batch, guarded so that only our keys change.
     pub(super) fn txn(
@@ -258,7 +276,7 @@ impl Etcd {
                         lease.id
                     )));
                 }
-                Err(Fail::Backend(e)) => return Err(e),
+                Err(Fail::Backend(e)) => return Err(refusal(e)),
             };
             txns += 1;
             for (op, r) in batch.iter().zip(resp.op_responses()) {

@@ -1,5 +1,7 @@
 //! Writes: plan operations turned into `multi`s of ephemeral entries and the persistent
-//! directories they need, and one by one when a `multi` is refused.
+//! directories they need, and one by one when a `multi` is refused. What is still refused one
+//! by one (an ACL on a path, someone else's node) is [`BackendError::Refused`] with its keys;
+//! everything else is written.
 //!
 //! Nodes of other sessions and persistent nodes are never changed or deleted; updates and
 //! deletes carry the version read.
@@ -54,7 +56,7 @@ impl ZooKeeper {
                 );
                 for w in part {
                     if let Some(why) = self.write_one(&conn, w, &mut trips).await? {
-                        failures.push(why);
+                        failures.push((w.key().to_string(), why));
                     }
                 }
             }
@@ -62,13 +64,22 @@ impl ZooKeeper {
         if failures.is_empty() {
             Ok(trips)
         } else {
-            Err(BackendError::Rejected(format!(
-                "{} of {} operation(s) failed on ZooKeeper {}: {}",
-                failures.len(),
-                ops.len(),
-                self.inner.hosts(),
-                failures.join("; ")
-            )))
+            // Every other operation is written; these are refused (an ACL on their path, a
+            // node of someone else's there).
+            Err(BackendError::Refused {
+                message: format!(
+                    "{} of {} operation(s) refused by ZooKeeper {}: {}",
+                    failures.len(),
+                    ops.len(),
+                    self.inner.hosts(),
+                    failures
+                        .iter()
+                        .map(|(_, why)| why.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                keys: failures.into_iter().map(|(k, _)| k).collect(),
+            })
         }
     }
 
@@ -276,12 +287,12 @@ impl ZooKeeper {
                 }
                 Err(zk::MultiWriteError::OperationFailed { index, source }) => {
                     if source == zk::Error::NoAuth {
-                        let path = parents
-                            .get(index)
-                            .map(String::as_str)
-                            .or_else(|| writes.get(index - parents.len()).map(Write::path))
-                            .unwrap_or("?");
-                        return Err(self.inner.error(&format!("writing {path}"), &source, None));
+                        // An ACL on one path: the others may be writable, one by one.
+                        tracing::debug!(
+                            index,
+                            "ZooKeeper multi refused (NoAuth); writing its operations one by one"
+                        );
+                        return Ok(Some(index.saturating_sub(parents.len())));
                     }
                     if index < parents.len() && source == zk::Error::NodeExists {
                         // Created meanwhile by someone else: fine, without it.
@@ -318,7 +329,7 @@ impl ZooKeeper {
         let entry = zk::CreateMode::Ephemeral.with_acls(zk::Acls::new(&self.inner.entry_acls));
         let parent = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&self.inner.parent_acls));
         let fail = |what: &str, e: &zk::Error| -> Result<Option<String>, BackendError> {
-            if is_connection_error(e) || *e == zk::Error::NoAuth {
+            if is_connection_error(e) {
                 Err(self.inner.error(what, e, Some(&conn.proxy)))
             } else {
                 Ok(Some(format!("{what}: {e}")))

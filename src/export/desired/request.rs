@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Service;
 
 use super::Source;
-use crate::api::crd::{Direction, ExternalRegistration, PortRef};
+use crate::api::crd::{
+    Direction, ExternalRegistration, MAX_META, MAX_META_VALUE_LENGTH, MAX_TAG_LENGTH, MAX_TAGS,
+    PortRef,
+};
 use crate::api::labels::{
     ANNOTATION_EXPORT, ANNOTATION_META_PREFIX, ANNOTATION_NAME, ANNOTATION_PORT, ANNOTATION_TAGS,
 };
@@ -64,6 +67,9 @@ pub(super) fn request_from_annotations(svc: &Service) -> Option<Request> {
                 .map(|key| (key.to_string(), v.clone()))
         })
         .collect();
+    if problem.is_none() {
+        problem = too_large(&tags, &meta);
+    }
     // A problem with the annotation itself is reported once, against a placeholder catalog
     // list when none could be read.
     let catalogs = if catalogs.is_empty() {
@@ -110,6 +116,45 @@ pub(super) fn request_from_registration(reg: &ExternalRegistration) -> Option<Re
     })
 }
 
+/// Why tags and meta from annotations are more than an export may carry (the bounds the
+/// ExternalRegistration schema sets), so that they are refused here, with a clear message,
+/// not by the catalog.
+fn too_large(tags: &[String], meta: &BTreeMap<String, String>) -> Option<Problem> {
+    let why = if tags.len() > MAX_TAGS {
+        format!(
+            "{ANNOTATION_TAGS} holds {} tags; at most {MAX_TAGS}",
+            tags.len()
+        )
+    } else if let Some(t) = tags.iter().find(|t| t.chars().count() > MAX_TAG_LENGTH) {
+        format!(
+            "{ANNOTATION_TAGS}: the tag {:?}… has {} characters; at most {MAX_TAG_LENGTH}",
+            t.chars().take(20).collect::<String>(),
+            t.chars().count()
+        )
+    } else if meta.len() > MAX_META {
+        format!(
+            "{} {ANNOTATION_META_PREFIX}* annotations; at most {MAX_META}",
+            meta.len()
+        )
+    } else if let Some((k, v)) = meta
+        .iter()
+        .find(|(_, v)| v.chars().count() > MAX_META_VALUE_LENGTH)
+    {
+        format!(
+            "{ANNOTATION_META_PREFIX}{k} has {} characters; at most {MAX_META_VALUE_LENGTH}",
+            v.chars().count()
+        )
+    } else {
+        return None;
+    };
+    Some(Problem {
+        reason: Reason::InvalidAnnotation,
+        message: format!(
+            "{why} (too large for a catalog entry; nothing of this export is written)"
+        ),
+    })
+}
+
 fn split_list(s: &str) -> Vec<String> {
     s.split(',')
         .map(str::trim)
@@ -133,4 +178,50 @@ pub fn valid_external_name(n: &str) -> bool {
         && n.starts_with(|c: char| c.is_ascii_alphanumeric())
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(annotations: &[(&str, String)]) -> Service {
+        let mut a: BTreeMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        a.insert(ANNOTATION_EXPORT.into(), "consul".into());
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "api-x", "namespace": "shop", "annotations": a},
+        }))
+        .expect("a Service")
+    }
+
+    fn problem(annotations: &[(&str, String)]) -> Option<String> {
+        request_from_annotations(&service(annotations))
+            .and_then(|r| r.problem)
+            .map(|p| format!("{}: {}", p.reason, p.message))
+    }
+
+    #[test]
+    fn tags_and_meta_beyond_the_bounds_are_refused_with_a_clear_message() {
+        let tags = |n: usize, len: usize| {
+            (0..n)
+                .map(|i| format!("{i:0len$}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(problem(&[(ANNOTATION_TAGS, tags(MAX_TAGS, 10))]), None);
+        let many = problem(&[(ANNOTATION_TAGS, tags(MAX_TAGS + 1, 10))]).expect("too many");
+        assert!(
+            many.starts_with("InvalidAnnotation: catalog-bridge.io/tags holds 65 tags; at most 64"),
+            "{many}"
+        );
+        let long = problem(&[(ANNOTATION_TAGS, tags(2, MAX_TAG_LENGTH + 1))]).expect("too long");
+        assert!(long.contains("256 characters; at most 255"), "{long}");
+        let value = problem(&[("catalog-bridge.io/meta.team", "x".repeat(513))]).expect("value");
+        assert!(
+            value.contains("catalog-bridge.io/meta.team has 513"),
+            "{value}"
+        );
+    }
 }

@@ -45,7 +45,18 @@ impl Consul {
         acl_token: Option<&str>,
         tls: Option<&TlsFiles>,
     ) -> Result<Consul> {
-        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, acl_token, tls)).await
+        Self::start_configured(dir, name, acl_token, tls, None).await
+    }
+
+    /// Like [`Consul::start_with`], with `hcl` added to the configuration.
+    pub async fn start_configured(
+        dir: &Path,
+        name: &str,
+        acl_token: Option<&str>,
+        tls: Option<&TlsFiles>,
+        hcl: Option<&str>,
+    ) -> Result<Consul> {
+        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, acl_token, tls, hcl)).await
     }
 
     async fn start_once(
@@ -53,6 +64,7 @@ impl Consul {
         name: &str,
         acl_token: Option<&str>,
         tls: Option<&TlsFiles>,
+        hcl: Option<&str>,
     ) -> Result<Consul> {
         let http_port = free_port()?;
         let node = format!("{name}-{http_port}");
@@ -91,6 +103,9 @@ impl Consul {
             spec = spec.arg("-hcl").arg(format!(
                 "acl {{ enabled = true, default_policy = \"deny\", tokens {{ initial_management = \"{token}\" }} }}"
             ));
+        }
+        if let Some(hcl) = hcl {
+            spec = spec.arg("-hcl").arg(hcl);
         }
         let consul = Consul {
             process: Process::start(spec)?,

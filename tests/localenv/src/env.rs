@@ -23,6 +23,7 @@ pub struct Builder {
     controller_manager: bool,
     consul: bool,
     consul_acl: Option<&'static str>,
+    consul_hcl: Option<&'static str>,
     consul_tls: bool,
     etcd: bool,
     etcd_tls: bool,
@@ -50,6 +51,12 @@ impl Builder {
     pub fn consul_with_acl(mut self, token: &'static str) -> Self {
         self.consul = true;
         self.consul_acl = Some(token);
+        self
+    }
+    /// Consul with `hcl` added to its configuration (`limits { txn_max_req_len = 8192 }`).
+    pub fn consul_hcl(mut self, hcl: &'static str) -> Self {
+        self.consul = true;
+        self.consul_hcl = Some(hcl);
         self
     }
     /// Consul serving its API over HTTPS only and verifying client certificates; the
@@ -107,7 +114,13 @@ impl Builder {
             maybe(self.kube, Kube::start(&path, self.controller_manager)),
             maybe(
                 self.consul,
-                Consul::start_with(&path, "consul", self.consul_acl, tls_for(self.consul_tls))
+                Consul::start_configured(
+                    &path,
+                    "consul",
+                    self.consul_acl,
+                    tls_for(self.consul_tls),
+                    self.consul_hcl
+                )
             ),
             maybe(
                 self.etcd,
