@@ -45,7 +45,27 @@ impl Consul {
         acl_token: Option<&str>,
         tls: Option<&TlsFiles>,
     ) -> Result<Consul> {
-        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, acl_token, tls)).await
+        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, acl_token, tls, None))
+            .await
+    }
+
+    /// Like [`Consul::start_with_acl`], with Connect (the service mesh, on in dev mode) turned
+    /// off, as on servers before Consul 1.16 unless configured.
+    pub async fn start_without_connect(
+        dir: &Path,
+        name: &str,
+        acl_token: Option<&str>,
+    ) -> Result<Consul> {
+        crate::ports::retry_if_port_taken(|| {
+            Self::start_once(
+                dir,
+                name,
+                acl_token,
+                None,
+                Some("connect { enabled = false }"),
+            )
+        })
+        .await
     }
 
     async fn start_once(
@@ -53,6 +73,7 @@ impl Consul {
         name: &str,
         acl_token: Option<&str>,
         tls: Option<&TlsFiles>,
+        hcl: Option<&str>,
     ) -> Result<Consul> {
         let http_port = free_port()?;
         let node = format!("{name}-{http_port}");
@@ -86,6 +107,9 @@ impl Consul {
             "-server-port",
         ] {
             spec = spec.arg(format!("{flag}={}", free_port()?));
+        }
+        if let Some(hcl) = hcl {
+            spec = spec.arg("-hcl").arg(hcl);
         }
         if let Some(token) = acl_token {
             spec = spec.arg("-hcl").arg(format!(
