@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
-use catalog_bridge::backend::consul::{Consul, ConsulConfig, MAX_TXN_OPS};
+use catalog_bridge::backend::consul::{Consul, ConsulConfig, MARKER_KEY, MAX_TXN_OPS};
 use catalog_bridge::backend::{Backend, BackendError, ClientCert, Record};
 use catalog_bridge::export::plan::{Op, plan};
 use catalog_bridge::model::{Instance, Origin};
@@ -117,7 +117,15 @@ fn py_consul_passing(address: &str, name: &str) -> Result<Value> {
 fn expected_py(instances: &[Instance], owner: &str) -> Value {
     let mut rows: Vec<Value> = instances
         .iter()
-        .map(|i| json!([i.stable_id(), i.address.to_string(), i.port, i.tags, owner]))
+        .map(|i| {
+            json!([
+                format!("{owner}:{}", i.stable_id()),
+                i.address.to_string(),
+                i.port,
+                i.tags,
+                owner
+            ])
+        })
         .collect();
     rows.sort_by_key(|v| v.to_string());
     Value::Array(rows)
@@ -172,7 +180,7 @@ async fn written_entries_read_back_identically_and_clients_see_them() -> Result<
     let read = c.read_owned().await?;
     assert_eq!(read, desired, "what Consul returns is what was rendered");
     assert_eq!(
-        read[&api_instances[0].stable_id()]["Service"]["Meta"]["version"],
+        read[&c.service_id(&api_instances[0])]["Service"]["Meta"]["version"],
         "2"
     );
     assert!(plan(&desired, &read).is_empty(), "nothing to write again");
@@ -228,7 +236,7 @@ async fn written_entries_read_back_identically_and_clients_see_them() -> Result<
     assert!(
         !check_ids
             .iter()
-            .any(|id| id.starts_with(&removed.stable_id())),
+            .any(|id| id.starts_with(&c.service_id(&removed))),
         "the check went with its service: {checks}"
     );
     assert_eq!(
@@ -237,7 +245,7 @@ async fn written_entries_read_back_identically_and_clients_see_them() -> Result<
     );
 
     // A check someone set critical is drift: the plan repairs it.
-    let id = changed[0].stable_id();
+    let id = c.service_id(&changed[0]);
     localenv::http_client()?
         .put(format!("{}/v1/txn", consul.url()))
         .json(&json!([{"Check": {"Verb": "set", "Check": {
@@ -656,5 +664,270 @@ async fn two_catalogs_of_one_owner_on_one_node_own_only_their_own_entries() -> R
         "nothing to delete for the catalog that exports nothing"
     );
     assert_eq!(exporting.read_owned().await?, desired);
+    Ok(())
+}
+
+/// An upgrade: the entries the previous version wrote, under service IDs without the owner id,
+/// are replaced by the first write after a restart (each in one transaction with its new ID,
+/// so a reader polling all along never sees an instance missing); foreign entries are not
+/// touched, and the start after that writes nothing.
+#[tokio::test]
+async fn entries_under_the_ids_of_before_are_replaced_without_a_gap() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-upgrade").await?;
+    let node = format!("k8s-{}", scope.prefix);
+    let owner = format!("cluster-{}", scope.prefix);
+    let name = scope.name("api_x");
+    let http = localenv::http_client()?;
+    let c = backend(&[&consul.url()], &scope, &owner)?;
+    const N: usize = 30;
+    let instances = many(&name, N);
+
+    // As the previous version wrote them: ID = the instance's identity alone.
+    let mut ops = vec![
+        json!({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.0.1",
+        "Meta": {"external-source": "kubernetes", "catalog-bridge-owner": owner}}}}),
+    ];
+    for i in &instances {
+        let mut r = c.record(i);
+        let old = i.stable_id();
+        r["Service"]["ID"] = json!(old);
+        r["Check"]["CheckID"] = json!(format!("{old}:ready"));
+        r["Check"]["ServiceID"] = json!(old);
+        let mut check = r["Check"].clone();
+        check["Node"] = json!(node);
+        ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": r["Service"]}}));
+        ops.push(json!({"Check": {"Verb": "set", "Check": check}}));
+    }
+    for batch in ops.chunks(MAX_TXN_OPS) {
+        http.put(format!("{}/v1/txn", consul.url()))
+            .json(&batch)
+            .send()
+            .await?
+            .error_for_status()
+            .context("writing the entries of before")?;
+    }
+    // Another cluster's entry and a hand-made one on the same node.
+    for (id, meta) in [
+        ("by-hand", json!({})),
+        (
+            "other-cluster",
+            json!({"catalog-bridge-owner": "someone-else", "external-source": "kubernetes"}),
+        ),
+    ] {
+        http.put(format!("{}/v1/catalog/register", consul.url()))
+            .json(&json!({"Node": node, "Address": "127.0.0.1",
+                          "Service": {"ID": id, "Service": name, "Address": "10.9.0.1",
+                                      "Port": 8080, "Meta": meta}}))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let foreign = || async {
+        let v = get_json(&format!("{}/v1/catalog/node-services/{node}", consul.url())).await?;
+        Ok::<_, anyhow::Error>(
+            v["Services"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s["ID"] == "by-hand" || s["ID"] == "other-cluster")
+                .map(|s| (s["ID"].to_string(), s["ModifyIndex"].clone()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let foreign_before = foreign().await?;
+    assert_eq!(foreign_before.len(), 2);
+
+    // A reader polling the passing instances all along.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (url, name, stop) = (consul.url(), name.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http = localenv::http_client()?;
+            let (mut min, mut reads) = (usize::MAX, 0);
+            while !stop.load(Ordering::SeqCst) {
+                let v: Value = http
+                    .get(format!("{url}/v1/health/service/{name}?passing"))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let ours = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|e| e["Service"]["Address"] != "10.9.0.1")
+                            .count()
+                    })
+                    .unwrap_or(0);
+                min = min.min(ours);
+                reads += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            Ok::<_, anyhow::Error>((min, reads))
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+    // The restarted controller: one plan, written.
+    let desired = c.render(&instances);
+    let read = c.read_owned().await?;
+    assert_eq!(read.len(), N, "the entries of before are read as ours");
+    let p = plan(&desired, &read);
+    assert_eq!((p.creates, p.updates, p.deletes), (0, N, 0), "{p}");
+    let trips = c.apply(&p.ops).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (min, reads) = reader.await??;
+    println!(
+        "upgrade of {N} entries: {} service and check sets and {N} deletes in {trips} round trip(s); a reader polled {reads} times",
+        2 * N
+    );
+    assert_eq!(min, N, "the reader always saw every instance");
+
+    let mut want: Vec<String> = desired.keys().cloned().collect();
+    want.extend(["by-hand".to_string(), "other-cluster".to_string()]);
+    want.sort();
+    assert_eq!(
+        node_service_ids(&consul.url(), &node).await?,
+        want,
+        "only the new IDs and the foreign entries are left"
+    );
+    assert_eq!(
+        foreign().await?,
+        foreign_before,
+        "foreign entries untouched"
+    );
+    // The next start writes nothing.
+    let restarted = backend(&[&consul.url()], &scope, &owner)?;
+    let read = restarted.read_owned().await?;
+    assert!(plan(&restarted.render(&instances), &read).is_empty());
+    Ok(())
+}
+
+/// Two Consul clusters whose datacenters are both `dc1` are two locations; two clients of one
+/// cluster (another token, another address of it) are one. With Connect on (as in dev mode) the
+/// cluster is named by its CA's trust domain, and nothing is written.
+#[tokio::test]
+async fn the_location_names_the_cluster_not_only_the_datacenter() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-location").await?;
+    let other_env = Env::builder().consul().start().await?;
+    let other = other_env.consul()?;
+    let here = backend(&[&consul.url()], &scope, "a")?.location().await?;
+    let again = backend(&[&consul.url()], &scope, "b")?.location().await?;
+    let there = backend(&[&other.url()], &scope, "a")?.location().await?;
+    println!("{here}\n{there}");
+    assert_eq!(here, again);
+    assert_ne!(here, there);
+    assert!(here.starts_with("consul datacenter dc1 cluster trust-domain "));
+    assert!(there.starts_with("consul datacenter dc1 cluster trust-domain "));
+    let kv = localenv::http_client()?
+        .get(format!("{}/v1/kv/catalog-bridge/cluster-id", consul.url()))
+        .send()
+        .await?;
+    assert_eq!(kv.status(), 404, "no marker written where Connect answers");
+    Ok(())
+}
+
+/// Where Connect is off, the cluster is named by the marker key `catalog-bridge/cluster-id`,
+/// written once (two clients writing it at once agree on one); a read-only client (a dry run)
+/// writes none and names the cluster by its servers, as does a token that may not read the key.
+#[tokio::test]
+async fn without_connect_the_cluster_is_named_by_a_marker_written_once() -> Result<()> {
+    const MANAGEMENT: &str = "5b1f0a3e-7c2d-4e6f-8a9b-0c1d2e3f4a5b";
+    // An environment without peers of its own: its directory holds these agents.
+    let env = Env::builder().start().await?;
+    let (one, two, acl) = tokio::try_join!(
+        localenv::consul::Consul::start_without_connect(env.dir(), "plain-1", None),
+        localenv::consul::Consul::start_without_connect(env.dir(), "plain-2", None),
+        localenv::consul::Consul::start_without_connect(env.dir(), "acl", Some(MANAGEMENT)),
+    )?;
+    let cfg = |url: String, owner: &str, read_only: bool| ConsulConfig {
+        addresses: vec![url],
+        node_name: "k8s-location".into(),
+        owner: owner.into(),
+        read_only,
+        ..Default::default()
+    };
+    let marker = |url: String| async move {
+        let r = localenv::http_client()?
+            .get(format!("{url}/v1/kv/{MARKER_KEY}?raw"))
+            .send()
+            .await?;
+        Ok::<_, anyhow::Error>((r.status().as_u16(), r.text().await?))
+    };
+
+    // Read-only and no marker yet: the servers name it, nothing is written.
+    let dry = Consul::new(cfg(one.url(), "a", true))?.location().await?;
+    println!("{dry}");
+    assert!(dry.contains(" cluster servers 127.0.0.1:"), "{dry}");
+    assert_eq!(
+        marker(one.url()).await?.0,
+        404,
+        "a dry run writes no marker"
+    );
+
+    // Two writers at once: one marker, both read it.
+    let (a, b) = (
+        Consul::new(cfg(one.url(), "a", false))?,
+        Consul::new(cfg(one.url(), "b", false))?,
+    );
+    let (la, lb) = tokio::try_join!(a.location(), b.location())?;
+    println!("{la}");
+    assert_eq!(la, lb);
+    assert!(
+        la.starts_with("consul datacenter dc1 cluster marker "),
+        "{la}"
+    );
+    let (status, body) = marker(one.url()).await?;
+    assert_eq!(status, 200);
+    assert!(
+        la.contains(
+            serde_json::from_str::<Value>(&body)?["clusterId"]
+                .as_str()
+                .context("clusterId")?
+        )
+    );
+    // Read-only, once the marker exists, names it the same way.
+    assert_eq!(
+        Consul::new(cfg(one.url(), "a", true))?.location().await?,
+        la
+    );
+    // Another dc1 cluster is another location.
+    let other = Consul::new(cfg(two.url(), "a", false))?.location().await?;
+    assert_ne!(other, la);
+    assert!(
+        other.starts_with("consul datacenter dc1 cluster marker "),
+        "{other}"
+    );
+
+    // A token without key rights: the servers name it.
+    let http = localenv::http_client()?;
+    http.put(format!("{}/v1/acl/policy", acl.url()))
+        .header("X-Consul-Token", MANAGEMENT)
+        .json(&json!({"Name": "catalog", "Rules": r#"node_prefix "" { policy = "write" } agent_prefix "" { policy = "read" }"#}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let token: Value = http
+        .put(format!("{}/v1/acl/token", acl.url()))
+        .header("X-Consul-Token", MANAGEMENT)
+        .json(&json!({"Policies": [{"Name": "catalog"}]}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let limited = Consul::new(ConsulConfig {
+        token: token["SecretID"].as_str().map(str::to_string),
+        ..cfg(acl.url(), "a", false)
+    })?;
+    let l = limited.location().await?;
+    println!("{l}");
+    assert!(l.contains(" cluster servers 127.0.0.1:"), "{l}");
     Ok(())
 }

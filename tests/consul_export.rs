@@ -816,3 +816,140 @@ async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retir
     );
     Ok(())
 }
+
+/// Sorted `address:port owner` of the services on `node`.
+async fn instances_by_owner(consul: &ConsulView, node: &str) -> Result<Vec<String>> {
+    let v: Value = localenv::http_client()?
+        .get(format!("{}/v1/catalog/node-services/{node}", consul.url))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let mut out: Vec<String> = v["Services"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{} {}",
+                s["Address"].as_str().unwrap_or_default(),
+                s["Port"],
+                s["Meta"]["catalog-bridge-owner"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The datacenters a Consul agent knows (`/v1/catalog/datacenters`).
+async fn datacenters(url: &str) -> Result<Value> {
+    Ok(localenv::http_client()?
+        .get(format!("{url}/v1/catalog/datacenters"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// A catalog moved to another Consul cluster whose datacenter has the same name (`dc1`, as
+/// almost everywhere) is a move: every entry leaves the old cluster, none stays behind passing.
+#[tokio::test]
+async fn a_catalog_moved_to_another_consul_cluster_with_the_same_datacenter_name_leaves_it()
+-> Result<()> {
+    let (env, _client, consul, cb) = api_x_exported(&["--drift-interval=1s"]).await?;
+    let other = localenv::consul::Consul::start(env.dir(), "consul-other").await?;
+    let other_view = ConsulView::new(other.url())?;
+    ensure!(
+        datacenters(&consul.url).await? == json!(["dc1"])
+            && datacenters(&other.url()).await? == json!(["dc1"]),
+        "both clusters are dc1"
+    );
+
+    let t = Instant::now();
+    kubectl_apply(&env, &consul_catalog("consul", &[other.url()], NODE))?;
+    other_view
+        .wait_passing("api_x", &API_X, WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    println!(
+        "catalog moved -> entries in the new cluster in {:?}",
+        t.elapsed()
+    );
+    localenv::eventually(
+        "the old cluster to hold none of our entries",
+        WAIT,
+        || async {
+            let left = instances_by_owner(&consul, NODE).await?;
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                anyhow::bail!("left behind: {left:?}")
+            }
+        },
+    )
+    .await
+    .with_context(|| cb.log())?;
+    ensure!(
+        consul.passing("api_x").await?.is_empty(),
+        "no instance of api_x passes in the old cluster"
+    );
+    Ok(())
+}
+
+/// Two clusters (two owner ids) whose controllers share a `nodeName` and export the same
+/// namespace, Service, address and port into one Consul: each keeps its own instance, neither
+/// overwrites the other's.
+#[tokio::test]
+async fn two_clusters_sharing_a_node_name_keep_their_own_instances() -> Result<()> {
+    let (env, client, consul) = setup().await?;
+    deploy(&client, "shop", "api-x", 1, 2, export_to_consul("api_x")).await?;
+    let a = Controller::start(
+        &env,
+        "cb-a",
+        "cluster-a",
+        &["--drift-interval=1s", "--lease-name=cb-a"],
+    )
+    .await?;
+    let b = Controller::start(
+        &env,
+        "cb-b",
+        "cluster-b",
+        &["--drift-interval=1s", "--lease-name=cb-b"],
+    )
+    .await?;
+    let both = |ips: &[&str]| {
+        let mut want: Vec<String> = ips
+            .iter()
+            .flat_map(|ip| ["cluster-a", "cluster-b"].map(|owner| format!("{ip}:8080 {owner}")))
+            .collect();
+        want.sort();
+        want
+    };
+    let wait = |want: Vec<String>| {
+        let consul = &consul;
+        async move {
+            localenv::eventually("each cluster's own instances", WAIT, || async {
+                let got = instances_by_owner(consul, NODE).await?;
+                if got == want {
+                    Ok(Some(()))
+                } else {
+                    anyhow::bail!("got {got:?}")
+                }
+            })
+            .await
+        }
+    };
+    wait(both(&["10.1.0.1", "10.1.0.2"]))
+        .await
+        .with_context(|| format!("{}\n--- cb-b:\n{}", a.log(), b.log()))?;
+    // A change reaches both clusters' instances, and only theirs.
+    workload::set_pod_ready(&client, "shop", "api-x-2", false).await?;
+    wait(both(&["10.1.0.1"]))
+        .await
+        .with_context(|| format!("{}\n--- cb-b:\n{}", a.log(), b.log()))?;
+    Ok(())
+}

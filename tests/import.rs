@@ -807,3 +807,143 @@ async fn dry_run_writes_neither_catalog_entries_nor_imported_services() -> Resul
     ensure!(ours.is_empty(), "no Event in a dry run: {ours:?}");
     Ok(())
 }
+
+/// A `--dry-run` replica beside the real one, running as a Kubernetes user of its own, makes no
+/// write to Kubernetes while an import is renamed, loses a catalog entry and is deleted; the API
+/// server's audit log (every request that writes, by user) is the witness. The deletion is made
+/// while the real replica is paused, so that the dry-run one is the only one to see it; no
+/// kube-controller-manager runs, so no garbage collector removes the objects either.
+#[tokio::test]
+async fn a_dry_run_replica_beside_the_real_one_writes_nothing_to_kubernetes() -> Result<()> {
+    let env = Env::builder().kube().etcd().start().await?;
+    let kube = env.kube()?;
+    let client = kube.client().await?;
+    support::install_crds(&client).await?;
+    support::ensure_namespace(&client, "shop").await?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "etcd"},
+            "spec": {"etcd": {"endpoints": [env.etcd()?.endpoint()]}},
+        }),
+    )?;
+    for ip in ["10.7.4.1", "10.7.4.2"] {
+        env.etcd()?.etcdctl(&[
+            "put",
+            &format!("/services/ledger/providers/{ip}:7000"),
+            &format!("{ip}:7000"),
+        ])?;
+    }
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    let second = kube.second_kubeconfig_path().display().to_string();
+    let dry = Controller::start_with_env(
+        &env,
+        "cb-dry",
+        "cluster-a",
+        &["--dry-run", "--log-format=json"],
+        &[("KUBECONFIG", second.as_str())],
+    )
+    .await?;
+    let logs = || format!("{}\n--- cb-dry:\n{}", cb.log(), dry.log());
+    let dry_writes = || kube.writes_by(localenv::kube::SECOND_USER);
+
+    let ports = json!([{"name": "tcp", "port": 7000}]);
+    kubectl_apply(
+        &env,
+        &import("ledger", "etcd", "ledger", json!({"ports": ports})),
+    )?;
+    wait_endpoints(&client, "ledger", &["10.7.4.1:7000", "10.7.4.2:7000"])
+        .await
+        .with_context(logs)?;
+
+    // Renamed: the real replica moves the Service to the new name.
+    kubectl_apply(
+        &env,
+        &import(
+            "ledger",
+            "etcd",
+            "ledger",
+            json!({"serviceName": "ledger-v2", "ports": ports}),
+        ),
+    )?;
+    wait_endpoints(&client, "ledger-v2", &["10.7.4.1:7000", "10.7.4.2:7000"])
+        .await
+        .with_context(logs)?;
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    localenv::eventually("the Service under the old name to go", WAIT, || async {
+        Ok(services.get_opt("ledger").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(logs)?;
+
+    // A catalog entry goes away.
+    env.etcd()?
+        .etcdctl(&["del", "/services/ledger/providers/10.7.4.2:7000"])?;
+    wait_endpoints(&client, "ledger-v2", &["10.7.4.1:7000"])
+        .await
+        .with_context(logs)?;
+    localenv::eventually(
+        "the dry-run replica to plan the one endpoint",
+        WAIT,
+        || async {
+            let planned = dry.full_log()?.lines().any(|l| {
+                l.contains("dry run: would apply the imported Service")
+                    && l.contains("ledger-v2")
+                    && l.contains("\"endpoints\":1")
+            });
+            Ok(planned.then_some(()))
+        },
+    )
+    .await
+    .with_context(logs)?;
+
+    // Deleted while the real replica is paused: the dry-run replica alone sees it go.
+    cb.process.pause()?;
+    let regs: Api<catalog_bridge::api::crd::ExternalRegistration> =
+        Api::namespaced(client.clone(), "shop");
+    regs.delete("ledger", &Default::default()).await?;
+    let seen = localenv::eventually(
+        "the dry-run replica to act on the deletion",
+        WAIT,
+        || async {
+            let writes = dry_writes()?;
+            let planned = dry
+                .full_log()?
+                .lines()
+                .any(|l| l.contains("dry run: would remove the imported Service"));
+            Ok((planned || !writes.is_empty()).then_some(writes))
+        },
+    )
+    .await;
+    cb.process.resume()?;
+    let writes = seen.with_context(logs)?;
+    ensure!(
+        writes.is_empty(),
+        "the dry-run replica wrote to Kubernetes: {writes:#?}"
+    );
+    ensure!(
+        services.get_opt("ledger-v2").await?.is_some(),
+        "the imported Service stays until the real replica removes it"
+    );
+
+    // The real replica, running again, removes it.
+    localenv::eventually("the real replica to remove the Service", WAIT, || async {
+        Ok(services.get_opt("ledger-v2").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(logs)?;
+    let writes = dry_writes()?;
+    ensure!(
+        writes.is_empty(),
+        "the dry-run replica wrote to Kubernetes: {writes:#?}"
+    );
+    // The witness works: it saw the real replica's writes.
+    let real = kube.writes_by("admin")?;
+    ensure!(
+        real.iter()
+            .any(|w| w.starts_with("delete services shop/ledger-v2")),
+        "the audit log holds the real replica's deletion: {real:#?}"
+    );
+    Ok(())
+}

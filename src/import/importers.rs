@@ -164,10 +164,16 @@ impl Importers {
                 self.metrics.forget_import(&catalog, &key.0, &key.1);
             }
             // The owner references let the garbage collector do this too; doing it here makes it
-            // immediate (the collector may not watch a freshly installed CRD yet).
-            if *self.gate.borrow()
-                && let Err(e) = super::apply::remove(&self.client, &key.0, &key.1).await
-            {
+            // immediate (the collector may not watch a freshly installed CRD yet). A dry run's
+            // gate is always open: it only says what it would remove.
+            if !*self.gate.borrow() {
+                continue;
+            }
+            if self.dry_run {
+                info!(registration = %format!("{}/{}", key.0, key.1), "dry run: would remove the imported Service and EndpointSlices of a registration that is gone");
+                continue;
+            }
+            if let Err(e) = super::apply::remove(&self.client, &key.0, &key.1).await {
                 warn!(registration = %format!("{}/{}", key.0, key.1), error = %format!("{e:#}"), "removing the imported Service failed; the garbage collector will");
             }
         }
@@ -297,6 +303,55 @@ mod tests {
         // The registration goes: so do its Service and slices.
         importers.sync(&[], &cats).await;
         assert!(api.get(SERVICE).is_none() && api.get(SLICE).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_neither_applies_nor_removes_an_import() {
+        let (api, client) = FakeApi::start();
+        // Objects the real replica made for the registration.
+        let labels = json!({"catalog-bridge.io/registration": "mysql-x",
+                            "endpointslice.kubernetes.io/managed-by": "catalog-bridge.io"});
+        api.put(
+            SERVICE,
+            json!({"metadata": {"name": "mysql-x", "namespace": "shop", "labels": labels}}),
+        );
+        api.put(SLICE, json!({"metadata": {"name": "mysql-x-ipv4-3306-0", "namespace": "shop", "labels": labels},
+                              "addressType": "IPv4", "endpoints": []}));
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.register_external("mysql_x", external(&["10.8.0.8"]));
+        let connect = Arc::new(MemoryCatalogs::default());
+        connect.insert("zk", mem.clone());
+        let (_gate_tx, gate) = watch::channel(true);
+        let watched = Watched {
+            services: reflector::store().0,
+            slices: reflector::store().0,
+            registrations: reflector::store().0,
+            touched: tokio::sync::broadcast::channel(16).0,
+        };
+        let mut importers = Importers::new(
+            client,
+            connect,
+            gate,
+            Arc::new(Metrics::new()),
+            watched,
+            true,
+        );
+        let cats = [catalog("zk")];
+        importers.sync(&[registration()], &cats).await;
+        let key = ("shop".to_string(), "mysql-x".to_string());
+        eventually("the dry run to plan the import", || {
+            importers.views().get(&key).is_some_and(|v| v.synced)
+        })
+        .await;
+        // The registration goes: nothing is deleted.
+        importers.sync(&[], &cats).await;
+        let writes: Vec<String> = api
+            .requests()
+            .into_iter()
+            .filter(|r| !r.starts_with("GET "))
+            .collect();
+        assert!(writes.is_empty(), "a dry run wrote: {writes:?}");
+        assert!(api.get(SERVICE).is_some() && api.get(SLICE).is_some());
     }
 
     #[tokio::test]

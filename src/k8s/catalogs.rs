@@ -113,6 +113,7 @@ pub fn build(
             insecure_skip_verify: credentials.insecure_skip_verify,
             ca_pem: credentials.ca_pem,
             client_cert: credentials.client_cert,
+            read_only: ctx.read_only,
         };
         return Ok(Arc::new(Consul::new(cfg).map_err(invalid)?));
     }

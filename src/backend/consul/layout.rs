@@ -6,11 +6,11 @@
 //! [`Consul::render`] produces when nothing changed:
 //!
 //! ```json
-//! {"Service": {"ID": "<stable id>", "Service": "api_x", "Address": "10.0.0.1", "Port": 8080,
+//! {"Service": {"ID": "<owner>:<stable id>", "Service": "api_x", "Address": "10.0.0.1", "Port": 8080,
 //!              "Tags": [], "Meta": {"catalog-bridge-owner": "…", "external-source": "kubernetes",
 //!                                   "k8s-namespace": "shop", "k8s-service": "api-x"}},
-//!  "Check": {"CheckID": "<stable id>:ready", "Name": "Kubernetes readiness",
-//!            "Status": "passing", "ServiceID": "<stable id>", "ServiceName": "api_x"}}
+//!  "Check": {"CheckID": "<owner>:<stable id>:ready", "Name": "Kubernetes readiness",
+//!            "Status": "passing", "ServiceID": "<owner>:<stable id>", "ServiceName": "api_x"}}
 //! ```
 //!
 //! Ownership is the service meta `catalog-bridge-owner`: services on the node without it (or
@@ -98,6 +98,76 @@ pub fn dropped_meta(meta: &BTreeMap<String, String>) -> Vec<String> {
 }
 
 impl Consul {
+    /// The service ID of `instance`: this owner's id, then the instance's identity from
+    /// (namespace, service, name, address, port). With the owner in it, two clusters whose
+    /// controllers share a `nodeName` never write the same ID. (Before, the ID was the
+    /// instance's identity alone; [`Consul::adopt_legacy`] replaces such entries.)
+    pub fn service_id(&self, instance: &Instance) -> String {
+        format!("{}:{}", self.owner, instance.stable_id())
+    }
+
+    /// Whether `id` is a service ID of this owner's scheme ([`Consul::service_id`]). The IDs
+    /// of before hold no `:`.
+    fn is_current_id(&self, id: &str) -> bool {
+        id.strip_prefix(self.owner.as_str())
+            .is_some_and(|rest| rest.starts_with(':'))
+    }
+
+    /// Files the owned entries still under a service ID of before ([`Consul::service_id`])
+    /// under the ID they have now, unless that one exists too (then the old one is an entry
+    /// to delete). Their records keep the old IDs, so the plan puts them again, and the
+    /// transaction that does it deletes the old entry with the same commit: readers never see
+    /// the instance missing. Returns the records, and for each entry filed anew its key → its
+    /// ID in Consul. Runs once after an upgrade: from then on there is nothing to adopt.
+    pub(super) fn adopt_legacy(
+        &self,
+        owned: BTreeMap<String, Record>,
+    ) -> (BTreeMap<String, Record>, HashMap<String, String>) {
+        let mut legacy = HashMap::new();
+        let mut out = BTreeMap::new();
+        let (current, old): (Vec<_>, Vec<_>) = owned
+            .into_iter()
+            .partition(|(id, _)| self.is_current_id(id));
+        out.extend(current);
+        for (id, record) in old {
+            let key = format!("{}:{id}", self.owner);
+            if out.contains_key(&key) {
+                out.insert(id, record);
+            } else {
+                legacy.insert(key.clone(), id);
+                out.insert(key, record);
+            }
+        }
+        (out, legacy)
+    }
+
+    /// The ID in Consul of the entry filed under `key` by [`Consul::adopt_legacy`], if any.
+    pub(super) fn legacy_id(&self, key: &str) -> Option<String> {
+        self.legacy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// The txn operation that deletes the entry of before that `key` replaces, if any:
+    /// sent in the same transaction as the operations of `key`.
+    pub(super) fn legacy_delete(&self, key: &str, name: &str) -> Option<Value> {
+        let old = self.legacy_id(key)?;
+        Some(json!({"Service": {
+            "Verb": "delete", "Node": self.node,
+            "Service": {"ID": old, "Service": name},
+        }}))
+    }
+
+    /// After a commit that wrote or deleted `key`: its entry of before is gone.
+    pub(super) fn legacy_done(&self, key: &str) -> Option<String> {
+        self.legacy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+    }
+
     /// The ID of the check of the instance with service ID `service_id`.
     pub fn check_id(service_id: &str) -> String {
         format!("{service_id}:ready")
@@ -107,7 +177,7 @@ impl Consul {
     /// refuse ([`meta_problem`], and those beyond its 64 pairs) are left out: one of them
     /// would fail the whole transaction, and with it every other instance in it.
     pub fn record(&self, instance: &Instance) -> Record {
-        let id = instance.stable_id();
+        let id = self.service_id(instance);
         let mut meta: BTreeMap<String, String> = instance
             .meta
             .iter()

@@ -24,12 +24,14 @@ use crate::api::crd::ServerInfo;
 use crate::model::{Instance, Op};
 
 mod client;
+mod identity;
 mod import;
 mod layout;
 #[cfg(test)]
 mod tests;
 mod txn;
 
+pub use identity::MARKER_KEY;
 pub use import::{WATCH_BACKOFF_MAX, WATCH_BACKOFF_MIN, WATCH_NO_INDEX_PAUSE, WATCH_WAIT};
 pub use layout::{
     CATALOG_META, CHECK_NAME, MAX_META_PAIRS, NODE_ADDRESS, OWNER_META, SOURCE_META, SOURCE_VALUE,
@@ -57,6 +59,8 @@ pub struct ConsulConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Certificate and key presented to Consul (`verify_incoming`).
     pub client_cert: Option<ClientCert>,
+    /// Only read, never write (dry runs, import watches): the cluster marker is not created.
+    pub read_only: bool,
 }
 
 impl std::fmt::Debug for ConsulConfig {
@@ -70,6 +74,7 @@ impl std::fmt::Debug for ConsulConfig {
             .field("insecure_skip_verify", &self.insecure_skip_verify)
             .field("ca_pem", &self.ca_pem.as_ref().map(|p| p.len()))
             .field("client_cert", &self.client_cert)
+            .field("read_only", &self.read_only)
             .finish()
     }
 }
@@ -96,6 +101,12 @@ pub struct Consul {
     names: Mutex<HashMap<String, String>>,
     /// `wait=` of the import watch's blocking queries.
     watch_wait: Duration,
+    /// Writes nothing that is not an export (the cluster marker).
+    read_only: bool,
+    /// Entries this owner wrote under the service IDs of before they named the owner: the
+    /// key (the ID now) → the ID in Consul. Each is replaced in the transaction that writes it
+    /// ([`layout`]).
+    legacy: Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Consul {
@@ -139,6 +150,8 @@ impl Consul {
             names: Mutex::default(),
             client_cert: cfg.client_cert.is_some(),
             watch_wait: WATCH_WAIT,
+            read_only: cfg.read_only,
+            legacy: Mutex::default(),
         })
     }
 
@@ -186,7 +199,7 @@ impl Backend for Consul {
     fn render(&self, instances: &[Instance]) -> BTreeMap<String, Record> {
         instances
             .iter()
-            .map(|i| (i.stable_id(), self.record(i)))
+            .map(|i| (self.service_id(i), self.record(i)))
             .collect()
     }
 
@@ -221,6 +234,11 @@ impl Backend for Consul {
         let (node_ok, owned) = self.owned_records(&node_services, &checks)?;
         self.node_ok.store(node_ok, Ordering::SeqCst);
         self.remember_names(&owned);
+        let (owned, legacy) = self.adopt_legacy(owned);
+        if !legacy.is_empty() {
+            tracing::info!(node = %self.node, entries = legacy.len(), "entries under service IDs without the owner id: each is replaced, in one transaction, by the next write");
+        }
+        *self.legacy.lock().unwrap_or_else(|e| e.into_inner()) = legacy;
         Ok(owned)
     }
 
@@ -269,6 +287,8 @@ impl Backend for Consul {
         })
     }
 
+    /// `consul datacenter <dc> cluster <identity> node <node>`: the datacenter's name alone
+    /// does not tell two clusters apart (`dc1` everywhere); see [`identity`].
     async fn location(&self) -> Result<String, BackendError> {
         let dc = match &self.datacenter {
             Some(dc) => dc.clone(),
@@ -293,7 +313,11 @@ impl Backend for Consul {
                     })?,
             },
         };
-        Ok(format!("consul datacenter {dc} node {}", self.node))
+        let cluster = self.cluster_identity().await?;
+        Ok(format!(
+            "consul datacenter {dc} cluster {cluster} node {}",
+            self.node
+        ))
     }
 
     async fn watch_service(

@@ -120,7 +120,9 @@ fn render_holds_identity_address_tags_meta_and_a_passing_check() {
     let c = consul();
     let i = inst("fd00::1", &["b", "a"]);
     let recs = c.render(std::slice::from_ref(&i));
-    let id = i.stable_id();
+    // The owner id, then the instance's identity: two owners never write one ID.
+    let id = format!("c1:{}", i.stable_id());
+    assert_eq!(c.service_id(&i), id);
     assert_eq!(recs.len(), 1);
     assert_eq!(
         recs[&id],
@@ -217,8 +219,8 @@ fn what_consul_returns_reads_back_as_the_rendered_record() {
         "Node": {"Node": "k8s-c1", "Address": "127.0.0.1",
                  "Meta": {"external-source": "kubernetes", "catalog-bridge-owner": "c1"}},
         "Services": [
-            as_consul(&rendered[&i.stable_id()]),
-            as_consul(&rendered[&no_meta.stable_id()]),
+            as_consul(&rendered[&c.service_id(&i)]),
+            as_consul(&rendered[&c.service_id(&no_meta)]),
             {"ID": "by-hand", "Service": "api_x", "Tags": null, "Meta": null,
              "Address": "10.9.9.9", "Port": 1},
             {"ID": "other", "Service": "api_x", "Tags": [], "Address": "10.9.9.8",
@@ -231,8 +233,8 @@ fn what_consul_returns_reads_back_as_the_rendered_record() {
                "ServiceTags": []})
     };
     let checks = json!([
-        check(&i.stable_id(), "passing"),
-        check(&no_meta.stable_id(), "passing")
+        check(&c.service_id(&i), "passing"),
+        check(&c.service_id(&no_meta), "passing")
     ]);
     let (node_ok, owned) = c.owned_records(&node_services, &checks).expect("parses");
     assert!(node_ok);
@@ -240,7 +242,7 @@ fn what_consul_returns_reads_back_as_the_rendered_record() {
     assert!(crate::export::plan::plan(&rendered, &owned).is_empty());
 
     // A check that is not passing, or missing, is drift that a put repairs.
-    let checks = json!([check(&i.stable_id(), "critical")]);
+    let checks = json!([check(&c.service_id(&i), "critical")]);
     let (_, owned) = c.owned_records(&node_services, &checks).expect("parses");
     let p = crate::export::plan::plan(&rendered, &owned);
     assert_eq!((p.creates, p.updates, p.deletes), (0, 2, 0));
@@ -265,6 +267,84 @@ fn what_consul_returns_reads_back_as_the_rendered_record() {
         )
         .expect("parses");
     assert!(!node_ok);
+}
+
+/// Entries written before service IDs named the owner are filed under their IDs of now, and
+/// each is replaced in the transaction that writes it again: the set of the new ID and the
+/// delete of the old one commit together. Foreign entries, and an old ID whose new one exists
+/// already, are not adopted.
+#[test]
+fn entries_under_the_ids_of_before_are_replaced_in_one_commit_each() {
+    let c = consul();
+    let (a, b) = (inst("10.0.0.1", &[]), inst("10.0.0.2", &[]));
+    let rendered = c.render(&[a.clone(), b.clone()]);
+    // As the previous version wrote them: the ID without the owner.
+    let before = |i: &Instance| {
+        let mut r = c.record(i);
+        let old = i.stable_id();
+        r["Service"]["ID"] = json!(old);
+        r["Check"]["CheckID"] = json!(format!("{old}:ready"));
+        r["Check"]["ServiceID"] = json!(old);
+        r
+    };
+    let mut owned = BTreeMap::from([
+        (a.stable_id(), before(&a)),
+        (b.stable_id(), before(&b)),
+        // `b` was written again already (a first run cut short): its old entry only goes.
+        (c.service_id(&b), rendered[&c.service_id(&b)].clone()),
+    ]);
+    let (adopted, legacy) = c.adopt_legacy(std::mem::take(&mut owned));
+    assert_eq!(
+        legacy,
+        HashMap::from([(c.service_id(&a), a.stable_id())]),
+        "only a is filed anew"
+    );
+    let (ka, kb, old_b) = (c.service_id(&a), c.service_id(&b), b.stable_id());
+    let keys: Vec<&String> = adopted.keys().collect();
+    let mut want = vec![&ka, &kb, &old_b];
+    want.sort();
+    assert_eq!(keys, want);
+    *c.legacy.lock().expect("lock") = legacy;
+
+    let p = crate::export::plan::plan(&rendered, &adopted);
+    assert_eq!((p.creates, p.updates, p.deletes), (0, 1, 1), "{p}");
+    let batches = c.txn_batches(&p.ops, false).expect("valid");
+    assert_eq!(batches.len(), 1);
+    let ops: Vec<(String, String)> = batches[0]
+        .iter()
+        .map(|op| {
+            let (kind, inner) = op.as_object().and_then(|o| o.iter().next()).expect("op");
+            let id = inner
+                .pointer("/Service/ID")
+                .or_else(|| inner.pointer("/Check/CheckID"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            (
+                format!("{kind} {}", inner["Verb"].as_str().unwrap_or_default()),
+                id.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("Service set".to_string(), ka.clone()),
+            ("Check set".to_string(), format!("{ka}:ready")),
+            ("Service delete".to_string(), a.stable_id()),
+            ("Service delete".to_string(), old_b.clone()),
+        ]
+    );
+    // An adopted entry no longer wanted is deleted under its ID in Consul.
+    let gone = c
+        .txn_batches(&[Op::Delete { key: ka.clone() }], false)
+        .expect("valid");
+    assert_eq!(gone[0][0]["Service"]["Service"]["ID"], json!(a.stable_id()));
+
+    // Another owner's entry under an ID without an owner is not ours to adopt.
+    let foreign = json!({"Node": null, "Services": [{"ID": a.stable_id(), "Service": "api_x",
+        "Tags": [], "Meta": {"catalog-bridge-owner": "c2"}, "Address": "10.0.0.1", "Port": 8080}]});
+    let (_, owned) = c.owned_records(&foreign, &Value::Null).expect("parses");
+    assert!(c.adopt_legacy(owned).0.is_empty());
 }
 
 #[test]

@@ -78,14 +78,21 @@ impl Consul {
                         )));
                     }
                 }
+                // The same instance under its ID of before goes in the same commit.
+                let name = service
+                    .get("Service")
+                    .and_then(Value::as_str)
+                    .unwrap_or(key);
+                out.extend(self.legacy_delete(key, name));
                 Ok(out)
             }
             Op::Delete { key } => {
                 // Consul deletes by ID but insists on a non-empty name.
-                let name = self.known_name(key).unwrap_or_else(|| key.clone());
+                let id = self.legacy_id(key).unwrap_or_else(|| key.clone());
+                let name = self.known_name(&id).unwrap_or_else(|| id.clone());
                 Ok(vec![json!({"Service": {
                     "Verb": "delete", "Node": self.node,
-                    "Service": {"ID": key, "Service": name},
+                    "Service": {"ID": id, "Service": name},
                 }})])
             }
         }
@@ -220,6 +227,9 @@ impl Consul {
                     {
                         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
                         for op in done {
+                            if let Some(old) = self.legacy_done(op.key()) {
+                                names.remove(&old);
+                            }
                             match op {
                                 Op::Put { key, record } => {
                                     if let Some(n) =

@@ -59,6 +59,17 @@ impl Consul {
         crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, acl_token, tls, hcl)).await
     }
 
+    /// Like [`Consul::start_with_acl`], with Connect (the service mesh, on in dev mode) turned
+    /// off, as on servers before Consul 1.16 unless configured.
+    pub async fn start_without_connect(
+        dir: &Path,
+        name: &str,
+        acl_token: Option<&str>,
+    ) -> Result<Consul> {
+        Self::start_configured(dir, name, acl_token, None, Some("connect { enabled = false }"))
+            .await
+    }
+
     async fn start_once(
         dir: &Path,
         name: &str,
@@ -98,6 +109,9 @@ impl Consul {
             "-server-port",
         ] {
             spec = spec.arg(format!("{flag}={}", free_port()?));
+        }
+        if let Some(hcl) = hcl {
+            spec = spec.arg("-hcl").arg(hcl);
         }
         if let Some(token) = acl_token {
             spec = spec.arg("-hcl").arg(format!(

@@ -16,6 +16,20 @@ use crate::ready::wait_ready;
 
 /// The bearer token of the admin identity (group `system:masters`).
 const ADMIN_TOKEN: &str = "localenv-admin-token";
+/// A second identity with the same rights, so that what one process writes can be told from
+/// another's in the audit log ([`Kube::writes_by`]).
+pub const SECOND_USER: &str = "second";
+const SECOND_TOKEN: &str = "localenv-second-token";
+
+/// The audit policy: every request that writes (whoever makes it, refused or not) at the
+/// Metadata level; nothing else.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\n\
+                            kind: Policy\n\
+                            omitStages: [RequestReceived]\n\
+                            rules:\n\
+                            - level: Metadata\n  \
+                              verbs: [create, update, patch, delete, deletecollection]\n\
+                            - level: None\n";
 
 pub struct Kube {
     // Field order is drop order: the controller manager and the API server stop before etcd.
@@ -26,6 +40,9 @@ pub struct Kube {
     dir: PathBuf,
     kubeconfig: PathBuf,
     ca: PathBuf,
+    /// The same cluster as [`SECOND_USER`].
+    second_kubeconfig: PathBuf,
+    audit_log: PathBuf,
     http: reqwest::Client,
 }
 
@@ -41,9 +58,15 @@ impl Kube {
         let tokens = dir.join("tokens.csv");
         std::fs::write(
             &tokens,
-            format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
+            format!(
+                "{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n\
+                 {SECOND_TOKEN},{SECOND_USER},second-uid,\"system:masters\"\n"
+            ),
         )
         .context("writing the token file")?;
+        let audit_policy = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy, AUDIT_POLICY).context("writing the audit policy")?;
+        let audit_log = dir.join("audit.log");
         let spec = Spec::new("kube-apiserver", programs::kube_apiserver()?, &dir)
             .arg(format!("--etcd-servers={}", storage.url()))
             .arg(format!("--cert-dir={}", dir.join("serving").display()))
@@ -76,11 +99,23 @@ impl Kube {
             ))
             .arg("--endpoint-reconciler-type=none")
             .arg("--enable-priority-and-fairness=false")
+            .arg(format!("--audit-policy-file={}", audit_policy.display()))
+            .arg(format!("--audit-log-path={}", audit_log.display()))
+            .arg("--audit-log-mode=blocking")
             .arg("--v=1");
         let apiserver = Process::start(spec)?;
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(port, &certs.ca_crt))
-            .context("writing the kubeconfig")?;
+        std::fs::write(
+            &kubeconfig,
+            kubeconfig_yaml(port, &certs.ca_crt, "admin", ADMIN_TOKEN),
+        )
+        .context("writing the kubeconfig")?;
+        let second_kubeconfig = dir.join("kubeconfig-second");
+        std::fs::write(
+            &second_kubeconfig,
+            kubeconfig_yaml(port, &certs.ca_crt, SECOND_USER, SECOND_TOKEN),
+        )
+        .context("writing the second kubeconfig")?;
         let ca = std::fs::read(&certs.ca_crt).context("reading the CA certificate")?;
         crate::install_crypto_provider();
         let http = reqwest::Client::builder()
@@ -98,6 +133,8 @@ impl Kube {
             dir: dir.clone(),
             kubeconfig,
             ca: certs.ca_crt.clone(),
+            second_kubeconfig,
+            audit_log,
             http,
         };
         kube.wait_apiserver_ready().await?;
@@ -174,7 +211,7 @@ impl Kube {
     /// 127.0.0.1, so TLS passes through unchanged.
     pub fn kubeconfig_via(&self, port: u16, name: &str) -> Result<PathBuf> {
         let path = self.dir.join(format!("kubeconfig-{name}"));
-        std::fs::write(&path, kubeconfig_yaml(port, &self.ca))
+        std::fs::write(&path, kubeconfig_yaml(port, &self.ca, "admin", ADMIN_TOKEN))
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
@@ -182,6 +219,50 @@ impl Kube {
     /// The API server's port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// A kubeconfig file for [`SECOND_USER`]: the same rights as the admin, another name in the
+    /// audit log.
+    pub fn second_kubeconfig_path(&self) -> &Path {
+        &self.second_kubeconfig
+    }
+
+    /// Every request to write that `user` made so far, refused or not, as
+    /// `<verb> <resource>[/<subresource>] <namespace>/<name> -> <HTTP code>`, in order, from the
+    /// API server's audit log.
+    pub fn writes_by(&self, user: &str) -> Result<Vec<String>> {
+        let text = match std::fs::read_to_string(&self.audit_log) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", self.audit_log.display()));
+            }
+        };
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let ev: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("an audit event that is not JSON: {line}"))?;
+            if ev.pointer("/user/username").and_then(|u| u.as_str()) != Some(user)
+                || ev.get("stage").and_then(|s| s.as_str()) != Some("ResponseComplete")
+            {
+                continue;
+            }
+            let s = |p: &str| ev.pointer(p).and_then(|v| v.as_str()).unwrap_or("");
+            let mut resource = s("/objectRef/resource").to_string();
+            if !s("/objectRef/subresource").is_empty() {
+                resource = format!("{resource}/{}", s("/objectRef/subresource"));
+            }
+            out.push(format!(
+                "{} {resource} {}/{} -> {}",
+                s("/verb"),
+                s("/objectRef/namespace"),
+                s("/objectRef/name"),
+                ev.pointer("/responseStatus/code")
+                    .map(|c| c.to_string())
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(out)
     }
 
     /// `https://127.0.0.1:<port>`.
@@ -226,7 +307,7 @@ impl Kube {
     }
 }
 
-fn kubeconfig_yaml(port: u16, ca: &Path) -> String {
+fn kubeconfig_yaml(port: u16, ca: &Path, user: &str, token: &str) -> String {
     format!(
         "apiVersion: v1\n\
          kind: Config\n\
@@ -236,14 +317,14 @@ fn kubeconfig_yaml(port: u16, ca: &Path) -> String {
              server: https://127.0.0.1:{port}\n    \
              certificate-authority: {ca}\n\
          users:\n\
-         - name: admin\n  \
+         - name: {user}\n  \
            user:\n    \
-             token: {ADMIN_TOKEN}\n\
+             token: {token}\n\
          contexts:\n\
          - name: localenv\n  \
            context:\n    \
              cluster: localenv\n    \
-             user: admin\n    \
+             user: {user}\n    \
              namespace: default\n\
          current-context: localenv\n",
         ca = ca.display()
