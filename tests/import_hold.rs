@@ -146,9 +146,12 @@ async fn wait_warning(env: &Env, reason: &str) -> Result<String> {
     .await
 }
 
+/// Endpoints seen, and when.
+type Samples = Vec<(Duration, Vec<String>)>;
+
 /// Samples the endpoints of a Service every 100 ms, with when each was seen.
 struct Sampler {
-    samples: Arc<Mutex<Vec<(Duration, Vec<String>)>>>,
+    samples: Arc<Mutex<Samples>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -169,7 +172,7 @@ impl Sampler {
         Sampler { samples, task }
     }
 
-    fn stop(self) -> Vec<(Duration, Vec<String>)> {
+    fn stop(self) -> Samples {
         self.task.abort();
         self.samples.lock().map(|s| s.clone()).unwrap_or_default()
     }
@@ -206,16 +209,21 @@ fn py_consul(address: &str, script: &str) -> Result<String> {
     )
 }
 
-/// Registers instance `id` of `pay_h` at `ip:7070` with a passing TTL check.
-fn register(address: &str, id: &str, ip: &str) -> Result<()> {
+/// Registers instance `id` of `name` at `ip:7070` with a passing TTL check.
+fn register_as(address: &str, name: &str, id: &str, ip: &str) -> Result<()> {
     py_consul(
         address,
         &format!(
-            "c.agent.service.register('pay_h', service_id='{id}', address='{ip}', port=7070, check=consul.Check.ttl('10m'))\n\
+            "c.agent.service.register('{name}', service_id='{id}', address='{ip}', port=7070, check=consul.Check.ttl('10m'))\n\
              c.agent.check.ttl_pass('service:{id}')"
         ),
     )?;
     Ok(())
+}
+
+/// Registers instance `id` of `pay_h` at `ip:7070` with a passing TTL check.
+fn register(address: &str, id: &str, ip: &str) -> Result<()> {
+    register_as(address, "pay_h", id, ip)
 }
 
 /// A Consul dev agent restarted keeps nothing: every instance of `pay_h` disappears at once.
@@ -302,19 +310,16 @@ async fn a_consul_agent_restarted_empty_does_not_empty_the_imported_service() ->
     println!("Event {expired}");
     wait_synced_reason(&client, "pay-h", "InSync", WAIT).await?;
     // Until the hold ran out every sample held the three originals.
-    let end = samples
-        .iter()
-        .position(|(_, e)| e == &finally)
-        .context("the final endpoints sampled")?;
-    for (at, e) in &samples[..end] {
+    ensure!(!samples.is_empty(), "no samples");
+    for (at, e) in &samples {
         ensure!(
-            originals.iter().all(|o| e.contains(&o.to_string())),
+            e == &finally || originals.iter().all(|o| e.contains(&o.to_string())),
             "at {at:?} after the restart the Service had {e:?}"
         );
     }
     println!(
         "{} samples over {held_for:?}, none without the three originals before the hold ran out",
-        end
+        samples.len()
     );
     Ok(())
 }
@@ -359,13 +364,118 @@ async fn an_etcd_prefix_wiped_does_not_empty_the_imported_service_at_once() -> R
     println!("the four endpoints were held {held_for:?} after the wipe");
     println!("Event {}", wait_warning(&env, "ImportHoldExpired").await?);
     wait_synced_reason(&client, "memcache-h", "InSync", WAIT).await?;
-    let end = samples
-        .iter()
-        .position(|(_, e)| e.is_empty())
-        .context("the empty Service sampled")?;
-    for (at, e) in &samples[..end] {
-        ensure!(e == &all, "at {at:?} after the wipe the Service had {e:?}");
+    ensure!(!samples.is_empty(), "no samples");
+    for (at, e) in &samples {
+        ensure!(
+            e.is_empty() || e == &all,
+            "at {at:?} after the wipe the Service had {e:?}"
+        );
     }
-    println!("{end} samples, all with the four endpoints, before the hold ran out");
+    let before = samples.iter().filter(|(_, e)| e == &all).count();
+    println!(
+        "{} samples over {held_for:?}: {before} with the four endpoints, the rest empty",
+        samples.len()
+    );
+    Ok(())
+}
+
+/// What the hold must never hold, each followed at once: every instance of a Consul service
+/// failing its check (still registered: a health answer, a real outage), an etcd scale-down of
+/// less than half at a time, and a wiped prefix under `emptyHoldSeconds: 0`. No hold starts
+/// (`catalog_bridge_import_holds_total{outcome="started"}` stays 0, no `ImportHeld` Event).
+#[tokio::test]
+async fn health_answers_gradual_scale_downs_and_a_hold_of_zero_are_followed_at_once() -> Result<()>
+{
+    let env = Env::builder().kube().consul().etcd().start().await?;
+    let (client, cb) = setup(&env).await?;
+    let consul = env.consul()?;
+    let addr = consul.address();
+    let etcd = env.etcd()?;
+
+    for i in 0..3 {
+        register_as(
+            &addr,
+            "pay_f",
+            &format!("pay_f-{i}"),
+            &format!("10.22.0.{}", i + 1),
+        )?;
+    }
+    let keys = [
+        "10.23.0.1:11211",
+        "10.23.0.2:11211",
+        "10.23.0.3:11211",
+        "10.23.0.4:11211",
+    ];
+    for a in keys {
+        etcd.etcdctl(&["put", &format!("/services/memcache_f/providers/{a}"), a])?;
+    }
+    for a in ["10.24.0.1:6379", "10.24.0.2:6379"] {
+        etcd.etcdctl(&["put", &format!("/services/cache_z/providers/{a}"), a])?;
+    }
+    kubectl_apply(&env, &import("pay-f", "consul", "pay_f", json!({})))?;
+    kubectl_apply(&env, &import("memcache-f", "etcd", "memcache_f", json!({})))?;
+    kubectl_apply(
+        &env,
+        &import(
+            "cache-z",
+            "etcd",
+            "cache_z",
+            json!({"import": {"emptyHoldSeconds": 0}}),
+        ),
+    )?;
+    wait_endpoints(
+        &client,
+        "pay-f",
+        &["10.22.0.1:7070", "10.22.0.2:7070", "10.22.0.3:7070"],
+        WAIT,
+    )
+    .await
+    .with_context(|| cb.log())?;
+    wait_endpoints(&client, "memcache-f", &keys, WAIT).await?;
+    wait_endpoints(
+        &client,
+        "cache-z",
+        &["10.24.0.1:6379", "10.24.0.2:6379"],
+        WAIT,
+    )
+    .await?;
+
+    // Consul: all three fail their checks.
+    py_consul(
+        &addr,
+        "for i in range(3):\n    c.agent.check.ttl_fail('service:pay_f-%d' % i)",
+    )?;
+    let took = wait_endpoints(&client, "pay-f", &[], WAIT).await?;
+    println!("every Consul check critical -> endpoints gone in {took:?}");
+
+    // etcd: one of four goes, then one of three: less than half at a time.
+    etcd.etcdctl(&["del", "/services/memcache_f/providers/10.23.0.4:11211"])?;
+    let took = wait_endpoints(&client, "memcache-f", &keys[..3], WAIT).await?;
+    println!("one of four etcd keys deleted -> endpoint gone in {took:?}");
+    etcd.etcdctl(&["del", "/services/memcache_f/providers/10.23.0.3:11211"])?;
+    let took = wait_endpoints(&client, "memcache-f", &keys[..2], WAIT).await?;
+    println!("one of three etcd keys deleted -> endpoint gone in {took:?}");
+
+    // emptyHoldSeconds: 0: a wiped prefix empties the Service.
+    etcd.etcdctl(&["del", "--prefix", "/services/cache_z/"])?;
+    let took = wait_endpoints(&client, "cache-z", &[], WAIT).await?;
+    println!("prefix wiped with emptyHoldSeconds 0 -> endpoints gone in {took:?}");
+
+    for name in ["pay-f", "memcache-f", "cache-z"] {
+        let c = wait_synced_reason(&client, name, "InSync", WAIT).await?;
+        println!("{name}: Synced {} {}", c.status, c.reason);
+    }
+    let started = cb
+        .metric(
+            "catalog_bridge_import_holds_total",
+            &["outcome=\"started\""],
+        )
+        .await?;
+    assert_eq!(started, 0.0, "no hold started: {}", cb.log());
+    let events = warnings(&env)?;
+    ensure!(
+        !events.contains("ImportHeld"),
+        "an ImportHeld Event: {events}"
+    );
     Ok(())
 }
