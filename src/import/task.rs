@@ -330,6 +330,8 @@ pub async fn run(
         hold.seed(stored_endpoints(&watched, &reg));
         // When the running hold must be looked at again (its deadline).
         let mut hold_wake: Option<tokio::time::Instant> = None;
+        // The running hold's deadline, and the same on the wall clock (for status), taken once.
+        let mut hold_deadline: Option<(Instant, SystemTime)> = None;
         loop {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
@@ -433,9 +435,13 @@ pub async fn run(
                 metrics.import_hold_changed(&catalog, hold_outcome(c));
             }
             metrics.import_held(&catalog, &ns, &name, hold.held() as i64);
-            let held = hold.until().map(|u| Held {
+            hold_deadline = hold.until().map(|u| match hold_deadline {
+                Some((seen, wall)) if seen == u => (seen, wall),
+                _ => (u, SystemTime::now() + u.saturating_duration_since(now)),
+            });
+            let held = hold_deadline.map(|(_, until)| Held {
                 endpoints: hold.held(),
-                until: SystemTime::now() + u.saturating_duration_since(now),
+                until,
                 seconds,
             });
             view.send_if_modified(|v| {
