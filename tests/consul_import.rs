@@ -198,6 +198,7 @@ async fn healthy_instances_are_followed_through_blocking_queries() -> Result<()>
         s,
         ImportSnapshot {
             instances: vec![ext("10.7.0.1", 5432, &a), ext("10.7.0.2", 5433, &b)],
+            failing: vec![],
             skipped: vec![],
             error: None,
             synced: true,
@@ -211,6 +212,11 @@ async fn healthy_instances_are_followed_through_blocking_queries() -> Result<()>
         .await?;
     delays.push(d);
     assert_eq!(ids(&s), [b.as_str()]);
+    assert_eq!(
+        s.failing,
+        [ext("10.7.0.1", 5432, &a)],
+        "still registered, reported failing: a health answer, not a disappearance"
+    );
 
     let (s, d) = w
         .after_py(&addr, &["pass", &a], "a passing again", |s| {

@@ -87,6 +87,7 @@ async fn the_apiserver_accepts_the_crds_and_rejects_invalid_objects() -> Result<
             json!({
                 "catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "mysql_x",
                 "target": {"ports": [{"name": "mysql", "port": 3306}]},
+                "import": {"emptyHoldSeconds": 0},
             }),
         ),
     )
@@ -227,6 +228,21 @@ async fn the_apiserver_accepts_the_crds_and_rejects_invalid_objects() -> Result<
             json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"},
                    "meta": {"team": "x".repeat(513)}}),
             "spec.meta.team: Too long",
+        ),
+        (
+            "a negative empty-hold",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "x", "import": {"emptyHoldSeconds": -1}}),
+            "spec.import.emptyHoldSeconds",
+        ),
+        (
+            "an empty-hold over an hour",
+            json!({"catalogRef": {"name": "zk"}, "direction": "Import", "externalName": "x", "import": {"emptyHoldSeconds": 3601}}),
+            "spec.import.emptyHoldSeconds",
+        ),
+        (
+            "import settings on an export",
+            json!({"catalogRef": {"name": "consul"}, "direction": "Export", "service": {"name": "s"}, "import": {"emptyHoldSeconds": 5}}),
+            "spec.import is for Import",
         ),
     ];
     for (i, (what, spec, expect)) in bad_registrations.into_iter().enumerate() {

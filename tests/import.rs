@@ -25,6 +25,13 @@ fn import(name: &str, catalog: &str, external: &str, target: Value) -> Value {
     })
 }
 
+/// `registration` with the empty-hold turned off (`spec.import.emptyHoldSeconds: 0`): for
+/// tests of how promptly the last instances leave (the hold itself: tests/import_hold.rs).
+fn without_hold(mut registration: Value) -> Value {
+    registration["spec"]["import"] = json!({"emptyHoldSeconds": 0});
+    registration
+}
+
 /// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `svc`.
 async fn endpoints(client: &kube::Client, svc: &str) -> Result<Vec<String>> {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
@@ -184,12 +191,12 @@ async fn etcd_keys_and_zookeeper_nodes_become_endpoints_while_they_live() -> Res
     ])?;
     kubectl_apply(
         &env,
-        &import(
+        &without_hold(import(
             "memcache",
             "etcd",
             "memcache",
             json!({"ports": [{"name": "memcache", "port": 11211}]}),
-        ),
+        )),
     )?;
     wait_endpoints(
         &client,
@@ -247,12 +254,12 @@ async fn etcd_keys_and_zookeeper_nodes_become_endpoints_while_they_live() -> Res
     }
     kubectl_apply(
         &env,
-        &import(
+        &without_hold(import(
             "mysql-x",
             "zk",
             "mysql_x",
             json!({"ports": [{"name": "mysql", "port": 3306}]}),
-        ),
+        )),
     )?;
     wait_endpoints(&client, "mysql-x", &["10.7.0.8:3306"])
         .await

@@ -393,12 +393,13 @@ fn rel(p: &Path) -> String {
 }
 
 /// The pure steps: what they may not name.
-const PURE: [&str; 9] = [
+const PURE: [&str; 10] = [
     "model",
     "api",
     "export::desired",
     "export::plan",
     "export::records",
+    "import::hold",
     "import::render",
     "status::catalog",
     "status::registration",

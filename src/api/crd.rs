@@ -275,6 +275,7 @@ pub struct ServerInfo {
     validation = Rule::new("self.spec.direction != 'Import' || has(self.spec.externalName)").message("direction Import needs spec.externalName"),
     validation = Rule::new("self.spec.direction != 'Import' || !has(self.spec.service)").message("spec.service is for Export; Import maintains spec.target.serviceName"),
     validation = Rule::new("self.spec.direction != 'Export' || !has(self.spec.target)").message("spec.target is for Import"),
+    validation = Rule::new("self.spec.direction != 'Export' || !has(self.spec.import)").message("spec.import is for Import"),
     validation = Rule::new("!has(self.spec.target) || !has(self.spec.target.ports) || self.spec.target.ports.all(p, self.spec.target.ports.exists_one(q, q.name == p.name))").message("spec.target.ports: each name once"),
     validation = Rule::new("!has(self.spec.target) || !has(self.spec.target.ports) || self.spec.target.ports.all(p, self.spec.target.ports.exists_one(q, q.port == p.port))").message("spec.target.ports: each port once")
 )]
@@ -312,7 +313,25 @@ pub struct ExternalRegistrationSpec {
     /// Import: the Service to maintain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<ImportTarget>,
+    /// Import: how the import follows its catalog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportOptions>,
 }
+
+impl ExternalRegistrationSpec {
+    /// Import: `import.emptyHoldSeconds`, or its default.
+    pub fn empty_hold(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(
+            self.import
+                .as_ref()
+                .and_then(|i| i.empty_hold_seconds)
+                .unwrap_or(DEFAULT_EMPTY_HOLD_SECONDS),
+        ))
+    }
+}
+
+/// The default of `spec.import.emptyHoldSeconds`.
+pub const DEFAULT_EMPTY_HOLD_SECONDS: u32 = 30;
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -384,6 +403,23 @@ pub struct ImportTarget {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub ports: Vec<NamedPort>,
+}
+
+/// Import: how the import follows its catalog.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportOptions {
+    /// A safety valve: when the catalog suddenly stops listing most of the instances it listed
+    /// (none left, or fewer than half and more than half unknown to it: a Consul agent
+    /// restarted empty, an etcd prefix or a ZooKeeper path deleted by mistake), the Service
+    /// keeps the missing endpoints for this many seconds, and the registration says so
+    /// (`Synced=False`, reason `ImportHeld`). Instances the catalog lists again, healthy or
+    /// failing, follow it at once; the rest go when the hold runs out. Instances that are
+    /// still registered but fail their health checks are never held. Default 30; 0 turns the
+    /// hold off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 3600))]
+    pub empty_hold_seconds: Option<u32>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]

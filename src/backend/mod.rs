@@ -54,6 +54,10 @@ pub struct ImportSnapshot {
     /// The healthy instances, sorted, without this controller's own entries. While the
     /// catalog is unreachable this keeps the last known set.
     pub instances: Vec<External>,
+    /// Instances the catalog still lists but reports unhealthy (Consul: a check not passing),
+    /// sorted: a health answer, which the import's empty-hold never holds. Always empty for
+    /// catalogs without health checks (etcd, ZooKeeper: an entry lives while its key does).
+    pub failing: Vec<External>,
     /// Entries that could not be parsed: (id, why). They are left out; the rest import.
     pub skipped: Vec<(String, String)>,
     /// The last read failed with this (the instances are then the last known ones).
@@ -69,8 +73,19 @@ pub fn publish_read(
     instances: Vec<External>,
     skipped: Vec<(String, String)>,
 ) {
+    publish_health_read(tx, instances, Vec::new(), skipped);
+}
+
+/// [`publish_read`] from a catalog with health checks: also the instances it lists as failing.
+pub fn publish_health_read(
+    tx: &tokio::sync::watch::Sender<ImportSnapshot>,
+    instances: Vec<External>,
+    failing: Vec<External>,
+    skipped: Vec<(String, String)>,
+) {
     let next = ImportSnapshot {
         instances,
+        failing,
         skipped,
         error: None,
         synced: true,

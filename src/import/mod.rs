@@ -3,15 +3,16 @@
 //! EndpointSlices equal to the healthy instances.
 //!
 //! ```text
-//! Backend::watch_service ─▶ ImportSnapshot ─▶ render (pure) ─▶ apply (server-side apply)
+//! Backend::watch_service ─▶ ImportSnapshot ─▶ hold (pure) ─▶ render (pure) ─▶ apply (server-side apply)
 //! ```
 
 pub mod apply;
+pub mod hold;
 pub mod importers;
 pub mod render;
 pub mod task;
 pub mod touched;
 
 pub use importers::Importers;
-pub use task::ImportView;
+pub use task::{Held, HoldNote, ImportView};
 pub use touched::{Touched, Watched};

@@ -5,11 +5,15 @@
 //! Nothing is deleted because a read failed: until the first successful read nothing is applied,
 //! and while the catalog is unreachable the last known instances stay in place. The imported
 //! objects are kept as rendered: when the controller's watches see one deleted or changed by
-//! someone else ([`Touched`]), the task applies it again.
+//! someone else ([`Touched`]), the task applies it again. A catalog that suddenly stops listing
+//! most instances does not empty the Service at once: the empty-hold ([`hold`]) keeps the
+//! missing endpoints for `spec.import.emptyHoldSeconds`.
+//!
+//! [`hold`]: super::hold
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -17,10 +21,12 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 use super::apply::{self, Written};
+use super::hold::{self, Answer, Change, Hold};
 use super::render::{self, Kind, Rendered};
 use super::touched::{Touched, TouchedObject, Watched};
 use crate::api::crd::ExternalRegistration;
-use crate::backend::{Backend, BackendError, ImportSnapshot};
+use crate::api::labels::{REGISTRATION_LABEL, SERVICE_NAME_LABEL};
+use crate::backend::{Backend, BackendError, External, ImportSnapshot};
 use crate::model::{Problem, Reason};
 use crate::runtime::Metrics;
 use crate::runtime::supervisor::TaskState;
@@ -44,6 +50,100 @@ pub struct ImportView {
     pub problem: Option<Problem>,
     /// The import's task: restarts, and whether it is down right now.
     pub task: TaskState,
+    /// The empty-hold running now: endpoints kept although the catalog no longer lists them.
+    pub held: Option<Held>,
+    /// How holds began and ended, the last few, oldest first: for Events.
+    pub hold_notes: Vec<HoldNote>,
+}
+
+/// An empty-hold running: the catalog suddenly stopped listing most instances.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Held {
+    /// Endpoints kept that the catalog does not list.
+    pub endpoints: usize,
+    /// When they go unless the catalog lists them again.
+    pub until: SystemTime,
+    /// `spec.import.emptyHoldSeconds`.
+    pub seconds: u64,
+}
+
+/// A hold that began or ended, as users read it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HoldNote {
+    pub at: Instant,
+    /// `ImportHeld`, `ImportHoldExpired` or `ImportHoldReleased`.
+    pub reason: Reason,
+    pub note: String,
+}
+
+/// Hold notes a view keeps.
+const HOLD_NOTES_KEPT: usize = 8;
+
+/// What users read about `change` of the hold of `external` in `catalog`.
+fn hold_note(change: &Change, catalog: &str, external: &str, seconds: u64) -> HoldNote {
+    let (reason, note) = match change {
+        Change::Started {
+            held,
+            before,
+            listed,
+        } => (
+            Reason::ImportHeld,
+            format!(
+                "catalog {catalog} suddenly lists {listed} healthy instance(s) of {external} \
+                 where {before} endpoint(s) were published, and no longer knows {held} of them \
+                 at all (a catalog restarted empty or wiped?): keeping those {held} endpoint(s) \
+                 for {seconds} s (spec.import.emptyHoldSeconds) unless it lists them again"
+            ),
+        ),
+        Change::Released { listed } => (
+            Reason::ImportHoldReleased,
+            format!(
+                "catalog {catalog} lists the {listed} held instance(s) of {external} again: \
+                 the hold is over"
+            ),
+        ),
+        Change::Expired { removed } => (
+            Reason::ImportHoldExpired,
+            format!(
+                "the hold of {external} ran out ({seconds} s) and catalog {catalog} still does \
+                 not list {removed} instance(s): their endpoints were removed"
+            ),
+        ),
+    };
+    HoldNote {
+        at: Instant::now(),
+        reason,
+        note,
+    }
+}
+
+/// What the import's Service and EndpointSlices publish now, as the stores hold them: where a
+/// task that starts again (a new leader, a changed registration) begins its hold.
+fn stored_endpoints(watched: &Watched, reg: &ExternalRegistration) -> Vec<External> {
+    let (Some(ns), name) = (reg.namespace(), reg.name_any()) else {
+        return Vec::new();
+    };
+    let svc_name = render::service_name(reg);
+    let service = watched
+        .services
+        .get(&ObjectRef::new(&svc_name).within(&ns))
+        .filter(|s| s.labels().get(REGISTRATION_LABEL) == Some(&name));
+    let slices: Vec<_> = watched
+        .slices
+        .state()
+        .into_iter()
+        .filter(|s| {
+            let l = s.labels();
+            s.namespace().as_deref() == Some(ns.as_str())
+                && l.get(REGISTRATION_LABEL) == Some(&name)
+                && l.get(SERVICE_NAME_LABEL) == Some(&svc_name)
+        })
+        .collect();
+    hold::published(
+        service.as_deref(),
+        &slices,
+        reg.spec.external_name.as_deref().unwrap_or_default(),
+    )
 }
 
 /// Whether the API server still holds `reg`, the same object, not being deleted. An answer
@@ -65,6 +165,15 @@ async fn registration_stands(client: &kube::Client, reg: &ExternalRegistration) 
             warn!(registration = %format!("{ns}/{}", reg.name_any()), error = %e, "reading the registration before undoing a change; undoing it");
             true
         }
+    }
+}
+
+/// The `outcome` label of a hold's change in `catalog_bridge_import_holds_total`.
+fn hold_outcome(c: &Change) -> &'static str {
+    match c {
+        Change::Started { .. } => "started",
+        Change::Released { .. } => "released",
+        Change::Expired { .. } => "expired",
     }
 }
 
@@ -216,10 +325,20 @@ pub async fn run(
         let mut ours = Ours::default();
         let mut touched = watched.touched.subscribe();
         let mut repairs = Repairs::default();
+        let empty_hold = reg.spec.empty_hold();
+        let mut hold = Hold::new(empty_hold);
+        hold.seed(stored_endpoints(&watched, &reg));
+        // When the running hold must be looked at again (its deadline).
+        let mut hold_wake: Option<tokio::time::Instant> = None;
+        // The running hold's deadline, and the same on the wall clock (for status), taken once.
+        let mut hold_deadline: Option<(Instant, SystemTime)> = None;
         loop {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 r = gate.changed() => if r.is_err() || !*gate.borrow() { break },
+                _ = tokio::time::sleep_until(hold_wake.unwrap_or_else(tokio::time::Instant::now)), if hold_wake.is_some() => {
+                    hold_wake = None;
+                }
                 _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                     retry_at = None;
                 }
@@ -288,6 +407,56 @@ pub async fn run(
                     .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(2));
                 continue;
             }
+            let now = Instant::now();
+            let (instances, changes) = hold.decide(
+                Answer {
+                    healthy: &snap.instances,
+                    failing: &snap.failing,
+                    fresh: snap.error.is_none(),
+                },
+                now,
+            );
+            // Woken at the deadline; a deadline passed while the catalog cannot be read waits
+            // for its next answer.
+            hold_wake = hold
+                .until()
+                .filter(|u| *u > now)
+                .map(tokio::time::Instant::from_std);
+            let seconds = empty_hold.as_secs();
+            for c in &changes {
+                match c {
+                    Change::Released { .. } => {
+                        info!(registration = %format!("{ns}/{name}"), change = ?c, "import hold over: the catalog lists the held instances again")
+                    }
+                    _ => {
+                        warn!(registration = %format!("{ns}/{name}"), change = ?c, hold_seconds = seconds, "import hold")
+                    }
+                }
+                metrics.import_hold_changed(&catalog, hold_outcome(c));
+            }
+            metrics.import_held(&catalog, &ns, &name, hold.held() as i64);
+            hold_deadline = hold.until().map(|u| match hold_deadline {
+                Some((seen, wall)) if seen == u => (seen, wall),
+                _ => (u, SystemTime::now() + u.saturating_duration_since(now)),
+            });
+            let held = hold_deadline.map(|(_, until)| Held {
+                endpoints: hold.held(),
+                until,
+                seconds,
+            });
+            view.send_if_modified(|v| {
+                let changed = v.held != held || !changes.is_empty();
+                v.held = held;
+                for c in &changes {
+                    if v.hold_notes.len() == HOLD_NOTES_KEPT {
+                        v.hold_notes.remove(0);
+                    }
+                    v.hold_notes
+                        .push(hold_note(c, &catalog, &external, seconds));
+                }
+                changed
+            });
+            let snap = ImportSnapshot { instances, ..snap };
             let result = match render::render(&reg, &snap, applied.as_ref()) {
                 Ok(r) if dry_run => {
                     if applied.as_ref() != Some(&r) {

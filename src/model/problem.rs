@@ -74,6 +74,13 @@ reasons! {
     ApplyFailed,
     /// A catalog entry could not be imported and was skipped.
     UnparsableEntry,
+    /// The catalog suddenly stopped listing most instances of an imported name: their
+    /// endpoints are kept for `spec.import.emptyHoldSeconds` (the empty-hold).
+    ImportHeld,
+    /// An empty-hold ran out: the endpoints the catalog still does not list were removed.
+    ImportHoldExpired,
+    /// The catalog lists the held instances again: the empty-hold is over.
+    ImportHoldReleased,
 
     // Conditions that are fine, or on their way.
     /// The catalog answers.

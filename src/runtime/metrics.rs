@@ -52,7 +52,15 @@ pub struct Metrics {
     leader: Gauge,
     config_errors: Family<ConfigErrorLabels, Gauge>,
     import_skipped: Family<RegistrationLabels, Gauge>,
+    import_held: Family<RegistrationLabels, Gauge>,
+    import_holds: Family<HoldLabels, Counter>,
     task_restarts: Family<TaskLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HoldLabels {
+    catalog: String,
+    outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -133,6 +141,18 @@ impl Metrics {
             "Catalog entries an import could not parse and left out, per registration",
             import_skipped.clone(),
         );
+        let import_held = Family::<RegistrationLabels, Gauge>::default();
+        registry.register(
+            "import_held_endpoints",
+            "Endpoints an import keeps although its catalog suddenly stopped listing them (spec.import.emptyHoldSeconds), per registration",
+            import_held.clone(),
+        );
+        let import_holds = Family::<HoldLabels, Counter>::default();
+        registry.register(
+            "import_holds",
+            "Import empty-holds that started, were released (the catalog listed the instances again) or expired (their endpoints removed), per catalog",
+            import_holds.clone(),
+        );
         let task_restarts = Family::<TaskLabel, Counter>::default();
         registry.register(
             "task_restarts",
@@ -142,6 +162,8 @@ impl Metrics {
         Metrics {
             task_restarts,
             import_skipped,
+            import_held,
+            import_holds,
             registry,
             catalog_up,
             operations,
@@ -278,13 +300,36 @@ impl Metrics {
         });
     }
 
-    /// Forgets the skipped-entries gauge of a registration that is gone.
+    /// Forgets the skipped-entries and held-endpoints gauges of a registration that is gone.
     pub fn forget_import(&self, catalog: &str, namespace: &str, registration: &str) {
-        self.import_skipped.remove(&RegistrationLabels {
+        let labels = RegistrationLabels {
             catalog: catalog.into(),
             namespace: namespace.into(),
             registration: registration.into(),
-        });
+        };
+        self.import_skipped.remove(&labels);
+        self.import_held.remove(&labels);
+    }
+
+    /// Endpoints import `namespace/registration` holds now (the empty-hold).
+    pub fn import_held(&self, catalog: &str, namespace: &str, registration: &str, n: i64) {
+        self.import_held
+            .get_or_create(&RegistrationLabels {
+                catalog: catalog.into(),
+                namespace: namespace.into(),
+                registration: registration.into(),
+            })
+            .set(n);
+    }
+
+    /// An import empty-hold in `catalog` started, was released or expired (`outcome`).
+    pub fn import_hold_changed(&self, catalog: &str, outcome: &str) {
+        self.import_holds
+            .get_or_create(&HoldLabels {
+                catalog: catalog.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// Entries import `namespace/registration` skipped in `catalog`.

@@ -1,4 +1,4 @@
-//! Warning Events: one per distinct message on an object, when it appears.
+//! Events (mostly Warnings): one per distinct message on an object, when it appears.
 
 use std::collections::HashMap;
 
@@ -19,6 +19,14 @@ pub fn warning(reason: Reason, note: &str, action: &str) -> Event {
         note: Some(note.chars().take(MAX_NOTE).collect()),
         action: action.into(),
         secondary: None,
+    }
+}
+
+/// A Normal Event with `reason` and `note`, for `action`.
+pub fn normal(reason: Reason, note: &str, action: &str) -> Event {
+    Event {
+        type_: EventType::Normal,
+        ..warning(reason, note, action)
     }
 }
 

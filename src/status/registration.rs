@@ -3,7 +3,7 @@
 //! desired state and its catalog's writer, for an import from its task. Pure.
 
 use super::catalog::task_down;
-use super::conditions::{ConditionType, Verdict, condition, now, status_of};
+use super::conditions::{ConditionType, Verdict, condition, now, status_of, system_time};
 use crate::api::crd::{ExternalRegistration, ExternalRegistrationStatus};
 use crate::export::desired::{Export, Source};
 use crate::export::snapshot::Refused;
@@ -129,6 +129,7 @@ pub fn import_status(reg: &ExternalRegistration, v: &ImportView) -> ExternalRegi
                 v.endpoints
             ),
         ),
+        (None, None, None) if v.held.is_some() => held(v),
         (None, None, None) if v.synced => Verdict::yes(
             Reason::InSync,
             format!("the EndpointSlices hold the healthy instances {catalog} reports"),
@@ -143,6 +144,25 @@ pub fn import_status(reg: &ExternalRegistration, v: &ImportView) -> ExternalRegi
         &v.service_name,
         &external,
         v.task.restarts,
+    )
+}
+
+/// `Synced=False` for an import whose empty-hold runs: what is kept, and until when.
+fn held(v: &ImportView) -> Verdict {
+    let (endpoints, until, seconds) = v
+        .held
+        .as_ref()
+        .map(|h| (h.endpoints, system_time(h.until), h.seconds))
+        .unwrap_or_default();
+    Verdict::no(
+        Reason::ImportHeld,
+        format!(
+            "catalog {} suddenly stopped listing most instances: keeping {endpoints} endpoint(s) \
+             it no longer lists until {} (spec.import.emptyHoldSeconds: {seconds}) unless it \
+             lists them again",
+            v.catalog,
+            until.as_deref().unwrap_or("the hold runs out")
+        ),
     )
 }
 
@@ -310,5 +330,42 @@ mod tests {
             ("False", "TaskRestarted")
         );
         assert_eq!(s.task_restarts, 1);
+    }
+
+    #[test]
+    fn an_import_that_holds_endpoints_is_not_synced_and_says_until_when() {
+        let reg: ExternalRegistration = serde_json::from_value(json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+            "metadata": {"name": "pay", "namespace": "shop"},
+            "spec": {"catalogRef": {"name": "consul"}, "direction": "Import",
+                     "externalName": "pay"},
+        }))
+        .expect("a registration");
+        let v = ImportView {
+            catalog: "consul".into(),
+            service_name: "pay".into(),
+            endpoints: 3,
+            synced: true,
+            held: Some(crate::import::Held {
+                endpoints: 3,
+                until: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+                seconds: 30,
+            }),
+            ..Default::default()
+        };
+        let s = import_status(&reg, &v);
+        let (ready, synced) = (&s.conditions[0], &s.conditions[1]);
+        assert_eq!(ready.status, "True", "still imported");
+        assert_eq!(
+            (synced.status.as_str(), synced.reason.as_str()),
+            ("False", "ImportHeld")
+        );
+        assert!(
+            synced.message.contains("keeping 3 endpoint(s)")
+                && synced.message.contains("2027-01-15T08:00:00Z"),
+            "{}",
+            synced.message
+        );
+        assert_eq!(s.endpoints, 3);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::catalog::catalog_status;
-use super::events::{Announcer, warning};
+use super::events::{Announcer, normal, warning};
 use super::registration::{
     export_status, import_status, refusal_message, refused_for, same_ignoring_sync_time,
 };
@@ -48,6 +48,10 @@ struct Written {
     skips: HashSet<(String, String, String, String)>,
     /// Restarts announced, by object uid.
     restarts: HashMap<String, u32>,
+    /// Since when this replica leads: older hold notes are not announced (again).
+    leading_since: Option<Instant>,
+    /// The newest hold note announced, by import.
+    holds: HashMap<(String, String), Instant>,
 }
 
 /// Writes status and Events while the gate (leadership) is open.
@@ -76,6 +80,7 @@ pub async fn run(
         refusals(&stores, &d, &v, &mut recorder, &mut written).await;
         skips(&stores, &imp, &mut recorder, &mut written).await;
         restarts(&stores, &v, &imp, &mut recorder, &mut written).await;
+        holds(&stores, &imp, &mut recorder, &mut written).await;
     }
 }
 
@@ -308,6 +313,38 @@ async fn restarts(
                 &reference,
             )
             .await;
+    }
+}
+
+/// An Event for each hold of an import that began (Warning `ImportHeld`), ran out (Warning
+/// `ImportHoldExpired`) or was released (Normal `ImportHoldReleased`), once.
+async fn holds(
+    stores: &Stores,
+    imp: &HashMap<(String, String), ImportView>,
+    recorder: &mut Announcer,
+    written: &mut Written,
+) {
+    let since = *written.leading_since.get_or_insert_with(Instant::now);
+    written.holds.retain(|k, _| imp.contains_key(k));
+    for ((ns, name), view) in imp.iter().filter(|(_, v)| !v.hold_notes.is_empty()) {
+        let Some(reg) = stores.registrations.get(&ObjectRef::new(name).within(ns)) else {
+            continue;
+        };
+        let key = (ns.clone(), name.clone());
+        let announced = written.holds.get(&key).copied();
+        let fresh: Vec<_> = view
+            .hold_notes
+            .iter()
+            .filter(|n| n.at >= since && announced.is_none_or(|a| n.at > a))
+            .collect();
+        for n in fresh {
+            let ev = match n.reason {
+                Reason::ImportHoldReleased => normal(n.reason, &n.note, "Import"),
+                _ => warning(n.reason, &n.note, "Import"),
+            };
+            recorder.publish(&ev, &reg.object_ref(&())).await;
+            written.holds.insert(key.clone(), n.at);
+        }
     }
 }
 

@@ -1,7 +1,9 @@
-//! Import: the healthy instances of one service followed with blocking queries on
-//! `/v1/health/service/<name>?passing`, and what its answers import: an instance imports while
-//! all its checks and its node's pass, and entries carrying this owner's meta (our own
-//! exports) never import. And the addresses a lookup returns.
+//! Import: the instances of one service followed with blocking queries on
+//! `/v1/health/service/<name>`, and what its answers import: an instance imports while all its
+//! checks and its node's pass (what `?passing` would return), and entries carrying this owner's
+//! meta (our own exports) never import. The others are reported as failing: still registered,
+//! a health answer rather than a disappearance (the import's empty-hold tells them apart). And
+//! the addresses a lookup returns.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use tokio::sync::watch;
 use super::Consul;
 use super::client::REQUEST_TIMEOUT;
 use super::layout::OWNER_META;
-use crate::backend::{BackendError, External, ImportSnapshot, publish_error, publish_read};
+use crate::backend::{BackendError, External, ImportSnapshot, publish_error, publish_health_read};
 use crate::model::address::{host_port, import_host, port_number};
 use crate::runtime::backoff::Backoff;
 
@@ -38,22 +40,22 @@ impl Consul {
         self
     }
 
-    /// One read of the healthy instances of `name`: a blocking query from `index` (a plain
-    /// read when 0). Returns the entries and the answer's `X-Consul-Index`.
-    async fn read_passing(
+    /// One read of the instances of `name`, healthy or not: a blocking query from `index` (a
+    /// plain read when 0). Returns the entries and the answer's `X-Consul-Index`.
+    async fn read_health(
         &self,
         name: &str,
         index: u64,
     ) -> Result<(Value, Option<u64>), BackendError> {
         let index_s = index.to_string();
         let wait_s = format!("{}ms", self.watch_wait.as_millis());
-        let mut query = vec![("passing", "")];
+        let mut query = Vec::new();
         if index > 0 {
             query.push(("index", index_s.as_str()));
             query.push(("wait", wait_s.as_str()));
         }
         let timeout = self.watch_wait + self.watch_wait / 16 + REQUEST_TIMEOUT;
-        let what = format!("GET /v1/health/service/{name}?passing");
+        let what = format!("GET /v1/health/service/{name}");
         let reply = self
             .call_with_timeout(
                 Method::GET,
@@ -77,7 +79,7 @@ impl Consul {
     }
 
     /// Follows `name` until `tx` is closed ([`Backend::watch_service`]): blocking queries on
-    /// `/v1/health/service/<name>?passing` (see [`next_index`] for how the index moves); after
+    /// `/v1/health/service/<name>` (see [`next_index`] for how the index moves); after
     /// a failed read the next query is a plain one from index 0, so a Consul that came back
     /// empty is read at once.
     ///
@@ -97,20 +99,23 @@ impl Consul {
             let read = tokio::select! {
                 biased;
                 () = tx.closed() => return Ok(()),
-                r = self.read_passing(name, index) => r,
+                r = self.read_health(name, index) => r,
             };
             let read = read.and_then(|(entries, got)| {
-                let (instances, skipped) = import_entries(name, &self.owner, &entries)?;
-                Ok((instances, skipped, got))
+                let (passing, failing) = split_by_health(name, &entries)?;
+                let (instances, skipped) = import_entries(name, &self.owner, &passing)?;
+                // Failing entries that cannot be parsed are not reported: they import nothing.
+                let (unhealthy, _) = import_entries(name, &self.owner, &failing)?;
+                Ok((instances, unhealthy, skipped, got))
             });
             let pause = match read {
-                Ok((instances, skipped, got)) => {
+                Ok((instances, unhealthy, skipped, got)) => {
                     if failing {
                         tracing::info!(service = name, "Consul import watch reads again");
                         failing = false;
                     }
                     backoff.reset();
-                    publish_read(&tx, instances, skipped);
+                    publish_health_read(&tx, instances, unhealthy, skipped);
                     let (next_index, pause) = next_index(index, got);
                     if pause {
                         tracing::debug!(service = name, index = ?got, "Consul answered without a usable X-Consul-Index");
@@ -155,7 +160,7 @@ pub(super) fn next_index(sent: u64, got: Option<u64>) -> (u64, bool) {
 /// The instances an answer imports, and the entries skipped with why.
 pub(super) type Imported = (Vec<External>, Vec<(String, String)>);
 
-/// What one `/v1/health/service/<name>?passing` answer imports: the instances, sorted, and
+/// What the passing entries of a `/v1/health/service/<name>` answer import: the instances, sorted, and
 /// the entries that cannot be used, with why. Entries whose owner meta is `owner` (this
 /// controller's own exports) are left out of both. The id is the service ID, prefixed with
 /// `<node>/` when that ID is on more than one node.
@@ -246,6 +251,24 @@ pub(super) fn import_entries(
     instances.sort();
     skipped.sort();
     Ok((instances, skipped))
+}
+
+/// A `/v1/health/service/<name>` answer split into the entries whose checks (the service's and
+/// its node's) all pass, what `?passing` returns, and the others.
+pub(super) fn split_by_health(name: &str, entries: &Value) -> Result<(Value, Value), BackendError> {
+    let (passing, failing): (Vec<Value>, Vec<Value>) = health_entries(name, entries)?
+        .iter()
+        .cloned()
+        .partition(|e| {
+            e.get("Checks")
+                .and_then(Value::as_array)
+                .is_none_or(|checks| {
+                    checks
+                        .iter()
+                        .all(|c| c.get("Status").and_then(Value::as_str) == Some("passing"))
+                })
+        });
+    Ok((Value::Array(passing), Value::Array(failing)))
 }
 
 /// The entries of a `/v1/health/service/<name>` answer (none for `null`).

@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use super::import::{health_addresses, import_entries, next_index};
+use super::import::{health_addresses, import_entries, next_index, split_by_health};
 use super::txn::txn_errors;
 use super::*;
 use crate::backend::External;
@@ -593,6 +593,35 @@ fn import_keeps_usable_entries_and_says_why_it_skips_the_others() {
         import_entries("db", "c1", &json!({"x": 1})),
         Err(BackendError::Protocol(_))
     ));
+}
+
+#[test]
+fn an_entry_passes_when_every_check_passes_and_the_others_are_failing_not_gone() {
+    let entry = |id: &str, statuses: &[&str]| {
+        json!({"Node": {"Node": "n1", "Address": "192.0.2.1"},
+               "Service": {"ID": id, "Service": "db", "Address": "10.0.0.1", "Port": 1},
+               "Checks": statuses.iter().map(|s| json!({"Status": s})).collect::<Vec<_>>()})
+    };
+    let entries = json!([
+        entry("up", &["passing", "passing"]),
+        entry("no-checks", &[]),
+        entry("warning", &["passing", "warning"]),
+        entry("node-down", &["critical", "passing"]),
+    ]);
+    let (passing, failing) = split_by_health("db", &entries).expect("a list");
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| e["Service"]["ID"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(ids(&passing), ["up", "no-checks"]);
+    assert_eq!(ids(&failing), ["warning", "node-down"]);
+    let (p, f) = split_by_health("db", &Value::Null).expect("empty");
+    assert_eq!((p, f), (json!([]), json!([])));
 }
 
 #[tokio::test]
