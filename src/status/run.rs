@@ -301,6 +301,7 @@ mod tests {
             },
             problem: None,
             task,
+            removal: None,
         }
     }
 
