@@ -157,7 +157,22 @@ pub async fn drain(mut d: Drain, stopped: Option<JoinHandle<()>>) -> anyhow::Res
         {
             abandon(&d, now.as_deref()).await
         } else {
-            remove_then_let_go(&d, &mut patience, why, held.then_some(now).flatten()).await
+            // Abandoned while an attempt waits on a catalog that does not answer: let go at once.
+            let mut object = d.object.clone();
+            let abandoned = async move {
+                let seen = object.wait_for(|o| {
+                    o.as_ref()
+                        .is_some_and(|o| is_abandoned(o.metadata.annotations.as_ref()))
+                });
+                if seen.await.is_err() {
+                    // Nobody reports the object any more: nothing will abandon it.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                r = remove_then_let_go(&d, &mut patience, why, held.then_some(now).flatten()) => r,
+                () = abandoned => continue,
+            }
         };
         let Err(e) = outcome else {
             return Ok(());

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::desired::Desired;
 use super::retire::{self, Drain, Removal, Retiring};
@@ -21,7 +21,7 @@ use crate::api::crd::ExternalCatalog;
 use crate::api::labels::holds_finalizer;
 use crate::backend::{Backend, kind_of};
 use crate::k8s::catalogs::Connect;
-use crate::k8s::finalizers::Finalizers;
+use crate::k8s::finalizers::{Finalizers, changed_meanwhile};
 use crate::k8s::secrets::Credentials;
 use crate::model::Problem;
 use crate::runtime::Metrics;
@@ -75,8 +75,7 @@ struct Draining {
     progress: watch::Receiver<Removal>,
 }
 
-/// A deleted catalog that no writer of this process served and whose backend cannot be built
-/// (a Secret deleted with it): tried again every [`BROKEN_RETRY`].
+/// A deleted catalog no writer served whose backend cannot be built (a Secret deleted with it).
 struct Unbuildable {
     kind: &'static str,
     problem: Problem,
@@ -128,14 +127,13 @@ pub struct Writers {
     /// Writers of deleted ExternalCatalogs, removing their entries ([`retire::drain`]).
     draining: HashMap<String, Draining>,
     /// Deleted catalogs whose drain ended, by name: the uid drained (the object may still be
-    /// listed for a moment, or held by someone else's finalizer).
+    /// listed for a moment, or held by another finalizer).
     drained: HashMap<String, Option<String>>,
     /// Deleted catalogs whose backend cannot be built.
     unbuildable: HashMap<String, Unbuildable>,
     /// Puts and lifts the finalizer; `None` in a dry run.
     finalizers: Option<Arc<dyn Finalizers>>,
-    /// Catalogs the finalizer was put on but the watch does not show it yet: the resource
-    /// version it was put at, and when (tried again after [`BROKEN_RETRY`]).
+    /// Finalizers put that the watch does not show yet: at which resource version, and when.
     holding: HashMap<String, (Option<String>, Instant)>,
     /// When referenced Secrets were last re-read.
     secrets_checked: Instant,
@@ -202,6 +200,10 @@ impl Writers {
         match finalizers.add(cat).await {
             Ok(()) => {
                 info!(catalog = %name, "finalizer added: a deletion waits until its entries are removed")
+            }
+            Err(e) if changed_meanwhile(&e) => {
+                debug!(catalog = %name, "changed while the finalizer was added; trying again");
+                self.holding.remove(name);
             }
             Err(e) => {
                 warn!(catalog = %name, error = %format!("{e:#}"), "adding the finalizer failed; trying again")
@@ -337,12 +339,10 @@ impl Writers {
         self.drain_deleted(&deleting).await;
         for (name, d) in &self.draining {
             let now = deleting.get(name).cloned();
+            let version = now.as_ref().map(|o| o.metadata.resource_version.clone());
             d.object.send_if_modified(|o| {
-                let version = |o: &Option<Arc<ExternalCatalog>>| {
-                    o.as_ref().map(|o| o.metadata.resource_version.clone())
-                };
-                let changed = version(o) != version(&now);
-                *o = now.clone();
+                let changed = o.as_ref().map(|o| o.metadata.resource_version.clone()) != version;
+                *o = now;
                 changed
             });
         }

@@ -66,6 +66,14 @@ pub fn remove_patch(catalog: &ExternalCatalog) -> Option<serde_json::Value> {
     ]))
 }
 
+/// Whether `e` says the object changed since it was read (the patch's `test` failed, 422, or
+/// a conflict, 409): tried again with the object as the watch reports it next.
+pub fn changed_meanwhile(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<kube::Error>(), Some(kube::Error::Api(s)) if s.code == 422 || s.code == 409)
+    })
+}
+
 /// The real [`Finalizers`], through the API server.
 pub struct KubeFinalizers {
     client: kube::Client,
