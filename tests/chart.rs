@@ -338,6 +338,7 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
             "/services [] patch",
             "/services [] watch",
             "catalog-bridge.io/externalcatalogs [] list",
+            "catalog-bridge.io/externalcatalogs [] patch",
             "catalog-bridge.io/externalcatalogs [] watch",
             "catalog-bridge.io/externalcatalogs/status [] patch",
             "catalog-bridge.io/externalregistrations [] list",
@@ -1272,24 +1273,21 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     ensure!(!refused.is_empty(), "the log check sees a refused request");
     println!("the log check sees it:\n{}", refused.join("\n"));
 
-    // Uninstall as the README says: stop the controller (`kubectl scale --replicas=0`), remove
-    // this cluster's entries with `catalog-bridge cleanup` (ZooKeeper's through the session the
-    // chart's Secret keeps), `helm uninstall`, then the controller's own Lease and Secret.
-    cb.stop()?;
-    ensure!(
-        consul_view.passing("api_x").await?.len() == 2,
-        "a stopped controller leaves its entries: cleanup removes them"
-    );
-    for catalog in ["consul", "etcd", "zk"] {
-        let out = localenv::run_tool(
-            Command::new(support::controller_bin()?)
-                .env("KUBECONFIG", env.kube()?.kubeconfig_path())
-                .args(["cleanup", "--catalog", catalog])
-                .args(["--session-namespace", NS, "--session-secret", SESSIONS]),
-        )?;
-        println!("cleanup {catalog}: {}", out.trim());
-        ensure!(out.starts_with("removed "), "{catalog}: {out}");
-    }
+    // Uninstall as the README says: delete the release's catalogs while the controller runs —
+    // it removes this cluster's entries from each (ZooKeeper's through the session the chart's
+    // Secret keeps), then lifts the finalizer — then `helm uninstall`, then the controller's
+    // own Lease and Secret.
+    let t = std::time::Instant::now();
+    env.kube()?.kubectl(&[
+        "delete",
+        "xcat",
+        "consul",
+        "etcd",
+        "zk",
+        "--wait",
+        "--timeout=60s",
+    ])?;
+    println!("the release's catalogs deleted in {:?}", t.elapsed());
     ensure!(
         consul_view.passing("api_x").await?.is_empty()
             && consul_view.passing("api_y").await?.is_empty(),
@@ -1306,6 +1304,54 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         etcd_left.is_empty() && zk_left.is_empty(),
         "etcd {etcd_left:?} and ZooKeeper {zk_left:?} emptied"
     );
+    let (log, refused) = refusals(&cb)?;
+    ensure!(
+        !refused.iter().any(|r| r.contains("finalizer")) && !log.contains("finalizer failed"),
+        "the finalizer was put and lifted, as the ServiceAccount: {refused:?}"
+    );
+    ensure!(
+        log.contains("its entries are removed: the ExternalCatalog goes"),
+        "each catalog let go once emptied:\n{log}"
+    );
+
+    // A catalog deleted once the controller is gone stays, held by the finalizer;
+    // `catalog-bridge cleanup` removes its entries (none here: its Secret was out of reach)
+    // and lets it go.
+    cb.stop()?;
+    env.kube()?
+        .kubectl(&["delete", "xcat", "consul-2", "--wait=false"])?;
+    let held = env.kube()?.kubectl(&[
+        "get",
+        "xcat",
+        "consul-2",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp} {.metadata.finalizers}",
+    ])?;
+    println!("consul-2 deleted with no controller running: {held}");
+    ensure!(held.contains("catalog-bridge.io/cleanup"), "held: {held}");
+    let out = localenv::run_tool(
+        Command::new(support::controller_bin()?)
+            .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+            .args(["cleanup", "--catalog", "consul-2"])
+            .args(["--session-namespace", NS, "--session-secret", SESSIONS]),
+    )?;
+    println!("cleanup consul-2: {}", out.trim());
+    ensure!(
+        out.starts_with("removed 0 entries") && out.contains("its finalizer is lifted"),
+        "{out}"
+    );
+    localenv::eventually("consul-2 gone", WAIT, || async {
+        let out = env.kube()?.kubectl(&[
+            "get",
+            "xcat",
+            "consul-2",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])?;
+        Ok(out.trim().is_empty().then_some(()))
+    })
+    .await?;
     env.kube()?.helm(&["uninstall", "cb", "-n", NS])?;
     env.kube()?.kubectl(&[
         "delete",
@@ -1329,6 +1375,7 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         format!("lease.coordination.k8s.io/{SA}"),
         format!("secret/{SESSIONS}"),
         "externalcatalog.catalog-bridge.io/consul".to_string(),
+        "externalcatalog.catalog-bridge.io/consul-2".to_string(),
     ] {
         ensure!(
             !left.lines().any(|l| l == gone),

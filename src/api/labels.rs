@@ -29,3 +29,22 @@ pub fn is_imported(labels: Option<&std::collections::BTreeMap<String, String>>) 
         .and_then(|l| l.get(MANAGED_BY_LABEL))
         .is_some_and(|v| v == MANAGED_BY_VALUE)
 }
+
+/// The finalizer the leader puts on every ExternalCatalog: its deletion waits until what this
+/// cluster wrote to the catalog is removed (SPEC §6.10).
+pub const FINALIZER: &str = "catalog-bridge.io/cleanup";
+/// On an ExternalCatalog: `"true"` lets it go when deleted without removing its entries (a
+/// catalog gone for good); what stays behind is logged and announced in an Event.
+pub const ANNOTATION_ABANDON: &str = "catalog-bridge.io/abandon";
+
+/// Whether `annotations` ask for a deleted ExternalCatalog to be let go without cleaning.
+pub fn is_abandoned(annotations: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(ANNOTATION_ABANDON))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// Whether `finalizers` hold catalog-bridge's.
+pub fn holds_finalizer(finalizers: Option<&Vec<String>>) -> bool {
+    finalizers.is_some_and(|f| f.iter().any(|f| f == FINALIZER))
+}

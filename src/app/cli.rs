@@ -38,7 +38,8 @@ pub enum Command {
     Crds,
     /// Ask a catalog where a service is: `api_x @ 10.0.0.1:8080 & 10.0.0.2:8080`.
     Query(QueryArgs),
-    /// Remove every entry this owner id wrote to a catalog (after an uninstall).
+    /// Remove every entry this owner id wrote to a catalog (after an uninstall); an
+    /// ExternalCatalog being deleted is then let go (its finalizer lifted).
     Cleanup(CleanupArgs),
     /// Print the version and exit.
     Version,
@@ -173,7 +174,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 namespace: args.session_namespace,
                 name: args.session_secret,
             };
-            let out = crate::commands::cleanup::cleanup(
+            let cleaned = crate::commands::cleanup::cleanup(
                 &client,
                 &args.catalog,
                 &owner,
@@ -181,6 +182,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 args.dry_run,
             )
             .await?;
+            let out = &cleaned.outcome;
             if args.dry_run {
                 println!(
                     "{} entries of owner {owner} in {} (dry run: none removed)",
@@ -191,8 +193,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                     "removed {} entries of owner {owner} from {} in {} round trip(s)",
                     out.removed, args.catalog, out.round_trips
                 );
-                if let Some(retired) = out.retired {
+                if let Some(retired) = &out.retired {
                     println!("{retired}");
+                }
+                if cleaned.let_go {
+                    println!(
+                        "ExternalCatalog {} was being deleted: its finalizer is lifted, it goes",
+                        args.catalog
+                    );
                 }
             }
             Ok(())

@@ -47,6 +47,11 @@ pub async fn run(
     loop {
         let since = changes.take();
         let (cats, regs) = (stores.catalogs.state(), stores.registrations.state());
+        // A catalog being deleted takes no exports and serves no imports; its writer drains it.
+        let live: Vec<_> = (cats.iter())
+            .filter(|c| c.metadata.deletion_timestamp.is_none())
+            .cloned()
+            .collect();
         // Recompute only when something changed; the tick alone refreshes views and retries
         // catalogs that could not be built.
         let d = if since.is_some() || first {
@@ -56,7 +61,7 @@ pub async fn run(
                 Inputs {
                     services: &svcs,
                     slices: &sls,
-                    catalogs: &cats,
+                    catalogs: &live,
                     registrations: &regs,
                 },
                 &mut memo,
@@ -65,7 +70,7 @@ pub async fn run(
             out.desired.borrow().as_ref().clone()
         };
         writers.sync(&cats, &d, since).await;
-        importers.sync(&regs, &cats).await;
+        importers.sync(&regs, &live).await;
         out.imports.send_if_modified(|cur| {
             let v = importers.views();
             if *cur == v {

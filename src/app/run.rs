@@ -24,6 +24,7 @@ use crate::export::writers::{self, CatalogView, Writers};
 use crate::import::render::Kind;
 use crate::import::{ImportView, Importers, Touched, Watched};
 use crate::k8s::catalogs::{Catalogs, SessionSecret};
+use crate::k8s::finalizers::KubeFinalizers;
 use crate::k8s::stores::{Stores, Tap, reflect};
 use crate::runtime::Metrics;
 use crate::runtime::health::Changes;
@@ -108,6 +109,12 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
         gate.clone(),
         metrics.clone(),
     );
+    // A dry run writes nothing to Kubernetes: no finalizer.
+    let writers = if opts.dry_run {
+        writers
+    } else {
+        writers.finalizing(Arc::new(KubeFinalizers::new(client.clone())))
+    };
     let importers = Importers::new(
         client.clone(),
         connect,

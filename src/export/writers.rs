@@ -1,7 +1,9 @@
 //! The writers' supervisor: one writer per ExternalCatalog, started, rebuilt (a changed spec or
 //! Secret), handed over (a catalog that moved: its successor removes the old entries first)
 //! and drained (a deleted catalog). Every writer and drain is a supervised task: one that
-//! panics is started again, counted and shown in the catalog's status.
+//! panics is started again, counted and shown in the catalog's status. While leading, it puts
+//! the finalizer on every ExternalCatalog, so that a deleted one waits for its drain — also one
+//! deleted while no writer of this process ran (the controller was stopped).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -9,15 +11,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::desired::Desired;
-use super::retire::{self, Retiring};
+use super::retire::{self, Drain, Removal, Retiring};
 use super::snapshot::{Report, Snapshot};
 use super::writer::{self, Writer};
 use crate::api::crd::ExternalCatalog;
+use crate::api::labels::holds_finalizer;
 use crate::backend::{Backend, kind_of};
 use crate::k8s::catalogs::Connect;
+use crate::k8s::finalizers::{Finalizers, changed_meanwhile};
 use crate::k8s::secrets::Credentials;
 use crate::model::Problem;
 use crate::runtime::Metrics;
@@ -32,6 +36,8 @@ pub struct CatalogView {
     pub problem: Option<Problem>,
     /// The writer's task: restarts, and whether it is down right now.
     pub task: TaskState,
+    /// Set while a deleted catalog's entries are being removed.
+    pub removal: Option<Removal>,
 }
 
 /// What every writer is started with.
@@ -53,12 +59,27 @@ struct Running {
     retiring: Retiring,
     /// `None` once handed to the writer that replaces this one.
     task: Option<Supervised>,
+    /// The ExternalCatalog as last seen (for its drain, once deleted).
+    object: Arc<ExternalCatalog>,
 }
 
 /// A deleted catalog's entries being removed.
 struct Draining {
+    kind: &'static str,
+    /// The uid of the object it drains, if it was seen.
+    uid: Option<String>,
     retiring: Retiring,
     task: Supervised,
+    /// The object as the watch shows it now, for the drain.
+    object: watch::Sender<Option<Arc<ExternalCatalog>>>,
+    progress: watch::Receiver<Removal>,
+}
+
+/// A deleted catalog no writer served whose backend cannot be built (a Secret deleted with it).
+struct Unbuildable {
+    kind: &'static str,
+    problem: Problem,
+    retry_at: Instant,
 }
 
 /// What a writer leaves to the next one: backends whose entries are to be removed, oldest
@@ -105,6 +126,15 @@ pub struct Writers {
     broken: HashMap<String, Broken>,
     /// Writers of deleted ExternalCatalogs, removing their entries ([`retire::drain`]).
     draining: HashMap<String, Draining>,
+    /// Deleted catalogs whose drain ended, by name: the uid drained (the object may still be
+    /// listed for a moment, or held by another finalizer).
+    drained: HashMap<String, Option<String>>,
+    /// Deleted catalogs whose backend cannot be built.
+    unbuildable: HashMap<String, Unbuildable>,
+    /// Puts and lifts the finalizer; `None` in a dry run.
+    finalizers: Option<Arc<dyn Finalizers>>,
+    /// Finalizers put that the watch does not show yet: at which resource version, and when.
+    holding: HashMap<String, (Option<String>, Instant)>,
     /// When referenced Secrets were last re-read.
     secrets_checked: Instant,
 }
@@ -131,7 +161,53 @@ impl Writers {
             running: HashMap::new(),
             broken: HashMap::new(),
             draining: HashMap::new(),
+            drained: HashMap::new(),
+            unbuildable: HashMap::new(),
+            finalizers: None,
+            holding: HashMap::new(),
             secrets_checked: Instant::now(),
+        }
+    }
+
+    /// Holds every ExternalCatalog with the finalizer while leading, and lifts it once a deleted
+    /// one is drained (never in a dry run: it writes nothing to Kubernetes).
+    pub fn finalizing(mut self, finalizers: Arc<dyn Finalizers>) -> Writers {
+        self.finalizers = Some(finalizers);
+        self
+    }
+
+    /// Puts the finalizer on `cat` if it lacks it and this replica leads.
+    async fn hold(&mut self, name: &str, cat: &ExternalCatalog) {
+        let Some(finalizers) = self.finalizers.clone() else {
+            return;
+        };
+        if holds_finalizer(cat.metadata.finalizers.as_ref()) {
+            self.holding.remove(name);
+            return;
+        }
+        if !*self.gate.borrow() {
+            return;
+        }
+        let version = cat.metadata.resource_version.clone();
+        if let Some((tried, at)) = self.holding.get(name)
+            && *tried == version
+            && at.elapsed() < BROKEN_RETRY
+        {
+            return; // put already, the watch has not shown it yet
+        }
+        self.holding
+            .insert(name.to_string(), (version, Instant::now()));
+        match finalizers.add(cat).await {
+            Ok(()) => {
+                info!(catalog = %name, "finalizer added: a deletion waits until its entries are removed")
+            }
+            Err(e) if changed_meanwhile(&e) => {
+                debug!(catalog = %name, "changed while the finalizer was added; trying again");
+                self.holding.remove(name);
+            }
+            Err(e) => {
+                warn!(catalog = %name, error = %format!("{e:#}"), "adding the finalizer failed; trying again")
+            }
         }
     }
 
@@ -148,11 +224,17 @@ impl Writers {
             self.secrets_checked = Instant::now();
         }
         let mut seen = HashSet::new();
+        let mut deleting: HashMap<String, Arc<ExternalCatalog>> = HashMap::new();
         for cat in catalogs {
             let Some(name) = cat.metadata.name.clone() else {
                 continue;
             };
+            if cat.metadata.deletion_timestamp.is_some() {
+                deleting.insert(name, cat.clone());
+                continue;
+            }
             seen.insert(name.clone());
+            self.hold(&name, cat).await;
             let fingerprint = serde_json::to_string(&cat.spec).unwrap_or_default();
             let wanted = desired.catalogs.get(&name).cloned().unwrap_or_default();
             let mut rebuild = false;
@@ -166,10 +248,11 @@ impl Writers {
                     rebuild = true;
                 }
             }
-            if let Some(r) = self.running.get(&name)
+            if let Some(r) = self.running.get_mut(&name)
                 && r.fingerprint == fingerprint
                 && !rebuild
             {
+                r.object = cat.clone();
                 r.desired.send_if_modified(|snap| {
                     if snap.catalog == wanted {
                         return false;
@@ -207,7 +290,8 @@ impl Writers {
                         kind,
                         backend,
                     };
-                    let running = self.start(&name, built, Snapshot::new(wanted, since), previous);
+                    let first = Snapshot::new(wanted, since);
+                    let running = self.start(&name, cat, built, first, previous);
                     self.running.insert(name, running);
                 }
                 Err(problem) => {
@@ -232,22 +316,97 @@ impl Writers {
             .cloned()
             .collect();
         for name in deleted {
+            let last = self.running.get(&name).map(|r| {
+                let entries = r.report.borrow().entries;
+                (r.object.clone(), r.kind, entries)
+            });
+            let kind = last
+                .as_ref()
+                .map(|l| l.1)
+                .or(self.broken.get(&name).map(|b| b.kind));
             let Some((left, task)) = self.take_handover(&name) else {
                 continue;
             };
             info!(catalog = %name, "ExternalCatalog deleted: removing its entries");
             self.metrics.forget_catalog(&name);
-            let draining = self.drain(&name, left, task);
+            let object = deleting.get(&name).cloned();
+            let last_seen = object.clone().or(last.as_ref().map(|l| l.0.clone()));
+            let kind = kind.unwrap_or("unknown");
+            let entries = last.map(|l| l.2);
+            let draining = self.drain(&name, kind, left, Some(task), (object, last_seen), entries);
             self.draining.insert(name, draining);
         }
-        self.draining.retain(|_, d| !d.task.is_finished());
+        self.drain_deleted(&deleting).await;
+        for (name, d) in &self.draining {
+            let now = deleting.get(name).cloned();
+            let version = now.as_ref().map(|o| o.metadata.resource_version.clone());
+            d.object.send_if_modified(|o| {
+                let changed = o.as_ref().map(|o| o.metadata.resource_version.clone()) != version;
+                *o = now;
+                changed
+            });
+        }
+        let ended: Vec<String> = (self.draining.iter())
+            .filter(|(_, d)| d.task.is_finished())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in ended {
+            if let Some(d) = self.draining.remove(&name) {
+                self.drained.insert(name, d.uid);
+            }
+        }
+        self.drained.retain(|n, _| deleting.contains_key(n));
+        self.unbuildable.retain(|n, _| deleting.contains_key(n));
+        self.holding.retain(|n, _| seen.contains(n));
         self.broken.retain(|n, _| seen.contains(n));
+    }
+
+    /// Drains the deleted catalogs that no writer of this process served (deleted while the
+    /// controller was stopped, or before their backend could be built): their backend is
+    /// built now, and what it owns removed.
+    async fn drain_deleted(&mut self, deleting: &HashMap<String, Arc<ExternalCatalog>>) {
+        for (name, cat) in deleting {
+            if self.draining.contains_key(name)
+                || self.drained.get(name) == Some(&cat.metadata.uid)
+                || self
+                    .unbuildable
+                    .get(name)
+                    .is_some_and(|u| Instant::now() < u.retry_at)
+            {
+                continue;
+            }
+            let kind = kind_of(&cat.spec);
+            let built = match self.connect.credentials(cat).await {
+                Ok(c) => self.connect.build(cat, c, self.settings.dry_run),
+                Err(p) => Err(p),
+            };
+            match built {
+                Ok(backend) => {
+                    info!(catalog = %name, backend = %backend.describe(), "ExternalCatalog deleted: removing its entries");
+                    self.unbuildable.remove(name);
+                    let object = (Some(cat.clone()), Some(cat.clone()));
+                    let d = self.drain(name, kind, vec![backend], None, object, None);
+                    self.draining.insert(name.clone(), d);
+                }
+                Err(problem) => {
+                    warn!(catalog = %name, reason = %problem.reason, error = %problem.message, "the entries of a deleted catalog cannot be removed");
+                    let retry_at = Instant::now() + BROKEN_RETRY;
+                    let u = Unbuildable {
+                        kind,
+                        problem,
+                        retry_at,
+                    };
+                    self.unbuildable.insert(name.clone(), u);
+                }
+            }
+        }
     }
 
     /// A supervised writer for catalog `name`, after what `previous` left to remove.
     fn start(
         &self,
         name: &str,
+        object: &Arc<ExternalCatalog>,
         built: Built,
         first: Snapshot,
         previous: Option<Handover>,
@@ -308,36 +467,64 @@ impl Writers {
             backend,
             retiring,
             task: Some(task),
+            object: object.clone(),
         }
     }
 
-    /// A supervised drain of what a deleted catalog's writer left.
-    fn drain(&self, name: &str, left: Vec<Arc<dyn Backend>>, task: JoinHandle<()>) -> Draining {
+    /// A supervised drain of what a deleted catalog's writer left (`left`, and its task,
+    /// stopping). `object`: the ExternalCatalog as the watch shows it now (`None`: gone), and as
+    /// last seen; `entries`: how many its writer last counted.
+    fn drain(
+        &self,
+        name: &str,
+        kind: &'static str,
+        left: Vec<Arc<dyn Backend>>,
+        task: Option<JoinHandle<()>>,
+        object: (Option<Arc<ExternalCatalog>>, Option<Arc<ExternalCatalog>>),
+        entries: Option<usize>,
+    ) -> Draining {
+        let (now, last_seen) = object;
+        let at = left.first().map(|b| b.describe()).unwrap_or_default();
+        let (progress_tx, progress) = watch::channel(Removal {
+            entries: entries.filter(|_| left.len() == 1),
+            at,
+            error: None,
+        });
+        let uid = now
+            .as_ref()
+            .or(last_seen.as_ref())
+            .and_then(|o| o.metadata.uid.clone());
+        let (object, object_rx) = watch::channel(now);
         let retiring: Retiring = Arc::new(Mutex::new(left));
-        let stopped = Mutex::new(Some(task));
-        let (catalog, list, gate, metrics, dry_run) = (
-            name.to_string(),
-            retiring.clone(),
-            self.gate.clone(),
-            self.metrics.clone(),
-            self.settings.dry_run,
-        );
+        let stopped = Mutex::new(task);
+        let d = Drain {
+            catalog: name.to_string(),
+            retiring: retiring.clone(),
+            gate: self.gate.clone(),
+            metrics: self.metrics.clone(),
+            dry_run: self.settings.dry_run,
+            object: object_rx,
+            last_seen,
+            finalizers: self.finalizers.clone(),
+            progress: Arc::new(progress_tx),
+        };
         let task = Supervised::spawn(
             TaskKind::Drain,
             name.to_string(),
             self.metrics.clone(),
             move || {
-                retire::drain(
-                    catalog.clone(),
-                    list.clone(),
-                    stopped.lock().unwrap_or_else(|e| e.into_inner()).take(),
-                    gate.clone(),
-                    metrics.clone(),
-                    dry_run,
-                )
+                let stopped = stopped.lock().unwrap_or_else(|e| e.into_inner()).take();
+                retire::drain(d.clone(), stopped)
             },
         );
-        Draining { retiring, task }
+        Draining {
+            kind,
+            uid,
+            retiring,
+            task,
+            object,
+            progress,
+        }
     }
 
     /// What catalog `name`'s writer leaves to the next one, whichever state it is in:
@@ -364,8 +551,36 @@ impl Writers {
                     report: r.report.borrow().clone(),
                     problem: None,
                     task: r.task.as_ref().map(Supervised::state).unwrap_or_default(),
+                    removal: None,
                 },
             );
+        }
+        for (name, d) in &self.draining {
+            let removal = d.progress.borrow().clone();
+            let report = Report {
+                reachable: removal.error.as_ref().map(|_| false),
+                error: removal.error.clone(),
+                entries: removal.entries.unwrap_or(0),
+                ..Default::default()
+            };
+            let view = CatalogView {
+                kind: d.kind,
+                report,
+                problem: None,
+                task: d.task.state(),
+                removal: Some(removal),
+            };
+            out.insert(name.clone(), view);
+        }
+        for (name, u) in &self.unbuildable {
+            let view = CatalogView {
+                kind: u.kind,
+                report: Report::default(),
+                problem: Some(u.problem.clone()),
+                task: TaskState::default(),
+                removal: Some(Removal::default()),
+            };
+            out.insert(name.clone(), view);
         }
         for (name, b) in &self.broken {
             out.insert(
@@ -375,6 +590,7 @@ impl Writers {
                     report: Report::default(),
                     problem: Some(b.problem.clone()),
                     task: TaskState::default(),
+                    removal: None,
                 },
             );
         }
@@ -472,6 +688,143 @@ mod tests {
             w.draining.values().all(|d| d.task.is_finished())
         })
         .await;
+    }
+
+    /// Finalizers kept in memory: who holds what, and the Events announced.
+    #[derive(Default)]
+    struct Held {
+        held: Mutex<HashSet<String>>,
+        events: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Finalizers for Held {
+        async fn add(&self, c: &ExternalCatalog) -> anyhow::Result<()> {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            self.held.lock().expect("lock").insert(name);
+            Ok(())
+        }
+        async fn remove(&self, c: &ExternalCatalog) -> anyhow::Result<()> {
+            let name = c.metadata.name.clone().unwrap_or_default();
+            self.held.lock().expect("lock").remove(&name);
+            Ok(())
+        }
+        async fn announce(&self, _: &ExternalCatalog, reason: Reason, note: &str) {
+            self.events
+                .lock()
+                .expect("lock")
+                .push(format!("{reason}: {note}"));
+        }
+    }
+
+    impl Held {
+        fn holds(&self, name: &str) -> bool {
+            self.held.lock().expect("lock").contains(name)
+        }
+    }
+
+    /// `name` as the watch shows it: holding the finalizer, deleted, maybe abandoned.
+    fn deleted(name: &str, abandoned: bool) -> Arc<ExternalCatalog> {
+        let mut c = (*catalog(name)).clone();
+        c.metadata.finalizers = Some(vec![crate::api::labels::FINALIZER.to_string()]);
+        c.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        if abandoned {
+            c.metadata.annotations = Some(BTreeMap::from([(
+                crate::api::labels::ANNOTATION_ABANDON.to_string(),
+                "true".to_string(),
+            )]));
+        }
+        Arc::new(c)
+    }
+
+    #[tokio::test]
+    async fn a_deleted_catalog_is_held_until_emptied_or_abandoned() {
+        let a = Arc::new(Memory::new("me", 64).at("a"));
+        let b = Arc::new(Memory::new("me", 64).at("b"));
+        let connect = Arc::new(MemoryCatalogs::default());
+        connect.insert("a", a.clone());
+        connect.insert("b", b.clone());
+        let held = Arc::new(Held::default());
+        let (w, _gate) = writers(connect, Arc::new(Metrics::new()));
+        let mut w = w.finalizing(held.clone());
+        let both = Desired {
+            catalogs: BTreeMap::from([("a".into(), instances(2)), ("b".into(), instances(2))]),
+            exports: Vec::new(),
+        };
+        w.sync(&[catalog("a"), catalog("b")], &both, None).await;
+        assert!(held.holds("a") && held.holds("b"), "held while leading");
+        eventually("written", || a.all().len() == 2 && b.all().len() == 2).await;
+
+        // Deleted while the catalogs do not answer: held, and the status says what is left.
+        a.set_down(true);
+        b.set_down(true);
+        let gone = [deleted("a", false), deleted("b", false)];
+        w.sync(&gone, &Desired::default(), None).await;
+        eventually("the removal failing", || {
+            w.views()["a"]
+                .removal
+                .as_ref()
+                .is_some_and(|r| r.error.is_some())
+        })
+        .await;
+        let removal = w.views()["a"].removal.clone().expect("a removal");
+        assert_eq!(removal.entries, Some(2), "{removal:?}");
+        assert!(held.holds("a"));
+
+        // b is abandoned: let go, its entries stay, an Event says so.
+        let gone = [deleted("a", false), deleted("b", true)];
+        w.sync(&gone, &Desired::default(), None).await;
+        eventually("b let go", || !held.holds("b")).await;
+        assert_eq!(b.all().len(), 2, "abandoned entries stay");
+        let events = held.events.lock().expect("lock").clone();
+        assert!(
+            events.len() == 1
+                && events[0].starts_with("Abandoned")
+                && events[0].contains("2 entries"),
+            "{events:?}"
+        );
+
+        // a's catalog answers again: emptied, then let go.
+        a.set_down(false);
+        eventually("a emptied and let go", || {
+            a.all().is_empty() && !held.holds("a")
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_catalog_deleted_while_no_writer_ran_is_drained() {
+        let mem = Arc::new(Memory::new("me", 64));
+        let connect = Arc::new(MemoryCatalogs::default());
+        connect.insert("c", mem.clone());
+        // What an earlier process wrote.
+        let (mut first, _gate) = writers(connect.clone(), Arc::new(Metrics::new()));
+        first.sync(&[catalog("c")], &desired("c", 3), None).await;
+        eventually("written", || mem.all().len() == 3).await;
+        drop(first);
+
+        let held = Arc::new(Held::default());
+        held.held.lock().expect("lock").insert("c".into());
+        let (w, _gate) = writers(connect, Arc::new(Metrics::new()));
+        let mut w = w.finalizing(held.clone());
+        w.sync(&[deleted("c", false)], &Desired::default(), None)
+            .await;
+        eventually("emptied and let go", || {
+            mem.all().is_empty() && !held.holds("c")
+        })
+        .await;
+        // Listed a while longer: not drained again.
+        eventually("the drain ended", || {
+            w.draining.values().all(|d| d.task.is_finished())
+        })
+        .await;
+        w.sync(&[deleted("c", false)], &Desired::default(), None)
+            .await;
+        w.sync(&[deleted("c", false)], &Desired::default(), None)
+            .await;
+        assert!(w.draining.is_empty(), "drained once");
     }
 
     #[tokio::test]

@@ -100,6 +100,13 @@ reasons! {
     /// An import waits for the first read of its catalog.
     Waiting,
 
+    // Deletion.
+    /// A deleted ExternalCatalog waits until this cluster's entries there are removed.
+    RemovalPending,
+    /// A deleted ExternalCatalog was let go without removing its entries (the annotation
+    /// `catalog-bridge.io/abandon`).
+    Abandoned,
+
     // Supervision.
     /// The task that serves the object stopped unexpectedly and was started again.
     TaskRestarted,

@@ -4,8 +4,10 @@
 use super::conditions::{ConditionType, Verdict, condition, system_time};
 use crate::api::crd::{ExternalCatalog, ExternalCatalogStatus};
 use crate::export::snapshot::Refused;
+use crate::api::labels::ANNOTATION_ABANDON;
+use crate::export::retire::Removal;
 use crate::export::writers::CatalogView;
-use crate::model::Reason;
+use crate::model::{Problem, Reason};
 use crate::runtime::supervisor::TaskState;
 
 /// The verdict while the task behind an object (`what`) is down, waiting to be started again.
@@ -54,6 +56,32 @@ fn stuck(entries: usize, refused: &[Refused]) -> String {
     )
 }
 
+/// The verdict on a deleted catalog that waits until its entries are removed: how many, where,
+/// why not yet, and how to let it go without.
+pub fn removal_pending(removal: &Removal, problem: Option<&Problem>) -> Verdict {
+    let what = match removal.entries {
+        Some(1) => "1 entry".to_string(),
+        Some(n) => format!("{n} entries"),
+        None => "its entries (not counted yet)".to_string(),
+    };
+    let at = if removal.at.is_empty() {
+        String::new()
+    } else {
+        format!(" at {}", removal.at)
+    };
+    let why = match (problem, &removal.error) {
+        (Some(p), _) => format!("; they cannot be removed: {p}"),
+        (None, Some(e)) => format!("; removing them failed: {e}"),
+        (None, None) => String::new(),
+    };
+    Verdict::no(
+        Reason::RemovalPending,
+        format!(
+            "deleted: waits until {what}{at} are removed{why}; tried again until then (the annotation {ANNOTATION_ABANDON}: \"true\" lets it go without removing them)"
+        ),
+    )
+}
+
 /// The status of `cat` as `view` shows it, with `imported` endpoints imported from it.
 pub fn catalog_status(
     cat: &ExternalCatalog,
@@ -70,6 +98,7 @@ pub fn catalog_status(
         _ => Verdict::unknown(Reason::NotContacted, "not contacted yet"),
     };
     let ready = match (&view.problem, &r.error) {
+        _ if let Some(removal) = &view.removal => removal_pending(removal, view.problem.as_ref()),
         (Some(p), _) => Verdict::problem(p),
         _ if view.task.down => task_down("the catalog's writer", &view.task),
         (None, Some(e)) => Verdict::no(e.reason(), e.to_string()),
@@ -137,6 +166,7 @@ mod tests {
             },
             problem: None,
             task,
+            removal: None,
         }
     }
 
@@ -223,5 +253,30 @@ mod tests {
         );
         assert_eq!(ready(&back).reason, "InSync");
         assert_eq!(back.task_restarts, 2, "the count stays");
+    }
+
+    #[test]
+    fn a_deleted_catalog_says_what_it_waits_for() {
+        let cat = ExternalCatalog::new("c", ExternalCatalogSpec::default());
+        let mut v = view(None, TaskState::default());
+        v.removal = Some(Removal {
+            entries: Some(2),
+            at: "consul http://a:8500 node k8s-x".into(),
+            error: Some(crate::model::BackendError::Unreachable(
+                "connection refused".into(),
+            )),
+        });
+        let r = ready(&catalog_status(&cat, &v, 0));
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "RemovalPending")
+        );
+        assert!(
+            r.message
+                .contains("2 entries at consul http://a:8500 node k8s-x")
+                && r.message.contains("connection refused")
+                && r.message.contains("catalog-bridge.io/abandon"),
+            "{r:?}"
+        );
     }
 }

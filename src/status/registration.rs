@@ -258,6 +258,7 @@ mod tests {
             },
             problem: None,
             task: TaskState::default(),
+            removal: None,
         };
         let synced = export_status(&reg, &export(2), Some(&view(true, None)));
         assert_eq!(synced.endpoints, 2);

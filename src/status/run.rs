@@ -383,6 +383,7 @@ mod tests {
             },
             problem: None,
             task,
+            removal: None,
         }
     }
 
