@@ -3,9 +3,9 @@
 
 use super::conditions::{ConditionType, Verdict, condition, system_time};
 use crate::api::crd::{ExternalCatalog, ExternalCatalogStatus};
-use crate::export::snapshot::Refused;
 use crate::api::labels::ANNOTATION_ABANDON;
 use crate::export::retire::Removal;
+use crate::export::snapshot::Refused;
 use crate::export::writers::CatalogView;
 use crate::model::{Problem, Reason};
 use crate::runtime::supervisor::TaskState;

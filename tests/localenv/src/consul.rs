@@ -66,8 +66,14 @@ impl Consul {
         name: &str,
         acl_token: Option<&str>,
     ) -> Result<Consul> {
-        Self::start_configured(dir, name, acl_token, None, Some("connect { enabled = false }"))
-            .await
+        Self::start_configured(
+            dir,
+            name,
+            acl_token,
+            None,
+            Some("connect { enabled = false }"),
+        )
+        .await
     }
 
     async fn start_once(
