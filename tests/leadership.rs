@@ -246,3 +246,67 @@ async fn a_crash_handoff_keeps_the_etcd_lease_alive_at_once_and_readers_see_no_g
     );
     Ok(())
 }
+
+/// The API server and the etcd behind it killed mid-run for longer than the renew deadline plus
+/// the ZooKeeper session timeout, its history compacted so that every watch is answered 410 Gone
+/// and relists: nothing leaves any catalog meanwhile, and a change made after it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_restart_and_relist_remove_nothing_and_later_changes_arrive() -> Result<()> {
+    let (env, client) = setup(15, 10).await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    wait_leading(&cb, true).await?;
+    deploy_api_x(&client, CATALOGS).await?;
+    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| cb.log())?;
+    let kube = env.kube()?;
+
+    let readers = spawn_readers(&env, 2, Duration::from_secs(40))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let down = Instant::now();
+    kube.kill()?;
+    wait_leading(&cb, false).await?;
+    println!(
+        "API server down at 0: stopped writing after {:?}",
+        down.elapsed()
+    );
+    // Longer than the renew deadline (4 s) plus the ZooKeeper session timeout (10 s).
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    kube.storage().start_again().await?;
+    let status = kube
+        .storage()
+        .etcdctl(&["endpoint", "status", "--write-out=json"])?;
+    let revision =
+        serde_json::from_str::<serde_json::Value>(&status)?[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .with_context(|| format!("etcd revision in {status}"))?;
+    kube.storage()
+        .etcdctl(&["compact", &revision.to_string()])?;
+    kube.storage().kill()?;
+    kube.start_again().await?;
+    println!(
+        "API server back after {:?} (history compacted at {revision})",
+        down.elapsed()
+    );
+    wait_leading(&cb, true).await?;
+    println!("leading again after {:?}", down.elapsed());
+    no_gap(&readers.await??).with_context(|| cb.log())?;
+
+    // A change the controller sees itself (an EndpointSlice change would wait for the
+    // controller manager's own relist): the export is taken back.
+    let client = kube.client().await?;
+    let change = Instant::now();
+    support::annotate(
+        &client,
+        "shop",
+        "api-x",
+        serde_json::json!({"catalog-bridge.io/export": null}),
+    )
+    .await?;
+    wait_everywhere(&env, &[]).await.with_context(|| cb.log())?;
+    println!(
+        "a change after the restart reached every catalog in {:?}",
+        change.elapsed()
+    );
+    Ok(())
+}

@@ -144,6 +144,21 @@ impl Kube {
         Ok(kube)
     }
 
+    /// Kills the API server and the etcd that stores its objects (SIGKILL, as a crash of the
+    /// control plane); the controller manager, if any, stays and reconnects on its own.
+    pub fn kill(&self) -> Result<()> {
+        self.apiserver.kill()?;
+        self.storage.kill()
+    }
+
+    /// Starts etcd and the API server again after [`Self::kill`] (same ports, same data) and
+    /// waits until the API server is ready.
+    pub async fn start_again(&self) -> Result<()> {
+        self.storage.start_again().await?;
+        self.apiserver.restart_process()?;
+        self.wait_apiserver_ready().await
+    }
+
     async fn wait_apiserver_ready(&self) -> Result<()> {
         let url = format!("https://127.0.0.1:{}/readyz", self.port);
         wait_ready(&self.apiserver, Duration::from_secs(120), || async {
