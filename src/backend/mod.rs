@@ -180,6 +180,13 @@ pub trait Backend: Send + Sync {
     /// when this replica stops leading. Default: nothing to do.
     async fn release(&self) {}
 
+    /// Stops using the catalog but keeps what holds this controller's entries alive (a
+    /// ZooKeeper session) for as long as nobody else takes it: for a replica whose leadership
+    /// is in doubt or lost. Default: [`Self::release`].
+    async fn pause(&self) {
+        self.release().await
+    }
+
     /// After every owned entry was deleted (`catalog-bridge cleanup`): removes what this owner
     /// created only to hold its entries, if nothing else uses it now — Consul's synthetic node
     /// once no service of any owner is left on it. Returns what was removed, for the user.

@@ -177,9 +177,11 @@ impl Writer {
             // Leadership and synced caches first: before that, nothing is read or written.
             if !*self.gate.borrow_and_update() {
                 if led {
-                    // Was leading: hand liveness over (a ZooKeeper session to re-attach to),
-                    // the previous configurations' too; their patience starts again.
-                    self.backend.release().await;
+                    // Was leading: keep liveness (a ZooKeeper session) for as long as nobody
+                    // else takes it — this replica may lead again when the API server is back —
+                    // and hand it over when the next leader does; the previous
+                    // configurations' are handed over, their patience starts again.
+                    self.backend.pause().await;
                     if let Some(p) = self.previous.as_mut() {
                         p.patience.give_up_at = None;
                         retire::release_all(&p.retiring).await;

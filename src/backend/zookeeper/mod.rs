@@ -156,6 +156,9 @@ struct Inner {
     cache: Mutex<Cache>,
     invalidated: watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// While this replica does not write ([`ZooKeeper::pause`]): the task that lets the
+    /// session go at the first disconnection.
+    paused: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Inner {
@@ -200,6 +203,7 @@ impl Drop for ZooKeeper {
         for t in self.inner.lock_tasks().drain(..) {
             t.abort();
         }
+        self.inner.unpause();
     }
 }
 
@@ -285,6 +289,7 @@ impl ZooKeeper {
                 cache: Mutex::default(),
                 invalidated,
                 tasks: Mutex::default(),
+                paused: Mutex::default(),
             }),
         })
     }
@@ -321,6 +326,10 @@ impl ZooKeeper {
 impl Backend for ZooKeeper {
     async fn release(&self) {
         ZooKeeper::release(self).await
+    }
+
+    async fn pause(&self) {
+        ZooKeeper::pause(self).await
     }
 
     fn warning(&self) -> Option<String> {

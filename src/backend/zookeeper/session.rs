@@ -187,6 +187,8 @@ impl Inner {
         self: &Arc<Self>,
         background: bool,
     ) -> Result<Option<Arc<Conn>>, BackendError> {
+        // In use again: the session is no longer only kept alive for someone else.
+        self.unpause();
         let mut slot = self.conn.lock().await;
         let (candidate, held) = match &*slot {
             Slot::Live(c) if !c.client.state().is_terminated() => {
@@ -414,19 +416,75 @@ async fn watch_session(inner: Weak<Inner>, mut state: zk::StateWatcher) {
     }
 }
 
+impl Inner {
+    /// Ends a [`ZooKeeper::pause`]: the session is used again, or the backend is gone.
+    pub(super) fn unpause(&self) {
+        let paused = self.paused.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = paused {
+            t.abort();
+        }
+    }
+
+    async fn let_go(&self) {
+        let mut slot = self.conn.lock().await;
+        *slot = Slot::Empty;
+        for t in self.lock_tasks().drain(..) {
+            t.abort();
+        }
+        self.lock_cache().entries.clear();
+    }
+}
+
 impl ZooKeeper {
+    /// Stops using the session but keeps it alive, for a replica that stops writing while its
+    /// leadership is in doubt (it cannot renew its Lease: the API server may be down for every
+    /// replica, and the session's ephemeral nodes must outlive that) or lost. The connection
+    /// stays until its first disconnection — the new leader re-attaching takes the session,
+    /// and ZooKeeper closes this connection — and the session is then let go as by
+    /// [`Self::release`], so the two never take it from each other. Using the backend again
+    /// ends the pause.
+    pub async fn pause(&self) {
+        let slot = self.inner.conn.lock().await;
+        let Slot::Live(conn) = &*slot else {
+            return;
+        };
+        let mut state = conn.client.state_watcher();
+        drop(slot);
+        let inner = Arc::downgrade(&self.inner);
+        let watch = tokio::spawn(async move {
+            loop {
+                let s = state.changed().await;
+                if !matches!(
+                    s,
+                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+                ) {
+                    tracing::info!(state = %s, "ZooKeeper connection lost while not writing: letting the session go for the leader to re-attach to");
+                    break;
+                }
+            }
+            if let Some(inner) = inner.upgrade() {
+                inner.let_go().await;
+            }
+        });
+        let old = self
+            .inner
+            .paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(watch);
+        if let Some(t) = old {
+            t.abort();
+        }
+    }
+
     /// Lets the session go without closing it: for a replica that stops writing (it lost
     /// leadership) while another takes the session over. ZooKeeper moves a session to the
     /// connection that re-attached last and closes the others, so two live clients of one
     /// session would take it from each other endlessly; after `release` this one stays away
     /// until it is used again (and then re-attaches to the stored session).
     pub async fn release(&self) {
-        let mut slot = self.inner.conn.lock().await;
-        *slot = Slot::Empty;
-        for t in self.inner.lock_tasks().drain(..) {
-            t.abort();
-        }
-        self.inner.lock_cache().entries.clear();
+        self.inner.unpause();
+        self.inner.let_go().await;
     }
 
     /// The id of the current session, establishing it if needed.
