@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::options::Options;
+use crate::k8s::stores::WatchBackoff;
 use crate::runtime::Metrics;
 
 /// The running election; [`Lease::release`] hands leadership over at shutdown.
@@ -163,7 +164,11 @@ async fn follow_renewals(
     renewed: watch::Sender<bool>,
 ) {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut leases = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+    let mut leases = std::pin::pin!(
+        watcher(api, config)
+            .backoff(WatchBackoff::default())
+            .applied_objects()
+    );
     let mut valid_until: Option<Instant> = None;
     let mut holder: Option<String> = None;
     loop {

@@ -3,6 +3,7 @@
 //! event marks [`Changes`], which wakes the desired-state loop.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use futures::StreamExt;
@@ -14,6 +15,8 @@ use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::warn;
+
+use crate::runtime::backoff::Backoff;
 
 use crate::api::crd::{ExternalCatalog, ExternalRegistration};
 use crate::runtime::health::Changes;
@@ -36,7 +39,7 @@ where
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
+        watcher(api, watcher::Config::default()).backoff(WatchBackoff::default()),
     );
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -54,6 +57,35 @@ where
         bail!("the {kind} watch ended")
     });
     (reader, task)
+}
+
+/// Retries of a failed watch: from 200 ms doubling to 5 s, and from the start again after any
+/// success. kube's default climbs to 30 s and keeps that for two minutes after the API server is
+/// back, so the first error after an outage (a 410 Gone, which only asks for a relist) made
+/// every change wait up to half a minute more.
+pub struct WatchBackoff(Backoff);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff(Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        ))
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.0.next_pause())
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0.reset();
+    }
 }
 
 /// The stores every part reads from.
