@@ -368,7 +368,9 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
             "/secrets [cb-catalog-bridge-zk-sessions] patch",
             "coordination.k8s.io/leases [] create",
             "coordination.k8s.io/leases [cb-catalog-bridge] get",
+            "coordination.k8s.io/leases [cb-catalog-bridge] list",
             "coordination.k8s.io/leases [cb-catalog-bridge] patch",
+            "coordination.k8s.io/leases [cb-catalog-bridge] watch",
         ]
     );
     for o in &objects {

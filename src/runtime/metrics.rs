@@ -212,6 +212,12 @@ impl Metrics {
             }
         }
         drop(self.drift.get_or_create(&Self::catalog(catalog)));
+        for outcome in ["started", "released", "expired"] {
+            drop(self.import_holds.get_or_create(&HoldLabels {
+                catalog: catalog.into(),
+                outcome: outcome.into(),
+            }));
+        }
         self.refused_exports(catalog, 0);
     }
 
