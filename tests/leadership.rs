@@ -31,6 +31,24 @@ async fn wait_leading(c: &Controller, leading: bool) -> Result<()> {
     .with_context(|| c.log())
 }
 
+/// A leader `a` (started with `vars`) and a standby `b` of one owner, `api_x` exported to every
+/// catalog and in all of them.
+async fn leader_and_standby(
+    env: &localenv::Env,
+    client: &kube::Client,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> Result<(Controller, Controller)> {
+    let a = Controller::start_with_env(env, "cb-a", "cluster-a", args, vars).await?;
+    wait_leading(&a, true).await?;
+    let b = Controller::start(env, "cb-b", "cluster-a", args).await?;
+    deploy_api_x(client, CATALOGS).await?;
+    wait_everywhere(env, &["10.1.0.1:8080", "10.1.0.2:8080"])
+        .await
+        .with_context(|| a.log())?;
+    Ok((a, b))
+}
+
 /// Every catalog answers `want` at every look for `span` (the readers poll continuously).
 async fn stays_everywhere(env: &localenv::Env, want: &[&str], span: Duration) -> Result<()> {
     let until = Instant::now() + span;
@@ -56,14 +74,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_lease_can
     let via = kube.kubeconfig_via(proxy.port(), "cb-a")?;
     let via = via.to_str().context("kubeconfig path")?;
     let args = ["--drift-interval=2s", "--lease-duration=6s"];
-    let a = Controller::start_with_env(&env, "cb-a", "cluster-a", &args, &[("KUBECONFIG", via)])
-        .await?;
-    wait_leading(&a, true).await?;
-    let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
-    deploy_api_x(&client, CATALOGS).await?;
-    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
-        .await
-        .with_context(|| a.log())?;
+    let (a, b) = leader_and_standby(&env, &client, &args, &[("KUBECONFIG", via)]).await?;
 
     ensure!(
         !a.full_log()?.contains("stopped writing to catalogs"),
@@ -156,13 +167,7 @@ async fn a_graceful_handover_leaves_readers_no_gap_and_the_new_leader_writes_not
 {
     let (env, client) = setup(15, 10).await?;
     let args = ["--drift-interval=1s"];
-    let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
-    wait_leading(&a, true).await?;
-    let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
-    deploy_api_x(&client, CATALOGS).await?;
-    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
-        .await
-        .with_context(|| a.log())?;
+    let (a, b) = leader_and_standby(&env, &client, &args, &[]).await?;
 
     let readers = spawn_readers(&env, 2, Duration::from_secs(15))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -208,13 +213,7 @@ async fn a_crash_handoff_keeps_the_etcd_lease_alive_at_once_and_readers_see_no_g
     const TTL: i64 = 12;
     let (env, client) = setup(TTL, 10).await?;
     let args = ["--drift-interval=1s"];
-    let a = Controller::start(&env, "cb-a", "cluster-a", &args).await?;
-    wait_leading(&a, true).await?;
-    let b = Controller::start(&env, "cb-b", "cluster-a", &args).await?;
-    deploy_api_x(&client, CATALOGS).await?;
-    wait_everywhere(&env, &["10.1.0.1:8080", "10.1.0.2:8080"])
-        .await
-        .with_context(|| a.log())?;
+    let (a, b) = leader_and_standby(&env, &client, &args, &[]).await?;
 
     let readers = spawn_readers(&env, 2, Duration::from_secs(25))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
