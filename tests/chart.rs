@@ -435,6 +435,49 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
         find(&objects, "ServiceMonitor", "cb-catalog-bridge").is_none(),
         "serviceMonitor.enabled=false renders no ServiceMonitor"
     );
+    // With catalogs in values, a pre-delete hook deletes them (and waits) before Helm removes
+    // the controller; its ServiceAccount may do that and nothing else, and its Pod is not one
+    // of the controller's (Service, PodDisruptionBudget).
+    let hook = find(&objects, "Job", "cb-catalog-bridge-uninstall").context("no hook Job")?;
+    assert_eq!(
+        hook["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-delete"
+    );
+    assert_eq!(
+        args_of(hook),
+        [
+            "--log-format=json",
+            "delete-catalogs",
+            "--selector=app.kubernetes.io/name=catalog-bridge,app.kubernetes.io/instance=cb",
+            "--timeout=4m",
+        ]
+    );
+    for label in ["app.kubernetes.io/name", "app.kubernetes.io/instance"] {
+        assert_eq!(
+            consul["metadata"]["labels"][label],
+            deploy["spec"]["selector"]["matchLabels"][label]
+        );
+    }
+    assert!(
+        hook["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"].is_null(),
+        "the hook's Pod does not match the controller's selector"
+    );
+    let hook_role =
+        find(&objects, "ClusterRole", "cb-catalog-bridge-uninstall").context("hook CR")?;
+    assert_eq!(
+        rules(hook_role),
+        [
+            "catalog-bridge.io/externalcatalogs [] delete",
+            "catalog-bridge.io/externalcatalogs [] get",
+            "catalog-bridge.io/externalcatalogs [] list",
+            "catalog-bridge.io/externalcatalogs [] watch",
+        ]
+    );
+    let without = render(
+        "no-hook",
+        &json!({"catalogs": production_values()["catalogs"], "uninstallHook": {"enabled": false}}),
+    )?;
+    assert!(find(&without, "Job", "cb-catalog-bridge-uninstall").is_none());
 
     // The switches.
     let objects = render(
@@ -1275,21 +1318,36 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
     ensure!(!refused.is_empty(), "the log check sees a refused request");
     println!("the log check sees it:\n{}", refused.join("\n"));
 
-    // Uninstall as the README says: delete the release's catalogs while the controller runs —
-    // it removes this cluster's entries from each (ZooKeeper's through the session the chart's
-    // Secret keeps), then lifts the finalizer — then `helm uninstall`, then the controller's
-    // own Lease and Secret.
+    // Uninstall as Helm does: the pre-delete hook first, while the controller runs — it deletes
+    // the release's catalogs and waits until the controller has removed this cluster's entries
+    // from each (ZooKeeper's through the session the chart's Secret keeps) and lifted their
+    // finalizers. The harness has no node to run the hook Job's Pod, so the test runs its
+    // command, with the Job's own arguments, as the hook's own ServiceAccount.
+    let hook = parse_objects(&env.kube()?.helm(&[
+        "template",
+        "cb",
+        CHART,
+        "-n",
+        NS,
+        "-f",
+        &file,
+        "--show-only",
+        "templates/uninstall-hook.yaml",
+    ])?)?;
+    for o in hook.iter().filter(|o| o["kind"] != "Job") {
+        kubectl_apply(&env, o)?;
+    }
+    let job = find(&hook, "Job", "cb-catalog-bridge-uninstall").context("the hook Job")?;
+    let hook_sa = service_account_kubeconfig(&env, NS, "cb-catalog-bridge-uninstall")?;
+    hook_sa.refused(&["get", "secrets", "-n", NS])?;
     let t = std::time::Instant::now();
-    env.kube()?.kubectl(&[
-        "delete",
-        "xcat",
-        "consul",
-        "etcd",
-        "zk",
-        "--wait",
-        "--timeout=60s",
-    ])?;
-    println!("the release's catalogs deleted in {:?}", t.elapsed());
+    let out = localenv::run_tool(
+        Command::new(support::controller_bin()?)
+            .env("KUBECONFIG", &hook_sa.kubeconfig)
+            .args(args_of(job)),
+    )?;
+    println!("the pre-delete hook: {} ({:?})", out.trim(), t.elapsed());
+    ensure!(out.contains("deleted consul, etcd, zk"), "{out}");
     ensure!(
         consul_view.passing("api_x").await?.is_empty()
             && consul_view.passing("api_y").await?.is_empty(),
@@ -1354,7 +1412,16 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
         Ok(out.trim().is_empty().then_some(()))
     })
     .await?;
-    env.kube()?.helm(&["uninstall", "cb", "-n", NS])?;
+    // The hook has run: Helm must not start its Job again (no node would run it).
+    env.kube()?
+        .helm(&["uninstall", "cb", "-n", NS, "--no-hooks"])?;
+    env.kube()?.kubectl(&[
+        "delete",
+        "serviceaccount,clusterrole,clusterrolebinding",
+        "cb-catalog-bridge-uninstall",
+        "-n",
+        NS,
+    ])?;
     env.kube()?.kubectl(&[
         "delete",
         "lease,secret",

@@ -41,6 +41,9 @@ pub enum Command {
     /// Remove every entry this owner id wrote to a catalog (after an uninstall); an
     /// ExternalCatalog being deleted is then let go (its finalizer lifted).
     Cleanup(CleanupArgs),
+    /// Delete the ExternalCatalogs matching a label selector and wait until each is gone (the
+    /// running controller removes their entries first): the chart's pre-delete hook.
+    DeleteCatalogs(DeleteCatalogsArgs),
     /// Print the version and exit.
     Version,
 }
@@ -108,6 +111,16 @@ pub struct CleanupArgs {
     pub dry_run: bool,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct DeleteCatalogsArgs {
+    /// Which ExternalCatalogs, as a label selector (`app.kubernetes.io/instance=cb`).
+    #[arg(long)]
+    pub selector: String,
+    /// How long to wait until they are gone before failing with what is left.
+    #[arg(long, default_value = "4m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
 /// Parses `500ms`, `30s`, `5m`, `1h` or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -161,6 +174,27 @@ pub async fn run(cli: Cli) -> Result<()> {
             init_logging(cli.log_format, "warn");
             let line = crate::commands::query::query(&q.catalog, &q.name).await?;
             println!("{line}");
+            Ok(())
+        }
+        Command::DeleteCatalogs(args) => {
+            init_logging(cli.log_format, "warn");
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let names = crate::commands::delete_catalogs::delete_catalogs(
+                &client,
+                &args.selector,
+                args.timeout,
+            )
+            .await?;
+            if names.is_empty() {
+                println!("no ExternalCatalog labelled {}", args.selector);
+            } else {
+                println!(
+                    "deleted {}: this cluster's entries removed from each",
+                    names.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Cleanup(args) => {
