@@ -954,3 +954,65 @@ async fn a_dry_run_replica_beside_the_real_one_writes_nothing_to_kubernetes() ->
     );
     Ok(())
 }
+
+/// Addresses an EndpointSlice refuses (loopback, link-local, unspecified, multicast) are
+/// skipped and counted like unparsable entries; the rest of the import goes on. The catalog of
+/// the report: one good entry and the cloud metadata address under one name.
+#[tokio::test]
+async fn addresses_an_endpointslice_refuses_are_skipped_and_the_rest_imports() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    let etcd = env.etcd()?;
+    for (host, port) in [
+        ("198.18.0.9", 8080),
+        ("169.254.169.254", 80),
+        ("127.0.0.1", 8080),
+        ("0.0.0.0", 8080),
+        ("[fe80::1]", 8080),
+        ("224.0.0.251", 5353),
+    ] {
+        etcd.etcdctl(&[
+            "put",
+            &format!("/services/api_z/providers/{host}:{port}"),
+            &format!("{host}:{port}"),
+        ])?;
+    }
+    kubectl_apply(
+        &env,
+        &import(
+            "api-z",
+            "etcd",
+            "api_z",
+            json!({"ports": [{"name": "http", "port": 8080}]}),
+        ),
+    )?;
+    wait_endpoints(&client, "api-z", &["198.18.0.9:8080"])
+        .await
+        .with_context(|| cb.log())?;
+    let events = localenv::eventually("Warning Events for the refused addresses", WAIT, || async {
+        let out = env.kube()?.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "shop",
+            "--field-selector",
+            "type=Warning",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.note}{.message}{\"\\n\"}{end}",
+        ])?;
+        Ok((out.contains("169.254.169.254") && out.contains("link-local")).then_some(out))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    println!("{events}");
+    let skipped = cb
+        .metric(
+            "catalog_bridge_import_skipped_entries",
+            &["registration=\"api-z\""],
+        )
+        .await?;
+    ensure!(
+        skipped == 5.0,
+        "the five refused addresses are counted: {skipped}"
+    );
+    Ok(())
+}
