@@ -4,8 +4,9 @@
 //! - **Export**: an endpoint is exported at an IP address only ([`export_address`]); the
 //!   endpoints of EndpointSlices of type FQDN are not exported.
 //! - **Import**: a catalog entry's host is imported when an EndpointSlice can hold it
-//!   ([`import_host`]): an IP address, or a fully qualified host name, lower-cased. Anything
-//!   else is skipped with why, and the other entries still import.
+//!   ([`import_host`]): an IP address the API server takes (not loopback, link-local,
+//!   unspecified or multicast), or a fully qualified host name, lower-cased. Anything else is
+//!   skipped with why, and the other entries still import.
 
 use std::fmt::Display;
 use std::net::{IpAddr, Ipv6Addr};
@@ -15,16 +16,42 @@ pub fn export_address(address: &str) -> Option<IpAddr> {
     address.parse().ok()
 }
 
+/// Why the API server refuses `ip` in an EndpointSlice (its validation since CVE-2021-25740,
+/// plus multicast, which no endpoint is), in its words; None when it takes it.
+fn refused_ip(ip: IpAddr) -> Option<&'static str> {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if ip.is_unspecified() {
+        Some("may not be unspecified (0.0.0.0, ::)")
+    } else if ip.is_loopback() {
+        Some("may not be in the loopback range (127.0.0.0/8, ::1/128)")
+    } else if link_local {
+        Some("may not be in the link-local range (169.254.0.0/16, fe80::/10)")
+    } else if ip.is_multicast() {
+        Some("may not be a multicast address (224.0.0.0/4, ff00::/8)")
+    } else {
+        None
+    }
+}
+
 /// A host a catalog reports, as an imported EndpointSlice holds it: an IP address in canonical
-/// form (IPv6 with or without brackets), or a host name, lower-cased (DNS ignores case, the API
-/// server does not), of at least two labels of letters, digits and `-` (a name of one label,
-/// `vm1`, or with `_`, is refused by Kubernetes in an EndpointSlice). Otherwise, why not.
+/// form (IPv6 with or without brackets, an IPv4-mapped one as IPv4) that the API server takes
+/// (not loopback, link-local, unspecified or multicast: [`refused_ip`]), or a host name,
+/// lower-cased (DNS ignores case, the API server does not), of at least two labels of letters,
+/// digits and `-` (a name of one label, `vm1`, or with `_`, is refused by Kubernetes in an
+/// EndpointSlice). Otherwise, why not.
 pub fn import_host(host: &str) -> Result<String, String> {
     let bare = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if let Ok(ip) = bare.parse::<IpAddr>() {
+        let ip = ip.to_canonical();
+        if let Some(why) = refused_ip(ip) {
+            return Err(format!("{ip} cannot go in an EndpointSlice: it {why}"));
+        }
         return Ok(ip.to_string());
     }
     let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
@@ -101,7 +128,7 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
         let ip: Ipv6Addr = h
             .parse()
             .map_err(|_| format!("{h:?} in {s:?} is not an IPv6 address"))?;
-        return Ok((ip.to_string(), parse_port(p)?));
+        return Ok((import_host(&ip.to_string())?, parse_port(p)?));
     }
     let (h, p) = s
         .rsplit_once(':')
@@ -126,6 +153,8 @@ mod tests {
             ("[fd00::1]", "fd00::1"),
             ("DB-1.Example.", "db-1.example"),
             ("db.example.org", "db.example.org"),
+            ("::ffff:10.0.0.1", "10.0.0.1"),
+            ("198.18.0.9", "198.18.0.9"),
         ] {
             assert_eq!(import_host(host).as_deref(), Ok(want), "{host}");
         }
@@ -136,6 +165,15 @@ mod tests {
             ("not an address", "neither an IP address nor a host name"),
             ("1.2.3", "neither an IP address nor a host name"),
             ("", "neither an IP address nor a host name"),
+            ("169.254.169.254", "link-local range"),
+            ("[fe80::1]", "link-local range"),
+            ("127.0.0.1", "loopback range"),
+            ("::1", "loopback range"),
+            ("::ffff:127.0.0.1", "loopback range"),
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("224.0.0.251", "multicast"),
+            ("ff02::fb", "multicast"),
         ] {
             let err = import_host(host).expect_err(host);
             assert!(err.contains(why), "{host}: {err}");
@@ -166,6 +204,8 @@ mod tests {
             Ok(("db.example".to_string(), 5432))
         );
         assert!(parse_host_port("fd00::1:80").is_err());
+        assert!(parse_host_port("[fe80::1]:80").is_err());
+        assert!(parse_host_port("169.254.169.254:80").is_err());
         assert!(parse_host_port("10.0.0.1").is_err());
     }
 }
