@@ -1016,3 +1016,84 @@ async fn addresses_an_endpointslice_refuses_are_skipped_and_the_rest_imports() -
     );
     Ok(())
 }
+
+/// Skipped entries are announced in one Event per import and change, with the count and a few
+/// examples: a catalog with many bad entries does not flood the namespace.
+#[tokio::test]
+async fn many_skipped_entries_make_one_event_per_change() -> Result<()> {
+    let (env, client, cb) = setup().await?;
+    let etcd = env.etcd()?;
+    etcd.etcdctl(&[
+        "put",
+        "/services/api_b/providers/198.18.0.7:8080",
+        "198.18.0.7:8080",
+    ])?;
+    for i in 0..40 {
+        etcd.etcdctl(&[
+            "put",
+            &format!("/services/api_b/providers/bad-{i:02}"),
+            "not an address",
+        ])?;
+    }
+    kubectl_apply(
+        &env,
+        &import(
+            "api-b",
+            "etcd",
+            "api_b",
+            json!({"ports": [{"name": "http", "port": 8080}]}),
+        ),
+    )?;
+    wait_endpoints(&client, "api-b", &["198.18.0.7:8080"])
+        .await
+        .with_context(|| cb.log())?;
+    let events = || async {
+        let out = env.kube()?.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "shop",
+            "--field-selector",
+            "reason=UnparsableEntry,involvedObject.name=api-b",
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ])?;
+        Ok::<_, anyhow::Error>(out.lines().map(str::to_string).collect::<Vec<_>>())
+    };
+    let first = localenv::eventually("the skipped entries announced", WAIT, || async {
+        let e = events().await?;
+        Ok((!e.is_empty()).then_some(e))
+    })
+    .await?;
+    // Time for one Event per entry to arrive, if that is how they come.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = events().await?;
+    println!("{all:#?}");
+    ensure!(
+        all.len() == 1,
+        "one Event for 40 skipped entries, not {}",
+        all.len()
+    );
+    ensure!(
+        first[0].contains("40") && first[0].contains("bad-00"),
+        "the Event counts them and gives examples: {first:?}"
+    );
+
+    etcd.etcdctl(&[
+        "put",
+        "/services/api_b/providers/bad-new",
+        "still not an address",
+    ])?;
+    let second = localenv::eventually("the new skipped entry announced", WAIT, || async {
+        let e = events().await?;
+        Ok((e.len() == 2).then_some(e))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(events().await?.len() == 2, "one more Event for the change");
+    ensure!(
+        second.iter().any(|n| n.contains("bad-new")),
+        "the new one names it: {second:?}"
+    );
+    Ok(())
+}
