@@ -247,7 +247,8 @@ async fn refusals(
     written.refusals = current;
 }
 
-/// A Warning Event for each catalog entry an import had to skip, when it appears.
+/// One Warning Event per import and change when entries it skips appear: how many, and a few
+/// of them with why (a catalog with thousands of bad entries must not flood the namespace).
 async fn skips(
     stores: &Stores,
     imp: &HashMap<(String, String), ImportView>,
@@ -259,22 +260,66 @@ async fn skips(
         let Some(reg) = stores.registrations.get(&ObjectRef::new(name).within(ns)) else {
             continue;
         };
+        let mut new = Vec::new();
         for (id, why) in &view.skipped {
             let key = (ns.clone(), name.clone(), id.clone(), why.clone());
-            current.insert(key.clone());
-            if written.skips.contains(&key) {
-                continue;
+            if !written.skips.contains(&key) {
+                new.push((id.as_str(), why.as_str()));
             }
-            let note = format!("skipped {id} in {}: {why}", view.catalog);
-            recorder
-                .publish(
-                    &warning(Reason::UnparsableEntry, &note, "Import"),
-                    &reg.object_ref(&()),
-                )
-                .await;
+            current.insert(key);
         }
+        if new.is_empty() {
+            continue;
+        }
+        new.sort_unstable();
+        let note = skipped_note(&view.catalog, view.skipped.len(), &new);
+        recorder
+            .publish(
+                &warning(Reason::UnparsableEntry, &note, "Import"),
+                &reg.object_ref(&()),
+            )
+            .await;
     }
     written.skips = current;
+}
+
+/// Examples named in a skipped-entries Event; its note is cut to fit an Event's 1 KiB.
+const SKIP_EXAMPLES: usize = 3;
+const NOTE_MAX: usize = 1000;
+
+/// `skipped <id> in etcd: <why>` for one entry, else `skipped 40 entries in etcd (40 new), e.g.
+/// <id>: <why>; …; and 37 more new`.
+fn skipped_note(catalog: &str, total: usize, new: &[(&str, &str)]) -> String {
+    let mut note = match new {
+        [(id, why)] if total == 1 => format!("skipped {id} in {catalog}: {why}"),
+        _ => {
+            let examples: Vec<String> = new
+                .iter()
+                .take(SKIP_EXAMPLES)
+                .map(|(id, why)| format!("{id}: {why}"))
+                .collect();
+            let more = new.len().saturating_sub(SKIP_EXAMPLES);
+            let more = if more > 0 {
+                format!("; and {more} more new")
+            } else {
+                String::new()
+            };
+            format!(
+                "skipped {total} entries in {catalog} ({} new), e.g. {}{more}",
+                new.len(),
+                examples.join("; ")
+            )
+        }
+    };
+    if note.len() > NOTE_MAX {
+        let cut = (0..NOTE_MAX)
+            .rev()
+            .find(|&i| note.is_char_boundary(i))
+            .unwrap_or(0);
+        note.truncate(cut);
+        note.push('…');
+    }
+    note
 }
 
 /// A Warning Event on an ExternalCatalog or an import registration whose task stopped
@@ -363,6 +408,23 @@ where
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn skipped_entries_are_counted_with_a_few_examples_in_one_note() {
+        let one = super::skipped_note("etcd", 1, &[("/s/a/providers/x", "not host:port")]);
+        assert_eq!(one, "skipped /s/a/providers/x in etcd: not host:port");
+        let ids: Vec<String> = (0..40).map(|i| format!("bad-{i:02}")).collect();
+        let new: Vec<(&str, &str)> = ids.iter().map(|i| (i.as_str(), "not an address")).collect();
+        let many = super::skipped_note("etcd", 41, &new);
+        assert_eq!(
+            many,
+            "skipped 41 entries in etcd (40 new), e.g. bad-00: not an address; bad-01: not an \
+             address; bad-02: not an address; and 37 more new"
+        );
+        let long = "x".repeat(2000);
+        let cut = super::skipped_note("etcd", 2, &[("a", &long), ("b", "y")]);
+        assert!(cut.len() <= super::NOTE_MAX + '…'.len_utf8() && cut.ends_with('…'));
+    }
+
     use super::*;
     use crate::export::Report;
     use crate::fixtures::{FakeApi, catalog, eventually};
