@@ -1097,3 +1097,84 @@ async fn many_skipped_entries_make_one_event_per_change() -> Result<()> {
     );
     Ok(())
 }
+
+/// The window between an import's check (the watch cache says the Service name is free) and its
+/// write: a Service someone creates in between is never adopted. The test writes as the import
+/// task does, after the check, with the user's Service already on the server.
+#[tokio::test]
+async fn a_service_created_between_the_check_and_the_write_is_not_adopted() -> Result<()> {
+    use catalog_bridge::api::crd::ExternalRegistration;
+    use catalog_bridge::backend::{External, ImportSnapshot};
+
+    let env = Env::builder().kube().start().await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    support::ensure_namespace(&client, "shop").await?;
+    kubectl_apply(
+        &env,
+        &import(
+            "pay",
+            "etcd",
+            "pay",
+            json!({"ports": [{"name": "http", "port": 8080}]}),
+        ),
+    )?;
+    let reg = Api::<ExternalRegistration>::namespaced(client.clone(), "shop")
+        .get("pay")
+        .await?;
+    let snap = ImportSnapshot {
+        instances: vec![External {
+            address: "198.18.0.4".into(),
+            port: 8080,
+            id: "/services/pay/providers/198.18.0.4:8080".into(),
+        }],
+        synced: true,
+        ..Default::default()
+    };
+    let rendered = catalog_bridge::import::render::render(&reg, &snap, None)?;
+    // Checked: free. Then a user creates a Service of that name.
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "pay", "namespace": "shop"},
+        "spec": {"selector": {"app": "pay"}, "ports": [{"name": "web", "port": 9090}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), "shop")
+        .create(&Default::default(), &theirs)
+        .await?;
+    let wrote = catalog_bridge::import::apply::apply(
+        &client,
+        &reg,
+        &rendered,
+        None,
+        &std::collections::HashSet::new(),
+    )
+    .await;
+    let svc = Api::<Service>::namespaced(client.clone(), "shop")
+        .get("pay")
+        .await?;
+    println!("the import's write: {wrote:?}");
+    ensure!(
+        svc.metadata.owner_references.is_none()
+            && svc
+                .metadata
+                .labels
+                .as_ref()
+                .is_none_or(|l| !l.contains_key("catalog-bridge.io/registration")),
+        "the user's Service was taken over: {:?}",
+        svc.metadata
+    );
+    let spec = svc.spec.context("spec")?;
+    ensure!(
+        spec.selector.is_some()
+            && spec.ports.as_ref().and_then(|p| p.first()).map(|p| p.port) == Some(9090),
+        "the user's Service was changed: {spec:?}"
+    );
+    ensure!(wrote.is_err(), "the write says the name is taken");
+    let slices = Api::<EndpointSlice>::namespaced(client, "shop")
+        .list(&ListParams::default().labels("kubernetes.io/service-name=pay"))
+        .await?;
+    ensure!(
+        slices.items.is_empty(),
+        "no EndpointSlice for someone else's Service"
+    );
+    Ok(())
+}
