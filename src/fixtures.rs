@@ -118,11 +118,13 @@ impl FakeApi {
                 self.patch(object, &body, false)
             }
             Method::PATCH => {
-                let apply = parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .is_some_and(|v| v.as_bytes().starts_with(b"application/apply-patch"));
-                self.patch(&path, &body, apply)
+                let kind = parts.headers.get(http::header::CONTENT_TYPE);
+                let starts = |p: &[u8]| kind.is_some_and(|v| v.as_bytes().starts_with(p));
+                if starts(b"application/json-patch") {
+                    self.json_patch(&path, &body)
+                } else {
+                    self.patch(&path, &body, starts(b"application/apply-patch"))
+                }
             }
             Method::POST => {
                 let name = body
@@ -130,7 +132,16 @@ impl FakeApi {
                     .and_then(Value::as_str)
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("generated-{}", self.next_version()));
-                self.patch(&format!("{path}/{name}"), &body, true)
+                let object = format!("{path}/{name}");
+                if self.get(&object).is_some() {
+                    (
+                        StatusCode::CONFLICT,
+                        json!({"kind": "Status", "status": "Failure", "code": 409,
+                               "reason": "AlreadyExists", "message": format!("{object} already exists")}),
+                    )
+                } else {
+                    self.patch(&object, &body, true)
+                }
             }
             Method::DELETE => match self.lock().objects.remove(&path) {
                 Some(_) => (
@@ -178,6 +189,26 @@ impl FakeApi {
         }
         object["metadata"]["resourceVersion"] = json!(version.to_string());
         state.objects.insert(path.to_string(), object.clone());
+        (StatusCode::OK, object)
+    }
+
+    /// A JSON patch (RFC 6902, `test` ops included) onto an existing object.
+    fn json_patch(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let Some(mut object) = self.get(path) else {
+            return not_found(path);
+        };
+        let applied = serde_json::from_value::<json_patch::Patch>(body.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|p| json_patch::patch(&mut object, &p).map_err(|e| e.to_string()));
+        if let Err(e) = applied {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"kind": "Status", "status": "Failure", "code": 422, "message": e}),
+            );
+        }
+        let version = self.next_version();
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        self.lock().objects.insert(path.to_string(), object.clone());
         (StatusCode::OK, object)
     }
 

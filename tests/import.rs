@@ -1169,12 +1169,52 @@ async fn a_service_created_between_the_check_and_the_write_is_not_adopted() -> R
         "the user's Service was changed: {spec:?}"
     );
     ensure!(wrote.is_err(), "the write says the name is taken");
-    let slices = Api::<EndpointSlice>::namespaced(client, "shop")
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), "shop")
         .list(&ListParams::default().labels("kubernetes.io/service-name=pay"))
         .await?;
     ensure!(
         slices.items.is_empty(),
         "no EndpointSlice for someone else's Service"
+    );
+
+    // The name free again, the import creates its Service, owned as if applied: a field a later
+    // apply leaves out is removed, not kept by the create.
+    let services = Api::<Service>::namespaced(client.clone(), "shop");
+    services.delete("pay", &Default::default()).await?;
+    localenv::eventually("the user's Service gone", WAIT, || async {
+        Ok(services.get_opt("pay").await?.is_none().then_some(()))
+    })
+    .await?;
+    catalog_bridge::import::apply::apply(
+        &client,
+        &reg,
+        &rendered,
+        None,
+        &std::collections::HashSet::new(),
+    )
+    .await?;
+    let ours = services.get("pay").await?;
+    let managers: Vec<(String, String)> = ours
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            (
+                f.manager.unwrap_or_default(),
+                f.operation.unwrap_or_default(),
+            )
+        })
+        .collect();
+    println!("the import's own Service is managed by {managers:?}");
+    ensure!(
+        managers
+            .iter()
+            .any(|(m, o)| m == "catalog-bridge" && o == "Apply")
+            && !managers
+                .iter()
+                .any(|(m, o)| m == "catalog-bridge" && o == "Update"),
+        "created, then owned by the apply: {managers:?}"
     );
     Ok(())
 }

@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
+use tracing::debug;
 
 use super::render::{Kind, Rendered, service_name};
 use crate::api::crd::ExternalRegistration;
@@ -95,12 +96,16 @@ pub async fn apply(
             || force.contains(&(Kind::Service, svc.name_any())))
     {
         let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-        let name = svc.name_any();
-        let stored = services
-            .patch(&name, &pp, &Patch::Apply(svc))
+        // Ours for sure only when the last apply wrote it under this name and nobody touched
+        // it since; otherwise it is created first, so that a Service someone made after the
+        // watch-cache check is refused, never taken over by a forced apply.
+        let known = previous.and_then(|p| p.service.as_ref()).is_some()
+            && !renamed
+            && !force.contains(&(Kind::Service, svc.name_any()));
+        let stored = write_service(&services, reg, svc, known, &pp)
             .await
-            .with_context(|| format!("applying Service {ns}/{name}"))?;
-        written.push(Written::of(Kind::Service, &stored));
+            .with_context(|| format!("writing Service {ns}/{}", svc.name_any()))?;
+        written.extend(stored.iter().map(|s| Written::of(Kind::Service, s)));
     }
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     let mut keep = BTreeSet::new();
@@ -134,6 +139,108 @@ pub async fn apply(
         }
     }
     Ok(written)
+}
+
+/// Writes the import's Service: applied when `known` to be this registration's; otherwise
+/// created, and applied only if the Service found under its name is this registration's (its
+/// labels, or its owner reference). Someone else's is left as it is, with an error. Returns
+/// each version written, the last one last.
+async fn write_service(
+    services: &Api<Service>,
+    reg: &ExternalRegistration,
+    svc: &Service,
+    known: bool,
+    pp: &PatchParams,
+) -> Result<Vec<Service>> {
+    let name = svc.name_any();
+    if !known {
+        let post = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        match services.create(&post, svc).await {
+            Ok(created) => {
+                let handed = as_applied(services, &created).await;
+                return Ok([Some(created), handed].into_iter().flatten().collect());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let live = services
+                    .get(&name)
+                    .await
+                    .context("reading the Service found under its name")?;
+                if !made_by(&live, reg) {
+                    bail!(
+                        "Service {name} was created by someone else meanwhile; an import never \
+                         takes a Service over: set target.serviceName to another name"
+                    );
+                }
+            }
+            Err(e) => return Err(e).context("creating it"),
+        }
+    }
+    Ok(vec![
+        services
+            .patch(&name, pp, &Patch::Apply(svc))
+            .await
+            .context("applying it")?,
+    ])
+}
+
+/// Whether `live` is the Service registration `reg` imports into.
+fn made_by(live: &Service, reg: &ExternalRegistration) -> bool {
+    let labels = live.labels();
+    let labelled = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
+        && labels.get(REGISTRATION_LABEL) == Some(&reg.name_any());
+    let owned = reg.uid().is_some_and(|uid| {
+        live.owner_references()
+            .iter()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    });
+    labelled || owned
+}
+
+/// A Service just created, its fields handed from the create (an `Update` of this field
+/// manager) to this field manager's server-side apply, as if the apply had created it: fields a
+/// later apply leaves out are then removed, not kept by the create's ownership. When that fails
+/// (changed meanwhile), the next apply co-owns them and the Service works the same: None.
+async fn as_applied(services: &Api<Service>, created: &Service) -> Option<Service> {
+    let fields = created.metadata.managed_fields.clone().unwrap_or_default();
+    let handed: Vec<_> = fields
+        .into_iter()
+        .map(|mut f| {
+            if f.manager.as_deref() == Some(FIELD_MANAGER)
+                && f.operation.as_deref() == Some("Update")
+            {
+                f.operation = Some("Apply".into());
+            }
+            f
+        })
+        .collect();
+    let patch = serde_json::json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": created.resource_version()},
+        {"op": "replace", "path": "/metadata/managedFields", "value": handed},
+    ]);
+    let patch = match serde_json::from_value::<json_patch::Patch>(patch) {
+        Ok(p) => p,
+        Err(e) => {
+            debug!(error = %e, "handing a created Service's fields to the apply");
+            return None;
+        }
+    };
+    match services
+        .patch(
+            &created.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(handed) => Some(handed),
+        Err(e) => {
+            debug!(error = %e, "handing a created Service's fields to the apply");
+            None
+        }
+    }
 }
 
 /// Deletes the Service and EndpointSlices registration `ns/name` maintained.
