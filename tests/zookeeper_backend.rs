@@ -909,12 +909,17 @@ async fn chroot_several_hosts_digest_auth_and_errors() -> Result<()> {
              return sorted([a.id.scheme, a.id.id.split(':')[0], a.perms] for a in zk.get_acls(p)[0])\n\
          from kazoo.exceptions import NoAuthError\n\
          entry = sys.argv[2] + '/10.0.0.1:8080'\n\
+         seen = {'entry': acls(entry), 'dir': acls(sys.argv[2])}\n\
          try:\n    \
              zk.set(entry, b'x'); changed = True\n\
          except NoAuthError:\n    \
              changed = False\n\
+         try:\n    \
+             zk.delete(entry); deleted = True\n\
+         except NoAuthError:\n    \
+             deleted = False\n\
          zk.create(sys.argv[2] + '/10.8.8.8:1', b'', ephemeral=True)\n\
-         print(json.dumps({'entry': acls(entry), 'dir': acls(sys.argv[2]), 'changed': changed}))",
+         print(json.dumps(dict(seen, changed=changed, deleted=deleted)))",
         &[&providers],
     )?;
     assert_eq!(
@@ -924,14 +929,32 @@ async fn chroot_several_hosts_digest_auth_and_errors() -> Result<()> {
     );
     assert_eq!(
         acls["dir"],
-        json!([["digest", "bridge", 31], ["world", "anyone", 13]]),
-        "{acls}"
+        json!([["digest", "bridge", 31], ["world", "anyone", 5]]),
+        "the world reads and registers its own entries, and deletes nothing: {acls}"
     );
     assert_eq!(
         acls["changed"],
         json!(false),
         "others cannot change our entries"
     );
+    assert_eq!(
+        acls["deleted"],
+        json!(false),
+        "others cannot delete our entries"
+    );
+    // Nor a directory the controller made: emptied, it stays, and only its identity removes it.
+    z.apply(&plan(&BTreeMap::new(), &desired).ops).await?;
+    let dir = kazoo(
+        &zk_address,
+        "from kazoo.exceptions import NoAuthError\n\
+         try:\n    \
+             zk.delete(sys.argv[2]); deleted = True\n\
+         except NoAuthError:\n    \
+             deleted = False\n\
+         print(json.dumps(deleted))",
+        &[&providers],
+    )?;
+    assert_eq!(dir, json!(false), "others cannot delete our directories");
     let info = z.probe().await?;
     assert_eq!(info.address.as_deref(), Some(zk_address.as_str()));
 
