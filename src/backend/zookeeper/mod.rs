@@ -241,9 +241,12 @@ impl ZooKeeper {
             }
             Some((u, p)) => Some(format!("{u}:{p}")),
         };
-        // With digest auth: the controller's identity may do everything, anyone may read, and
-        // other registrants may create and remove their own entries in the shared
-        // directories. Without: what every unauthenticated client writes.
+        // With digest auth: the controller's identity may do everything and anyone may read.
+        // Other registrants may create their own entries in the shared directories, but not
+        // delete anything there: ZooKeeper checks DELETE on the parent, so a world DELETE on a
+        // directory would let any client remove this controller's entries. Their ephemeral
+        // entries go with their sessions. Without digest auth: what every unauthenticated
+        // client writes.
         let creator = zk::Acl::new(zk::Permission::ALL, zk::AuthId::new("auth", ""));
         let world = |p| zk::Acl::new(p, zk::AuthId::anyone());
         let (entry_acls, parent_acls) = if digest.is_some() {
@@ -251,7 +254,7 @@ impl ZooKeeper {
                 vec![creator.clone(), world(zk::Permission::READ)],
                 vec![
                     creator,
-                    world(zk::Permission::READ | zk::Permission::CREATE | zk::Permission::DELETE),
+                    world(zk::Permission::READ | zk::Permission::CREATE),
                 ],
             )
         } else {
