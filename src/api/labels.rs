@@ -30,6 +30,23 @@ pub fn is_imported(labels: Option<&std::collections::BTreeMap<String, String>>) 
         .is_some_and(|v| v == MANAGED_BY_VALUE)
 }
 
+/// Whether `labels` mark an object the import of registration `registration` maintains.
+pub fn imported_by(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    registration: &str,
+) -> bool {
+    is_imported(labels)
+        && labels
+            .and_then(|l| l.get(REGISTRATION_LABEL))
+            .map(String::as_str)
+            == Some(registration)
+}
+
+/// The label selector of the objects the import of registration `registration` maintains.
+pub fn import_selector(registration: &str) -> String {
+    format!("{REGISTRATION_LABEL}={registration},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")
+}
+
 /// The finalizer the leader puts on every ExternalCatalog: its deletion waits until what this
 /// cluster wrote to the catalog is removed (SPEC §6.10).
 pub const FINALIZER: &str = "catalog-bridge.io/cleanup";

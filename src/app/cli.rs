@@ -153,6 +153,13 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
+/// A client of the in-cluster API server, or of the one `KUBECONFIG` names.
+async fn kube_client() -> Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")
+}
+
 /// Makes ring the TLS provider of the process (kube, reqwest and etcd share it).
 fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -178,9 +185,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::DeleteCatalogs(args) => {
             init_logging(cli.log_format, "warn");
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let client = kube_client().await?;
             let names = crate::commands::delete_catalogs::delete_catalogs(
                 &client,
                 &args.selector,
@@ -199,9 +204,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Cleanup(args) => {
             init_logging(cli.log_format, "warn");
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let client = kube_client().await?;
             let owner = owner(&client, args.cluster_id).await?;
             let sessions = crate::k8s::catalogs::SessionSecret {
                 client: client.clone(),
@@ -241,9 +244,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Run(args) => {
             init_logging(cli.log_format, &cli.log);
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let client = kube_client().await?;
             let owner = owner(&client, args.cluster_id).await?;
             let identity = args.identity.unwrap_or_else(|| {
                 std::env::var("HOSTNAME")

@@ -57,7 +57,7 @@ pub async fn run(
         let d = if since.is_some() || first {
             first = false;
             let (svcs, sls) = (stores.services.state(), stores.slices.state());
-            desired::compute_with(
+            Arc::new(desired::compute_with(
                 Inputs {
                     services: &svcs,
                     slices: &sls,
@@ -65,9 +65,9 @@ pub async fn run(
                     registrations: &regs,
                 },
                 &mut memo,
-            )
+            ))
         } else {
-            out.desired.borrow().as_ref().clone()
+            out.desired.borrow().clone()
         };
         writers.sync(&cats, &d, since).await;
         importers.sync(&regs, &live).await;
@@ -81,10 +81,10 @@ pub async fn run(
         });
         metrics.set_invalid_exports(&invalid_exports(&d));
         out.desired.send_if_modified(|cur| {
-            if **cur == d {
+            if Arc::ptr_eq(cur, &d) || **cur == *d {
                 return false;
             }
-            *cur = Arc::new(d);
+            *cur = d;
             true
         });
         out.catalogs.send_if_modified(|cur| {

@@ -290,9 +290,15 @@ impl Writer {
             return Ok(());
         }
         let started = Instant::now();
-        let groups = isolate::groups(p.ops.clone(), |op| self.unit_of(op));
+        // What is sent, held-back exports left out (the plan's counters include them).
+        let puts = (p.ops.iter())
+            .filter(|op| matches!(op, Op::Put { .. }))
+            .count();
+        let planned = [("put", puts), ("delete", p.ops.len() - puts)];
+        let mut p = p;
+        let groups = isolate::groups(std::mem::take(&mut p.ops), |op| self.unit_of(op));
         let outcome = isolate::apply(self.backend.as_ref(), groups).await;
-        self.count(&p.ops, &outcome);
+        self.count(planned, &outcome);
         let mut current = current;
         apply_to(&mut current, &outcome.written);
         self.desired_records.forget(
@@ -342,16 +348,13 @@ impl Writer {
 
     /// The metrics of an apply of `ops`: operations by kind and result (`ok`, `refused`, and
     /// `error` for what an outage left unwritten), round trips.
-    fn count(&self, ops: &[Op], o: &Outcome) {
+    fn count(&self, planned: [(&str, usize); 2], o: &Outcome) {
         let label = &self.cfg.catalog;
         let kind = |op: &Op| match op {
             Op::Put { .. } => "put",
             Op::Delete { .. } => "delete",
         };
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for op in ops {
-            *counts.entry((kind(op), "error")).or_default() += 1;
-        }
         let done = o.written.iter().map(|op| (op, "ok")).chain(
             o.refused
                 .values()
@@ -359,9 +362,13 @@ impl Writer {
         );
         for (op, result) in done {
             *counts.entry((kind(op), result)).or_default() += 1;
-            if let Some(n) = counts.get_mut(&(kind(op), "error")) {
-                *n = n.saturating_sub(1);
-            }
+        }
+        for (op, total) in planned {
+            let done: u64 = ["ok", "refused"]
+                .iter()
+                .filter_map(|r| counts.get(&(op, *r)))
+                .sum();
+            counts.insert((op, "error"), (total as u64).saturating_sub(done));
         }
         for ((op, result), n) in counts {
             self.metrics.operations(label, op, result, n);

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::render::{Kind, Rendered, service_name};
 use crate::api::crd::ExternalRegistration;
-use crate::api::labels::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, REGISTRATION_LABEL};
+use crate::api::labels::{import_selector, imported_by};
 
 const FIELD_MANAGER: &str = "catalog-bridge";
 
@@ -56,10 +56,7 @@ pub async fn apply(
         .namespace()
         .context("an ExternalRegistration is namespaced")?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let selector = format!(
-        "{REGISTRATION_LABEL}={},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}",
-        reg.name_any()
-    );
+    let selector = import_selector(&reg.name_any());
     // A task's first apply, or a new target.serviceName: a Service this registration made
     // under another name goes.
     let name = service_name(reg);
@@ -188,9 +185,7 @@ async fn write_service(
 
 /// Whether `live` is the Service registration `reg` imports into.
 fn made_by(live: &Service, reg: &ExternalRegistration) -> bool {
-    let labels = live.labels();
-    let labelled = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
-        && labels.get(REGISTRATION_LABEL) == Some(&reg.name_any());
+    let labelled = imported_by(live.metadata.labels.as_ref(), &reg.name_any());
     let owned = reg.uid().is_some_and(|uid| {
         live.owner_references()
             .iter()
@@ -204,49 +199,35 @@ fn made_by(live: &Service, reg: &ExternalRegistration) -> bool {
 /// later apply leaves out are then removed, not kept by the create's ownership. When that fails
 /// (changed meanwhile), the next apply co-owns them and the Service works the same: None.
 async fn as_applied(services: &Api<Service>, created: &Service) -> Option<Service> {
-    let fields = created.metadata.managed_fields.clone().unwrap_or_default();
-    let handed: Vec<_> = fields
-        .into_iter()
-        .map(|mut f| {
+    let handed = async {
+        let mut fields = created.metadata.managed_fields.clone().unwrap_or_default();
+        for f in &mut fields {
             if f.manager.as_deref() == Some(FIELD_MANAGER)
                 && f.operation.as_deref() == Some("Update")
             {
                 f.operation = Some("Apply".into());
             }
-            f
-        })
-        .collect();
-    let patch = serde_json::json!([
-        {"op": "test", "path": "/metadata/resourceVersion", "value": created.resource_version()},
-        {"op": "replace", "path": "/metadata/managedFields", "value": handed},
-    ]);
-    let patch = match serde_json::from_value::<json_patch::Patch>(patch) {
-        Ok(p) => p,
-        Err(e) => {
-            debug!(error = %e, "handing a created Service's fields to the apply");
-            return None;
         }
-    };
-    match services
-        .patch(
-            &created.name_any(),
-            &PatchParams::default(),
-            &Patch::Json::<()>(patch),
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": created.resource_version()},
+            {"op": "replace", "path": "/metadata/managedFields", "value": fields},
+        ]))?;
+        let params = PatchParams::default();
+        anyhow::Ok(
+            services
+                .patch(&created.name_any(), &params, &Patch::Json::<()>(patch))
+                .await?,
         )
+    };
+    handed
         .await
-    {
-        Ok(handed) => Some(handed),
-        Err(e) => {
-            debug!(error = %e, "handing a created Service's fields to the apply");
-            None
-        }
-    }
+        .inspect_err(|e| debug!(error = %e, "handing a created Service's fields to the apply"))
+        .ok()
 }
 
 /// Deletes the Service and EndpointSlices registration `ns/name` maintained.
 pub async fn remove(client: &kube::Client, ns: &str, name: &str) -> Result<()> {
-    let selector = format!("{REGISTRATION_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
-    let lp = ListParams::default().labels(&selector);
+    let lp = ListParams::default().labels(&import_selector(name));
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
     for s in slices.list(&lp).await?.items {
         slices

@@ -242,6 +242,16 @@ mod tests {
         )
     }
 
+    /// Stores that hold nothing, and nobody telling of changes.
+    fn unwatched() -> Watched {
+        Watched {
+            services: reflector::store().0,
+            slices: reflector::store().0,
+            registrations: reflector::store().0,
+            touched: tokio::sync::broadcast::channel(16).0,
+        }
+    }
+
     fn external(ips: &[&str]) -> Vec<External> {
         ips.iter()
             .map(|ip| External {
@@ -272,12 +282,7 @@ mod tests {
         connect.insert("zk", mem.clone());
         let metrics = Arc::new(Metrics::new());
         let (_gate_tx, gate) = watch::channel(true);
-        let watched = Watched {
-            services: reflector::store().0,
-            slices: reflector::store().0,
-            registrations: reflector::store().0,
-            touched: tokio::sync::broadcast::channel(16).0,
-        };
+        let watched = unwatched();
         let mut importers = Importers::new(client, connect, gate, metrics.clone(), watched, false);
         let (regs, cats) = ([registration()], [catalog("zk")]);
         importers.sync(&regs, &cats).await;
@@ -322,12 +327,7 @@ mod tests {
         let connect = Arc::new(MemoryCatalogs::default());
         connect.insert("zk", mem.clone());
         let (_gate_tx, gate) = watch::channel(true);
-        let watched = Watched {
-            services: reflector::store().0,
-            slices: reflector::store().0,
-            registrations: reflector::store().0,
-            touched: tokio::sync::broadcast::channel(16).0,
-        };
+        let watched = unwatched();
         let mut importers = Importers::new(
             client,
             connect,
@@ -358,12 +358,7 @@ mod tests {
     async fn an_import_of_a_missing_catalog_says_so_and_applies_nothing() {
         let (api, client) = FakeApi::start();
         let (_gate_tx, gate) = watch::channel(true);
-        let watched = Watched {
-            services: reflector::store().0,
-            slices: reflector::store().0,
-            registrations: reflector::store().0,
-            touched: tokio::sync::broadcast::channel(16).0,
-        };
+        let watched = unwatched();
         let mut importers = Importers::new(
             client,
             Arc::new(MemoryCatalogs::default()),

@@ -218,7 +218,7 @@ pub fn render(
                 "kind": "EndpointSlice",
                 "metadata": {
                     "name": slice_name, "namespace": ns, "labels": slice_labels,
-                    "ownerReferences": [reg.controller_owner_ref(&())],
+                    "ownerReferences": [&owner],
                 },
                 "addressType": kind,
                 "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],

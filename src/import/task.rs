@@ -376,12 +376,7 @@ pub async fn run(
                 }
             }
             let snap = rx.borrow_and_update().clone();
-            metrics.import_skipped(
-                &catalog,
-                &reg.namespace().unwrap_or_default(),
-                &reg.name_any(),
-                snap.skipped.len() as i64,
-            );
+            metrics.import_skipped(&catalog, &ns, &name, snap.skipped.len() as i64);
             view.send_modify(|v| {
                 v.catalog_error = snap.error.clone();
                 v.skipped = snap.skipped.clone();

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 
 use super::render::{Kind, service_name};
 use crate::api::crd::ExternalRegistration;
-use crate::api::labels::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, REGISTRATION_LABEL};
+use crate::api::labels::{REGISTRATION_LABEL, imported_by, is_imported};
 use crate::model::{Problem, Reason};
 
 /// A change the controller's watches saw to an object some import maintains.
@@ -48,7 +48,7 @@ impl Touched {
     pub fn of(kind: Kind, obj: &impl Resource, deleted: bool) -> Option<Touched> {
         let meta = obj.meta();
         let labels = meta.labels.as_ref()?;
-        if labels.get(MANAGED_BY_LABEL).map(String::as_str) != Some(MANAGED_BY_VALUE) {
+        if !is_imported(Some(labels)) {
             return None;
         }
         Some(Touched::Object(TouchedObject {
@@ -80,16 +80,12 @@ impl Watched {
         let ns = reg.namespace()?;
         let name = service_name(reg);
         let svc = self.services.get(&ObjectRef::new(&name).within(&ns))?;
-        let labels = svc.labels();
-        let ours = labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
-            && labels.get(REGISTRATION_LABEL) == Some(&reg.name_any());
-        if ours {
+        let labels = svc.metadata.labels.as_ref();
+        if imported_by(labels, &reg.name_any()) {
             return None;
         }
-        let whose = match labels.get(REGISTRATION_LABEL) {
-            Some(other)
-                if labels.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE) =>
-            {
+        let whose = match labels.and_then(|l| l.get(REGISTRATION_LABEL)) {
+            Some(other) if is_imported(labels) => {
                 format!("the import of ExternalRegistration {ns}/{other}")
             }
             _ => "someone else (it is not an imported Service)".to_string(),

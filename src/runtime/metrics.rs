@@ -198,17 +198,15 @@ impl Metrics {
             (&self.requests, "read"),
             (&self.requests, "write"),
         ] {
-            {
-                for result in ["ok", "error", "refused"] {
-                    if op == "read" && result == "refused" {
-                        continue;
-                    }
-                    drop(family.get_or_create(&OpLabels {
-                        catalog: catalog.into(),
-                        op: op.into(),
-                        result: result.into(),
-                    }));
+            for result in ["ok", "error", "refused"] {
+                if op == "read" && result == "refused" {
+                    continue;
                 }
+                drop(family.get_or_create(&OpLabels {
+                    catalog: catalog.into(),
+                    op: op.into(),
+                    result: result.into(),
+                }));
             }
         }
         drop(self.drift.get_or_create(&Self::catalog(catalog)));

@@ -26,8 +26,6 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 3] = [TaskKind::Writer, TaskKind::Import, TaskKind::Drain];
-
     pub fn as_str(self) -> &'static str {
         match self {
             TaskKind::Writer => "writer",

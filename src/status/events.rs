@@ -9,7 +9,7 @@ use tracing::warn;
 use crate::model::Reason;
 
 /// The longest note an Event carries (the API server refuses longer ones).
-const MAX_NOTE: usize = 1000;
+pub const MAX_NOTE: usize = 1000;
 
 /// A Warning Event with `reason` and `note`, for `action` (`Export`, `Import`, `Write`).
 pub fn warning(reason: Reason, note: &str, action: &str) -> Event {

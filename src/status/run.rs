@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::catalog::catalog_status;
-use super::events::{Announcer, normal, warning};
+use super::events::{Announcer, MAX_NOTE, normal, warning};
 use super::registration::{
     export_status, import_status, refusal_message, refused_for, same_ignoring_sync_time,
 };
@@ -283,9 +283,8 @@ async fn skips(
     written.skips = current;
 }
 
-/// Examples named in a skipped-entries Event; its note is cut to fit an Event's 1 KiB.
+/// Examples named in a skipped-entries Event.
 const SKIP_EXAMPLES: usize = 3;
-const NOTE_MAX: usize = 1000;
 
 /// `skipped <id> in etcd: <why>` for one entry, else `skipped 40 entries in etcd (40 new), e.g.
 /// <id>: <why>; …; and 37 more new`.
@@ -311,8 +310,8 @@ fn skipped_note(catalog: &str, total: usize, new: &[(&str, &str)]) -> String {
             )
         }
     };
-    if note.len() > NOTE_MAX {
-        let cut = (0..NOTE_MAX)
+    if note.len() > MAX_NOTE {
+        let cut = (0..MAX_NOTE)
             .rev()
             .find(|&i| note.is_char_boundary(i))
             .unwrap_or(0);
@@ -422,7 +421,7 @@ mod tests {
         );
         let long = "x".repeat(2000);
         let cut = super::skipped_note("etcd", 2, &[("a", &long), ("b", "y")]);
-        assert!(cut.len() <= super::NOTE_MAX + '…'.len_utf8() && cut.ends_with('…'));
+        assert!(cut.len() <= super::MAX_NOTE + '…'.len_utf8() && cut.ends_with('…'));
     }
 
     use super::*;

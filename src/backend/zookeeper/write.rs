@@ -42,10 +42,11 @@ impl ZooKeeper {
         }
         let conn = self.inner.conn().await?;
         let writes = self.writes(&conn, ops).await?;
-        let known = self.inner.lock_cache().parents.clone();
+        // The guard goes at the end of the statement, before a commit takes the lock again.
+        let batches = batches(&writes, &self.inner.lock_cache().parents);
         let mut trips = 0;
         let mut failures = Vec::new();
-        for batch in batches(&writes, &known) {
+        for batch in batches {
             let part = &writes[batch.range.clone()];
             let mut parents = batch.parents.clone();
             if let Some(index) = self.commit(&conn, &mut parents, part, &mut trips).await? {
