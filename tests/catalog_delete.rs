@@ -165,10 +165,20 @@ async fn a_catalog_deleted_while_the_controller_is_stopped_is_emptied_before_it_
         || {
             let (client, consul, env, went_early) = (&client, &consul, &env, &went_early);
             async move {
+                // The objects first: one already gone while its entries are still there
+                // afterwards went early (read the other way round, a catalog emptied and let go
+                // between the two reads would look so too).
+                let gone = [
+                    catalog(client, "consul").await?.is_none(),
+                    catalog(client, "etcd").await?.is_none(),
+                ];
                 let in_consul = consul.passing("api_x").await?;
                 let in_etcd = etcd_api_x(env)?;
-                for (name, left) in [("consul", &in_consul), ("etcd", &in_etcd)] {
-                    if !left.is_empty() && catalog(client, name).await?.is_none() {
+                for ((name, left), gone) in [("consul", &in_consul), ("etcd", &in_etcd)]
+                    .into_iter()
+                    .zip(gone)
+                {
+                    if !left.is_empty() && gone {
                         let note = format!("{name} went while it held {left:?}");
                         went_early.lock().expect("lock").push(note);
                     }
