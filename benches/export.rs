@@ -480,6 +480,7 @@ fn desired_state_bench() -> Result<String> {
         slices: &[],
         catalogs: &catalogs,
         registrations: &[],
+        namespaces: &[],
     };
     let mut memo = Memo::default();
     let _ = compute_with(

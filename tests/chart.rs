@@ -164,7 +164,8 @@ fn production_values() -> Value {
                 "addresses": ["http://consul-server.consul:8500"],
                 "tokenSecretRef": {"namespace": "catalog-secrets", "name": "consul-token", "key": "token"}}}},
             {"name": "zk", "spec": {"zookeeper": {"connect": "zk-0.zk:2181,zk-1.zk:2181/services", "layout": "curator"}}},
-            {"name": "etcd", "spec": {"etcd": {"endpoints": ["etcd-0.etcd:2379"], "layout": "coredns"}}},
+            {"name": "etcd", "spec": {"etcd": {"endpoints": ["etcd-0.etcd:2379"], "layout": "coredns"},
+                "policy": {"export": {"namespaces": {"from": "Selector", "selector": {"matchLabels": {"team": "dns"}}}}}}},
         ],
         "serviceMonitor": {"enabled": false},
         "rbac": {"secretNamespaces": ["catalog-secrets"]},
@@ -206,6 +207,16 @@ fn helm_lint_passes_and_the_schema_refuses_bad_values() -> Result<()> {
             "two-kinds",
             json!({"catalogs": [{"name": "c", "spec": {"consul": {}, "etcd": {}}}]}),
             "spec",
+        ),
+        (
+            "policy-alone",
+            json!({"catalogs": [{"name": "c", "spec": {"policy": {}}}]}),
+            "spec",
+        ),
+        (
+            "catalog-policy-key",
+            json!({"catalogPolicy": {"exports": {}}}),
+            "exports",
         ),
         (
             "catalog-name",
@@ -330,7 +341,9 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
     assert_eq!(
         cluster_rules,
         [
-            "/namespaces [kube-system] get",
+            "/namespaces [] get",
+            "/namespaces [] list",
+            "/namespaces [] watch",
             "/secrets [] get",
             "/services [] create",
             "/services [] delete",
@@ -404,10 +417,8 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
     );
     let cluster_rules = rules(find(&objects, "ClusterRole", "cb-catalog-bridge").context("CR")?);
     assert!(
-        !cluster_rules
-            .iter()
-            .any(|r| r.starts_with("/namespaces") || r.starts_with("/secrets")),
-        "with clusterId and secretNamespaces set, neither namespaces nor Secrets cluster-wide: {cluster_rules:?}"
+        !cluster_rules.iter().any(|r| r.starts_with("/secrets")),
+        "with secretNamespaces set, no Secrets cluster-wide: {cluster_rules:?}"
     );
     let secrets_role =
         find(&objects, "Role", "cb-catalog-bridge-secrets").context("no Secrets Role")?;
@@ -426,10 +437,20 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
     assert_eq!(catalogs.len(), 3);
     let consul = find(&objects, "ExternalCatalog", "consul").context("no consul catalog")?;
     assert_eq!(consul["apiVersion"], "catalog-bridge.io/v1alpha1");
+    let mut with_policy = production_values()["catalogs"][0]["spec"].clone();
+    with_policy["policy"] = json!({
+        "export": {"namespaces": {"from": "All"}, "sharedNames": "Refuse"},
+        "import": {"namespaces": {"from": "All"}},
+    });
     assert_eq!(
-        consul["spec"],
-        production_values()["catalogs"][0]["spec"],
-        "the spec is passed through unchanged"
+        consul["spec"], with_policy,
+        "the spec is passed through, with catalogPolicy as its policy"
+    );
+    let etcd = find(&objects, "ExternalCatalog", "etcd").context("no etcd catalog")?;
+    assert_eq!(
+        etcd["spec"],
+        production_values()["catalogs"][2]["spec"],
+        "a catalog's own policy is kept"
     );
     assert!(
         find(&objects, "ServiceMonitor", "cb-catalog-bridge").is_none(),
@@ -1148,7 +1169,7 @@ async fn the_chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()>
 
     // Outside the role: refused.
     sa.refused(&["delete", "namespace", "kube-public"])?;
-    sa.refused(&["get", "namespace", "default"])?;
+    sa.refused(&["label", "namespace", "default", "x=y"])?;
     sa.refused(&["get", "secrets", "-A"])?;
     sa.refused(&["get", "secrets", "-n", "catalog-secrets"])?; // get by name only, no list
     sa.refused(&["get", "secret", "consul-token", "-n", "default"])?;

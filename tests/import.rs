@@ -32,31 +32,9 @@ fn without_hold(mut registration: Value) -> Value {
     registration
 }
 
-/// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `svc`.
+/// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `shop/<svc>`.
 async fn endpoints(client: &kube::Client, svc: &str) -> Result<Vec<String>> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
-    let mut out = Vec::new();
-    for s in slices
-        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={svc}")))
-        .await?
-        .items
-    {
-        let port = s
-            .ports
-            .as_ref()
-            .and_then(|p| p.first())
-            .and_then(|p| p.port)
-            .unwrap_or(0);
-        for e in s.endpoints {
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
-                for a in e.addresses {
-                    out.push(format!("{a}:{port}"));
-                }
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    support::ready_endpoints(client, "shop", svc).await
 }
 
 async fn wait_endpoints(client: &kube::Client, svc: &str, want: &[&str]) -> Result<Duration> {

@@ -11,14 +11,13 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use catalog_bridge::api::crd::ExternalRegistration;
 use k8s_openapi::api::core::v1::Service;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
 use localenv::{Env, workload};
 use serde_json::{Value, json};
 use support::{
     ConsulView, Controller, annotations, catalog_condition, consul_catalog,
-    consul_catalog_with_token, deploy, kubectl_apply,
+    consul_catalog_with_token, deploy, kubectl_apply, registration_condition, warning_event,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -80,57 +79,6 @@ async fn flip_and_delete(client: &kube::Client) -> Result<Instant> {
     Ok(t)
 }
 
-/// Waits until ExternalRegistration `shop/<name>` has condition `type_` with `status`; returns
-/// its message.
-async fn registration_condition(
-    client: &kube::Client,
-    name: &str,
-    type_: &str,
-    status: &str,
-) -> Result<String> {
-    let api: Api<ExternalRegistration> = Api::namespaced(client.clone(), "shop");
-    localenv::eventually(
-        &format!("{type_}={status} on shop/{name}"),
-        WAIT,
-        || async {
-            let r = api.get(name).await?;
-            Ok(r.status
-                .unwrap_or_default()
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == type_ && c.status == status)
-                .map(|c| format!("{}: {}", c.reason, c.message)))
-        },
-    )
-    .await
-}
-
-/// Waits for a Warning Event with `reason` about `kind` `shop/<name>`; returns its note.
-async fn warning_event(
-    client: &kube::Client,
-    kind: &str,
-    name: &str,
-    reason: &str,
-) -> Result<String> {
-    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "shop");
-    localenv::eventually(
-        &format!("a {reason} Event on {kind} shop/{name}"),
-        WAIT,
-        || async {
-            let events = api.list(&ListParams::default()).await?;
-            Ok(events.items.into_iter().find_map(|e| {
-                let about = e.regarding.as_ref()?;
-                (about.kind.as_deref() == Some(kind)
-                    && about.name.as_deref() == Some(name)
-                    && e.reason.as_deref() == Some(reason)
-                    && e.type_.as_deref() == Some("Warning"))
-                .then(|| e.note.clone().unwrap_or_default())
-            }))
-        },
-    )
-    .await
-}
-
 /// What a refused export looks like to users: `Synced=False` with the catalog's words on the
 /// registration, a Warning Event on it, the catalog's `Ready` naming it, and the metrics.
 async fn refusal_is_reported(
@@ -140,13 +88,20 @@ async fn refusal_is_reported(
     registration: &str,
     catalog_words: &str,
 ) -> Result<()> {
-    let synced = registration_condition(client, registration, "Synced", "False").await?;
+    let synced = registration_condition(client, "shop", registration, "Synced", "False").await?;
     println!("Synced of shop/{registration}: {synced}");
     anyhow::ensure!(
         synced.starts_with("Refused: ") && synced.contains(catalog_words),
         "Synced should say the catalog refused it, in the catalog's words ({catalog_words:?}): {synced}"
     );
-    let note = warning_event(client, "ExternalRegistration", registration, "Refused").await?;
+    let note = warning_event(
+        client,
+        "shop",
+        "ExternalRegistration",
+        registration,
+        "Refused",
+    )
+    .await?;
     println!("Event on shop/{registration}: {note}");
     anyhow::ensure!(note.contains(catalog_words), "{note}");
     let ready = catalog_condition(client, catalog, "Ready", "False").await?;
@@ -246,7 +201,7 @@ async fn a_consul_acl_that_refuses_one_name_fails_only_that_export() -> Result<(
 
     // The export the ACL refuses, then changes to the others.
     deploy_registered(&env, &client, "denied", 3, "consul", "denied", &[]).await?;
-    registration_condition(&client, "denied", "Synced", "False")
+    registration_condition(&client, "shop", "denied", "Synced", "False")
         .await
         .with_context(|| cb.log())?;
     let t = flip_and_delete(&client).await?;
@@ -280,7 +235,7 @@ async fn a_consul_acl_that_refuses_one_name_fails_only_that_export() -> Result<(
         .await
         .with_context(|| cb.log())?;
     println!("policy fixed -> denied in Consul after {:?}", t.elapsed());
-    let synced = registration_condition(&client, "denied", "Synced", "True").await?;
+    let synced = registration_condition(&client, "shop", "denied", "Synced", "True").await?;
     println!("Synced of shop/denied: {synced}");
     catalog_condition(&client, "consul", "Ready", "True").await?;
     Ok(())
@@ -397,7 +352,7 @@ async fn an_etcd_role_that_refuses_one_prefix_fails_only_that_export() -> Result
     .await?;
 
     deploy_registered(&env, &client, "denied", 3, "etcd", "denied", &[]).await?;
-    registration_condition(&client, "denied", "Synced", "False")
+    registration_condition(&client, "shop", "denied", "Synced", "False")
         .await
         .with_context(|| cb.log())?;
     let t = flip_and_delete(&client).await?;
@@ -433,7 +388,7 @@ async fn an_etcd_role_that_refuses_one_prefix_fails_only_that_export() -> Result
     .await
     .with_context(|| cb.log())?;
     println!("role fixed -> denied in etcd after {:?}", t.elapsed());
-    registration_condition(&client, "denied", "Synced", "True").await?;
+    registration_condition(&client, "shop", "denied", "Synced", "True").await?;
     Ok(())
 }
 
@@ -468,7 +423,7 @@ async fn an_export_too_large_for_one_consul_request_fails_only_that_export() -> 
         .map(|i| format!("{i:03}-{}", "t".repeat(246)))
         .collect();
     deploy_registered(&env, &client, "big", 4, "consul", "big", &tags).await?;
-    registration_condition(&client, "big", "Synced", "False")
+    registration_condition(&client, "shop", "big", "Synced", "False")
         .await
         .with_context(|| cb.log())?;
     let t = flip_and_delete(&client).await?;
@@ -502,7 +457,7 @@ async fn an_export_too_large_for_one_consul_request_fails_only_that_export() -> 
         .await
         .with_context(|| cb.log())?;
     println!("tags shrunk -> big in Consul after {:?}", t.elapsed());
-    registration_condition(&client, "big", "Synced", "True").await?;
+    registration_condition(&client, "shop", "big", "Synced", "True").await?;
 
     // Annotations beyond the bounds are refused before they reach the catalog, with a
     // message that says which bound.
@@ -519,7 +474,7 @@ async fn an_export_too_large_for_one_consul_request_fails_only_that_export() -> 
         ]),
     )
     .await?;
-    let note = warning_event(&client, "Service", "tagged", "InvalidAnnotation").await?;
+    let note = warning_event(&client, "shop", "Service", "tagged", "InvalidAnnotation").await?;
     println!("Event on Service shop/tagged: {note}");
     anyhow::ensure!(
         note.contains("catalog-bridge.io/tags holds 65 tags; at most 64"),
@@ -613,7 +568,7 @@ async fn a_zookeeper_acl_on_one_path_fails_only_that_export() -> Result<()> {
     .with_context(|| cb.log())?;
 
     deploy_registered(&env, &client, "denied", 3, "zk", "denied", &[]).await?;
-    registration_condition(&client, "denied", "Synced", "False")
+    registration_condition(&client, "shop", "denied", "Synced", "False")
         .await
         .with_context(|| cb.log())?;
     let t = flip_and_delete(&client).await?;

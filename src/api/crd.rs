@@ -11,6 +11,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::policy::CatalogPolicy;
+
 pub const GROUP: &str = "catalog-bridge.io";
 
 /// The most tags one export carries (the CRD schema's `maxItems`, the annotation's limit): with
@@ -53,6 +55,12 @@ pub struct ExternalCatalogSpec {
     pub etcd: Option<EtcdCatalog>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zookeeper: Option<ZooKeeperCatalog>,
+    /// Who may use this catalog: which namespaces may export to it and import from it, under
+    /// which names, whether one name from several namespaces is merged, and which imported
+    /// addresses are taken. Left out: every namespace and name; a name exported from two
+    /// namespaces stays with the oldest export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<CatalogPolicy>,
 }
 
 /// A Consul cluster, reached through its HTTP API.

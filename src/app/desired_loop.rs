@@ -63,6 +63,7 @@ pub async fn run(
                     slices: &sls,
                     catalogs: &live,
                     registrations: &regs,
+                    namespaces: &stores.namespaces.state(),
                 },
                 &mut memo,
             ))
@@ -70,7 +71,9 @@ pub async fn run(
             out.desired.borrow().clone()
         };
         writers.sync(&cats, &d, since).await;
-        importers.sync(&regs, &live).await;
+        importers
+            .sync(&regs, &live, &stores.namespaces.state())
+            .await;
         out.imports.send_if_modified(|cur| {
             let v = importers.views();
             if *cur == v {

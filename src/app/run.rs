@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::watcher;
@@ -64,11 +64,13 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
         changes.clone(),
         None,
     );
+    let (namespaces, t5) = reflect(Api::<Namespace>::all(client.clone()), changes.clone(), None);
     let stores = Stores {
         services,
         slices,
         catalogs,
         registrations,
+        namespaces,
     };
 
     let (synced_tx, synced) = watch::channel(false);
@@ -166,6 +168,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
         r = t2 => flatten("EndpointSlice watch", r),
         r = t3 => flatten("ExternalCatalog watch", r),
         r = t4 => flatten("ExternalRegistration watch", r),
+        r = t5 => flatten("Namespace watch", r),
         r = gate_task => flatten("leader gate", r),
         r = desired_loop => flatten("desired-state loop", r),
         r = status_loop => flatten("status loop", r),

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Namespace;
 use kube::ResourceExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 use super::task::{self, ImportView, Task};
 use super::touched::Watched;
 use crate::api::crd::{Direction, ExternalCatalog, ExternalRegistration};
+use crate::api::policy::AddressRules;
 use crate::backend::Backend;
 use crate::k8s::catalogs::Connect;
 use crate::model::{Problem, Reason};
@@ -20,9 +22,36 @@ use crate::runtime::supervisor::{Supervised, TaskKind};
 
 struct Running {
     fingerprint: String,
+    /// The catalog's policy refuses this import: its objects are removed, once the gate
+    /// opens (then false).
+    remove_pending: bool,
     view: watch::Receiver<ImportView>,
     /// `None` for an import that cannot run: its view says why.
     task: Option<Supervised>,
+}
+
+/// Why the catalog's policy refuses the import `reg` (its namespace, its name, or address
+/// rules that cannot be read).
+fn refusal(
+    cat: &ExternalCatalog,
+    reg: &ExternalRegistration,
+    namespaces: &[Arc<Namespace>],
+) -> Option<Problem> {
+    let policy = cat.spec.policy.as_ref()?;
+    if let Err(why) = AddressRules::of(Some(policy)) {
+        return Some(Problem::new(Reason::InvalidConfig, why));
+    }
+    let ns = reg.namespace()?;
+    let labels = namespaces
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(ns.as_str()))
+        .and_then(|n| n.metadata.labels.clone())
+        .unwrap_or_default();
+    let name = reg.spec.external_name.as_deref().unwrap_or_default();
+    policy
+        .import()
+        .refusal("import from", &cat.name_any(), &ns, &labels, name)
+        .map(|m| Problem::new(Reason::NotAllowed, m))
 }
 
 /// Starts, restarts and stops import tasks as registrations and catalogs change.
@@ -67,6 +96,7 @@ impl Importers {
         &mut self,
         registrations: &[Arc<ExternalRegistration>],
         catalogs: &[Arc<ExternalCatalog>],
+        namespaces: &[Arc<Namespace>],
     ) {
         let mut seen = HashSet::new();
         for reg in registrations {
@@ -81,19 +111,25 @@ impl Importers {
             let catalog = catalogs
                 .iter()
                 .find(|c| c.name_any() == reg.spec.catalog_ref.name);
+            let refused = catalog.and_then(|c| refusal(c, reg, namespaces));
             let fingerprint = format!(
-                "{}|{}|{}",
+                "{}|{}|{}|{:?}",
                 serde_json::to_string(&reg.spec).unwrap_or_default(),
                 reg.uid().unwrap_or_default(),
                 catalog
                     .map(|c| serde_json::to_string(&c.spec).unwrap_or_default())
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                refused,
             );
-            if self
-                .running
-                .get(&key)
-                .is_some_and(|r| r.fingerprint == fingerprint)
-            {
+            let unchanged = (self.running.get(&key))
+                .filter(|r| r.fingerprint == fingerprint)
+                .map(|r| r.remove_pending);
+            if let Some(remove_pending) = unchanged {
+                if remove_pending && self.remove(&key).await {
+                    self.running
+                        .entry(key)
+                        .and_modify(|r| r.remove_pending = false);
+                }
                 continue;
             }
             self.running.remove(&key);
@@ -102,16 +138,26 @@ impl Importers {
                 service_name: super::render::service_name(reg),
                 ..Default::default()
             });
-            let backend = match catalog {
-                None => Err(Problem::new(
+            let rules = catalog
+                .map(|c| AddressRules::of(c.spec.policy.as_ref()))
+                .transpose()
+                .unwrap_or_default()
+                .unwrap_or_default();
+            let backend = match (catalog, refused) {
+                (_, Some(problem)) => Err(problem),
+                (None, _) => Err(Problem::new(
                     Reason::CatalogNotFound,
                     format!(
                         "ExternalCatalog {:?} does not exist",
                         reg.spec.catalog_ref.name
                     ),
                 )),
-                Some(cat) => self.backend(cat).await,
+                (Some(cat), None) => self.backend(cat).await,
             };
+            let remove_pending = backend
+                .as_ref()
+                .is_err_and(|p| p.reason == Reason::NotAllowed)
+                && !self.remove(&key).await;
             let task = match backend {
                 Ok(backend) => {
                     let id = format!("{}/{}", key.0, key.1);
@@ -122,7 +168,7 @@ impl Importers {
                         watched: self.watched.clone(),
                         dry_run: self.dry_run,
                     };
-                    let (reg, gate) = (reg.clone(), self.gate.clone());
+                    let (reg, gate, rules) = (reg.clone(), self.gate.clone(), Arc::new(rules));
                     Some(Supervised::spawn(
                         TaskKind::Import,
                         id,
@@ -132,6 +178,7 @@ impl Importers {
                                 shared.clone(),
                                 reg.clone(),
                                 backend.clone(),
+                                rules.clone(),
                                 gate.clone(),
                                 view_tx.clone(),
                             )
@@ -147,6 +194,7 @@ impl Importers {
                 key,
                 Running {
                     fingerprint,
+                    remove_pending,
                     view,
                     task,
                 },
@@ -164,17 +212,29 @@ impl Importers {
                 self.metrics.forget_import(&catalog, &key.0, &key.1);
             }
             // The owner references let the garbage collector do this too; doing it here makes it
-            // immediate (the collector may not watch a freshly installed CRD yet). A dry run's
-            // gate is always open: it only says what it would remove.
-            if !*self.gate.borrow() {
-                continue;
-            }
-            if self.dry_run {
-                info!(registration = %format!("{}/{}", key.0, key.1), "dry run: would remove the imported Service and EndpointSlices of a registration that is gone");
-                continue;
-            }
-            if let Err(e) = super::apply::remove(&self.client, &key.0, &key.1).await {
-                warn!(registration = %format!("{}/{}", key.0, key.1), error = %format!("{e:#}"), "removing the imported Service failed; the garbage collector will");
+            // immediate (the collector may not watch a freshly installed CRD yet).
+            self.remove(&key).await;
+        }
+    }
+
+    /// Removes the imported Service and EndpointSlices of the registration `key` (one that is
+    /// gone, or that the catalog's policy refuses); whether that is done. Nothing is removed
+    /// while the gate is closed. A dry run's gate is always open: it only says what it would
+    /// remove.
+    async fn remove(&self, key: &(String, String)) -> bool {
+        let id = format!("{}/{}", key.0, key.1);
+        if !*self.gate.borrow() {
+            return false;
+        }
+        if self.dry_run {
+            info!(registration = %id, "dry run: would remove the imported Service and EndpointSlices");
+            return true;
+        }
+        match super::apply::remove(&self.client, &key.0, &key.1).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(registration = %id, error = %format!("{e:#}"), "removing the imported Service failed");
+                false
             }
         }
     }
@@ -285,7 +345,7 @@ mod tests {
         let watched = unwatched();
         let mut importers = Importers::new(client, connect, gate, metrics.clone(), watched, false);
         let (regs, cats) = ([registration()], [catalog("zk")]);
-        importers.sync(&regs, &cats).await;
+        importers.sync(&regs, &cats, &[]).await;
         eventually("the Service and its slice", || {
             api.get(SERVICE).is_some() && addresses(api.get(SLICE)) == ["10.8.0.8"]
         })
@@ -306,7 +366,7 @@ mod tests {
         assert_eq!(metrics.task_restarts("import"), 1);
 
         // The registration goes: so do its Service and slices.
-        importers.sync(&[], &cats).await;
+        importers.sync(&[], &cats, &[]).await;
         assert!(api.get(SERVICE).is_none() && api.get(SLICE).is_none());
     }
 
@@ -337,14 +397,14 @@ mod tests {
             true,
         );
         let cats = [catalog("zk")];
-        importers.sync(&[registration()], &cats).await;
+        importers.sync(&[registration()], &cats, &[]).await;
         let key = ("shop".to_string(), "mysql-x".to_string());
         eventually("the dry run to plan the import", || {
             importers.views().get(&key).is_some_and(|v| v.synced)
         })
         .await;
         // The registration goes: nothing is deleted.
-        importers.sync(&[], &cats).await;
+        importers.sync(&[], &cats, &[]).await;
         let writes: Vec<String> = api
             .requests()
             .into_iter()
@@ -367,7 +427,7 @@ mod tests {
             watched,
             false,
         );
-        importers.sync(&[registration()], &[]).await;
+        importers.sync(&[registration()], &[], &[]).await;
         let key = ("shop".to_string(), "mysql-x".to_string());
         let problem = importers.views()[&key].problem.clone().expect("a problem");
         assert_eq!(problem.reason, Reason::CatalogNotFound);

@@ -3,9 +3,10 @@
 //! EndpointSlices equal to the healthy instances.
 //!
 //! ```text
-//! Backend::watch_service ─▶ ImportSnapshot ─▶ hold (pure) ─▶ render (pure) ─▶ apply (server-side apply)
+//! Backend::watch_service ─▶ ImportSnapshot ─▶ addresses ─▶ hold (pure) ─▶ render (pure) ─▶ apply (server-side apply)
 //! ```
 
+pub mod addresses;
 pub mod apply;
 pub mod hold;
 pub mod importers;

@@ -20,12 +20,14 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
+use super::addresses::screened;
 use super::apply::{self, Written};
 use super::hold::{self, Answer, Change, Hold};
 use super::render::{self, Kind, Rendered};
 use super::touched::{Touched, TouchedObject, Watched};
 use crate::api::crd::ExternalRegistration;
 use crate::api::labels::{REGISTRATION_LABEL, SERVICE_NAME_LABEL};
+use crate::api::policy::AddressRules;
 use crate::backend::{Backend, BackendError, External, ImportSnapshot};
 use crate::model::{Problem, Reason};
 use crate::runtime::Metrics;
@@ -290,6 +292,7 @@ pub async fn run(
     task: Task,
     reg: Arc<ExternalRegistration>,
     backend: Arc<dyn Backend>,
+    rules: Arc<AddressRules>,
     mut gate: watch::Receiver<bool>,
     view: watch::Sender<ImportView>,
 ) -> anyhow::Result<()> {
@@ -375,7 +378,7 @@ pub async fn run(
                     }
                 }
             }
-            let snap = rx.borrow_and_update().clone();
+            let snap = screened(rx.borrow_and_update().clone(), &rules);
             metrics.import_skipped(&catalog, &ns, &name, snap.skipped.len() as i64);
             view.send_modify(|v| {
                 v.catalog_error = snap.error.clone();

@@ -1,5 +1,5 @@
 //! The watches: one reflector per kind (Services, EndpointSlices, ExternalCatalogs,
-//! ExternalRegistrations) filling a store that every other part reads, never the API. Every
+//! ExternalRegistrations, Namespaces) filling a store that every other part reads, never the API. Every
 //! event marks [`Changes`], which wakes the desired-state loop.
 
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -95,6 +95,8 @@ pub struct Stores {
     pub slices: Store<EndpointSlice>,
     pub catalogs: Store<ExternalCatalog>,
     pub registrations: Store<ExternalRegistration>,
+    /// For their labels, which the catalogs' policies select namespaces by.
+    pub namespaces: Store<Namespace>,
 }
 
 impl Stores {
@@ -104,6 +106,7 @@ impl Stores {
         self.slices.wait_until_ready().await?;
         self.catalogs.wait_until_ready().await?;
         self.registrations.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await?;
         Ok(())
     }
 }

@@ -38,6 +38,12 @@ reasons! {
     CatalogNotFound,
     /// The Service has no port by the name or number the export asks for.
     PortNotFound,
+    /// The catalog's policy (`spec.policy`) does not let this namespace export to it or import
+    /// from it, or not under this name.
+    NotAllowed,
+    /// Another namespace's older export holds this name in the catalog, whose policy does not
+    /// merge one name from several namespaces.
+    NameConflict,
     // An export that takes effect, with a part of it left out.
     /// A meta pair the catalog would refuse was left out of the entries.
     InvalidMeta,

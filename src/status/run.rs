@@ -46,6 +46,8 @@ struct Written {
     /// Refused exports announced: (source, catalog, message).
     refusals: HashSet<(Source, String, String)>,
     skips: HashSet<(String, String, String, String)>,
+    /// Import problems announced: (namespace, name, reason, message).
+    import_problems: HashSet<(String, String, Reason, String)>,
     /// Restarts announced, by object uid.
     restarts: HashMap<String, u32>,
     /// Since when this replica leads: older hold notes are not announced (again).
@@ -77,6 +79,7 @@ pub async fn run(
         catalogs(&client, &stores, &v, &imp, &mut written).await;
         registrations(&client, &stores, &d, &v, &imp, &mut written).await;
         problems(&stores, &d, &mut recorder, &mut written).await;
+        import_problems(&stores, &imp, &mut recorder, &mut written).await;
         refusals(&stores, &d, &v, &mut recorder, &mut written).await;
         skips(&stores, &imp, &mut recorder, &mut written).await;
         restarts(&stores, &v, &imp, &mut recorder, &mut written).await;
@@ -198,6 +201,34 @@ async fn problems(stores: &Stores, d: &Desired, recorder: &mut Announcer, writte
             .await;
     }
     written.problems = current;
+}
+
+/// A Warning Event for each problem of an import when it appears (a policy that refuses it,
+/// a Service that belongs to someone else, a missing catalog).
+async fn import_problems(
+    stores: &Stores,
+    imp: &HashMap<(String, String), ImportView>,
+    recorder: &mut Announcer,
+    written: &mut Written,
+) {
+    let mut current = HashSet::new();
+    for ((ns, name), view) in imp {
+        let Some(p) = &view.problem else { continue };
+        let id = (ns.clone(), name.clone(), p.reason, p.message.clone());
+        current.insert(id.clone());
+        if written.import_problems.contains(&id) {
+            continue;
+        }
+        if let Some(reg) = stores.registrations.get(&ObjectRef::new(name).within(ns)) {
+            recorder
+                .publish(
+                    &warning(p.reason, &p.message, "Import"),
+                    &reg.object_ref(&()),
+                )
+                .await;
+        }
+    }
+    written.import_problems = current;
 }
 
 /// The object an export's Events go to: its Service (annotation) or its registration.
@@ -470,6 +501,7 @@ mod tests {
             slices: reflector::store().0,
             catalogs: cats,
             registrations: reflector::store().0,
+            namespaces: reflector::store().0,
         };
         let (_d, desired) = watch::channel(Arc::new(Desired::default()));
         let (views, catalogs) = watch::channel(BTreeMap::from([(

@@ -468,3 +468,82 @@ pub async fn annotate(client: &kube::Client, ns: &str, svc: &str, patch: Value) 
         .with_context(|| format!("annotating {ns}/{svc}"))?;
     Ok(())
 }
+
+/// Waits until ExternalRegistration `<ns>/<name>` has condition `type_` with `status`; returns
+/// `reason: message`.
+pub async fn registration_condition(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> Result<String> {
+    let api: Api<catalog_bridge::api::crd::ExternalRegistration> =
+        Api::namespaced(client.clone(), ns);
+    localenv::eventually(
+        &format!("{type_}={status} on {ns}/{name}"),
+        Duration::from_secs(30),
+        || async {
+            let r = api.get(name).await?;
+            Ok(r.status
+                .unwrap_or_default()
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == type_ && c.status == status)
+                .map(|c| format!("{}: {}", c.reason, c.message)))
+        },
+    )
+    .await
+}
+
+/// Waits for a Warning Event with `reason` about `kind` `<ns>/<name>`; returns its note.
+pub async fn warning_event(
+    client: &kube::Client,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    reason: &str,
+) -> Result<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    localenv::eventually(
+        &format!("a {reason} Event on {kind} {ns}/{name}"),
+        Duration::from_secs(30),
+        || async {
+            let events = api.list(&kube::api::ListParams::default()).await?;
+            Ok(events.items.into_iter().find_map(|e| {
+                let about = e.regarding.as_ref()?;
+                (about.kind.as_deref() == Some(kind)
+                    && about.name.as_deref() == Some(name)
+                    && e.reason.as_deref() == Some(reason)
+                    && e.type_.as_deref() == Some("Warning"))
+                .then(|| e.note.clone().unwrap_or_default())
+            }))
+        },
+    )
+    .await
+}
+
+/// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `<ns>/<svc>`.
+pub async fn ready_endpoints(client: &kube::Client, ns: &str, svc: &str) -> Result<Vec<String>> {
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), ns);
+    let mut out = Vec::new();
+    let selector = format!("kubernetes.io/service-name={svc}");
+    for s in slices
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        let port = (s.ports.as_ref())
+            .and_then(|p| p.first())
+            .and_then(|p| p.port)
+            .unwrap_or(0);
+        for e in s.endpoints {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
+                out.extend(e.addresses.iter().map(|a| format!("{a}:{port}")));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -4,12 +4,13 @@
 
 mod endpoints;
 mod memo;
+mod policy;
 mod request;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::api::crd::{ExternalCatalog, ExternalRegistration};
@@ -28,6 +29,8 @@ pub struct Inputs<'a> {
     pub slices: &'a [Arc<EndpointSlice>],
     pub catalogs: &'a [Arc<ExternalCatalog>],
     pub registrations: &'a [Arc<ExternalRegistration>],
+    /// For the labels the catalogs' policies select namespaces by.
+    pub namespaces: &'a [Arc<Namespace>],
 }
 
 /// What asked for an export.
@@ -115,6 +118,7 @@ pub fn compute_with(inputs: Inputs<'_>, memo: &mut Memo) -> Desired {
         }
     }
 
+    let policies = policy::Policies::new(inputs.catalogs, inputs.namespaces, &requests, &services);
     let specs: HashMap<&str, &ExternalCatalog> = inputs
         .catalogs
         .iter()
@@ -197,6 +201,9 @@ pub fn compute_with(inputs: Inputs<'_>, memo: &mut Memo) -> Desired {
                         reason: Reason::CatalogNotFound,
                         message: format!("ExternalCatalog {catalog:?} does not exist"),
                     })
+                }
+                Ok(_) if let Some(p) = policies.refusal(&req, catalog, &external_name) => {
+                    export.problem = Some(p)
                 }
                 Ok(list) => {
                     export.endpoints = list.len();
@@ -356,6 +363,7 @@ mod tests {
             slices: &slices,
             catalogs: &catalogs,
             registrations: &[],
+            namespaces: &[],
         });
         assert_eq!(
             addrs(&d, "consul"),
@@ -405,6 +413,7 @@ mod tests {
                 slices: &slices,
                 catalogs: &catalogs,
                 registrations: &[],
+                namespaces: &[],
             });
             addrs(&d, "consul")
         };
@@ -443,6 +452,7 @@ mod tests {
             slices: &slices,
             catalogs: &catalogs,
             registrations: &[],
+            namespaces: &[],
         });
         let by_catalog: BTreeMap<&str, &Export> =
             d.exports.iter().map(|e| (e.catalog.as_str(), e)).collect();
@@ -507,6 +517,7 @@ mod tests {
                 slices,
                 catalogs,
                 registrations,
+                namespaces: &[],
             };
             assert_eq!(compute_with(inputs, &mut memo), compute(inputs), "{step}");
         };
@@ -643,6 +654,7 @@ mod tests {
                 slices: &slices,
                 catalogs: &catalogs,
                 registrations: &[],
+                namespaces: &[],
             });
             assert_eq!(addrs(&d, "consul"), ["api-x@10.0.0.1:9090"], "port {port}");
         }
@@ -683,6 +695,7 @@ mod tests {
             slices: &slices,
             catalogs: &catalogs,
             registrations: &[],
+            namespaces: &[],
         });
         assert_eq!(
             addrs(&d, "consul"),
@@ -739,6 +752,7 @@ mod tests {
             slices: &slices,
             catalogs: &catalogs,
             registrations: &regs,
+            namespaces: &[],
         });
         assert_eq!(addrs(&d, "consul"), ["api_x@10.0.0.1:8080"]);
         let imported = d
@@ -752,34 +766,142 @@ mod tests {
         );
     }
 
+    fn with_policy(name: &str, policy: serde_json::Value) -> Arc<ExternalCatalog> {
+        let mut c = (*catalog(name)).clone();
+        c.spec.policy = Some(serde_json::from_value(policy).expect("a policy"));
+        Arc::new(c)
+    }
+
+    fn created(svc: Arc<Service>, at: &str) -> Arc<Service> {
+        let mut s = (*svc).clone();
+        s.metadata.creation_timestamp = Some(serde_json::from_value(json!(at)).expect("a time"));
+        Arc::new(s)
+    }
+
+    fn namespace(name: &str, labels: serde_json::Value) -> Arc<Namespace> {
+        Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))
+                .expect("a namespace"),
+        )
+    }
+
+    fn reason(d: &Desired, ns: &str, catalog: &str) -> Option<&'static str> {
+        let e = d
+            .exports
+            .iter()
+            .find(|e| {
+                e.catalog == catalog
+                    && matches!(&e.source, Source::Annotation { namespace, .. } if namespace == ns)
+            })
+            .expect("reported");
+        e.problem.as_ref().map(|p| p.reason.as_str())
+    }
+
+    /// Two namespaces exporting `api_x`: `a` created later than `b`.
+    fn two_namespaces(catalogs: &str) -> ([Arc<Service>; 2], [Arc<EndpointSlice>; 2]) {
+        let ann = json!({"catalog-bridge.io/export": catalogs, "catalog-bridge.io/name": "api_x"});
+        (
+            [
+                created(service("a", "api", ann.clone()), "2026-02-01T00:00:00Z"),
+                created(service("b", "api", ann), "2026-01-01T00:00:00Z"),
+            ],
+            [
+                slice("a", "api", "s", &[("10.0.0.1", Some(true), false)]),
+                slice("b", "api", "s", &[("10.0.1.1", Some(true), false)]),
+            ],
+        )
+    }
+
     #[test]
-    fn the_same_external_name_from_two_namespaces_is_merged() {
-        let services = [
-            service(
-                "a",
-                "api",
-                json!({"catalog-bridge.io/export": "consul", "catalog-bridge.io/name": "api_x"}),
-            ),
-            service(
-                "b",
-                "api",
-                json!({"catalog-bridge.io/export": "consul", "catalog-bridge.io/name": "api_x"}),
-            ),
+    fn one_name_from_two_namespaces_stays_with_the_oldest_unless_the_policy_merges() {
+        let (services, slices) = two_namespaces("consul,shared");
+        let catalogs = [
+            catalog("consul"),
+            with_policy("shared", json!({"export": {"sharedNames": "Merge"}})),
         ];
-        let slices = [
-            slice("a", "api", "s", &[("10.0.0.1", Some(true), false)]),
-            slice("b", "api", "s", &[("10.0.1.1", Some(true), false)]),
+        let mut memo = Memo::default();
+        let d = compute_with(
+            Inputs {
+                services: &services,
+                slices: &slices,
+                catalogs: &catalogs,
+                ..Default::default()
+            },
+            &mut memo,
+        );
+        // The default: b's export is older and keeps the name; a's is refused.
+        assert_eq!(addrs(&d, "consul"), ["api_x@10.0.1.1:8080"]);
+        assert_eq!(reason(&d, "a", "consul"), Some("NameConflict"));
+        assert_eq!(reason(&d, "b", "consul"), None);
+        let message = d
+            .exports
+            .iter()
+            .find_map(|e| e.problem.as_ref())
+            .expect("a problem");
+        assert!(
+            message.message.contains("Service b/api"),
+            "{}",
+            message.message
+        );
+        // Where the policy merges, both.
+        assert_eq!(
+            addrs(&d, "shared"),
+            ["api_x@10.0.0.1:8080", "api_x@10.0.1.1:8080"]
+        );
+        // b stops exporting: a takes the name.
+        let d = compute_with(
+            Inputs {
+                services: &services[..1],
+                slices: &slices,
+                catalogs: &catalogs,
+                ..Default::default()
+            },
+            &mut memo,
+        );
+        assert_eq!(addrs(&d, "consul"), ["api_x@10.0.0.1:8080"]);
+        assert_eq!(reason(&d, "a", "consul"), None);
+    }
+
+    #[test]
+    fn a_policy_chooses_the_namespaces_and_names_that_may_export() {
+        let (services, slices) = two_namespaces("consul");
+        let catalogs = [with_policy(
+            "consul",
+            json!({"export": {
+                "namespaces": {"from": "Selector", "selector": {"matchLabels": {"team": "shop"}}},
+                "names": [{"prefix": "api_"}],
+            }}),
+        )];
+        let namespaces = [
+            namespace("a", json!({"team": "shop"})),
+            namespace("b", json!({"team": "pay"})),
         ];
-        let catalogs = [catalog("consul")];
         let d = compute(Inputs {
             services: &services,
             slices: &slices,
             catalogs: &catalogs,
-            registrations: &[],
+            namespaces: &namespaces,
+            ..Default::default()
         });
-        let inst = &d.catalogs["consul"].instances;
-        assert_eq!(inst.len(), 2);
-        assert_ne!(inst[0].origin, inst[1].origin);
-        assert_ne!(inst[0].stable_id(), inst[1].stable_id());
+        // b is older, but may not export here: it keeps no name, and a exports.
+        assert_eq!(reason(&d, "b", "consul"), Some("NotAllowed"));
+        assert_eq!(reason(&d, "a", "consul"), None);
+        assert_eq!(addrs(&d, "consul"), ["api_x@10.0.0.1:8080"]);
+        // A name outside the rules.
+        let other = [service(
+            "a",
+            "web",
+            json!({"catalog-bridge.io/export": "consul", "catalog-bridge.io/name": "web_x"}),
+        )];
+        let d = compute(Inputs {
+            services: &other,
+            slices: &[],
+            catalogs: &catalogs,
+            namespaces: &namespaces,
+            ..Default::default()
+        });
+        assert_eq!(reason(&d, "a", "consul"), Some("NotAllowed"));
+        let p = d.exports[0].problem.as_ref().expect("a problem");
+        assert!(p.message.contains("\"web_x\""), "{}", p.message);
     }
 }

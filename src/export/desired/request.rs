@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::Source;
 use crate::api::crd::{
@@ -27,6 +28,9 @@ pub(super) struct Request {
     pub(super) meta: BTreeMap<String, String>,
     /// A problem found while parsing the source (bad annotation).
     pub(super) problem: Option<Problem>,
+    /// When the source (Service or registration) was created: the oldest export keeps a
+    /// name that several namespaces export.
+    pub(super) created: Option<Time>,
 }
 
 pub(super) fn request_from_annotations(svc: &Service) -> Option<Request> {
@@ -90,6 +94,7 @@ pub(super) fn request_from_annotations(svc: &Service) -> Option<Request> {
         tags,
         meta,
         problem,
+        created: svc.metadata.creation_timestamp.clone(),
     })
 }
 
@@ -113,6 +118,7 @@ pub(super) fn request_from_registration(reg: &ExternalRegistration) -> Option<Re
         tags: reg.spec.tags.clone(),
         meta: reg.spec.meta.clone(),
         problem: None,
+        created: reg.metadata.creation_timestamp.clone(),
     })
 }
 
