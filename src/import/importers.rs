@@ -2,7 +2,7 @@
 //! started, restarted (a changed registration or catalog, or a task that panicked) and stopped
 //! as registrations and catalogs change; and what each import shows in its status.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -35,22 +35,19 @@ struct Running {
 fn refusal(
     cat: &ExternalCatalog,
     reg: &ExternalRegistration,
-    namespaces: &[Arc<Namespace>],
+    labels: &HashMap<&str, &BTreeMap<String, String>>,
 ) -> Option<Problem> {
     let policy = cat.spec.policy.as_ref()?;
     if let Err(why) = AddressRules::of(Some(policy)) {
         return Some(Problem::new(Reason::InvalidConfig, why));
     }
     let ns = reg.namespace()?;
-    let labels = namespaces
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(ns.as_str()))
-        .and_then(|n| n.metadata.labels.clone())
-        .unwrap_or_default();
+    let none = BTreeMap::new();
+    let labels = labels.get(ns.as_str()).copied().unwrap_or(&none);
     let name = reg.spec.external_name.as_deref().unwrap_or_default();
     policy
         .import()
-        .refusal("import from", &cat.name_any(), &ns, &labels, name)
+        .refusal("import from", &cat.name_any(), &ns, labels, name)
         .map(|m| Problem::new(Reason::NotAllowed, m))
 }
 
@@ -99,6 +96,10 @@ impl Importers {
         namespaces: &[Arc<Namespace>],
     ) {
         let mut seen = HashSet::new();
+        let labels: HashMap<&str, &BTreeMap<String, String>> = namespaces
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.as_deref()?, n.metadata.labels.as_ref()?)))
+            .collect();
         for reg in registrations {
             if reg.spec.direction != Direction::Import {
                 continue;
@@ -111,7 +112,7 @@ impl Importers {
             let catalog = catalogs
                 .iter()
                 .find(|c| c.name_any() == reg.spec.catalog_ref.name);
-            let refused = catalog.and_then(|c| refusal(c, reg, namespaces));
+            let refused = catalog.and_then(|c| refusal(c, reg, &labels));
             let fingerprint = format!(
                 "{}|{}|{}|{:?}",
                 serde_json::to_string(&reg.spec).unwrap_or_default(),
