@@ -44,7 +44,14 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::{ConsulView, Controller, kubectl_apply};
 
-const SERVICES: usize = 1000;
+/// Services exported: 1,000 (10,000 instances), or 10,000 (100,000 instances) with
+/// `SCALE=100k` (`make bench SCALE=100k`).
+fn service_count() -> usize {
+    match std::env::var("SCALE").as_deref() {
+        Ok("100k") => 10_000,
+        _ => 1000,
+    }
+}
 const ENDPOINTS: usize = 10;
 const FLIPS: usize = 60;
 const NS: &str = "bench";
@@ -63,7 +70,7 @@ async fn create_objects(client: &kube::Client) -> Result<()> {
     let services: Api<Service> = Api::namespaced(client.clone(), NS);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
     let mut pending = Vec::new();
-    for s in 0..SERVICES {
+    for s in 0..service_count() {
         let name = name(s);
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"name": name, "annotations": {"catalog-bridge.io/export": "bench"}},
@@ -172,7 +179,7 @@ fn targets(env: &localenv::Env) -> Result<Vec<Target>> {
 
 /// The floor: all instances written by the backend alone, in its batches.
 async fn floor_converge(t: &Target) -> Result<(Duration, usize)> {
-    let instances: Vec<Instance> = (0..SERVICES)
+    let instances: Vec<Instance> = (0..service_count())
         .flat_map(|s| {
             (0..ENDPOINTS).map(move |e| Instance {
                 name: format!("floor-{s:04}"),
@@ -217,7 +224,7 @@ async fn floor_flips(t: &Target) -> Result<Vec<Duration>> {
     let owned = t.floor.read_owned().await?;
     let mut delays = Vec::new();
     for i in 0..FLIPS {
-        let s = (i / 2) % SERVICES;
+        let s = (i / 2) % service_count();
         let svc = (t.floor_name)(s);
         let first = ip(s, 0);
         let (key, record) = owned
@@ -270,7 +277,7 @@ async fn flips(
     let mut delays = Vec::new();
     let mut watched = Vec::new();
     for i in 0..FLIPS {
-        let s = (i / 2) % SERVICES;
+        let s = (i / 2) % service_count();
         let ready = i % 2 == 1;
         let want = if ready { ENDPOINTS } else { ENDPOINTS - 1 };
         let start = Instant::now();
@@ -448,7 +455,7 @@ async fn import_bench(
 fn desired_state_bench() -> Result<String> {
     use catalog_bridge::api::crd::ExternalCatalog;
     use catalog_bridge::export::desired::{Desired, Inputs, Memo, compute, compute_with};
-    let services: Vec<Arc<Service>> = (0..SERVICES)
+    let services: Vec<Arc<Service>> = (0..service_count())
         .map(|s| {
             serde_json::from_value(json!({
                 "metadata": {"namespace": NS, "name": name(s), "resourceVersion": "1",
@@ -468,7 +475,7 @@ fn desired_state_bench() -> Result<String> {
             "endpoints": endpoints(s, first_ready),
         }))?))
     };
-    let mut slices: Vec<Arc<EndpointSlice>> = (0..SERVICES)
+    let mut slices: Vec<Arc<EndpointSlice>> = (0..service_count())
         .map(|s| slice(s, 1, true))
         .collect::<Result<_>>()?;
     let catalogs: Vec<Arc<ExternalCatalog>> = vec![Arc::new(serde_json::from_value(json!({
@@ -492,7 +499,7 @@ fn desired_state_bench() -> Result<String> {
     );
     let (mut incremental, mut scratch) = (Vec::new(), Vec::new());
     for i in 0..30 {
-        let s = (i * 37) % SERVICES;
+        let s = (i * 37) % service_count();
         slices[s] = slice(s, 2 + i, i % 2 == 1)?;
         let t = Instant::now();
         let a = compute_with(
@@ -519,11 +526,27 @@ fn desired_state_bench() -> Result<String> {
     let (inc, full) = (percentile(&incremental, 0.5), percentile(&scratch, 0.5));
     Ok(format!(
         "| desired state after one readiness change, {} instances | incremental p50: {:.2} ms | from scratch p50: {:.2} ms | {:.2}x |",
-        SERVICES * ENDPOINTS,
+        service_count() * ENDPOINTS,
         ms(inc),
         ms(full),
         ms(inc) / ms(full),
     ))
+}
+
+/// The controller's resident memory now and at its peak (VmRSS, VmHWM), in MiB.
+fn memory(cb: &Controller) -> Result<(f64, f64)> {
+    let pid = cb.process.pid().context("the controller runs")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<f64> {
+        let line = (status.lines())
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} in /proc/{pid}/status"))?;
+        let kib: f64 = (line.split_whitespace().nth(1))
+            .context("a number")?
+            .parse()?;
+        Ok(kib / 1024.0)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -551,7 +574,10 @@ async fn main() -> Result<()> {
     let client = env.kube()?.client().await?;
     support::install_crds(&client).await?;
 
-    eprintln!("creating {SERVICES} Services x {ENDPOINTS} endpoints...");
+    eprintln!(
+        "creating {} Services x {ENDPOINTS} endpoints...",
+        service_count()
+    );
     let t = Instant::now();
     create_objects(&client).await?;
     eprintln!("  created in {:?}", t.elapsed());
@@ -571,7 +597,7 @@ async fn main() -> Result<()> {
                 Duration::from_secs(300),
                 || async {
                     let mut left = 0;
-                    for s in [0, SERVICES / 2, SERVICES - 1] {
+                    for s in [0, service_count() / 2, service_count() - 1] {
                         left += p.reader.lookup(&name(s)).await?.len();
                     }
                     Ok((left == 0).then_some(()))
@@ -605,7 +631,7 @@ async fn main() -> Result<()> {
             let writes = cb
                 .metric("catalog_bridge_backend_requests_total", &OK_WRITES)
                 .await?;
-            Ok((n == (SERVICES * ENDPOINTS) as f64 && writes > writes_before).then_some(()))
+            Ok((n == (service_count() * ENDPOINTS) as f64 && writes > writes_before).then_some(()))
         })
         .await
         .with_context(|| cb.log())?;
@@ -614,7 +640,7 @@ async fn main() -> Result<()> {
             .metric("catalog_bridge_backend_requests_total", &OK_WRITES)
             .await?
             - writes_before;
-        for s in [0, SERVICES / 2, SERVICES - 1] {
+        for s in [0, service_count() / 2, service_count() - 1] {
             let got = target.reader.lookup(&name(s)).await?.len();
             anyhow::ensure!(
                 got == ENDPOINTS,
@@ -624,11 +650,17 @@ async fn main() -> Result<()> {
             );
         }
 
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (rss, peak) = memory(&cb)?;
+        eprintln!(
+            "{}: controller RSS {rss:.0} MiB, peak so far {peak:.0} MiB",
+            target.label
+        );
         eprintln!("{}: readiness flips...", target.label);
         let (ours, k8s) = flips(&client, target.reader.as_ref()).await?;
         let floor = floor_flips(&target).await?;
         rows.push(format!(
-            "| {} | {:.2} s ({trips} round trips) | {:.2} s ({floor_trips}) | {:.2}x | {:.1} / {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.2}x / {:.2}x |",
+            "| {} | {:.2} s ({trips} round trips) | {:.2} s ({floor_trips}) | {:.2}x | {:.1} / {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.2}x / {:.2}x | {rss:.0} / {peak:.0} MiB |",
             target.label,
             converge.as_secs_f64(),
             floor_time.as_secs_f64(),
@@ -660,7 +692,7 @@ async fn main() -> Result<()> {
                     &["catalog=\"bench\"", "direction=\"export\""],
                 )
                 .await?;
-            Ok((n == (SERVICES * ENDPOINTS) as f64).then_some(()))
+            Ok((n == (service_count() * ENDPOINTS) as f64).then_some(()))
         },
     )
     .await
@@ -674,18 +706,19 @@ async fn main() -> Result<()> {
 
     println!();
     println!(
-        "export of {SERVICES} Services x {ENDPOINTS} endpoints = {} instances; floor = the catalog's backend alone, same run",
-        SERVICES * ENDPOINTS
+        "export of {} Services x {ENDPOINTS} endpoints = {} instances; floor = the catalog's backend alone, same run",
+        service_count(),
+        service_count() * ENDPOINTS
     );
     println!(
-        "| catalog | convergence from empty | floor | ratio | flip p50 / p99 | of which Kubernetes (patch -> watch event), p50 | floor flip p50 / p99 | ratio p50 / p99 |"
+        "| catalog | convergence from empty | floor | ratio | flip p50 / p99 | of which Kubernetes (patch -> watch event), p50 | floor flip p50 / p99 | ratio p50 / p99 | controller RSS after convergence / peak so far |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }
     println!(
-        "| unchanged restart (ZooKeeper session re-attached) | {restart_writes} entries written | | | | | | |"
+        "| unchanged restart (ZooKeeper session re-attached) | {restart_writes} entries written | | | | | | | |"
     );
     println!("(Consul entries left after the catalog pointing there was deleted: {consul_left})");
     println!();

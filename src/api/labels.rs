@@ -1,6 +1,8 @@
 //! Annotations users put on Services (SPEC §2), and labels catalog-bridge puts on the objects it
 //! creates.
 
+/// What every annotation catalog-bridge reads begins with.
+pub const ANNOTATION_PREFIX: &str = "catalog-bridge.io/";
 /// Comma-separated ExternalCatalog names to export the Service to.
 pub const ANNOTATION_EXPORT: &str = "catalog-bridge.io/export";
 /// The external name (default: the Service name).

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::prune::Prune;
 use crate::runtime::backoff::Backoff;
 
 use crate::api::crd::{ExternalCatalog, ExternalRegistration};
@@ -24,22 +25,24 @@ use crate::runtime::health::Changes;
 /// Called with every event of a watch, before the store and `Changes` see the next one.
 pub type Tap<K> = Box<dyn Fn(&watcher::Event<K>) + Send + Sync>;
 
-/// A reflector (a watch feeding a store) whose every event marks `changes` and is shown to
-/// `tap`. The task ends only with an error: a watch that stops is a replica that goes blind.
+/// A reflector (a watch feeding a store, each object pruned to what is read) whose every event
+/// marks `changes` and is shown to `tap`. The task ends only with an error: a watch that stops is a replica that goes blind.
 pub fn reflect<K>(
     api: Api<K>,
     changes: Arc<Changes>,
     tap: Option<Tap<K>>,
 ) -> (Store<K>, JoinHandle<Result<()>>)
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Prune + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let stream = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default()).backoff(WatchBackoff::default()),
+        watcher(api, watcher::Config::default())
+            .backoff(WatchBackoff::default())
+            .modify(K::prune),
     );
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
