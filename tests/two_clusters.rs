@@ -489,3 +489,221 @@ async fn two_clusters_export_and_import_the_same_name_through_every_catalog() ->
     println!("whole test: {:?}", started.elapsed());
     Ok(())
 }
+
+/// The owner markers of owner id `owner` (Consul KV, etcd key, ZooKeeper node), as their own
+/// clients read them: catalog → the JSON stored, or None.
+async fn markers(env: &Env, owner: &str) -> Result<BTreeMap<&'static str, Option<Value>>> {
+    let mut out = BTreeMap::new();
+    let http = localenv::http_client()?;
+    let r = http
+        .get(format!(
+            "{}/v1/kv/catalog-bridge/owners/{owner}?raw",
+            env.consul()?.url()
+        ))
+        .send()
+        .await?;
+    out.insert(
+        "consul",
+        match r.status() {
+            reqwest::StatusCode::NOT_FOUND => None,
+            _ => Some(r.error_for_status()?.json::<Value>().await?),
+        },
+    );
+    let mut etcd = etcd_client::Client::connect([env.etcd()?.endpoint()], None).await?;
+    let got = etcd
+        .get(format!("/catalog-bridge.io/owners/{owner}"), None)
+        .await?;
+    out.insert(
+        "etcd",
+        match got.kvs().first() {
+            None => None,
+            Some(kv) => {
+                ensure!(kv.lease() == 0, "the etcd marker carries no lease");
+                Some(serde_json::from_slice(kv.value())?)
+            }
+        },
+    );
+    let z = localenv::python(
+        "import sys\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         p = '/catalog-bridge/owners/' + sys.argv[2]\n\
+         print(zk.get(p)[0].decode() if zk.exists(p) else 'null')\n\
+         zk.stop()\n",
+        &[&env.zookeeper()?.connect_string(), owner],
+    )?;
+    out.insert("zookeeper", serde_json::from_str(z.trim())?);
+    Ok(out)
+}
+
+/// The `Ready` condition of each of `c`'s ExternalCatalogs: (status, reason, message).
+async fn ready_of(c: &Cluster<'_>) -> Result<BTreeMap<String, (String, String, String)>> {
+    let api: Api<catalog_bridge::api::crd::ExternalCatalog> = Api::all(c.client.clone());
+    let mut out = BTreeMap::new();
+    for cat in api.list(&ListParams::default()).await?.items {
+        let name = cat.metadata.name.clone().unwrap_or_default();
+        if let Some(r) =
+            (cat.status.unwrap_or_default().conditions.into_iter()).find(|c| c.type_ == "Ready")
+        {
+            out.insert(name, (r.status, r.reason, r.message));
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_cluster_with_the_same_cluster_id_writes_nothing_and_says_why() -> Result<()> {
+    let started = Instant::now();
+    let env = Env::builder()
+        .kube()
+        .second_cluster()
+        .consul()
+        .etcd()
+        .zookeeper()
+        .start()
+        .await?;
+    let extra = ["--drift-interval=2s"];
+    let a = cluster(&env, env.kube()?, "a", Some("shared"), &extra).await?;
+    export_api_x(&a, &A_ADDRS).await?;
+    let before = wait_catalogs(&env, &with_port(&A_ADDRS)).await?;
+    let uid_a = support::kube_system_uid(&a.client).await?;
+
+    // B: another cluster, configured with the same clusterId, exporting its own api_x.
+    let b = cluster(&env, env.second_cluster()?, "b", Some("shared"), &extra).await?;
+    let uid_b = support::kube_system_uid(&b.client).await?;
+    ensure!(uid_a != uid_b, "two clusters, two kube-system UIDs");
+    export_api_x(&b, &B_ADDRS).await?;
+
+    // For 8 s (B re-reads its catalogs every 2 s meanwhile): A's entries exactly as they were
+    // (same Consul ModifyIndex, etcd lease and revision, ZooKeeper session and mzxid), and
+    // nothing of B's.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let now = entries(&env).await?;
+        ensure!(
+            now == before,
+            "cluster B (same clusterId) changed the catalogs: before {before:#?}\nnow {now:#?}\n\
+             B's log:\n{}",
+            b.controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let b_ops = writes(&b).await?;
+    ensure!(b_ops == 0.0, "cluster B made {b_ops} catalog operations");
+    println!("8 s with both running: A's entries unchanged, B wrote nothing");
+
+    // Each catalog's marker names A's cluster; B's catalogs say why they write nothing.
+    let m = markers(&env, "shared").await?;
+    for (catalog, v) in &m {
+        let v = v
+            .as_ref()
+            .with_context(|| format!("no owner marker in {catalog}"))?;
+        ensure!(v["cluster"] == uid_a.as_str(), "{catalog}: marker {v}");
+        ensure!(
+            v["claimedAt"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{catalog}: {v}"
+        );
+    }
+    println!("owner markers: {m:?}");
+    let ready = localenv::eventually("B's catalogs Ready=False OwnerClaimed", WAIT, || async {
+        let r = ready_of(&b).await?;
+        if r.len() == CATALOGS.len()
+            && r.values()
+                .all(|(s, reason, _)| s == "False" && reason == "OwnerClaimed")
+        {
+            Ok(Some(r))
+        } else {
+            bail!("{r:#?}")
+        }
+    })
+    .await?;
+    for (name, (_, _, message)) in &ready {
+        ensure!(
+            message.contains("\"shared\"")
+                && message.contains(&uid_a)
+                && message.contains(&uid_b)
+                && message.contains("clusterId"),
+            "{name}: the condition names the owner id, both clusters and the way out: {message}"
+        );
+    }
+    println!("B's Ready: {ready:#?}");
+    let events = localenv::eventually("one OwnerClaimed Event per catalog of B", WAIT, || async {
+        let out = b.kube.kubectl(&[
+            "get",
+            "events.events.k8s.io",
+            "-A",
+            "--field-selector",
+            "reason=OwnerClaimed",
+            "-o",
+            "jsonpath={range .items[*]}{.regarding.kind}/{.regarding.name} {.type} {.reason}: {.note}{\"\\n\"}{end}",
+        ])?;
+        let lines: Vec<String> = out.lines().map(str::to_string).collect();
+        Ok((lines.len() == CATALOGS.len()).then_some(lines))
+    })
+    .await?;
+    for e in &events {
+        ensure!(
+            e.contains(" Warning OwnerClaimed: ") && e.contains(&uid_a) && e.contains(&uid_b),
+            "{e}"
+        );
+    }
+    println!("B's Events:\n{}", events.join("\n"));
+    ensure!(
+        ready_of(&a).await?.values().all(|(s, _, _)| s == "True"),
+        "A's catalogs stay Ready: {:#?}",
+        ready_of(&a).await?
+    );
+
+    // A is gone for good: its controller stops, the operator deletes the markers (the way out
+    // the message gives), and B proceeds at its next try. With the same owner id, A's entries
+    // are B's now: B's writer replaces them with its own.
+    drop(a);
+    let http = localenv::http_client()?;
+    http.delete(format!(
+        "{}/v1/kv/catalog-bridge/owners/shared",
+        env.consul()?.url()
+    ))
+    .send()
+    .await?
+    .error_for_status()?;
+    env.etcd()?
+        .etcdctl(&["del", "/catalog-bridge.io/owners/shared"])?;
+    localenv::python(
+        "import sys\nfrom kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         zk.delete('/catalog-bridge/owners/shared'); zk.stop()\n",
+        &[&env.zookeeper()?.connect_string()],
+    )?;
+    let t = Instant::now();
+    wait_catalogs(&env, &with_port(&B_ADDRS))
+        .await
+        .with_context(|| b.controller.log())?;
+    println!(
+        "markers deleted -> B's entries alone in every catalog after {:?}",
+        t.elapsed()
+    );
+    let m = markers(&env, "shared").await?;
+    ensure!(
+        m.values()
+            .all(|v| v.as_ref().is_some_and(|v| v["cluster"] == uid_b.as_str())),
+        "B claimed the owner id: {m:?}"
+    );
+
+    // A deleted catalog takes its marker with its entries (the id may be used elsewhere later).
+    b.kube
+        .kubectl(&["delete", "xcat", "consul", "--wait", "--timeout=30s"])?;
+    let m = markers(&env, "shared").await?;
+    ensure!(
+        m["consul"].is_none(),
+        "the Consul marker went with the catalog: {m:?}"
+    );
+    ensure!(
+        ConsulView::new(env.consul()?.url())?
+            .passing("api_x")
+            .await?
+            .is_empty(),
+        "B's Consul entries went with the catalog"
+    );
+    println!("whole test: {:?}", started.elapsed());
+    Ok(())
+}
