@@ -615,6 +615,34 @@ async fn cleanup_removes_every_entry_of_this_owner_after_an_uninstall() -> Resul
         !nodes.iter().any(|n| n == "k8s-test"),
         "no empty synthetic node is left behind: {nodes:?}"
     );
+    // Nor the owner markers: the owner id may be used by another cluster now.
+    let consul_marker = localenv::http_client()?
+        .get(format!(
+            "{}/v1/kv/catalog-bridge/owners/cluster-a",
+            env.consul()?.url()
+        ))
+        .send()
+        .await?
+        .status();
+    assert_eq!(consul_marker, reqwest::StatusCode::NOT_FOUND);
+    let etcd_marker = env.etcd()?.etcdctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        "/catalog-bridge.io/owners/",
+    ])?;
+    assert_eq!(
+        etcd_marker.trim(),
+        "",
+        "etcd owner markers left: {etcd_marker}"
+    );
+    let zk_marker = localenv::python(
+        "import sys\nfrom kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         print(zk.get_children('/catalog-bridge/owners')); zk.stop()\n",
+        &[&env.zookeeper()?.connect_string()],
+    )?;
+    assert_eq!(zk_marker.trim(), "[]", "ZooKeeper owner markers left");
     Ok(())
 }
 

@@ -525,6 +525,19 @@ async fn dry_run_logs_the_plan_as_json_and_writes_nothing() -> Result<()> {
         consul.node_services(NODE).await?.is_empty(),
         "not even the node"
     );
+    let marker = localenv::http_client()?
+        .get(format!(
+            "{}/v1/kv/catalog-bridge/owners/cluster-a",
+            consul.url
+        ))
+        .send()
+        .await?
+        .status();
+    assert_eq!(
+        marker,
+        reqwest::StatusCode::NOT_FOUND,
+        "nor the owner marker"
+    );
     for line in log.lines().filter(|l| l.starts_with('{')) {
         let v: Value = serde_json::from_str(line).with_context(|| format!("log line {line:?}"))?;
         ensure!(
@@ -708,12 +721,14 @@ async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retir
     };
 
     // What the README asks of a Consul token: node:write on the synthetic node, service:write on
-    // the exported names, service:read and node:read for imports. Nothing else.
+    // the exported names, service:read and node:read for imports, key:write on the owner
+    // markers (docs/operations.md). Nothing else.
     let rules = r#"
         node "k8s-least" { policy = "write" }
         service "api_x" { policy = "write" }
         service "ledger" { policy = "read" }
         node_prefix "" { policy = "read" }
+        key_prefix "catalog-bridge/owners/" { policy = "write" }
     "#;
     as_admin(
         reqwest::Method::PUT,

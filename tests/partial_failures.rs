@@ -149,6 +149,7 @@ async fn a_consul_acl_that_refuses_one_name_fails_only_that_export() -> Result<(
         json!({"Name": "catalog-bridge", "Rules": format!(r#"
             node_prefix "" {{ policy = "write" }}
             service_prefix "" {{ policy = "write" }}
+            key_prefix "catalog-bridge/owners/" {{ policy = "write" }}
             service "denied" {{ policy = "{denied}" }}
         "#)})
     };

@@ -955,6 +955,48 @@ async fn chroot_several_hosts_digest_auth_and_errors() -> Result<()> {
         &[&providers],
     )?;
     assert_eq!(dir, json!(false), "others cannot delete our directories");
+    // The owner marker, under the chroot: only this identity may change or delete it.
+    let owners = format!("{chroot}/catalog-bridge/owners");
+    assert_eq!(
+        catalog_bridge::backend::claim::claim(&z, "uid-a").await?,
+        catalog_bridge::backend::claim::Claim::Ours
+    );
+    let marker = kazoo(
+        &zk_address,
+        "def acls(p):\n    \
+             return sorted([a.id.scheme, a.id.id.split(':')[0], a.perms] for a in zk.get_acls(p)[0])\n\
+         from kazoo.exceptions import NoAuthError\n\
+         m = sys.argv[2] + '/cluster-a'\n\
+         seen = {'marker': acls(m), 'dir': acls(sys.argv[2]), 'data': json.loads(zk.get(m)[0])}\n\
+         try:\n    \
+             zk.set(m, b'{}'); changed = True\n\
+         except NoAuthError:\n    \
+             changed = False\n\
+         try:\n    \
+             zk.delete(m); deleted = True\n\
+         except NoAuthError:\n    \
+             deleted = False\n\
+         print(json.dumps(dict(seen, changed=changed, deleted=deleted)))",
+        &[&owners],
+    )?;
+    assert_eq!(marker["data"]["cluster"], "uid-a", "{marker}");
+    assert_eq!(
+        marker["marker"],
+        json!([["digest", "bridge", 31], ["world", "anyone", 1]]),
+        "{marker}"
+    );
+    assert_eq!(
+        marker["dir"],
+        json!([["digest", "bridge", 31], ["world", "anyone", 5]]),
+        "{marker}"
+    );
+    assert_eq!(
+        (&marker["changed"], &marker["deleted"]),
+        (&json!(false), &json!(false)),
+        "others can neither change nor delete the marker: {marker}"
+    );
+    assert!(catalog_bridge::backend::claim::release(&z, "uid-a").await?);
+    assert_eq!(kazoo_children(&zk_address, &owners)?, Vec::<String>::new());
     let info = z.probe().await?;
     assert_eq!(info.address.as_deref(), Some(zk_address.as_str()));
 

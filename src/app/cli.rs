@@ -51,7 +51,8 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Owner id written into every entry; default: the UID of the kube-system namespace, unique
-    /// per cluster.
+    /// per cluster. Each catalog records which cluster claimed an owner id (that UID); one
+    /// claimed by another cluster is not written to.
     #[arg(long, env = "CATALOG_BRIDGE_CLUSTER_ID")]
     pub cluster_id: Option<String>,
     /// Log the plan and write nothing to any catalog.
@@ -205,7 +206,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Cleanup(args) => {
             init_logging(cli.log_format, "warn");
             let client = kube_client().await?;
-            let owner = owner(&client, args.cluster_id).await?;
+            let cluster = kube_system_uid(&client).await?;
+            let owner = owner(args.cluster_id, &cluster);
             let sessions = crate::k8s::catalogs::SessionSecret {
                 client: client.clone(),
                 namespace: args.session_namespace,
@@ -215,6 +217,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 &client,
                 &args.catalog,
                 &owner,
+                &cluster,
                 sessions,
                 args.dry_run,
             )
@@ -245,14 +248,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => {
             init_logging(cli.log_format, &cli.log);
             let client = kube_client().await?;
-            let owner = owner(&client, args.cluster_id).await?;
+            let cluster = kube_system_uid(&client).await?;
+            let owner = owner(args.cluster_id, &cluster);
             let identity = args.identity.unwrap_or_else(|| {
                 std::env::var("HOSTNAME")
                     .unwrap_or_else(|_| format!("catalog-bridge-{}", std::process::id()))
             });
-            tracing::info!(%owner, %identity, dry_run = args.dry_run, "catalog-bridge starting");
+            tracing::info!(%owner, %cluster, %identity, dry_run = args.dry_run, "catalog-bridge starting");
             let opts = Options {
                 owner,
+                cluster,
                 dry_run: args.dry_run,
                 drift_interval: args.drift_interval,
                 lease_namespace: args.lease_namespace.unwrap_or_else(|| "default".into()),
@@ -267,23 +272,25 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The owner id: `--cluster-id` when given, else [`default_cluster_id`].
-async fn owner(client: &kube::Client, cluster_id: Option<String>) -> Result<String> {
+/// The owner id: `--cluster-id` when given, else `cluster` (the kube-system UID).
+fn owner(cluster_id: Option<String>, cluster: &str) -> String {
     match cluster_id {
-        Some(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
-        _ => default_cluster_id(client).await,
+        Some(id) if !id.trim().is_empty() => id.trim().to_string(),
+        _ => cluster.to_string(),
     }
 }
 
 /// The UID of the kube-system namespace: stable for the life of the cluster and unique to it.
-async fn default_cluster_id(client: &kube::Client) -> Result<String> {
+/// It is the default owner id, and names this cluster in the owner marker of every catalog
+/// written to, whatever the owner id (`backend::claim`).
+async fn kube_system_uid(client: &kube::Client) -> Result<String> {
     let ns = Api::<Namespace>::all(client.clone())
         .get("kube-system")
         .await
-        .context("reading the kube-system namespace for the default cluster id (set --cluster-id to avoid this)")?;
+        .context("reading the kube-system namespace: its UID names this cluster (the default owner id, and the owner marker in each catalog); needs get on namespaces/kube-system")?;
     match ns.metadata.uid {
         Some(uid) => Ok(uid),
-        None => bail!("the kube-system namespace has no uid; set --cluster-id"),
+        None => bail!("the kube-system namespace has no uid"),
     }
 }
 

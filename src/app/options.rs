@@ -7,6 +7,9 @@ use std::time::Duration;
 pub struct Options {
     /// The owner id written into every entry (the cluster id).
     pub owner: String,
+    /// This cluster's `kube-system` namespace UID (the default owner id), recorded in the
+    /// owner marker of each catalog written to.
+    pub cluster: String,
     pub dry_run: bool,
     pub drift_interval: Duration,
     /// Namespace and name of the leader Lease.

@@ -96,6 +96,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
     let connect = Arc::new(Catalogs {
         client: client.clone(),
         owner: opts.owner.clone(),
+        cluster: opts.cluster.clone(),
         sessions: SessionSecret {
             client: client.clone(),
             namespace: opts.lease_namespace.clone(),

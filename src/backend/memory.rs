@@ -36,6 +36,8 @@ pub struct Memory {
     /// Batches with an operation on a key starting with this are refused as a whole, as an
     /// ACL refuses a name; with `true`, the refusal names the operations (as Consul does).
     refused: Mutex<Option<(String, bool)>>,
+    /// The owner marker of this owner id: its value and version.
+    marker: Mutex<Option<(Vec<u8>, i64)>>,
 }
 
 impl Memory {
@@ -52,6 +54,7 @@ impl Memory {
             panic_on_watch: AtomicBool::new(false),
             external: watch::channel(BTreeMap::new()).0,
             refused: Mutex::new(None),
+            marker: Mutex::new(None),
         }
     }
 
@@ -101,6 +104,10 @@ impl Memory {
     pub fn at(mut self, location: &str) -> Memory {
         self.location = location.to_string();
         self
+    }
+
+    fn lock_marker(&self) -> std::sync::MutexGuard<'_, Option<(Vec<u8>, i64)>> {
+        self.marker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, Record)>> {
@@ -253,5 +260,37 @@ impl Backend for Memory {
             .collect();
         out.sort();
         Ok(out)
+    }
+
+    fn owner_marker(&self) -> String {
+        format!("{}:owners/{}", self.location, self.owner)
+    }
+
+    async fn read_owner_marker(&self) -> Result<Option<super::claim::StoredMarker>, BackendError> {
+        self.check_up()?;
+        Ok(self
+            .lock_marker()
+            .clone()
+            .map(|(value, version)| super::claim::StoredMarker { value, version }))
+    }
+
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
+        self.check_up()?;
+        let mut m = self.lock_marker();
+        if m.is_some() {
+            return Ok(false);
+        }
+        *m = Some((value.to_vec(), 1));
+        Ok(true)
+    }
+
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
+        self.check_up()?;
+        let mut m = self.lock_marker();
+        if m.as_ref().is_some_and(|(_, v)| *v == version) {
+            *m = None;
+            return Ok(true);
+        }
+        Ok(false)
     }
 }

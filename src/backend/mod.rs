@@ -6,6 +6,7 @@
 //! deletes in batches. Because reading and rendering give the same form, the plan can compare
 //! them and write only what differs.
 
+pub mod claim;
 pub mod consul;
 pub mod etcd;
 pub mod failover;
@@ -224,4 +225,19 @@ pub trait Backend: Send + Sync {
     /// What a discovery client asking for `name` gets: `host:port` of every healthy instance,
     /// whoever registered it, sorted.
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError>;
+
+    /// Where the owner marker of this owner id lives, for messages (`Consul KV
+    /// catalog-bridge/owners/<owner>`): outside every layout's names, so no reader sees it
+    /// ([`claim`]).
+    fn owner_marker(&self) -> String;
+
+    /// The owner marker of this owner id, if there is one.
+    async fn read_owner_marker(&self) -> Result<Option<claim::StoredMarker>, BackendError>;
+
+    /// Creates the owner marker with `value` unless it exists (atomically): whether it was
+    /// created.
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError>;
+
+    /// Deletes the owner marker if it is still at `version`: whether it was deleted.
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError>;
 }

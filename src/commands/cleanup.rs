@@ -30,6 +30,7 @@ pub async fn cleanup(
     client: &kube::Client,
     name: &str,
     owner: &str,
+    cluster: &str,
     sessions: SessionSecret,
     dry_run: bool,
 ) -> Result<Cleaned> {
@@ -42,6 +43,7 @@ pub async fn cleanup(
     let connect = Catalogs {
         client: client.clone(),
         owner: owner.to_string(),
+        cluster: cluster.to_string(),
         sessions,
     };
     let credentials = connect.credentials(&cat).await.map_err(problem)?;

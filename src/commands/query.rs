@@ -58,6 +58,7 @@ async fn backend_for(catalog: &str) -> Result<Arc<dyn Backend>> {
 fn query_context() -> BuildContext {
     BuildContext {
         owner: "query".into(),
+        cluster: None,
         sessions: None,
         read_only: true,
     }

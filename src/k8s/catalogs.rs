@@ -11,6 +11,7 @@ use super::secrets::{self, Credentials};
 use super::sessions::SecretSessionStore;
 use crate::api::crd::ExternalCatalog;
 use crate::backend::Backend;
+use crate::backend::claim::Claimed;
 use crate::backend::consul::{Consul, ConsulConfig};
 use crate::backend::etcd::{Etcd, EtcdConfig};
 use crate::backend::tls::TlsSettings;
@@ -39,6 +40,9 @@ pub struct Catalogs {
     pub client: kube::Client,
     /// The owner id written into every entry.
     pub owner: String,
+    /// This cluster's `kube-system` namespace UID, recorded in the owner marker of each catalog
+    /// written to (`backend::claim`).
+    pub cluster: String,
     /// Where ZooKeeper sessions are kept between processes.
     pub sessions: SessionSecret,
 }
@@ -57,6 +61,7 @@ impl Connect for Catalogs {
     ) -> Result<Arc<dyn Backend>, Problem> {
         let ctx = Context {
             owner: self.owner.clone(),
+            cluster: Some(self.cluster.clone()),
             sessions: Some(self.sessions.clone()),
             read_only,
         };
@@ -69,6 +74,9 @@ impl Connect for Catalogs {
 pub struct Context {
     /// The owner id written into every entry.
     pub owner: String,
+    /// This cluster's `kube-system` UID: a backend that writes does so only where the owner
+    /// id is claimed for it ([`Claimed`]). `None`: no owner marker is read or written.
+    pub cluster: Option<String>,
     /// Where ZooKeeper sessions are kept between processes: a Secret in the controller's
     /// namespace, or nowhere (`catalog-bridge query` opens a throw-away session).
     pub sessions: Option<SessionSecret>,
@@ -85,9 +93,22 @@ pub struct SessionSecret {
     pub name: String,
 }
 
-/// Builds the backend an ExternalCatalog describes, with its credentials. Fails with a
-/// [`Problem`] (shown in the catalog's status) when the configuration cannot be used.
+/// Builds the backend an ExternalCatalog describes, with its credentials, writing only where
+/// the owner id is this cluster's ([`Claimed`], unless read only). Fails with a [`Problem`]
+/// (shown in the catalog's status) when the configuration cannot be used.
 pub fn build(
+    catalog: &ExternalCatalog,
+    credentials: Credentials,
+    ctx: &Context,
+) -> Result<Arc<dyn Backend>, Problem> {
+    let backend = build_backend(catalog, credentials, ctx)?;
+    Ok(match &ctx.cluster {
+        Some(cluster) if !ctx.read_only => Arc::new(Claimed::new(backend, &ctx.owner, cluster)),
+        _ => backend,
+    })
+}
+
+fn build_backend(
     catalog: &ExternalCatalog,
     credentials: Credentials,
     ctx: &Context,
@@ -193,6 +214,7 @@ mod tests {
     fn ctx() -> Context {
         Context {
             owner: "cluster-a".into(),
+            cluster: None,
             sessions: None,
             read_only: false,
         }

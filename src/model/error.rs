@@ -25,6 +25,10 @@ pub enum BackendError {
     /// request); the other operations of the request may or may not have been written.
     #[error("{message}")]
     Refused { message: String, keys: Vec<String> },
+    /// Another cluster claimed this owner id in the catalog (its owner marker records another
+    /// `kube-system` UID): nothing is written there (`backend::claim`).
+    #[error("{0}")]
+    OwnerClaimed(String),
 }
 
 impl BackendError {
@@ -36,6 +40,7 @@ impl BackendError {
             BackendError::Unauthorized(_) => Reason::Unauthorized,
             BackendError::Protocol(_) => Reason::ProtocolError,
             BackendError::Refused { .. } => Reason::Refused,
+            BackendError::OwnerClaimed(_) => Reason::OwnerClaimed,
         }
     }
 

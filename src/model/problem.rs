@@ -72,6 +72,9 @@ reasons! {
     /// The catalog refused the writes of one export (a permission on its name, a size limit);
     /// every other export is written.
     Refused,
+    /// Another cluster claimed this cluster's owner id (`clusterId`) in the catalog: nothing is
+    /// written there, so that neither deletes the other's entries.
+    OwnerClaimed,
 
     // Import.
     /// The Service an import would write belongs to someone else.

@@ -28,7 +28,7 @@ use crate::export::desired::{Desired, Export, Source};
 use crate::export::writers::CatalogView;
 use crate::import::ImportView;
 use crate::k8s::stores::Stores;
-use crate::model::{Problem, Reason};
+use crate::model::{BackendError, Problem, Reason};
 
 /// What the status loop reads: the desired state, every catalog's and every import's view.
 pub struct Views {
@@ -45,6 +45,8 @@ struct Written {
     problems: HashSet<(Source, String, Reason, String)>,
     /// Refused exports announced: (source, catalog, message).
     refusals: HashSet<(Source, String, String)>,
+    /// Owner ids claimed by another cluster, announced: (catalog, message).
+    claims: HashSet<(String, String)>,
     skips: HashSet<(String, String, String, String)>,
     /// Import problems announced: (namespace, name, reason, message).
     import_problems: HashSet<(String, String, Reason, String)>,
@@ -81,6 +83,7 @@ pub async fn run(
         problems(&stores, &d, &mut recorder, &mut written).await;
         import_problems(&stores, &imp, &mut recorder, &mut written).await;
         refusals(&stores, &d, &v, &mut recorder, &mut written).await;
+        claims(&stores, &v, &mut recorder, &mut written).await;
         skips(&stores, &imp, &mut recorder, &mut written).await;
         restarts(&stores, &v, &imp, &mut recorder, &mut written).await;
         holds(&stores, &imp, &mut recorder, &mut written).await;
@@ -276,6 +279,40 @@ async fn refusals(
         }
     }
     written.refusals = current;
+}
+
+/// A Warning Event on each ExternalCatalog whose owner id another cluster claimed, when it
+/// appears: the owner id, both clusters and the way out (`backend::claim`).
+async fn claims(
+    stores: &Stores,
+    v: &BTreeMap<String, CatalogView>,
+    recorder: &mut Announcer,
+    written: &mut Written,
+) {
+    let mut current = HashSet::new();
+    for (name, view) in v {
+        let error = (view.report.error.as_ref())
+            .or_else(|| view.removal.as_ref().and_then(|r| r.error.as_ref()));
+        let Some(BackendError::OwnerClaimed(note)) = error else {
+            continue;
+        };
+        let id = (name.clone(), note.clone());
+        current.insert(id.clone());
+        if written.claims.contains(&id) {
+            continue;
+        }
+        let Some(cat) = stores.catalogs.get(&ObjectRef::new(name)) else {
+            continue;
+        };
+        warn!(catalog = %name, "{note}");
+        recorder
+            .publish(
+                &warning(Reason::OwnerClaimed, note, "Write"),
+                &cat.object_ref(&()),
+            )
+            .await;
+    }
+    written.claims = current;
 }
 
 /// One Warning Event per import and change when entries it skips appear: how many, and a few

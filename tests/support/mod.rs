@@ -54,8 +54,24 @@ pub async fn install_crds(client: &kube::Client) -> Result<()> {
     Ok(())
 }
 
+/// The UID of the `kube-system` namespace: the default owner id of a controller.
+pub async fn kube_system_uid(client: &kube::Client) -> Result<String> {
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get("kube-system")
+        .await
+        .context("reading the kube-system namespace")?
+        .metadata
+        .uid
+        .context("kube-system has no uid")
+}
+
 /// Applies any object given as JSON with kubectl's server-side apply semantics.
 pub fn kubectl_apply(env: &Env, obj: &Value) -> Result<String> {
+    kubectl_apply_on(env, env.kube()?, obj)
+}
+
+/// [`kubectl_apply`] on the API server of `kube` (the environment's, or its second cluster).
+pub fn kubectl_apply_on(env: &Env, kube: &localenv::kube::Kube, obj: &Value) -> Result<String> {
     let path = env.dir().join(format!(
         "apply-{}.json",
         std::time::SystemTime::now()
@@ -63,8 +79,7 @@ pub fn kubectl_apply(env: &Env, obj: &Value) -> Result<String> {
             .as_nanos()
     ));
     std::fs::write(&path, serde_json::to_vec(obj)?)?;
-    env.kube()?
-        .kubectl(&["apply", "--server-side", "-f", &path.display().to_string()])
+    kube.kubectl(&["apply", "--server-side", "-f", &path.display().to_string()])
 }
 
 /// An ExternalCatalog for Consul at `addresses`, with node `node`.
@@ -144,17 +159,49 @@ impl Controller {
         extra: &[&str],
         vars: &[(&str, &str)],
     ) -> Result<Controller> {
+        Self::spawn_on(env, env.kube()?, name, Some(cluster_id), extra, vars)
+    }
+
+    /// Starts `catalog-bridge run` against the API server of `kube` (the environment's, or
+    /// its [`Env::second_cluster`]); without `cluster_id`, as the chart runs it by default: no
+    /// `--cluster-id`, the owner id is that cluster's `kube-system` UID (then `cluster_id`
+    /// holds that UID).
+    pub async fn start_on(
+        env: &Env,
+        kube: &localenv::kube::Kube,
+        name: &str,
+        cluster_id: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Controller> {
+        let mut c = Self::spawn_on(env, kube, name, cluster_id, extra, &[])?;
+        if cluster_id.is_none() {
+            c.cluster_id = kube_system_uid(&kube.client().await?).await?;
+        }
+        c.wait_ready().await?;
+        Ok(c)
+    }
+
+    fn spawn_on(
+        env: &Env,
+        kube: &localenv::kube::Kube,
+        name: &str,
+        cluster_id: Option<&str>,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Result<Controller> {
         let metrics_port = localenv::ports::free_port()?;
         // The defaults first: `vars` may replace them (a KUBECONFIG through a proxy).
         let mut spec = Spec::new(name, controller_bin()?, env.dir())
-            .env("KUBECONFIG", env.kube()?.kubeconfig_path())
+            .env("KUBECONFIG", kube.kubeconfig_path())
             .env("RUST_LOG", "info,catalog_bridge=debug");
         for (k, v) in vars {
             spec = spec.env(k, v);
         }
+        let mut spec = spec.arg("run");
+        if let Some(id) = cluster_id {
+            spec = spec.arg(format!("--cluster-id={id}"));
+        }
         let spec = spec
-            .arg("run")
-            .arg(format!("--cluster-id={cluster_id}"))
             .arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"))
             .arg(format!("--identity={name}"))
             .arg("--lease-namespace=default")
@@ -162,7 +209,7 @@ impl Controller {
         Ok(Controller {
             process: Process::start(spec)?,
             metrics_port,
-            cluster_id: cluster_id.to_string(),
+            cluster_id: cluster_id.unwrap_or_default().to_string(),
             http: localenv::http_client()?,
         })
     }

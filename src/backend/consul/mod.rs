@@ -27,6 +27,7 @@ mod client;
 mod identity;
 mod import;
 mod layout;
+mod owner;
 #[cfg(test)]
 mod tests;
 mod txn;
@@ -37,6 +38,7 @@ pub use layout::{
     CATALOG_META, CHECK_NAME, MAX_META_PAIRS, NODE_ADDRESS, OWNER_META, SOURCE_META, SOURCE_VALUE,
     dropped_meta, meta_problem,
 };
+pub use owner::OWNERS_PREFIX;
 pub use txn::{MAX_TXN_BYTES, MAX_TXN_OPS};
 
 /// How to reach Consul and where to write.
@@ -337,5 +339,23 @@ impl Backend for Consul {
             )
             .await?;
         import::health_addresses(name, &entries)
+    }
+
+    fn owner_marker(&self) -> String {
+        self.owner_marker_at()
+    }
+
+    async fn read_owner_marker(
+        &self,
+    ) -> Result<Option<crate::backend::claim::StoredMarker>, BackendError> {
+        self.read_marker().await
+    }
+
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
+        self.create_marker(value).await
+    }
+
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
+        self.delete_marker(version).await
     }
 }

@@ -13,6 +13,7 @@ mod client;
 mod import;
 mod layout;
 mod lease;
+mod owner;
 mod write;
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ use lease::LeaseState;
 
 pub use layout::{COREDNS_TTL, DEFAULT_ZONE, coredns_id, dns_label};
 pub use lease::MARKER_PREFIX;
+pub use owner::OWNERS_PREFIX;
 pub use write::{MAX_GUARD_DEPTH, MAX_PLAN_OPS_PER_TXN, MAX_TXN_BYTES, MAX_TXN_OPS, batches};
 
 /// Default lease TTL.
@@ -334,5 +336,23 @@ impl Backend for Etcd {
             out.extend(found);
         }
         Ok(out.into_iter().collect())
+    }
+
+    fn owner_marker(&self) -> String {
+        self.owner_marker_at()
+    }
+
+    async fn read_owner_marker(
+        &self,
+    ) -> Result<Option<crate::backend::claim::StoredMarker>, BackendError> {
+        self.read_marker().await
+    }
+
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
+        self.create_marker(value).await
+    }
+
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
+        self.delete_marker(version).await
     }
 }

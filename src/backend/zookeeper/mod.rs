@@ -12,6 +12,7 @@
 mod batch;
 mod import;
 mod layout;
+mod owner;
 mod read;
 mod relay;
 mod session;
@@ -33,6 +34,7 @@ use zookeeper_client as zk;
 
 pub use self::batch::{MAX_MULTI_BYTES, MAX_MULTI_OPS};
 pub use self::layout::{PROVIDERS, name_problem};
+pub use self::owner::OWNERS_DIR;
 pub use self::session::{MemorySessionStore, SessionStore, StoredSession};
 
 use self::layout::{Upstream, check_path, parse_connect};
@@ -411,5 +413,23 @@ impl Backend for ZooKeeper {
 
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
         self.look_up(name).await
+    }
+
+    fn owner_marker(&self) -> String {
+        self.owner_marker_at()
+    }
+
+    async fn read_owner_marker(
+        &self,
+    ) -> Result<Option<crate::backend::claim::StoredMarker>, BackendError> {
+        self.read_marker().await
+    }
+
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
+        self.create_marker(value).await
+    }
+
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
+        self.delete_marker(version).await
     }
 }

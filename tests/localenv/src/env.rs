@@ -21,6 +21,7 @@ use crate::zookeeper::ZooKeeper;
 pub struct Builder {
     kube: bool,
     controller_manager: bool,
+    second_cluster: bool,
     consul: bool,
     consul_acl: Option<&'static str>,
     consul_hcl: Option<&'static str>,
@@ -41,6 +42,13 @@ impl Builder {
     pub fn controller_manager(mut self) -> Self {
         self.kube = true;
         self.controller_manager = true;
+        self
+    }
+    /// A second API server with its own storage etcd: another cluster, whose `kube-system`
+    /// namespace has another UID ([`Env::second_cluster`]). The catalogs are shared.
+    pub fn second_cluster(mut self) -> Self {
+        self.kube = true;
+        self.second_cluster = true;
         self
     }
     pub fn consul(mut self) -> Self {
@@ -110,8 +118,12 @@ impl Builder {
             None
         };
         let tls_for = |wanted: bool| tls.as_ref().filter(|_| wanted);
-        let (kube, consul, etcd, zookeeper) = tokio::try_join!(
+        let (kube, second, consul, etcd, zookeeper) = tokio::try_join!(
             maybe(self.kube, Kube::start(&path, self.controller_manager)),
+            maybe(
+                self.second_cluster,
+                Kube::start_in(&path, "kube-second", false)
+            ),
             maybe(
                 self.consul,
                 Consul::start_configured(
@@ -133,6 +145,7 @@ impl Builder {
         )?;
         Ok(Env {
             kube,
+            second,
             consul,
             etcd,
             zookeeper,
@@ -156,6 +169,7 @@ async fn maybe<T>(
 /// Running peers. Dropping it stops them and removes their files.
 pub struct Env {
     kube: Option<Kube>,
+    second: Option<Kube>,
     consul: Option<Consul>,
     etcd: Option<Etcd>,
     zookeeper: Option<ZooKeeper>,
@@ -173,6 +187,12 @@ impl Env {
         self.kube
             .as_ref()
             .ok_or_else(|| anyhow!("this environment was built without the API server"))
+    }
+    /// The second cluster's API server ([`Builder::second_cluster`]).
+    pub fn second_cluster(&self) -> Result<&Kube> {
+        self.second
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without a second cluster"))
     }
     pub fn consul(&self) -> Result<&Consul> {
         self.consul

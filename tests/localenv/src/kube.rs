@@ -50,7 +50,13 @@ impl Kube {
     /// Starts etcd, the API server and (when `controller_manager` is set) the controller
     /// manager, and waits until the API server's `/readyz` passes.
     pub async fn start(dir: &Path, controller_manager: bool) -> Result<Kube> {
-        let dir = dir.join("kube");
+        Kube::start_in(dir, "kube", controller_manager).await
+    }
+
+    /// [`Self::start`] in sub-directory `name` of `dir`: another cluster, with its own storage
+    /// etcd (so its own `kube-system` namespace UID), certificates and port.
+    pub async fn start_in(dir: &Path, name: &str, controller_manager: bool) -> Result<Kube> {
+        let dir = dir.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let storage = Etcd::start(&dir, "kube-etcd").await?;
         let certs = Certs::generate(&dir)?;
