@@ -586,7 +586,23 @@ async fn main() -> Result<()> {
     cb.wait_ready().await?;
     let mut rows = Vec::new();
     let mut previous: Option<Target> = None;
-    for target in targets(&env)? {
+    // BENCH_CATALOGS=etcd,zookeeper: only those (by the start of their label, any case).
+    let chosen = std::env::var("BENCH_CATALOGS").unwrap_or_default();
+    let chosen: Vec<String> = (chosen.split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let (rss, peak) = memory(&cb)?;
+    eprintln!(
+        "controller RSS with every cache synced, before any catalog: {rss:.0} MiB (peak {peak:.0} MiB)"
+    );
+    let idle_rss = rss;
+    for target in targets(&env)?.into_iter().filter(|t| {
+        chosen.is_empty()
+            || chosen
+                .iter()
+                .any(|c| t.label.to_ascii_lowercase().starts_with(c))
+    }) {
         if let Some(p) = previous.take() {
             // Deleting the catalog removes what it wrote; the next one starts from empty.
             eprintln!("{}: deleting the catalog, which empties it...", p.label);
@@ -721,6 +737,10 @@ async fn main() -> Result<()> {
         "| unchanged restart (ZooKeeper session re-attached) | {restart_writes} entries written | | | | | | | |"
     );
     println!("(Consul entries left after the catalog pointing there was deleted: {consul_left})");
+    println!(
+        "(controller RSS with the caches of {} Services and their EndpointSlices synced, before any catalog: {idle_rss:.0} MiB)",
+        service_count()
+    );
     println!();
     println!("{import_row}");
     println!();
