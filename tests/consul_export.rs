@@ -704,69 +704,20 @@ async fn acl_token_comes_from_a_secret_and_a_wrong_one_is_reported() -> Result<(
 
 #[tokio::test]
 async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retires() -> Result<()> {
-    const MANAGEMENT: &str = "0d9c4f7e-2b1a-4c3d-8e5f-6a7b8c9d0e1f";
-    let env = Env::builder()
-        .controller_manager()
-        .consul_with_acl(MANAGEMENT)
-        .start()
-        .await?;
-    let client = env.kube()?.client().await?;
-    support::install_crds(&client).await?;
-    let consul_url = env.consul()?.url();
-    let http = localenv::http_client()?;
-    let as_admin = |method: reqwest::Method, path: &str, body: Value| {
-        http.request(method, format!("{consul_url}{path}"))
-            .header("X-Consul-Token", MANAGEMENT)
-            .json(&body)
-    };
-
     // What the README asks of a Consul token: node:write on the synthetic node, service:write on
     // the exported names, service:read and node:read for imports, key:write on the owner
     // markers (docs/operations.md). Nothing else.
-    let rules = r#"
+    let (env, client, consul_url, cb) = consul_with_a_token(
+        r#"
         node "k8s-least" { policy = "write" }
         service "api_x" { policy = "write" }
         service "ledger" { policy = "read" }
         node_prefix "" { policy = "read" }
         key_prefix "catalog-bridge/owners/" { policy = "write" }
-    "#;
-    as_admin(
-        reqwest::Method::PUT,
-        "/v1/acl/policy",
-        json!({"Name": "catalog-bridge", "Rules": rules}),
+    "#,
     )
-    .send()
-    .await?
-    .error_for_status()
-    .context("creating the ACL policy")?;
-    let token: Value = as_admin(
-        reqwest::Method::PUT,
-        "/v1/acl/token",
-        json!({"Policies": [{"Name": "catalog-bridge"}]}),
-    )
-    .send()
-    .await?
-    .error_for_status()?
-    .json()
     .await?;
-    let secret_id = token["SecretID"].as_str().context("token SecretID")?;
-    kubectl_apply(
-        &env,
-        &json!({"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "consul-token", "namespace": "default"},
-                "stringData": {"token": secret_id}}),
-    )?;
-    kubectl_apply(
-        &env,
-        &consul_catalog_with_token(
-            "least",
-            std::slice::from_ref(&consul_url),
-            "k8s-least",
-            "default",
-            "consul-token",
-        ),
-    )?;
-    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    let as_admin = admin_request(&consul_url)?;
 
     // Export.
     deploy_api_x(&client, "least").await?;
@@ -828,6 +779,105 @@ async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retir
     ensure!(
         !log.contains("Permission denied") && !log.contains("ACL not found"),
         "no request was refused:\n{log}"
+    );
+    Ok(())
+}
+
+const MANAGEMENT: &str = "0d9c4f7e-2b1a-4c3d-8e5f-6a7b8c9d0e1f";
+
+/// A request to Consul with the management token.
+fn admin_request(
+    consul_url: &str,
+) -> Result<impl Fn(reqwest::Method, &str, Value) -> reqwest::RequestBuilder + use<>> {
+    let http = localenv::http_client()?;
+    let url = consul_url.to_string();
+    Ok(move |method: reqwest::Method, path: &str, body: Value| {
+        http.request(method, format!("{url}{path}"))
+            .header("X-Consul-Token", MANAGEMENT)
+            .json(&body)
+    })
+}
+
+/// An ACL-enabled Consul, a token with exactly `rules` in Secret `default/consul-token`, the
+/// ExternalCatalog `least` (node `k8s-least`) using it, and the controller.
+async fn consul_with_a_token(rules: &str) -> Result<(Env, kube::Client, String, Controller)> {
+    let env = Env::builder()
+        .controller_manager()
+        .consul_with_acl(MANAGEMENT)
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    let consul_url = env.consul()?.url();
+    let as_admin = admin_request(&consul_url)?;
+    as_admin(
+        reqwest::Method::PUT,
+        "/v1/acl/policy",
+        json!({"Name": "catalog-bridge", "Rules": rules}),
+    )
+    .send()
+    .await?
+    .error_for_status()
+    .context("creating the ACL policy")?;
+    let token: Value = as_admin(
+        reqwest::Method::PUT,
+        "/v1/acl/token",
+        json!({"Policies": [{"Name": "catalog-bridge"}]}),
+    )
+    .send()
+    .await?
+    .error_for_status()?
+    .json()
+    .await?;
+    let secret_id = token["SecretID"].as_str().context("token SecretID")?;
+    kubectl_apply(
+        &env,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "consul-token", "namespace": "default"},
+                "stringData": {"token": secret_id}}),
+    )?;
+    kubectl_apply(
+        &env,
+        &consul_catalog_with_token(
+            "least",
+            std::slice::from_ref(&consul_url),
+            "k8s-least",
+            "default",
+            "consul-token",
+        ),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
+    Ok((env, client, consul_url, cb))
+}
+
+/// A token from before the owner marker (no right on `catalog-bridge/owners/`): the export goes
+/// on as before, and the catalog says that its owner id is not protected, and why.
+#[tokio::test]
+async fn a_token_without_the_owner_marker_right_exports_and_says_the_id_is_unprotected()
+-> Result<()> {
+    let (_env, client, consul_url, cb) = consul_with_a_token(
+        r#"
+        node "k8s-least" { policy = "write" }
+        service "api_x" { policy = "write" }
+        node_prefix "" { policy = "read" }
+    "#,
+    )
+    .await?;
+    deploy_api_x(&client, "least").await?;
+    let admin = support::ConsulView::with_token(consul_url, MANAGEMENT)?;
+    admin
+        .wait_passing("api_x", &API_X, WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    let ready = support::catalog_condition(&client, "least", "Ready", "True").await?;
+    println!("Ready=True {}: {}", ready.reason, ready.message);
+    ensure!(
+        ready.reason == "NeedsAttention"
+            && ready.message.contains("not claimed")
+            && ready.message.contains("catalog-bridge/owners/cluster-a"),
+        "the catalog says the owner id is unprotected: {}: {}",
+        ready.reason,
+        ready.message
     );
     Ok(())
 }

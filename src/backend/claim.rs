@@ -141,8 +141,11 @@ pub struct Claimed {
     /// This cluster's `kube-system` UID.
     cluster: String,
     owner: String,
-    /// When the claim was last found to be ours.
+    /// When the claim was last found to be ours (or, lacking the rights, last tried).
     verified: Mutex<Option<Instant>>,
+    /// Why the owner id could not be claimed although the catalog answers (the credentials
+    /// lack the right on the marker): the writer goes on unprotected and says so.
+    unclaimed: Mutex<Option<String>>,
 }
 
 impl Claimed {
@@ -152,6 +155,7 @@ impl Claimed {
             cluster: cluster.to_string(),
             owner: owner.to_string(),
             verified: Mutex::new(None),
+            unclaimed: Mutex::new(None),
         }
     }
 
@@ -159,12 +163,38 @@ impl Claimed {
         self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn unclaimed(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.unclaimed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Ok when the owner id is this cluster's here (read, or created, at most [`RECHECK`] ago).
+    /// Credentials without the right on the marker (the catalog refuses its read or creation)
+    /// are not a reason to stop writing — the controller wrote without a marker before there
+    /// was one — but the catalog's status says the owner id is unprotected, and why.
     async fn ensure(&self) -> Result<(), BackendError> {
         if self.verified().is_some_and(|t| t.elapsed() < RECHECK) {
             return Ok(());
         }
-        match claim(self.inner.as_ref(), &self.cluster).await? {
+        let claimed = match claim(self.inner.as_ref(), &self.cluster).await {
+            Err(e @ (BackendError::Unauthorized(_) | BackendError::Refused { .. })) => {
+                let why = format!(
+                    "the owner id {:?} is not claimed here, so another cluster given the same \
+                     clusterId would not be refused: the catalog refuses the owner marker {} \
+                     ({e}); grant the right on it (README, \"Two clusters\")",
+                    self.owner,
+                    self.inner.owner_marker()
+                );
+                if self.unclaimed().as_ref() != Some(&why) {
+                    tracing::warn!(warning = %why, "writing without the owner marker");
+                }
+                *self.unclaimed() = Some(why);
+                *self.verified() = Some(Instant::now());
+                return Ok(());
+            }
+            other => other?,
+        };
+        *self.unclaimed() = None;
+        match claimed {
             Claim::Ours => {
                 *self.verified() = Some(Instant::now());
                 Ok(())
@@ -249,7 +279,10 @@ impl Backend for Claimed {
     }
 
     fn warning(&self) -> Option<String> {
-        self.inner.warning()
+        match (self.inner.warning(), self.unclaimed().clone()) {
+            (Some(w), Some(u)) => Some(format!("{w}; {u}")),
+            (w, u) => w.or(u),
+        }
     }
 
     async fn watch_service(
@@ -320,6 +353,20 @@ mod tests {
         // A marker of someone else is never released.
         assert!(!release(mem.as_ref(), "uid-a").await.expect("release"));
         assert!(mem.read_owner_marker().await.expect("read").is_some());
+    }
+
+    #[tokio::test]
+    async fn credentials_without_the_right_on_the_marker_write_unprotected_and_say_so() {
+        let mem = Arc::new(Memory::new("x", 64));
+        mem.refuse_prefix("memory:owners/", false);
+        let claimed = Claimed::new(mem.clone(), "x", "uid");
+        assert!(claimed.apply(&[]).await.is_ok(), "writes go on");
+        let warning = claimed.warning().expect("a warning");
+        assert!(
+            warning.contains("not claimed") && warning.contains("memory:owners/x"),
+            "{warning}"
+        );
+        assert!(mem.read_owner_marker().await.expect("read").is_none());
     }
 
     #[tokio::test]

@@ -276,6 +276,18 @@ impl Backend for Memory {
 
     async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
         self.check_up()?;
+        let key = self.owner_marker();
+        if let Some((prefix, _)) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            && key.starts_with(prefix.as_str())
+        {
+            return Err(BackendError::Unauthorized(format!(
+                "permission denied on {key}"
+            )));
+        }
         let mut m = self.lock_marker();
         if m.is_some() {
             return Ok(false);
