@@ -540,6 +540,58 @@ async fn a_restarted_controller_reuses_the_lease_and_writes_nothing() -> Result<
     Ok(())
 }
 
+/// What this owner holds is read in pages, never in one response that grows with the catalog:
+/// 100,000 entries, whose key names alone pass the 4 MiB a gRPC response may carry (a lease's
+/// key list did, so a restarted controller could not read its state back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_state_larger_than_one_response_is_read_back_after_a_restart() -> Result<()> {
+    let env = shared_etcd().await?;
+    let scope = env.scope("etcd-large").await?;
+    let mut setup = Setup::new(&env.etcd()?.endpoint(), &scope, EtcdLayout::Plain);
+    setup.ttl = Duration::from_secs(30);
+    let instances: Vec<Instance> = (0..100)
+        .flat_map(|s| {
+            (0..1000).map(move |i| {
+                instance(
+                    &format!("service-with-a-long-enough-name-{s:03}"),
+                    &format!("10.{}.{}.{}", s, i / 250, i % 250 + 1),
+                    8080,
+                )
+            })
+        })
+        .collect();
+    let first = setup.backend()?;
+    let desired = first.render(&instances);
+    let t = Instant::now();
+    let txns = first.apply(&puts(&desired)).await?;
+    println!(
+        "{} entries written in {txns} transactions in {:?}",
+        desired.len(),
+        t.elapsed()
+    );
+    let key_bytes: usize = desired.keys().map(String::len).sum();
+    ensure!(
+        key_bytes > 4 * 1024 * 1024,
+        "the key names ({key_bytes} bytes) pass one response's 4 MiB"
+    );
+
+    let second = setup.backend()?;
+    let t = Instant::now();
+    let read = second.read_owned().await?;
+    println!("read back after a restart in {:?}", t.elapsed());
+    ensure!(
+        read.len() == desired.len(),
+        "read {} of {}",
+        read.len(),
+        desired.len()
+    );
+    ensure!(read == desired, "read back as rendered");
+    ensure!(plan(&second.render(&instances), &read).is_empty());
+    // Clean up: 100,000 keys would slow every other test of the shared etcd.
+    second.apply(&plan(&BTreeMap::new(), &read).ops).await?;
+    Ok(())
+}
+
 /// Revoking the lease (as its expiry would) removes the keys; the keep-alive notices, a new
 /// lease is granted, `invalidations()` moves, nothing is owned any more, and putting everything
 /// again (what the writer does) brings the keys back on the new lease.
