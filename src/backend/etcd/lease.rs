@@ -66,19 +66,34 @@ pub(super) fn marker_lease(kv: &KeyValue) -> Option<i64> {
 }
 
 impl Inner {
-    /// The keys attached to lease `id`; `LeaseGone` when it does not exist anymore.
-    pub(super) async fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>, Fail> {
+    /// Ok while lease `id` exists; `LeaseGone` when it does not anymore. Its keys are not
+    /// asked for: they come in one response, which outgrows what a client takes (4 MiB, about
+    /// 80,000 keys); the owned keys are read by range, in pages ([`Inner::owned_keys`]).
+    pub(super) async fn lease_alive(&self, id: i64) -> Result<(), Fail> {
+        let resp = self
+            .conn
+            .call("lease time-to-live", move |mut c| async move {
+                c.lease_time_to_live(id, None).await
+            })
+            .await?;
+        if resp.ttl() <= 0 {
+            return Err(Fail::LeaseGone(format!("lease {id:x} does not exist")));
+        }
+        Ok(())
+    }
+
+    /// Whether lease `id` holds no key at all, asked once none of this layout's keys is left on
+    /// it (so the answer is short). An error, or keys of another layout, say no: it is then
+    /// left to expire rather than revoked.
+    pub(super) async fn lease_empty(&self, id: i64) -> bool {
         let resp = self
             .conn
             .call("lease time-to-live", move |mut c| async move {
                 c.lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
                     .await
             })
-            .await?;
-        if resp.ttl() <= 0 {
-            return Err(Fail::LeaseGone(format!("lease {id:x} does not exist")));
-        }
-        Ok(resp.keys().to_vec())
+            .await;
+        resp.is_ok_and(|r| r.keys().is_empty())
     }
 
     async fn keep_alive_once(&self, id: i64) -> Result<(), Fail> {

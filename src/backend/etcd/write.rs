@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::Etcd;
 use super::client::Fail;
-use super::layout::{record_of, record_value};
+use super::layout::{prefix_end, record_of, record_value};
 use crate::backend::{BackendError, Record};
 use crate::model::Op;
 
@@ -53,6 +53,17 @@ pub fn batches(ops: &[Op]) -> Vec<&[Op]> {
         out.push(&ops[start..]);
     }
     out
+}
+
+/// Where the range of keys starting with `prefix` begins: the prefix, or for the empty one
+/// (the `naming` layout without a base path) the first key there can be, as etcd takes no
+/// empty key.
+fn range_start(prefix: &str) -> Vec<u8> {
+    if prefix.is_empty() {
+        vec![0]
+    } else {
+        prefix.as_bytes().to_vec()
+    }
 }
 
 /// An estimate of the bytes one operation takes in a transaction request: a guarded put holds
@@ -155,27 +166,18 @@ impl Etcd {
     }
 
     /// The records on our lease (and on the previous one during a TTL change), as `read_owned`
-    /// returns them.
+    /// returns them: the layout's keys read in pages, those on our lease(s) kept.
     pub(super) async fn owned(&self) -> Result<BTreeMap<String, Record>, BackendError> {
         self.require_owner()?;
         let inner = &self.inner;
-        let ours = |k: &[u8]| -> Option<String> {
-            let k = std::str::from_utf8(k).ok()?;
-            (k.starts_with(&inner.layout.prefix) && k != inner.marker).then(|| k.to_string())
-        };
-        // Key → attached to the previous lease.
-        let mut keys: BTreeMap<String, bool> = BTreeMap::new();
         let mut attempts = 0;
         if inner.read_only && !inner.has_lease().await? {
             return Ok(BTreeMap::new());
         }
         let (current, previous) = loop {
             let (current, previous) = inner.ensure_lease().await?;
-            match inner.lease_keys(current.id).await {
-                Ok(k) => {
-                    keys.extend(k.iter().filter_map(|k| ours(k)).map(|k| (k, false)));
-                    break (current, previous);
-                }
+            match inner.lease_alive(current.id).await {
+                Ok(()) => break (current, previous),
                 Err(Fail::LeaseGone(_)) if inner.read_only => {
                     inner.lease.lock().await.current = None;
                     return Ok(BTreeMap::new());
@@ -194,48 +196,52 @@ impl Etcd {
                 Err(Fail::Backend(e)) => return Err(e),
             }
         };
-        if let Some(p) = previous {
-            match inner.lease_keys(p.id).await {
-                Ok(k) => {
-                    let mine: Vec<String> = k.iter().filter_map(|k| ours(k)).collect();
-                    if mine.is_empty() {
-                        inner.drop_previous(p.id, k.is_empty()).await;
-                    }
-                    for k in mine {
-                        keys.entry(k).or_insert(true);
-                    }
+        let previous = match previous {
+            Some(p) => match inner.lease_alive(p.id).await {
+                Ok(()) => Some(p),
+                Err(Fail::LeaseGone(_)) => {
+                    inner.drop_previous(p.id, false).await;
+                    None
                 }
-                Err(Fail::LeaseGone(_)) => inner.drop_previous(p.id, false).await,
                 Err(Fail::Backend(e)) => return Err(e),
-            }
-        }
-        let (Some(first), Some(last)) = (keys.keys().next(), keys.keys().next_back()) else {
-            return Ok(BTreeMap::new());
+            },
+            None => None,
         };
-        let mut end = last.as_bytes().to_vec();
-        end.push(0);
+        // The layout's keys, in pages, those on our lease(s) kept: a read that never grows
+        // past one page, whatever the size of the catalog.
         let kvs = inner
             .conn
-            .range("reading owned keys", first.as_bytes().to_vec(), end)
+            .range(
+                "reading owned keys",
+                range_start(&inner.layout.prefix),
+                prefix_end(inner.layout.prefix.as_bytes()),
+            )
             .await?;
         let mut out = BTreeMap::new();
+        let mut any_on_previous = false;
         for kv in kvs {
+            let on_previous = match kv.lease() {
+                id if id == current.id => false,
+                id if previous.is_some_and(|p| p.id == id) => true,
+                _ => continue,
+            };
             let Ok(key) = std::str::from_utf8(kv.key()) else {
                 continue;
             };
-            let Some(&on_previous) = keys.get(key) else {
-                continue;
-            };
-            let expected = if on_previous {
-                previous.map(|p| p.id)
-            } else {
-                Some(current.id)
-            };
-            if Some(kv.lease()) != expected {
+            if key == inner.marker {
                 continue;
             }
+            any_on_previous |= on_previous;
             let value = String::from_utf8_lossy(kv.value());
             out.insert(key.to_string(), record_of(&value, on_previous));
+        }
+        // A previous lease that holds none of this layout's keys any more has done its work: it
+        // is no longer kept alive, and revoked if nothing else is on it.
+        if let Some(p) = previous
+            && !any_on_previous
+        {
+            let empty = inner.lease_empty(p.id).await;
+            inner.drop_previous(p.id, empty).await;
         }
         Ok(out)
     }
