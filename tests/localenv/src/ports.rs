@@ -33,6 +33,22 @@ where
     }
 }
 
+/// `e`, the failure of a peer that exited before it was ready, with "address already in use"
+/// added when one of its `ports` is now taken by another process: for peers whose log does not
+/// say so (ZooKeeper's server logs nothing here), so that [`retry_if_port_taken`] tries again.
+pub fn explain_exit(e: anyhow::Error, ports: &[u16]) -> anyhow::Error {
+    if !format!("{e:#}").contains("exited") {
+        return e;
+    }
+    match ports
+        .iter()
+        .find(|p| TcpListener::bind(("127.0.0.1", **p)).is_err())
+    {
+        Some(p) => e.context(format!("port {p}: address already in use")),
+        None => e,
+    }
+}
+
 /// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before.
 pub fn free_port() -> Result<u16> {
     static TAKEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
@@ -68,6 +84,24 @@ mod tests {
         })
         .await;
         (calls, got.is_ok())
+    }
+
+    #[test]
+    fn a_peer_that_exited_while_its_port_is_taken_is_said_to_have_lost_it() -> Result<()> {
+        let held = TcpListener::bind("127.0.0.1:0")?;
+        let port = held.local_addr()?.port();
+        let exited = || anyhow::anyhow!("zookeeper exited (exit status: 1) before it was ready");
+        let e = explain_exit(exited(), &[port]);
+        assert!(format!("{e:#}").contains("address already in use"), "{e:#}");
+        drop(held);
+        let e = explain_exit(exited(), &[port]);
+        assert!(
+            !format!("{e:#}").contains("address already in use"),
+            "{e:#}"
+        );
+        let slow = explain_exit(anyhow::anyhow!("not ready after 90 s"), &[port]);
+        assert!(!format!("{slow:#}").contains("in use"));
+        Ok(())
     }
 
     #[tokio::test]

@@ -98,7 +98,10 @@ impl ZooKeeper {
             port,
             secure_port,
         };
-        zk.wait_ready().await?;
+        let ports: Vec<u16> = std::iter::once(port).chain(secure_port).collect();
+        zk.wait_ready()
+            .await
+            .map_err(|e| crate::ports::explain_exit(e, &ports))?;
         Ok(zk)
     }
 
