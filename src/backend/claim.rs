@@ -77,6 +77,26 @@ pub struct StoredMarker {
     pub version: i64,
 }
 
+/// The owner marker of one catalog, as every backend keeps it (each backend's `owner`
+/// module); a part of [`Backend`].
+#[async_trait]
+pub trait MarkerStore: Send + Sync {
+    /// Where the owner marker of this owner id lives, for messages (`Consul KV
+    /// catalog-bridge/owners/<owner>`): outside every layout's names, so no reader sees it
+    /// (this module).
+    fn owner_marker(&self) -> String;
+
+    /// The owner marker of this owner id, if there is one.
+    async fn read_owner_marker(&self) -> Result<Option<StoredMarker>, BackendError>;
+
+    /// Creates the owner marker with `value` unless it exists (atomically): whether it was
+    /// created.
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError>;
+
+    /// Deletes the owner marker if it is still at `version`: whether it was deleted.
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError>;
+}
+
 /// Whose the owner id is in a catalog.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -296,7 +316,10 @@ impl Backend for Claimed {
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
         self.inner.lookup(name).await
     }
+}
 
+#[async_trait]
+impl MarkerStore for Claimed {
     fn owner_marker(&self) -> String {
         self.inner.owner_marker()
     }

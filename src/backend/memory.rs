@@ -261,7 +261,10 @@ impl Backend for Memory {
         out.sort();
         Ok(out)
     }
+}
 
+#[async_trait]
+impl super::claim::MarkerStore for Memory {
     fn owner_marker(&self) -> String {
         format!("{}:owners/{}", self.location, self.owner)
     }

@@ -139,7 +139,7 @@ pub fn kind_of(spec: &ExternalCatalogSpec) -> &'static str {
 
 /// One catalog, as the writer and `catalog-bridge query` use it.
 #[async_trait]
-pub trait Backend: Send + Sync {
+pub trait Backend: claim::MarkerStore + Send + Sync {
     /// `consul`, `etcd`, `zookeeper` or `memory`.
     fn kind(&self) -> &'static str;
 
@@ -225,19 +225,4 @@ pub trait Backend: Send + Sync {
     /// What a discovery client asking for `name` gets: `host:port` of every healthy instance,
     /// whoever registered it, sorted.
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError>;
-
-    /// Where the owner marker of this owner id lives, for messages (`Consul KV
-    /// catalog-bridge/owners/<owner>`): outside every layout's names, so no reader sees it
-    /// ([`claim`]).
-    fn owner_marker(&self) -> String;
-
-    /// The owner marker of this owner id, if there is one.
-    async fn read_owner_marker(&self) -> Result<Option<claim::StoredMarker>, BackendError>;
-
-    /// Creates the owner marker with `value` unless it exists (atomically): whether it was
-    /// created.
-    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError>;
-
-    /// Deletes the owner marker if it is still at `version`: whether it was deleted.
-    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError>;
 }

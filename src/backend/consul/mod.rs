@@ -340,22 +340,4 @@ impl Backend for Consul {
             .await?;
         import::health_addresses(name, &entries)
     }
-
-    fn owner_marker(&self) -> String {
-        self.owner_marker_at()
-    }
-
-    async fn read_owner_marker(
-        &self,
-    ) -> Result<Option<crate::backend::claim::StoredMarker>, BackendError> {
-        self.read_marker().await
-    }
-
-    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
-        self.create_marker(value).await
-    }
-
-    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
-        self.delete_marker(version).await
-    }
 }

@@ -3,12 +3,13 @@
 //! deleted with `?cas=<ModifyIndex>` (only if unchanged since read). Needs `key:write` on
 //! `catalog-bridge/owners/`.
 
+use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use super::Consul;
 use crate::backend::BackendError;
-use crate::backend::claim::StoredMarker;
+use crate::backend::claim::{MarkerStore, StoredMarker};
 
 /// Where owner markers live in the KV store.
 pub const OWNERS_PREFIX: &str = "catalog-bridge/owners/";
@@ -18,12 +19,35 @@ impl Consul {
         ["kv", "catalog-bridge", "owners", self.owner.as_str()]
     }
 
+    /// A failed request on the marker; a refused token is told which right it lacks.
+    fn marker_error(&self, reply: &super::client::Reply, what: &str) -> BackendError {
+        match reply.status_error(what) {
+            BackendError::Unauthorized(m) => BackendError::Unauthorized(format!(
+                "{m} (the token needs key:write on {OWNERS_PREFIX}: the owner marker that keeps \
+                 two clusters from using one owner id)"
+            )),
+            e => e,
+        }
+    }
+
+    fn require_writable(&self) -> Result<(), BackendError> {
+        if self.read_only {
+            return Err(BackendError::Rejected(
+                "this Consul client is read only: it writes no owner marker".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MarkerStore for Consul {
     /// `Consul KV catalog-bridge/owners/<owner>`.
-    pub(super) fn owner_marker_at(&self) -> String {
+    fn owner_marker(&self) -> String {
         format!("Consul KV {OWNERS_PREFIX}{}", self.owner)
     }
 
-    pub(super) async fn read_marker(&self) -> Result<Option<StoredMarker>, BackendError> {
+    async fn read_owner_marker(&self) -> Result<Option<StoredMarker>, BackendError> {
         self.require_owner()?;
         let what = format!("GET /v1/kv/{OWNERS_PREFIX}{}", self.owner);
         let reply = self
@@ -51,7 +75,7 @@ impl Consul {
         }
     }
 
-    pub(super) async fn create_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
         self.require_owner()?;
         self.require_writable()?;
         let body: Value = serde_json::from_slice(value).map_err(|e| {
@@ -73,7 +97,7 @@ impl Consul {
         Ok(String::from_utf8_lossy(&reply.body).trim() == "true")
     }
 
-    pub(super) async fn delete_marker(&self, version: i64) -> Result<bool, BackendError> {
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
         self.require_owner()?;
         self.require_writable()?;
         let cas = version.to_string();
@@ -91,25 +115,5 @@ impl Consul {
             return Err(self.marker_error(&reply, &what));
         }
         Ok(String::from_utf8_lossy(&reply.body).trim() == "true")
-    }
-
-    /// A failed request on the marker; a refused token is told which right it lacks.
-    fn marker_error(&self, reply: &super::client::Reply, what: &str) -> BackendError {
-        match reply.status_error(what) {
-            BackendError::Unauthorized(m) => BackendError::Unauthorized(format!(
-                "{m} (the token needs key:write on {OWNERS_PREFIX}: the owner marker that keeps \
-                 two clusters from using one owner id)"
-            )),
-            e => e,
-        }
-    }
-
-    fn require_writable(&self) -> Result<(), BackendError> {
-        if self.read_only {
-            return Err(BackendError::Rejected(
-                "this Consul client is read only: it writes no owner marker".into(),
-            ));
-        }
-        Ok(())
     }
 }

@@ -4,11 +4,12 @@
 //! exist), deleted in one on `mod_revision` (only if unchanged since read). Needs a role with
 //! read-write on `/catalog-bridge.io/owners/`.
 
+use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use super::Etcd;
 use crate::backend::BackendError;
-use crate::backend::claim::StoredMarker;
+use crate::backend::claim::{MarkerStore, StoredMarker};
 
 /// Where owner markers live: `<OWNERS_PREFIX><owner>`.
 pub const OWNERS_PREFIX: &str = "/catalog-bridge.io/owners/";
@@ -16,10 +17,6 @@ pub const OWNERS_PREFIX: &str = "/catalog-bridge.io/owners/";
 impl Etcd {
     fn owner_key(&self) -> String {
         format!("{OWNERS_PREFIX}{}", self.inner.owner)
-    }
-
-    pub(super) fn owner_marker_at(&self) -> String {
-        format!("etcd key {}", self.owner_key())
     }
 
     fn require_marker_owner(&self) -> Result<(), BackendError> {
@@ -39,8 +36,15 @@ impl Etcd {
         }
         Ok(())
     }
+}
 
-    pub(super) async fn read_marker(&self) -> Result<Option<StoredMarker>, BackendError> {
+#[async_trait]
+impl MarkerStore for Etcd {
+    fn owner_marker(&self) -> String {
+        format!("etcd key {}", self.owner_key())
+    }
+
+    async fn read_owner_marker(&self) -> Result<Option<StoredMarker>, BackendError> {
         self.require_marker_owner()?;
         let key = self.owner_key();
         let got = self
@@ -57,7 +61,7 @@ impl Etcd {
         }))
     }
 
-    pub(super) async fn create_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
         self.require_marker_owner()?;
         self.require_writable()?;
         let (key, value) = (self.owner_key(), value.to_vec());
@@ -74,7 +78,7 @@ impl Etcd {
         Ok(r.succeeded())
     }
 
-    pub(super) async fn delete_marker(&self, version: i64) -> Result<bool, BackendError> {
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
         self.require_marker_owner()?;
         self.require_writable()?;
         let key = self.owner_key();

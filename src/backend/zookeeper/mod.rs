@@ -414,22 +414,4 @@ impl Backend for ZooKeeper {
     async fn lookup(&self, name: &str) -> Result<Vec<String>, BackendError> {
         self.look_up(name).await
     }
-
-    fn owner_marker(&self) -> String {
-        self.owner_marker_at()
-    }
-
-    async fn read_owner_marker(
-        &self,
-    ) -> Result<Option<crate::backend::claim::StoredMarker>, BackendError> {
-        self.read_marker().await
-    }
-
-    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
-        self.create_marker(value).await
-    }
-
-    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
-        self.delete_marker(version).await
-    }
 }

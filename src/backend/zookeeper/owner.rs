@@ -6,12 +6,13 @@
 //! identity that made `owners` may delete a marker in it; without, what every unauthenticated
 //! client writes.
 
+use async_trait::async_trait;
 use zookeeper_client as zk;
 
 use super::ZooKeeper;
 use super::layout::ancestors;
 use crate::backend::BackendError;
-use crate::backend::claim::StoredMarker;
+use crate::backend::claim::{MarkerStore, StoredMarker};
 
 /// Where owner markers live, under the chroot.
 pub const OWNERS_DIR: &str = "/catalog-bridge/owners";
@@ -25,10 +26,6 @@ impl ZooKeeper {
 
     fn owner_path(&self) -> String {
         format!("{}{OWNERS_DIR}/{}", self.chroot(), self.inner.owner)
-    }
-
-    pub(super) fn owner_marker_at(&self) -> String {
-        format!("ZooKeeper node {}", self.owner_path())
     }
 
     fn marker_checks(&self, write: bool) -> Result<(), BackendError> {
@@ -45,8 +42,15 @@ impl ZooKeeper {
         }
         Ok(())
     }
+}
 
-    pub(super) async fn read_marker(&self) -> Result<Option<StoredMarker>, BackendError> {
+#[async_trait]
+impl MarkerStore for ZooKeeper {
+    fn owner_marker(&self) -> String {
+        format!("ZooKeeper node {}", self.owner_path())
+    }
+
+    async fn read_owner_marker(&self) -> Result<Option<StoredMarker>, BackendError> {
         self.marker_checks(false)?;
         let conn = self.inner.conn().await?;
         let path = self.owner_path();
@@ -62,7 +66,7 @@ impl ZooKeeper {
         }
     }
 
-    pub(super) async fn create_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
+    async fn create_owner_marker(&self, value: &[u8]) -> Result<bool, BackendError> {
         self.marker_checks(true)?;
         let conn = self.inner.conn().await?;
         let path = self.owner_path();
@@ -90,7 +94,7 @@ impl ZooKeeper {
         )))
     }
 
-    pub(super) async fn delete_marker(&self, version: i64) -> Result<bool, BackendError> {
+    async fn delete_owner_marker(&self, version: i64) -> Result<bool, BackendError> {
         self.marker_checks(true)?;
         let conn = self.inner.conn().await?;
         let path = self.owner_path();
