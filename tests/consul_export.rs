@@ -717,7 +717,8 @@ async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retir
     "#,
     )
     .await?;
-    let as_admin = admin_request(&consul_url)?;
+    let admin_api = support::ConsulAdmin::new(&consul_url, MANAGEMENT)?;
+    let as_admin = |m, path: &str, body| admin_api.request(m, path, body);
 
     // Export.
     deploy_api_x(&client, "least").await?;
@@ -785,19 +786,6 @@ async fn a_token_with_only_the_rights_the_readme_lists_exports_imports_and_retir
 
 const MANAGEMENT: &str = "0d9c4f7e-2b1a-4c3d-8e5f-6a7b8c9d0e1f";
 
-/// A request to Consul with the management token.
-fn admin_request(
-    consul_url: &str,
-) -> Result<impl Fn(reqwest::Method, &str, Value) -> reqwest::RequestBuilder + use<>> {
-    let http = localenv::http_client()?;
-    let url = consul_url.to_string();
-    Ok(move |method: reqwest::Method, path: &str, body: Value| {
-        http.request(method, format!("{url}{path}"))
-            .header("X-Consul-Token", MANAGEMENT)
-            .json(&body)
-    })
-}
-
 /// An ACL-enabled Consul, a token with exactly `rules` in Secret `default/consul-token`, the
 /// ExternalCatalog `least` (node `k8s-least`) using it, and the controller.
 async fn consul_with_a_token(rules: &str) -> Result<(Env, kube::Client, String, Controller)> {
@@ -809,33 +797,9 @@ async fn consul_with_a_token(rules: &str) -> Result<(Env, kube::Client, String, 
     let client = env.kube()?.client().await?;
     support::install_crds(&client).await?;
     let consul_url = env.consul()?.url();
-    let as_admin = admin_request(&consul_url)?;
-    as_admin(
-        reqwest::Method::PUT,
-        "/v1/acl/policy",
-        json!({"Name": "catalog-bridge", "Rules": rules}),
-    )
-    .send()
-    .await?
-    .error_for_status()
-    .context("creating the ACL policy")?;
-    let token: Value = as_admin(
-        reqwest::Method::PUT,
-        "/v1/acl/token",
-        json!({"Policies": [{"Name": "catalog-bridge"}]}),
-    )
-    .send()
-    .await?
-    .error_for_status()?
-    .json()
-    .await?;
-    let secret_id = token["SecretID"].as_str().context("token SecretID")?;
-    kubectl_apply(
-        &env,
-        &json!({"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "consul-token", "namespace": "default"},
-                "stringData": {"token": secret_id}}),
-    )?;
+    support::ConsulAdmin::new(&consul_url, MANAGEMENT)?
+        .token_secret(&env, rules)
+        .await?;
     kubectl_apply(
         &env,
         &consul_catalog_with_token(

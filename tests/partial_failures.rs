@@ -14,9 +14,9 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams};
 use localenv::{Env, workload};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::{
-    ConsulView, Controller, annotations, catalog_condition, consul_catalog,
+    ConsulAdmin, ConsulView, Controller, annotations, catalog_condition, consul_catalog,
     consul_catalog_with_token, deploy, kubectl_apply, registration_condition, warning_event,
 };
 
@@ -138,46 +138,19 @@ async fn a_consul_acl_that_refuses_one_name_fails_only_that_export() -> Result<(
     let client = env.kube()?.client().await?;
     support::install_crds(&client).await?;
     let consul_url = env.consul()?.url();
-    let http = localenv::http_client()?;
-    let as_admin = |method: reqwest::Method, path: &str, body: Value| {
-        http.request(method, format!("{consul_url}{path}"))
-            .header("X-Consul-Token", MANAGEMENT)
-            .json(&body)
-    };
+    let admin = ConsulAdmin::new(&consul_url, MANAGEMENT)?;
     // Every service name may be written but `denied`.
-    let policy = |denied: &str| {
-        json!({"Name": "catalog-bridge", "Rules": format!(r#"
+    let rules = |denied: &str| {
+        format!(
+            r#"
             node_prefix "" {{ policy = "write" }}
             service_prefix "" {{ policy = "write" }}
             key_prefix "catalog-bridge/owners/" {{ policy = "write" }}
             service "denied" {{ policy = "{denied}" }}
-        "#)})
+        "#
+        )
     };
-    let created: Value = as_admin(reqwest::Method::PUT, "/v1/acl/policy", policy("deny"))
-        .send()
-        .await?
-        .error_for_status()
-        .context("creating the ACL policy")?
-        .json()
-        .await?;
-    let policy_id = created["ID"].as_str().context("policy ID")?.to_string();
-    let token: Value = as_admin(
-        reqwest::Method::PUT,
-        "/v1/acl/token",
-        json!({"Policies": [{"Name": "catalog-bridge"}]}),
-    )
-    .send()
-    .await?
-    .error_for_status()?
-    .json()
-    .await?;
-    let secret_id = token["SecretID"].as_str().context("token SecretID")?;
-    kubectl_apply(
-        &env,
-        &json!({"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "consul-token", "namespace": "default"},
-                "stringData": {"token": secret_id}}),
-    )?;
+    let policy_id = admin.token_secret(&env, &rules("deny")).await?;
     kubectl_apply(
         &env,
         &consul_catalog_with_token(
@@ -222,15 +195,16 @@ async fn a_consul_acl_that_refuses_one_name_fails_only_that_export() -> Result<(
 
     // The policy is fixed: the refused export is tried again on its own and lands.
     let t = Instant::now();
-    as_admin(
-        reqwest::Method::PUT,
-        &format!("/v1/acl/policy/{policy_id}"),
-        policy("write"),
-    )
-    .send()
-    .await?
-    .error_for_status()
-    .context("updating the ACL policy")?;
+    admin
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/acl/policy/{policy_id}"),
+            json!({"Name": "catalog-bridge", "Rules": rules("write")}),
+        )
+        .send()
+        .await?
+        .error_for_status()
+        .context("updating the ACL policy")?;
     consul
         .wait_passing("denied", &["10.3.0.1:8080"], Duration::from_secs(60))
         .await

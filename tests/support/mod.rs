@@ -594,3 +594,72 @@ pub async fn ready_endpoints(client: &kube::Client, ns: &str, svc: &str) -> Resu
     out.sort();
     Ok(out)
 }
+
+/// Consul with ACLs, as its administrator: requests with the management token, and tokens made
+/// for the controller.
+pub struct ConsulAdmin {
+    url: String,
+    management: String,
+    http: reqwest::Client,
+}
+
+impl ConsulAdmin {
+    pub fn new(url: &str, management: &str) -> Result<ConsulAdmin> {
+        Ok(ConsulAdmin {
+            url: url.to_string(),
+            management: management.to_string(),
+            http: localenv::http_client()?,
+        })
+    }
+
+    /// A request with the management token and a JSON body.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .header("X-Consul-Token", &self.management)
+            .json(&body)
+    }
+
+    /// The ACL policy `catalog-bridge` with `rules`, a token holding it, and the token in
+    /// Secret `default/consul-token`; the policy's ID (to change its rules later).
+    pub async fn token_secret(&self, env: &Env, rules: &str) -> Result<String> {
+        let created: Value = self
+            .request(
+                reqwest::Method::PUT,
+                "/v1/acl/policy",
+                json!({"Name": "catalog-bridge", "Rules": rules}),
+            )
+            .send()
+            .await?
+            .error_for_status()
+            .context("creating the ACL policy")?
+            .json()
+            .await?;
+        let policy_id = created["ID"].as_str().context("policy ID")?.to_string();
+        let token: Value = self
+            .request(
+                reqwest::Method::PUT,
+                "/v1/acl/token",
+                json!({"Policies": [{"Name": "catalog-bridge"}]}),
+            )
+            .send()
+            .await?
+            .error_for_status()
+            .context("creating the ACL token")?
+            .json()
+            .await?;
+        let secret_id = token["SecretID"].as_str().context("token SecretID")?;
+        kubectl_apply(
+            env,
+            &json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "consul-token", "namespace": "default"},
+                    "stringData": {"token": secret_id}}),
+        )?;
+        Ok(policy_id)
+    }
+}
