@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use catalog_bridge::api::crd::{Condition, ExternalRegistration};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use localenv::Env;
 use serde_json::{Value, json};
 use support::{Controller, consul_catalog, kubectl_apply};
@@ -36,31 +35,9 @@ fn import(name: &str, catalog: &str, external: &str, extra: Value) -> Value {
     })
 }
 
-/// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `svc`.
+/// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `shop/<svc>`.
 async fn endpoints(client: &kube::Client, svc: &str) -> Result<Vec<String>> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
-    let mut out = Vec::new();
-    for s in slices
-        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={svc}")))
-        .await?
-        .items
-    {
-        let port = s
-            .ports
-            .as_ref()
-            .and_then(|p| p.first())
-            .and_then(|p| p.port)
-            .unwrap_or(0);
-        for e in s.endpoints {
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
-                for a in e.addresses {
-                    out.push(format!("{a}:{port}"));
-                }
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    support::ready_endpoints(client, "shop", svc).await
 }
 
 async fn wait_endpoints(

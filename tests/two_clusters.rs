@@ -155,27 +155,7 @@ fn import_all(env: &Env, c: &Cluster<'_>) -> Result<()> {
 
 /// Sorted `ip:port` of the ready endpoints in the EndpointSlices of Service `shop/<svc>`.
 async fn endpoints(client: &kube::Client, svc: &str) -> Result<Vec<String>> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
-    let mut out = Vec::new();
-    for s in slices
-        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={svc}")))
-        .await?
-        .items
-    {
-        let port = (s.ports.as_ref())
-            .and_then(|p| p.first())
-            .and_then(|p| p.port)
-            .unwrap_or(0);
-        for e in s.endpoints {
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
-                for a in e.addresses {
-                    out.push(format!("{a}:{port}"));
-                }
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    support::ready_endpoints(client, "shop", svc).await
 }
 
 fn with_port(addrs: &[&str]) -> Vec<String> {
@@ -374,17 +354,22 @@ async fn writes(c: &Cluster<'_>) -> Result<f64> {
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clusters_export_and_import_the_same_name_through_every_catalog() -> Result<()> {
-    let started = Instant::now();
-    let env = Env::builder()
+/// Two API servers (two kube-system UIDs) and one Consul, etcd and ZooKeeper they share.
+async fn two_clusters_and_the_catalogs() -> Result<Env> {
+    Env::builder()
         .kube()
         .second_cluster()
         .consul()
         .etcd()
         .zookeeper()
         .start()
-        .await?;
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_export_and_import_the_same_name_through_every_catalog() -> Result<()> {
+    let started = Instant::now();
+    let env = two_clusters_and_the_catalogs().await?;
     println!(
         "two API servers and the catalogs started in {:?}",
         started.elapsed()
@@ -554,14 +539,7 @@ async fn ready_of(c: &Cluster<'_>) -> Result<BTreeMap<String, (String, String, S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_cluster_with_the_same_cluster_id_writes_nothing_and_says_why() -> Result<()> {
     let started = Instant::now();
-    let env = Env::builder()
-        .kube()
-        .second_cluster()
-        .consul()
-        .etcd()
-        .zookeeper()
-        .start()
-        .await?;
+    let env = two_clusters_and_the_catalogs().await?;
     let extra = ["--drift-interval=2s"];
     let a = cluster(&env, env.kube()?, "a", Some("shared"), &extra).await?;
     export_api_x(&a, &A_ADDRS).await?;
