@@ -47,6 +47,7 @@ pub async fn run(
     loop {
         let since = changes.take();
         let (cats, regs) = (stores.catalogs.state(), stores.registrations.state());
+        let namespaces = stores.namespaces.state();
         // A catalog being deleted takes no exports and serves no imports; its writer drains it.
         let live: Vec<_> = (cats.iter())
             .filter(|c| c.metadata.deletion_timestamp.is_none())
@@ -63,7 +64,7 @@ pub async fn run(
                     slices: &sls,
                     catalogs: &live,
                     registrations: &regs,
-                    namespaces: &stores.namespaces.state(),
+                    namespaces: &namespaces,
                 },
                 &mut memo,
             ))
@@ -71,9 +72,7 @@ pub async fn run(
             out.desired.borrow().clone()
         };
         writers.sync(&cats, &d, since).await;
-        importers
-            .sync(&regs, &live, &stores.namespaces.state())
-            .await;
+        importers.sync(&regs, &live, &namespaces).await;
         out.imports.send_if_modified(|cur| {
             let v = importers.views();
             if *cur == v {
