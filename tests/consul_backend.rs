@@ -131,6 +131,57 @@ fn expected_py(instances: &[Instance], owner: &str) -> Value {
     Value::Array(rows)
 }
 
+/// Polls `/v1/health/service/<name>?passing` every 2 ms until stopped, counting the entries
+/// not at `foreign` (someone else's address): the fewest seen in one answer, and the polls.
+struct PassingReader {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Result<(usize, usize)>>,
+}
+
+impl PassingReader {
+    fn start(url: &str, name: &str, foreign: &str) -> PassingReader {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (url, name, foreign, flag) = (
+            url.to_string(),
+            name.to_string(),
+            foreign.to_string(),
+            stop.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let http = localenv::http_client()?;
+            let (mut min, mut reads) = (usize::MAX, 0);
+            while !flag.load(Ordering::SeqCst) {
+                let v: Value = http
+                    .get(format!("{url}/v1/health/service/{name}?passing"))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                let ours = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|e| e["Service"]["Address"] != foreign.as_str())
+                            .count()
+                    })
+                    .unwrap_or(0);
+                min = min.min(ours);
+                reads += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            Ok((min, reads))
+        });
+        PassingReader { stop, task }
+    }
+
+    /// Stops polling after one more round: (fewest entries seen, polls).
+    async fn stop(self) -> Result<(usize, usize)> {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await?
+    }
+}
+
 fn puts(records: &BTreeMap<String, Record>) -> Vec<Op> {
     plan(records, &BTreeMap::new()).ops
 }
@@ -740,35 +791,7 @@ async fn entries_under_the_ids_of_before_are_replaced_without_a_gap() -> Result<
     let foreign_before = foreign().await?;
     assert_eq!(foreign_before.len(), 2);
 
-    // A reader polling the passing instances all along.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (url, name, stop) = (consul.url(), name.clone(), stop.clone());
-        tokio::spawn(async move {
-            let http = localenv::http_client()?;
-            let (mut min, mut reads) = (usize::MAX, 0);
-            while !stop.load(Ordering::SeqCst) {
-                let v: Value = http
-                    .get(format!("{url}/v1/health/service/{name}?passing"))
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                let ours = v
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter(|e| e["Service"]["Address"] != "10.9.0.1")
-                            .count()
-                    })
-                    .unwrap_or(0);
-                min = min.min(ours);
-                reads += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-            Ok::<_, anyhow::Error>((min, reads))
-        })
-    };
+    let reader = PassingReader::start(&consul.url(), &name, "10.9.0.1");
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 
     // The restarted controller: one plan, written.
@@ -778,9 +801,7 @@ async fn entries_under_the_ids_of_before_are_replaced_without_a_gap() -> Result<
     let p = plan(&desired, &read);
     assert_eq!((p.creates, p.updates, p.deletes), (0, N, 0), "{p}");
     let trips = c.apply(&p.ops).await?;
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    stop.store(true, Ordering::SeqCst);
-    let (min, reads) = reader.await??;
+    let (min, reads) = reader.stop().await?;
     println!(
         "upgrade of {N} entries: {} service and check sets and {N} deletes in {trips} round trip(s); a reader polled {reads} times",
         2 * N
@@ -804,6 +825,112 @@ async fn entries_under_the_ids_of_before_are_replaced_without_a_gap() -> Result<
     let restarted = backend(&[&consul.url()], &scope, &owner)?;
     let read = restarted.read_owned().await?;
     assert!(plan(&restarted.render(&instances), &read).is_empty());
+    Ok(())
+}
+
+/// Health: one passing check on the synthetic node stands for every instance on it
+/// (readiness is carried by adding and removing instances). A catalog the previous version
+/// wrote, with a check per instance, moves to that layout in one pass: each instance's check is
+/// deleted in the transaction that puts its service again, after the node check is set, so a
+/// reader polling all along sees every instance; a check someone else put on the node stays,
+/// and the start after that writes nothing.
+#[tokio::test]
+async fn per_instance_checks_of_before_give_way_to_one_node_check_without_a_gap() -> Result<()> {
+    let env = shared_consul().await?;
+    let consul = env.consul()?;
+    let scope = env.scope("consul-node-check").await?;
+    let node = format!("k8s-{}", scope.prefix);
+    let owner = format!("cluster-{}", scope.prefix);
+    let name = scope.name("api_x");
+    let http = localenv::http_client()?;
+    let c = backend(&[&consul.url()], &scope, &owner)?;
+    const N: usize = 40;
+    let instances = many(&name, N);
+
+    // As the previous version wrote them: a passing check `<service id>:ready` per instance.
+    let mut ops = vec![
+        json!({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.0.1",
+        "Meta": {"external-source": "kubernetes", "catalog-bridge-owner": owner}}}}),
+    ];
+    for (id, record) in c.render(&instances) {
+        ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": record["Service"]}}));
+        ops.push(json!({"Check": {"Verb": "set", "Check": {
+            "Node": node, "CheckID": format!("{id}:ready"), "Name": "Kubernetes readiness",
+            "Status": "passing", "ServiceID": id, "ServiceName": name}}}));
+    }
+    // Someone else's service on the node, with a check of its own.
+    ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": {
+        "ID": "by-hand", "Service": name, "Address": "10.9.0.1", "Port": 8080}}}));
+    ops.push(json!({"Check": {"Verb": "set", "Check": {
+        "Node": node, "CheckID": "by-hand-check", "Name": "by hand", "Status": "passing",
+        "ServiceID": "by-hand"}}}));
+    for batch in ops.chunks(MAX_TXN_OPS) {
+        http.put(format!("{}/v1/txn", consul.url()))
+            .json(&batch)
+            .send()
+            .await?
+            .error_for_status()
+            .context("writing the entries of before")?;
+    }
+    let service_indexes = || async {
+        let v = get_json(&format!("{}/v1/catalog/node-services/{node}", consul.url())).await?;
+        Ok::<_, anyhow::Error>(
+            v["Services"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| (s["ID"].to_string(), s["ModifyIndex"].clone()))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    };
+    let before = service_indexes().await?;
+
+    let reader = PassingReader::start(&consul.url(), &name, "10.9.0.1");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let desired = c.render(&instances);
+    let p = plan(&desired, &c.read_owned().await?);
+    assert_eq!((p.creates, p.updates, p.deletes), (0, N, 0), "{p}");
+    let trips = c.apply(&p.ops).await?;
+    let (min, reads) = reader.stop().await?;
+    println!(
+        "{N} instances moved to the node check in {trips} round trip(s); a reader polled {reads} times"
+    );
+    assert_eq!(min, N, "the reader always saw every instance");
+
+    let checks = get_json(&format!("{}/v1/health/node/{node}", consul.url())).await?;
+    let mut found: Vec<(String, String, String)> = checks
+        .as_array()
+        .context("health of the node")?
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (s("CheckID"), s("ServiceID"), s("Status"))
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            ("by-hand-check".into(), "by-hand".into(), "passing".into()),
+            ("catalog-bridge".into(), String::new(), "passing".into()),
+        ],
+        "one node check of ours, the foreign check untouched: {checks}"
+    );
+    assert_eq!(
+        service_indexes().await?,
+        before,
+        "the services themselves were not rewritten"
+    );
+    assert_eq!(
+        py_consul_passing(&consul.address(), &name)?
+            .as_array()
+            .map(Vec::len),
+        Some(N + 1),
+        "py-consul sees every instance passing"
+    );
+    let restarted = backend(&[&consul.url()], &scope, &owner)?;
+    assert!(plan(&desired, &restarted.read_owned().await?).is_empty());
     Ok(())
 }
 
