@@ -283,38 +283,42 @@ async fn written_entries_read_back_identically_and_clients_see_them() -> Result<
         .as_array()
         .map(|c| c.iter().filter_map(|c| c["CheckID"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(check_ids.len(), 3, "one check per instance: {checks}");
-    assert!(
-        !check_ids
-            .iter()
-            .any(|id| id.starts_with(&c.service_id(&removed))),
-        "the check went with its service: {checks}"
+    assert_eq!(
+        check_ids,
+        ["catalog-bridge"],
+        "one check on the node stands for every instance: {checks}"
     );
+    assert!(!c.read_owned().await?.contains_key(&c.service_id(&removed)));
     assert_eq!(
         py_consul_passing(&consul.address(), &api_x)?,
         expected_py(&changed[..2], &owner)
     );
 
-    // A check someone set critical is drift: the plan repairs it.
-    let id = c.service_id(&changed[0]);
+    // The node check someone set critical hides every instance; it is drift the plan repairs.
     localenv::http_client()?
         .put(format!("{}/v1/txn", consul.url()))
         .json(&json!([{"Check": {"Verb": "set", "Check": {
-            "Node": format!("k8s-{}", scope.prefix), "CheckID": format!("{id}:ready"),
-            "Name": "Kubernetes readiness", "Status": "critical", "ServiceID": id}}}]))
+            "Node": format!("k8s-{}", scope.prefix), "CheckID": "catalog-bridge",
+            "Name": "Kubernetes readiness", "Status": "critical"}}}]))
         .send()
         .await?
         .error_for_status()?;
-    assert_eq!(c.lookup(&api_x).await?, ["[fd00::1]:8080"]);
+    assert!(c.lookup(&api_x).await?.is_empty());
+    assert!(
+        py_consul_passing(&consul.address(), &memcache)?
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
     let p = plan(&desired, &c.read_owned().await?);
-    assert_eq!((p.creates, p.updates, p.deletes), (0, 1, 0));
+    assert_eq!((p.creates, p.updates, p.deletes), (0, 3, 0));
     c.apply(&p.ops).await?;
     assert_eq!(c.lookup(&api_x).await?, ["10.0.0.2:8080", "[fd00::1]:8080"]);
+    assert!(plan(&desired, &c.read_owned().await?).is_empty());
     Ok(())
 }
 
-/// 150 instances go in txns of at most 64 operations each (an instance's service and check
-/// together), and all arrive; deleting them all is batched too.
+/// 150 instances go in txns of at most 64 operations each (one per instance, after the node and
+/// its check), and all arrive; deleting them all is batched too.
 #[tokio::test]
 async fn many_instances_are_written_in_batches_of_64_operations() -> Result<()> {
     let env = shared_consul().await?;
@@ -331,21 +335,21 @@ async fn many_instances_are_written_in_batches_of_64_operations() -> Result<()> 
     let batches = c.txn_batches(&ops, true)?;
     assert_eq!(
         batches.iter().map(Vec::len).sum::<usize>(),
-        1 + 2 * 150,
-        "node + service and check of each instance"
+        2 + 150,
+        "node, its check, and the service of each instance"
     );
     assert!(
         batches.iter().all(|b| b.len() <= 64),
         "at most 64 operations per txn"
     );
     assert_eq!(MAX_TXN_OPS, 64);
-    assert!(batches.len() >= 301_usize.div_ceil(64));
+    assert!(batches.len() >= 152_usize.div_ceil(64));
 
     let trips = c.apply(&ops).await?;
     assert_eq!(trips, batches.len(), "one request per batch");
     assert!(
-        trips >= 5,
-        "301 operations need at least 5 txns, took {trips}"
+        trips >= 3,
+        "152 operations need at least 3 txns, took {trips}"
     );
     let read = c.read_owned().await?;
     assert_eq!(read.len(), 150);
@@ -434,7 +438,9 @@ async fn entries_of_others_on_the_node_are_never_touched() -> Result<()> {
     assert_eq!(c.lookup(&name).await?, ["10.9.0.1:8080", "10.9.0.2:8080"]);
     let checks = get_json(&format!("{}/v1/health/node/{node}", consul.url())).await?;
     assert_eq!(
-        checks.as_array().map(Vec::len),
+        checks
+            .as_array()
+            .map(|c| c.iter().filter(|c| c["ServiceID"] != "").count()),
         Some(2),
         "their checks survive too: {checks}"
     );
@@ -614,7 +620,7 @@ async fn a_consul_that_lost_its_state_is_refilled() -> Result<()> {
     consul.stop()?;
     consul.start_again().await?;
     let trips = c.apply(&puts(&desired)).await?;
-    assert_eq!(trips, 3, "the refused txn, then 81 operations in two");
+    assert_eq!(trips, 2, "the refused txn, then 42 operations in one");
     assert_eq!(c.read_owned().await?, desired);
     Ok(())
 }
@@ -744,12 +750,10 @@ async fn entries_under_the_ids_of_before_are_replaced_without_a_gap() -> Result<
         let mut r = c.record(i);
         let old = i.stable_id();
         r["Service"]["ID"] = json!(old);
-        r["Check"]["CheckID"] = json!(format!("{old}:ready"));
-        r["Check"]["ServiceID"] = json!(old);
-        let mut check = r["Check"].clone();
-        check["Node"] = json!(node);
         ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": r["Service"]}}));
-        ops.push(json!({"Check": {"Verb": "set", "Check": check}}));
+        ops.push(json!({"Check": {"Verb": "set", "Check": {
+            "Node": node, "CheckID": format!("{old}:ready"), "Name": "Kubernetes readiness",
+            "Status": "passing", "ServiceID": old, "ServiceName": name}}}));
     }
     for batch in ops.chunks(MAX_TXN_OPS) {
         http.put(format!("{}/v1/txn", consul.url()))
@@ -803,8 +807,7 @@ async fn entries_under_the_ids_of_before_are_replaced_without_a_gap() -> Result<
     let trips = c.apply(&p.ops).await?;
     let (min, reads) = reader.stop().await?;
     println!(
-        "upgrade of {N} entries: {} service and check sets and {N} deletes in {trips} round trip(s); a reader polled {reads} times",
-        2 * N
+        "upgrade of {N} entries: {N} service sets and {N} deletes in {trips} round trip(s); a reader polled {reads} times"
     );
     assert_eq!(min, N, "the reader always saw every instance");
 

@@ -8,7 +8,7 @@
 //! watch, and lookups). Here: the configuration, [`Consul`] and its [`Backend`] methods over
 //! them. docs/architecture.md tells the whole story.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -35,8 +35,8 @@ mod txn;
 pub use identity::MARKER_KEY;
 pub use import::{WATCH_BACKOFF_MAX, WATCH_BACKOFF_MIN, WATCH_NO_INDEX_PAUSE, WATCH_WAIT};
 pub use layout::{
-    CATALOG_META, CHECK_NAME, MAX_META_PAIRS, NODE_ADDRESS, OWNER_META, SOURCE_META, SOURCE_VALUE,
-    dropped_meta, meta_problem,
+    CATALOG_META, CHECK_NAME, MAX_META_PAIRS, NODE_ADDRESS, NODE_CHECK_ID, OWNER_META, SOURCE_META,
+    SOURCE_VALUE, dropped_meta, meta_problem,
 };
 pub use owner::OWNERS_PREFIX;
 pub use txn::{MAX_TXN_BYTES, MAX_TXN_OPS};
@@ -109,6 +109,9 @@ pub struct Consul {
     /// key (the ID now) → the ID in Consul. Each is replaced in the transaction that writes it
     /// ([`layout`]).
     legacy: Mutex<HashMap<String, String>>,
+    /// Service IDs of the owned entries that still carry a check of their own, as the layout
+    /// of before had: each is deleted in the transaction that puts its service ([`layout`]).
+    legacy_checks: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Consul {
@@ -154,6 +157,7 @@ impl Consul {
             watch_wait: WATCH_WAIT,
             read_only: cfg.read_only,
             legacy: Mutex::default(),
+            legacy_checks: Mutex::default(),
         })
     }
 
@@ -222,19 +226,21 @@ impl Backend for Consul {
             s if s.is_success() => reply.json(&what)?,
             _ => return Err(reply.status_error(&what)),
         };
-        let services_present = node_services
-            .get("Services")
-            .and_then(Value::as_array)
-            .is_some_and(|s| !s.is_empty());
-        let checks = if services_present {
+        // The node's checks: its own, and the per-instance ones of before until they are gone.
+        let checks = if node_services.get("Node").is_some_and(Value::is_object) {
             let what = format!("GET /v1/health/node/{}", self.node);
             self.get_json(&what, &["health", "node", &self.node], &[])
                 .await?
         } else {
             Value::Null
         };
-        let (node_ok, owned) = self.owned_records(&node_services, &checks)?;
-        self.node_ok.store(node_ok, Ordering::SeqCst);
+        let read = self.owned_records(&node_services, &checks)?;
+        self.node_ok.store(read.node_ok, Ordering::SeqCst);
+        let owned = read.records;
+        if !read.legacy_checks.is_empty() {
+            tracing::info!(node = %self.node, entries = read.legacy_checks.len(), "entries with a check of their own: the next write puts each again without it, in one transaction with the check's removal; the node's check stands for them all");
+        }
+        *self.legacy_checks.lock().unwrap_or_else(|e| e.into_inner()) = read.legacy_checks;
         self.remember_names(&owned);
         let (owned, legacy) = self.adopt_legacy(owned);
         if !legacy.is_empty() {

@@ -116,7 +116,7 @@ async fn a_client_without_owner_only_looks_up() {
 }
 
 #[test]
-fn render_holds_identity_address_tags_meta_and_a_passing_check() {
+fn render_holds_identity_address_tags_meta_and_the_node_check() {
     let c = consul();
     let i = inst("fd00::1", &["b", "a"]);
     let recs = c.render(std::slice::from_ref(&i));
@@ -135,8 +135,7 @@ fn render_holds_identity_address_tags_meta_and_a_passing_check() {
                          "external-source": "kubernetes", "k8s-namespace": "shop",
                          "k8s-service": "api-x"},
             },
-            "Check": {"CheckID": format!("{id}:ready"), "Name": CHECK_NAME,
-                      "Status": "passing", "ServiceID": id, "ServiceName": "api_x"},
+            "NodeCheck": "passing",
         })
     );
     assert_eq!(c.describe(), "consul http://127.0.0.1:8500 node k8s-c1");
@@ -227,46 +226,73 @@ fn what_consul_returns_reads_back_as_the_rendered_record() {
              "Port": 1, "Meta": {"catalog-bridge-owner": "c2"}},
         ],
     });
-    let check = |id: &str, status: &str| {
-        json!({"Node": "k8s-c1", "CheckID": format!("{id}:ready"), "Name": CHECK_NAME,
-               "Status": status, "ServiceID": id, "ServiceName": "api_x", "Output": "",
+    let node_check = |status: &str| {
+        json!({"Node": "k8s-c1", "CheckID": NODE_CHECK_ID, "Name": CHECK_NAME,
+               "Status": status, "ServiceID": "", "ServiceName": "", "Output": "",
                "ServiceTags": []})
     };
-    let checks = json!([
-        check(&c.service_id(&i), "passing"),
-        check(&c.service_id(&no_meta), "passing")
-    ]);
-    let (node_ok, owned) = c.owned_records(&node_services, &checks).expect("parses");
-    assert!(node_ok);
-    assert_eq!(owned, rendered);
-    assert!(crate::export::plan::plan(&rendered, &owned).is_empty());
+    let read = c
+        .owned_records(&node_services, &json!([node_check("passing")]))
+        .expect("parses");
+    assert!(read.node_ok);
+    assert!(read.legacy_checks.is_empty());
+    assert_eq!(read.records, rendered);
+    assert!(crate::export::plan::plan(&rendered, &read.records).is_empty());
 
-    // A check that is not passing, or missing, is drift that a put repairs.
-    let checks = json!([check(&c.service_id(&i), "critical")]);
-    let (_, owned) = c.owned_records(&node_services, &checks).expect("parses");
-    let p = crate::export::plan::plan(&rendered, &owned);
-    assert_eq!((p.creates, p.updates, p.deletes), (0, 2, 0));
+    // A node check that is not passing, or missing, is drift: every instance is put again,
+    // after the node and its check.
+    for checks in [json!([node_check("critical")]), json!([])] {
+        let read = c.owned_records(&node_services, &checks).expect("parses");
+        assert!(!read.node_ok);
+        let p = crate::export::plan::plan(&rendered, &read.records);
+        assert_eq!((p.creates, p.updates, p.deletes), (0, 2, 0));
+    }
+
+    // A check of its own, as the layout of before had, is drift too: the put deletes it.
+    let own_check = |id: &str| {
+        json!({"Node": "k8s-c1", "CheckID": format!("{id}:ready"), "Name": CHECK_NAME,
+               "Status": "passing", "ServiceID": id, "ServiceName": "api_x"})
+    };
+    let id = c.service_id(&i);
+    let read = c
+        .owned_records(
+            &node_services,
+            &json!([node_check("passing"), own_check(&id)]),
+        )
+        .expect("parses");
+    assert_eq!(read.legacy_checks, HashSet::from([id.clone()]));
+    let p = crate::export::plan::plan(&rendered, &read.records);
+    assert_eq!((p.creates, p.updates, p.deletes), (0, 1, 0));
+    *c.legacy_checks.lock().expect("lock") = read.legacy_checks;
+    let batches = c.txn_batches(&p.ops, false).expect("valid");
+    assert_eq!(
+        batches,
+        [vec![
+            json!({"Service": {"Verb": "set", "Node": "k8s-c1", "Service": rendered[&id]["Service"]}}),
+            json!({"Check": {"Verb": "delete", "Check": {"Node": "k8s-c1", "CheckID": format!("{id}:ready")}}}),
+        ]]
+    );
 
     // Null Tags and Meta read as empty ones.
     let odd = json!({"Node": null, "Services": [{"ID": "x", "Service": "s", "Tags": null,
         "Meta": {"catalog-bridge-owner": "c1"}, "Address": "10.0.0.3", "Port": 1}]});
-    let (node_ok, owned) = c.owned_records(&odd, &Value::Null).expect("parses");
-    assert!(!node_ok);
-    assert_eq!(owned["x"]["Service"]["Tags"], json!([]));
-    assert_eq!(owned["x"]["Check"], Value::Null);
+    let read = c.owned_records(&odd, &Value::Null).expect("parses");
+    assert!(!read.node_ok);
+    assert_eq!(read.records["x"]["Service"]["Tags"], json!([]));
+    assert_eq!(read.records["x"]["NodeCheck"], Value::Null);
 
     // A missing node is an empty catalog; a node registered differently gets re-registered.
-    let (node_ok, owned) = c
+    let read = c
         .owned_records(&json!({"Node": null, "Services": null}), &json!([]))
         .expect("parses");
-    assert!(!node_ok && owned.is_empty());
-    let (node_ok, _) = c
+    assert!(!read.node_ok && read.records.is_empty());
+    let read = c
         .owned_records(
             &json!({"Node": {"Address": "127.0.0.1", "Meta": {}}, "Services": []}),
-            &json!([]),
+            &json!([node_check("passing")]),
         )
         .expect("parses");
-    assert!(!node_ok);
+    assert!(!read.node_ok);
 }
 
 /// Entries written before service IDs named the owner are filed under their IDs of now, and
@@ -283,8 +309,6 @@ fn entries_under_the_ids_of_before_are_replaced_in_one_commit_each() {
         let mut r = c.record(i);
         let old = i.stable_id();
         r["Service"]["ID"] = json!(old);
-        r["Check"]["CheckID"] = json!(format!("{old}:ready"));
-        r["Check"]["ServiceID"] = json!(old);
         r
     };
     let mut owned = BTreeMap::from([
@@ -329,7 +353,6 @@ fn entries_under_the_ids_of_before_are_replaced_in_one_commit_each() {
         ops,
         [
             ("Service set".to_string(), ka.clone()),
-            ("Check set".to_string(), format!("{ka}:ready")),
             ("Service delete".to_string(), a.stable_id()),
             ("Service delete".to_string(), old_b.clone()),
         ]
@@ -343,12 +366,12 @@ fn entries_under_the_ids_of_before_are_replaced_in_one_commit_each() {
     // Another owner's entry under an ID without an owner is not ours to adopt.
     let foreign = json!({"Node": null, "Services": [{"ID": a.stable_id(), "Service": "api_x",
         "Tags": [], "Meta": {"catalog-bridge-owner": "c2"}, "Address": "10.0.0.1", "Port": 8080}]});
-    let (_, owned) = c.owned_records(&foreign, &Value::Null).expect("parses");
-    assert!(c.adopt_legacy(owned).0.is_empty());
+    let read = c.owned_records(&foreign, &Value::Null).expect("parses");
+    assert!(c.adopt_legacy(read.records).0.is_empty());
 }
 
 #[test]
-fn put_becomes_service_and_check_set_delete_a_service_delete() {
+fn put_becomes_a_service_set_delete_a_service_delete_after_the_node_and_its_check() {
     let c = consul();
     let ops = puts(&c, 1);
     let Op::Put { key, .. } = &ops[0] else {
@@ -368,12 +391,13 @@ fn put_becomes_service_and_check_set_delete_a_service_delete() {
         json!({"Node": {"Verb": "set", "Node": {"Node": "k8s-c1", "Address": "127.0.0.1",
             "Meta": {"external-source": "kubernetes", "catalog-bridge-owner": "c1"}}}})
     );
-    assert_eq!(b[1]["Service"]["Verb"], "set");
-    assert_eq!(b[1]["Service"]["Node"], "k8s-c1");
-    assert_eq!(b[1]["Service"]["Service"]["ID"], json!(key));
-    assert_eq!(b[2]["Check"]["Verb"], "set");
-    assert_eq!(b[2]["Check"]["Check"]["Node"], "k8s-c1");
-    assert_eq!(b[2]["Check"]["Check"]["ServiceID"], json!(key));
+    assert_eq!(b[1]["Check"]["Verb"], "set");
+    assert_eq!(b[1]["Check"]["Check"]["CheckID"], NODE_CHECK_ID);
+    assert_eq!(b[1]["Check"]["Check"]["Status"], "passing");
+    assert_eq!(b[1]["Check"]["Check"].get("ServiceID"), None);
+    assert_eq!(b[2]["Service"]["Verb"], "set");
+    assert_eq!(b[2]["Service"]["Node"], "k8s-c1");
+    assert_eq!(b[2]["Service"]["Service"]["ID"], json!(key));
     // Consul needs a non-empty name to delete; the ID stands in when none is known.
     assert_eq!(
         b[3],
@@ -398,35 +422,30 @@ fn put_becomes_service_and_check_set_delete_a_service_delete() {
 }
 
 #[test]
-fn batches_hold_at_most_64_operations_and_never_split_an_instance() {
+fn batches_hold_at_most_64_operations_the_node_first() {
     let c = consul();
     let mut ops = puts(&c, 150);
     ops.extend((0..10).map(|i| Op::Delete {
         key: format!("old-{i}"),
     }));
     let batches = c.txn_batches(&ops, true).expect("valid");
-    // 1 node op + 300 put ops + 10 deletes = 311 ops.
-    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 311);
-    assert_eq!(batches.len(), 5, "311 ops in txns of at most 64");
+    // The node and its check + 150 puts + 10 deletes = 162 ops.
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 162);
+    assert_eq!(batches.len(), 3, "162 ops in txns of at most 64");
     for b in &batches {
         assert!(b.len() <= MAX_TXN_OPS, "{} ops", b.len());
-        // Each check follows its service in the same txn.
-        for (i, op) in b.iter().enumerate() {
-            if let Some(check) = op.get("Check") {
-                let prev = i.checked_sub(1).map(|p| &b[p]);
-                assert_eq!(
-                    prev.and_then(|p| p.pointer("/Service/Service/ID")),
-                    check.pointer("/Check/ServiceID"),
-                );
-            }
-        }
     }
     assert!(batches[0][0].get("Node").is_some());
+    assert_eq!(
+        batches[0][1].pointer("/Check/Check/CheckID"),
+        Some(&json!(NODE_CHECK_ID))
+    );
     assert!(
-        batches[1..]
+        batches
             .iter()
             .flatten()
-            .all(|o| o.get("Node").is_none())
+            .skip(2)
+            .all(|o| o.get("Node").is_none() && o.get("Check").is_none())
     );
     // Order is kept: the deletes come last.
     assert_eq!(
@@ -463,7 +482,6 @@ fn large_records_are_batched_by_size_too() {
     for b in &batches {
         let bytes: usize = b.iter().map(|o| o.to_string().len()).sum();
         assert!(bytes <= MAX_TXN_BYTES, "{bytes} bytes");
-        assert_eq!(b.len() % 2, 0, "service and check together");
     }
 }
 

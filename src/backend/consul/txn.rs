@@ -43,8 +43,9 @@ impl Consul {
             .cloned()
     }
 
-    /// The txn operations of one plan operation: a service `set` and its check `set`, or a
-    /// service `delete` (Consul removes the service's checks with it).
+    /// The txn operations of one plan operation: a service `set` (with the deletion of its
+    /// check of before, if it has one), or a service `delete` (Consul removes the service's
+    /// checks with it). The record's `NodeCheck` is the node's, written with the node.
     fn txn_ops(&self, op: &Op) -> Result<Vec<Value>, BackendError> {
         match op {
             Op::Put { key, record } => {
@@ -65,19 +66,7 @@ impl Consul {
                 let mut out = vec![json!({"Service": {
                     "Verb": "set", "Node": self.node, "Service": service,
                 }})];
-                match record.get("Check") {
-                    Some(Value::Object(check)) => {
-                        let mut check = check.clone();
-                        check.insert("Node".into(), Value::String(self.node.clone()));
-                        out.push(json!({"Check": {"Verb": "set", "Check": check}}));
-                    }
-                    None | Some(Value::Null) => {}
-                    Some(other) => {
-                        return Err(BackendError::Protocol(format!(
-                            "record {key} has a Check that is not an object: {other}"
-                        )));
-                    }
-                }
+                out.extend(self.legacy_check_delete(key));
                 // The same instance under its ID of before goes in the same commit.
                 let name = service
                     .get("Service")
@@ -109,9 +98,10 @@ impl Consul {
         };
         let mut bytes = 0;
         if with_node {
-            let node = self.node_op();
-            bytes += node.to_string().len();
-            batch.ops.push(node);
+            for op in self.node_ops() {
+                bytes += op.to_string().len() + 1;
+                batch.ops.push(op);
+            }
         }
         for op in ops {
             let unit = self.txn_ops(op)?;
@@ -230,6 +220,7 @@ impl Consul {
                             if let Some(old) = self.legacy_done(op.key()) {
                                 names.remove(&old);
                             }
+                            self.legacy_check_done(op.key());
                             match op {
                                 Op::Put { key, record } => {
                                     if let Some(n) =
