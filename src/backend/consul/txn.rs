@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -14,6 +15,9 @@ use crate::backend::{BackendError, Op, Record};
 /// At most this many operations in one `/v1/txn` request (the limit of older Consul servers),
 /// counting every operation: node, service and check.
 pub const MAX_TXN_OPS: usize = 64;
+/// Transactions in flight at once while a plan is written (the first one alone when it
+/// registers the node). Measured with `make bench`: see the README's benchmark table.
+pub const WRITES_IN_FLIGHT: usize = 4;
 /// At most this many bytes of operations in one request (Consul's `txn_max_req_len` defaults
 /// to 512 KiB); an instance whose operations alone exceed it still goes, alone.
 pub const MAX_TXN_BYTES: usize = 256 * 1024;
@@ -195,60 +199,94 @@ impl Consul {
         )))
     }
 
-    /// Writes `ops` in batches ([`Backend::apply`](crate::backend::Backend::apply)).
+    /// Writes `ops` in batches ([`Backend::apply`](crate::backend::Backend::apply)): the first
+    /// alone when it registers the node, the others up to [`WRITES_IN_FLIGHT`] at a time. A
+    /// plan names each key once, so no two transactions in flight touch the same entry; a
+    /// later plan is written only after this one returns, so a delete never overtakes the put
+    /// it undoes. On a failure, the transactions already in flight finish, no new one starts,
+    /// and the first error is returned.
     pub(super) async fn write(&self, ops: &[Op]) -> Result<usize, BackendError> {
         if ops.is_empty() {
             return Ok(0);
         }
         self.require_owner()?;
-        let mut next = 0;
         let mut trips = 0;
-        let mut retried = false;
+        let mut next = 0;
+        if !self.node_ok.load(Ordering::SeqCst) {
+            let batch = self.next_batch(ops, true)?;
+            let consumed = batch.consumed;
+            trips += self.send_batch(&ops[..consumed], batch).await?;
+            next = consumed;
+        }
+        let mut ranges = Vec::new();
         while next < ops.len() {
-            let with_node = !self.node_ok.load(Ordering::SeqCst);
-            let batch = self.next_batch(&ops[next..], with_node)?;
+            let b = self.next_batch(&ops[next..], false)?;
+            let end = next + b.consumed;
+            ranges.push((next..end, b));
+            next = end;
+        }
+        let mut results = futures::stream::iter(ranges)
+            .map(|(range, batch)| self.send_batch(&ops[range], batch))
+            .buffered(WRITES_IN_FLIGHT);
+        let mut first_error = None;
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(t) => trips += t,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(trips),
+        }
+    }
+
+    /// Sends one batch, the txn of plan operations `done`; when Consul says the node is
+    /// missing (a Consul that lost its state), once more with the node registered first (the
+    /// txn was rolled back as a whole). Returns the round trips.
+    async fn send_batch(&self, done: &[Op], batch: Batch) -> Result<usize, BackendError> {
+        let mut batch = batch;
+        let mut trips = 0;
+        loop {
             trips += 1;
             match self.send_txn(&batch.ops).await {
                 Ok(()) => {
                     if batch.with_node {
                         self.node_ok.store(true, Ordering::SeqCst);
                     }
-                    let done = &ops[next..next + batch.consumed];
-                    {
-                        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-                        for op in done {
-                            if let Some(old) = self.legacy_done(op.key()) {
-                                names.remove(&old);
-                            }
-                            self.legacy_check_done(op.key());
-                            match op {
-                                Op::Put { key, record } => {
-                                    if let Some(n) =
-                                        record.pointer("/Service/Service").and_then(Value::as_str)
-                                    {
-                                        names.insert(key.clone(), n.to_string());
-                                    }
-                                }
-                                Op::Delete { key } => {
-                                    names.remove(key);
-                                }
-                            }
-                        }
-                    }
+                    self.committed(done);
                     tracing::debug!(
                         node = %self.node,
                         operations = batch.ops.len(),
                         entries = batch.consumed,
                         "Consul txn committed"
                     );
-                    next += batch.consumed;
+                    return Ok(trips);
                 }
-                // The node went away (a Consul that lost its state): register it and retry
-                // once; the txn was rolled back as a whole.
-                Err(TxnFailure::MissingNode(e)) if !batch.with_node && !retried => {
+                Err(TxnFailure::MissingNode(e)) if !batch.with_node => {
                     tracing::info!(node = %self.node, error = %e, "Consul node missing, registering it again");
                     self.node_ok.store(false, Ordering::SeqCst);
-                    retried = true;
+                    let node = self.node_ops();
+                    let bytes =
+                        |ops: &[Value]| ops.iter().map(|v| v.to_string().len() + 1).sum::<usize>();
+                    if batch.ops.len() + node.len() <= MAX_TXN_OPS
+                        && bytes(&batch.ops) + bytes(&node) <= MAX_TXN_BYTES
+                    {
+                        batch.ops.splice(0..0, node);
+                    } else {
+                        // The node alone first, then the same operations.
+                        trips += 1;
+                        match self.send_txn(&node).await {
+                            Ok(()) => {}
+                            Err(TxnFailure::MissingNode(e)) | Err(TxnFailure::Other(e)) => {
+                                return Err(e);
+                            }
+                        }
+                    }
+                    batch.with_node = true;
                 }
                 Err(TxnFailure::MissingNode(e)) | Err(TxnFailure::Other(e)) => {
                     if matches!(e, BackendError::Unreachable(_)) {
@@ -259,7 +297,28 @@ impl Consul {
                 }
             }
         }
-        Ok(trips)
+    }
+
+    /// After a commit of the plan operations `done`: the names of the entries, and the
+    /// entries and checks of before that are gone.
+    fn committed(&self, done: &[Op]) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        for op in done {
+            if let Some(old) = self.legacy_done(op.key()) {
+                names.remove(&old);
+            }
+            self.legacy_check_done(op.key());
+            match op {
+                Op::Put { key, record } => {
+                    if let Some(n) = record.pointer("/Service/Service").and_then(Value::as_str) {
+                        names.insert(key.clone(), n.to_string());
+                    }
+                }
+                Op::Delete { key } => {
+                    names.remove(key);
+                }
+            }
+        }
     }
 
     /// Deregisters the synthetic node when no service is left on it and its meta names this

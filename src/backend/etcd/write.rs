@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use futures::StreamExt;
+use futures::future::BoxFuture;
 use serde_json::Value;
 use tracing::warn;
 
@@ -16,6 +18,12 @@ use super::layout::{prefix_end, record_of, record_value};
 use crate::backend::{BackendError, Record};
 use crate::model::Op;
 
+/// Transactions in flight at once while a plan is written. Measured with `make bench`: see
+/// the README's benchmark table.
+pub const WRITES_IN_FLIGHT: usize = 4;
+
+/// One transaction of a write in flight: its plan operations and etcd's answer.
+type InFlight<'a> = BoxFuture<'a, (&'a [Op], Result<TxnResponse, Fail>)>;
 /// At most this many operations in one transaction (etcd's `--max-txn-ops` default).
 ///
 /// etcd counts the operations of nested transactions against the same budget, level by level:
@@ -246,7 +254,11 @@ impl Etcd {
         Ok(out)
     }
 
-    /// Writes `ops` in as few guarded transactions as [`batches`] allows; the number sent.
+    /// Writes `ops` in as few guarded transactions as [`batches`] allows, up to
+    /// [`WRITES_IN_FLIGHT`] at a time; the number sent. A plan names each key once, so no two
+    /// transactions in flight touch the same key, and a later plan is written only after this
+    /// one returns: a delete never overtakes the put it undoes. On a failure the transactions
+    /// in flight finish, no new one starts, and the first error is returned.
     pub(super) async fn write(&self, ops: &[Op]) -> Result<usize, BackendError> {
         if ops.is_empty() {
             return Ok(0);
@@ -260,21 +272,33 @@ impl Etcd {
             )));
         }
         let (lease, previous) = inner.ensure_lease().await?;
-        let mut txns = 0;
-        let mut skipped = Vec::new();
+        // Boxed, so that the stream's futures are one type whose lifetimes the async trait
+        // method can name.
+        let mut sends: Vec<InFlight<'_>> = Vec::new();
         for batch in batches(ops) {
             let txn = self.txn(batch, lease.id, previous.map(|p| p.id))?;
-            let what = format!("transaction of {} operation(s)", batch.len());
-            let resp = inner
-                .conn
-                .call(&what, move |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await;
+            sends.push(Box::pin(async move {
+                let what = format!("transaction of {} operation(s)", batch.len());
+                let resp = inner
+                    .conn
+                    .call(&what, move |mut c| {
+                        let txn = txn.clone();
+                        async move { c.txn(txn).await }
+                    })
+                    .await;
+                (batch, resp)
+            }));
+        }
+        let mut results = futures::stream::iter(sends).buffered(WRITES_IN_FLIGHT);
+        let mut sent = 0;
+        let mut skipped = Vec::new();
+        let mut failed = None;
+        while let Some(r) = results.next().await {
+            let (batch, resp) = r;
             let resp = match resp {
                 Ok(r) => r,
                 Err(Fail::LeaseGone(m)) => {
+                    drop(results);
                     inner.replace_lost(lease.id).await?;
                     return Err(BackendError::Rejected(format!(
                         "{m}: lease {:x} expired, its keys are gone; a new lease was granted \
@@ -282,9 +306,12 @@ impl Etcd {
                         lease.id
                     )));
                 }
-                Err(Fail::Backend(e)) => return Err(refusal(e)),
+                Err(Fail::Backend(e)) => {
+                    failed = Some(refusal(e));
+                    break;
+                }
             };
-            txns += 1;
+            sent += 1;
             for (op, r) in batch.iter().zip(resp.op_responses()) {
                 if let (Op::Put { key, .. }, TxnOpResponse::Txn(r)) = (op, &r)
                     && !took_effect(r)
@@ -301,6 +328,9 @@ impl Etcd {
                 "etcd keys held by someone else (no lease or another lease) were left alone"
             );
         }
-        Ok(txns)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(sent),
+        }
     }
 }
