@@ -122,7 +122,16 @@ fn catalog_nodes(env: &Env) -> Result<BTreeMap<String, BTreeMap<String, Node>>> 
         .map(|(n, kids)| {
             let kids = kids
                 .into_iter()
-                .map(|(c, (czxid, mzxid, owner))| (c, Node { czxid, mzxid, owner }))
+                .map(|(c, (czxid, mzxid, owner))| {
+                    (
+                        c,
+                        Node {
+                            czxid,
+                            mzxid,
+                            owner,
+                        },
+                    )
+                })
                 .collect();
             (n, kids)
         })
@@ -163,7 +172,10 @@ fn check_spread(
         .iter()
         .map(|(n, kids)| (n.clone(), kids.keys().cloned().collect()))
         .collect();
-    ensure!(&have == want, "the catalog holds other entries than exported");
+    ensure!(
+        &have == want,
+        "the catalog holds other entries than exported"
+    );
     let mut bytes: HashMap<i64, usize> = HashMap::new();
     for (n, kids) in nodes {
         let owners: HashSet<i64> = kids.values().map(|k| k.owner).collect();
@@ -174,8 +186,7 @@ fn check_spread(
                 "{n}/{c} is owned by {:#x}, not a stored session",
                 k.owner
             );
-            *bytes.entry(k.owner).or_default() +=
-                4 + format!("/services/{n}/providers/{c}").len();
+            *bytes.entry(k.owner).or_default() += 4 + format!("/services/{n}/providers/{c}").len();
         }
     }
     println!(
@@ -243,14 +254,26 @@ async fn entries_spread_over_sessions_survive_restart_expiry_and_go_with_a_kill(
     })
     .await
     .with_context(|| a.log())?;
-    let sessions: Vec<i64> = stored_sessions(&client).await?.iter().map(|s| s.0).collect();
+    let sessions: Vec<i64> = stored_sessions(&client)
+        .await?
+        .iter()
+        .map(|s| s.0)
+        .collect();
     check_spread(&catalog_nodes(&env)?, &first, &sessions).with_context(|| a.log())?;
-    ensure!(sessions.len() >= 2, "400 entries in {} session(s)", sessions.len());
+    ensure!(
+        sessions.len() >= 2,
+        "400 entries in {} session(s)",
+        sessions.len()
+    );
 
     // 800 more: more sessions again, and entries of the first 40 names move to them; a reader
     // of those names never finds fewer than 400.
     let stop = Arc::new(AtomicBool::new(false));
-    let fewest = watch_fewest(connect.clone(), first.keys().cloned().collect(), stop.clone());
+    let fewest = watch_fewest(
+        connect.clone(),
+        first.keys().cloned().collect(),
+        stop.clone(),
+    );
     let t = Instant::now();
     create_services(&client, 40..120).await?;
     let all = want(0..120);
@@ -266,7 +289,11 @@ async fn entries_spread_over_sessions_survive_restart_expiry_and_go_with_a_kill(
     let sessions: Vec<i64> = stored.iter().map(|s| s.0).collect();
     let before = catalog_nodes(&env)?;
     check_spread(&before, &all, &sessions).with_context(|| a.log())?;
-    ensure!(sessions.len() > 2, "1,200 entries in {} sessions", sessions.len());
+    ensure!(
+        sessions.len() > 2,
+        "1,200 entries in {} sessions",
+        sessions.len()
+    );
     let log = a.full_log()?;
     ensure!(
         log.contains("ZooKeeper entries moved to the sessions of their names"),
@@ -307,21 +334,36 @@ async fn entries_spread_over_sessions_survive_restart_expiry_and_go_with_a_kill(
         Ok(catalog_nodes(&env)?.is_empty().then_some(()))
     })
     .await;
-    println!("controller frozen -> every entry gone after {:?}", t.elapsed());
+    println!(
+        "controller frozen -> every entry gone after {:?}",
+        t.elapsed()
+    );
     b.process.resume()?;
     frozen?;
     let t = Instant::now();
     localenv::eventually("every entry back in new sessions", WAIT, || async {
-        let now: Vec<i64> = stored_sessions(&client).await?.iter().map(|s| s.0).collect();
+        let now: Vec<i64> = stored_sessions(&client)
+            .await?
+            .iter()
+            .map(|s| s.0)
+            .collect();
         let nodes = catalog_nodes(&env)?;
-        Ok((now.iter().all(|s| !sessions.contains(s))
-            && check_spread(&nodes, &all, &now).is_ok())
-        .then_some(()))
+        Ok(
+            (now.iter().all(|s| !sessions.contains(s)) && check_spread(&nodes, &all, &now).is_ok())
+                .then_some(()),
+        )
     })
     .await
     .with_context(|| b.log())?;
-    println!("every session expired -> every entry back in {:?}", t.elapsed());
-    let renewed: Vec<i64> = stored_sessions(&client).await?.iter().map(|s| s.0).collect();
+    println!(
+        "every session expired -> every entry back in {:?}",
+        t.elapsed()
+    );
+    let renewed: Vec<i64> = stored_sessions(&client)
+        .await?
+        .iter()
+        .map(|s| s.0)
+        .collect();
     assert_eq!(renewed.len(), sessions.len(), "as many sessions as before");
 
     // The closing transactions fit in jute.maxbuffer: the server reads its log again.
@@ -354,4 +396,3 @@ async fn entries_spread_over_sessions_survive_restart_expiry_and_go_with_a_kill(
     );
     Ok(())
 }
-

@@ -304,9 +304,7 @@ impl ZooKeeper {
                 connect: cfg.connect.trim().to_string(),
                 upstreams,
                 tls,
-                session_path_budget: cfg
-                    .session_path_budget
-                    .unwrap_or(cfg.jute_max_buffer / 2),
+                session_path_budget: cfg.session_path_budget.unwrap_or(cfg.jute_max_buffer / 2),
                 multi_bytes: MAX_MULTI_BYTES.min(cfg.jute_max_buffer / 4),
                 root,
                 base,

@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use zookeeper_client as zk;
 
+use super::ZooKeeper;
 use super::layout::{ancestors, curator_address, name_problem};
 use super::session::Conn;
 use super::shards::{Known, name_of, shard_of};
-use super::ZooKeeper;
 use crate::api::crd::ZooKeeperLayout;
 use crate::backend::{BackendError, Record};
 

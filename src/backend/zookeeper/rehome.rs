@@ -22,11 +22,11 @@ use std::sync::Arc;
 
 use zookeeper_client as zk;
 
+use super::ZooKeeper;
 use super::batch::MAX_MULTI_OPS;
 use super::read::pipelined;
 use super::session::Conn;
 use super::shards::{Known, MAX_SESSIONS, name_of, path_cost, sessions_needed, shard_of};
-use super::ZooKeeper;
 use crate::backend::BackendError;
 use crate::model::Op;
 

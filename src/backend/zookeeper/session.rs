@@ -27,8 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use zookeeper_client as zk;
 
-use super::relay::Proxy;
 use super::Inner;
+use super::relay::Proxy;
 use super::shards::StoredSession;
 use crate::backend::BackendError;
 use crate::runtime::backoff::Backoff;
@@ -221,9 +221,10 @@ impl Inner {
     }
 
     fn slot(&self, shard: usize) -> Result<Arc<tokio::sync::Mutex<Slot>>, BackendError> {
-        self.lock_slots().get(shard).cloned().ok_or_else(|| {
-            BackendError::Protocol(format!("no ZooKeeper session shard {shard}"))
-        })
+        self.lock_slots()
+            .get(shard)
+            .cloned()
+            .ok_or_else(|| BackendError::Protocol(format!("no ZooKeeper session shard {shard}")))
     }
 
     /// Makes room for `count` shards (new ones empty: opened on first use).
@@ -406,7 +407,10 @@ impl Inner {
         let keys = self.keys.lock().await;
         keys.stored.as_ref().is_some_and(|st| {
             st.all().count() == keys.slots.len()
-                && st.all().zip(&keys.slots).all(|(a, b)| Some(a) == b.as_ref())
+                && st
+                    .all()
+                    .zip(&keys.slots)
+                    .all(|(a, b)| Some(a) == b.as_ref())
         })
     }
 

@@ -47,7 +47,11 @@ pub(super) fn path_cost(root: &str, key: &str) -> usize {
 /// bytes of each name, starting from `count` (a power of two): `count` while it does; else
 /// doubled until it does, or until every session still over the budget holds a name that
 /// passes it alone (splitting cannot help), or [`MAX_SESSIONS`].
-pub(super) fn sessions_needed(per_name: &HashMap<&str, usize>, count: usize, budget: usize) -> usize {
+pub(super) fn sessions_needed(
+    per_name: &HashMap<&str, usize>,
+    count: usize,
+    budget: usize,
+) -> usize {
     let mut count = count.max(1);
     while count < MAX_SESSIONS {
         let mut bytes = vec![0usize; count];

@@ -367,7 +367,11 @@ fn multis_hold_at_most_100_operations_parents_included_once() {
         path: "/r/x/y".into(),
         version: 0,
     };
-    assert!(batches(&[del], &HashSet::new(), MAX_MULTI_BYTES)[0].parents.is_empty());
+    assert!(
+        batches(&[del], &HashSet::new(), MAX_MULTI_BYTES)[0]
+            .parents
+            .is_empty()
+    );
     // Large data cuts batches by size; an entry larger than the limit goes alone.
     let big: Vec<Write> = (0..10)
         .map(|i| create(&format!("/r/n{i}"), MAX_MULTI_BYTES / 3))
@@ -379,7 +383,10 @@ fn multis_hold_at_most_100_operations_parents_included_once() {
     // A small jute.maxbuffer: smaller multis.
     let small = batches(&writes, &HashSet::new(), 4096);
     assert!(small.len() > 3, "{small:?}");
-    assert!(small.iter().all(|b| b.range.len() <= 4096 / 160), "{small:?}");
+    assert!(
+        small.iter().all(|b| b.range.len() <= 4096 / 160),
+        "{small:?}"
+    );
 }
 
 #[test]
@@ -464,7 +471,11 @@ fn stored_sessions_read_one_session_as_shard_zero() {
     let s: StoredSession = serde_json::from_str(old).expect("a stored single session");
     assert_eq!(s.first.id, 4660);
     assert!(s.shards.is_empty());
-    assert_eq!(serde_json::to_string(&s).expect("json"), old, "written as before");
+    assert_eq!(
+        serde_json::to_string(&s).expect("json"),
+        old,
+        "written as before"
+    );
     let many = StoredSession {
         first: key(1),
         shards: vec![key(2), key(3), key(4)],
@@ -498,7 +509,10 @@ fn names_are_spread_over_sessions_within_the_budget() {
     assert_eq!(0xcfcd_76a4_d35e_a4d0_u64 % 64, 16);
     assert_eq!(shard_of("api_x", 64), 16);
     assert_eq!(name_of("api_x/providers/10.0.0.1:80"), "api_x");
-    assert_eq!(path_cost("/services", "a/providers/1.2.3.4:5"), 4 + 9 + 1 + 21);
+    assert_eq!(
+        path_cost("/services", "a/providers/1.2.3.4:5"),
+        4 + 9 + 1 + 21
+    );
     let per_name: HashMap<&str, usize> = names.iter().map(|n| (n.as_str(), 100)).collect();
     // 20,000 bytes in all.
     assert_eq!(sessions_needed(&per_name, 1, 30_000), 1);
@@ -509,12 +523,20 @@ fn names_are_spread_over_sessions_within_the_budget() {
         bytes[shard_of(n, needed)] += 100;
     }
     assert!(bytes.iter().all(|&b| b <= 6_000), "{bytes:?}");
-    assert_eq!(sessions_needed(&per_name, needed, 6_000), needed, "never shrinks");
+    assert_eq!(
+        sessions_needed(&per_name, needed, 6_000),
+        needed,
+        "never shrinks"
+    );
     // One name past the budget alone: more sessions cannot help.
     let one: HashMap<&str, usize> = [("big", 10_000)].into();
     assert_eq!(sessions_needed(&one, 1, 6_000), 1);
     let tiny: HashMap<&str, usize> = names.iter().map(|n| (n.as_str(), 1_000_000)).collect();
-    assert_eq!(sessions_needed(&tiny, 1, 6_000), 1, "every name too big alone");
+    assert_eq!(
+        sessions_needed(&tiny, 1, 6_000),
+        1,
+        "every name too big alone"
+    );
     let many: HashMap<&str, usize> = names.iter().map(|n| (n.as_str(), 5_000)).collect();
     assert_eq!(sessions_needed(&many, 1, 6_000), MAX_SESSIONS, "at most");
 }

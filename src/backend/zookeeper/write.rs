@@ -11,12 +11,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use zookeeper_client as zk;
 
+use super::ZooKeeper;
 use super::batch::{Write, batches};
 use super::layout::ancestors;
 use super::read::pipelined;
 use super::session::{Conn, is_connection_error};
 use super::shards::{Known, name_of, shard_of};
-use super::ZooKeeper;
 use crate::backend::BackendError;
 use crate::model::Op;
 
