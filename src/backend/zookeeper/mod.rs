@@ -42,8 +42,8 @@ use zookeeper_client as zk;
 pub use self::batch::{MAX_MULTI_BYTES, MAX_MULTI_OPS};
 pub use self::layout::{PROVIDERS, name_problem};
 pub use self::owner::OWNERS_DIR;
-pub use self::session::{MemorySessionStore, SessionKey, SessionStore};
-pub use self::shards::{MAX_SESSIONS, StoredSession};
+pub use self::session::{MemorySessionStore, SessionStore};
+pub use self::shards::{MAX_SESSIONS, SessionKey, StoredSession};
 
 use self::layout::{Upstream, check_path, parse_connect};
 use self::relay::{Tls, srvr};

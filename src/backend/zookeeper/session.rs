@@ -29,7 +29,7 @@ use zookeeper_client as zk;
 
 use super::Inner;
 use super::relay::Proxy;
-use super::shards::StoredSession;
+use super::shards::{SessionKey, StoredSession};
 use crate::backend::BackendError;
 use crate::runtime::backoff::Backoff;
 
@@ -40,26 +40,6 @@ use crate::runtime::backoff::Backoff;
 pub trait SessionStore: Send + Sync {
     async fn load(&self) -> anyhow::Result<Option<StoredSession>>;
     async fn save(&self, s: &StoredSession) -> anyhow::Result<()>;
-}
-
-/// A ZooKeeper session as a client needs it to re-attach. The password lets anyone who has it
-/// take the session over: keep it secret (it is left out of `Debug`).
-#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SessionKey {
-    pub id: i64,
-    pub password: Vec<u8>,
-    /// The negotiated session timeout.
-    pub timeout_ms: u64,
-}
-
-impl std::fmt::Debug for SessionKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionKey")
-            .field("id", &format_args!("{:#x}", self.id))
-            .field("password", &"<redacted>")
-            .field("timeout_ms", &self.timeout_ms)
-            .finish()
-    }
 }
 
 /// A [`SessionStore`] in memory: for tests, and for clients that need no hand-over.

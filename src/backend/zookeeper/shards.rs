@@ -17,8 +17,6 @@
 use std::collections::HashMap;
 use std::hash::Hasher;
 
-use super::session::SessionKey;
-
 /// At most this many sessions per catalog (64 × 512 KiB of paths: about 700,000 plain
 /// entries with the default `jute.maxbuffer`).
 pub const MAX_SESSIONS: usize = 64;
@@ -150,6 +148,26 @@ impl Entries {
                 self.bytes.remove(&owner);
             }
         }
+    }
+}
+
+/// A ZooKeeper session as a client needs it to re-attach. The password lets anyone who has it
+/// take the session over: keep it secret (it is left out of `Debug`).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionKey {
+    pub id: i64,
+    pub password: Vec<u8>,
+    /// The negotiated session timeout.
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionKey")
+            .field("id", &format_args!("{:#x}", self.id))
+            .field("password", &"<redacted>")
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
     }
 }
 
