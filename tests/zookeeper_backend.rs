@@ -202,7 +202,7 @@ async fn stats(c: &zk::Client, dir: &str) -> Result<BTreeMap<String, (i64, i64)>
 }
 
 async fn stored_id(store: &MemorySessionStore) -> Result<i64> {
-    Ok(store.load().await?.context("a stored session")?.id)
+    Ok(store.load().await?.context("a stored session")?.first.id)
 }
 
 /// render → apply → read_owned gives back the rendered records and a second plan is empty;
@@ -386,7 +386,7 @@ async fn many_instances_go_in_several_multis() -> Result<()> {
     let store = Arc::new(MemorySessionStore::default());
     // A budget of 8 KiB of paths per session, so that 250 entries pass it.
     let z = ZooKeeper::new(ZooKeeperConfig {
-        session_path_budget: 8 * 1024,
+        session_path_budget: Some(8 * 1024),
         ..config(
             &connect,
             &base,
@@ -842,7 +842,7 @@ async fn a_dead_controllers_nodes_go_after_the_session_timeout() -> Result<()> {
     let timeout = Duration::from_secs(3);
     let z = backend(&connect, &base, ZooKeeperLayout::Plain, &store, timeout)?;
     z.apply(&puts(&z.render(&many("api_x", 5)))).await?;
-    let negotiated = store.load().await?.context("stored")?.timeout_ms;
+    let negotiated = store.load().await?.context("stored")?.first.timeout_ms;
     let dir = format!("{base}/api_x/providers");
     let obs = observer(&connect).await?;
     assert_eq!(stats(&obs, &dir).await?.len(), 5);

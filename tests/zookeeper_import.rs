@@ -457,7 +457,7 @@ async fn a_controller_does_not_import_what_it_exported() -> Result<()> {
         // The export session was not disturbed: A still owns its entry, same session.
         let sid = a.session_id().await?;
         assert_eq!(a.read_owned().await?, records, "{layout:?}");
-        assert_eq!(store_a.get().context("stored")?.id, sid);
+        assert_eq!(store_a.get().context("stored")?.first.id, sid);
 
         // Owner B imports A's entry too.
         let b = backend(

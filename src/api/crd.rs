@@ -149,6 +149,12 @@ pub struct ZooKeeperCatalog {
     pub base_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// The servers' `jute.maxbuffer` in bytes, when it is not ZooKeeper's default (1048576):
+    /// each session of this controller owns at most half of it in entry paths (more sessions
+    /// are used past that), and a `multi` holds at most a quarter of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16384, max = 2147483647))]
+    pub jute_max_buffer: Option<i64>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]

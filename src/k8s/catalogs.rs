@@ -182,7 +182,11 @@ fn build_backend(
             base_path: z.base_path.clone(),
             owner: owner.to_string(),
             session_store,
-            session_path_budget: crate::backend::zookeeper::DEFAULT_SESSION_PATH_BUDGET,
+            jute_max_buffer: z
+                .jute_max_buffer
+                .and_then(|b| usize::try_from(b).ok())
+                .unwrap_or(crate::backend::zookeeper::DEFAULT_JUTE_MAX_BUFFER),
+            session_path_budget: None,
             read_only: ctx.read_only,
             tls: z.tls.as_ref().map(|_| TlsSettings {
                 ca_pem: credentials.ca_pem,

@@ -68,9 +68,10 @@ pub(super) struct Batch {
     pub(super) range: std::ops::Range<usize>,
 }
 
-/// Cuts `writes` into multis of at most [`MAX_MULTI_OPS`] operations and about
-/// [`MAX_MULTI_BYTES`], each creating the parents not in `known` that its creates need (once).
-pub(super) fn batches(writes: &[Write], known: &HashSet<String>) -> Vec<Batch> {
+/// Cuts `writes` into multis of at most [`MAX_MULTI_OPS`] operations and about `max_bytes`
+/// (at most [`MAX_MULTI_BYTES`]; less with a small `jute.maxbuffer`), each creating the
+/// parents not in `known` that its creates need (once).
+pub(super) fn batches(writes: &[Write], known: &HashSet<String>, max_bytes: usize) -> Vec<Batch> {
     let mut out = Vec::new();
     let mut created: HashSet<String> = HashSet::new();
     let mut i = 0;
@@ -89,7 +90,7 @@ pub(super) fn batches(writes: &[Write], known: &HashSet<String>) -> Vec<Batch> {
             };
             let n = 1 + new.len();
             let b = w.size() + new.iter().map(|p| p.len() + 64).sum::<usize>();
-            if i > start && (ops + n > MAX_MULTI_OPS || bytes + b > MAX_MULTI_BYTES) {
+            if i > start && (ops + n > MAX_MULTI_OPS || bytes + b > max_bytes) {
                 break;
             }
             ops += n;

@@ -61,16 +61,17 @@ impl ImportRead {
 /// The sessions whose ephemeral nodes this controller wrote, as one import watch knows them.
 #[derive(Default)]
 struct OwnSessions {
-    /// The session in the [`SessionStore`] when it was loaded last.
-    stored: Option<i64>,
+    /// The sessions in the [`SessionStore`] when it was loaded last.
+    stored: HashSet<i64>,
     loaded: Option<std::time::Instant>,
     /// Sessions found not to be ours at the last load.
     foreign: HashSet<i64>,
 }
 
 impl OwnSessions {
-    /// Whether a node with this `ephemeralOwner` is this controller's: the backend's current
-    /// session, or the session in the store (the leader's, when this replica does not lead).
+    /// Whether a node with this `ephemeralOwner` is this controller's: one of the backend's
+    /// current sessions, or of the sessions in the store (the leader's, when this replica does
+    /// not lead).
     /// The store is loaded again when a session not seen before shows up (at most once per
     /// session and [`STORE_RECHECK`]), so a new leader's session is recognized before its
     /// first entry could be imported.
@@ -78,7 +79,9 @@ impl OwnSessions {
         if ephemeral_owner == 0 || !inner.has_owner() {
             return false;
         }
-        if ephemeral_owner == inner.lock_cache().session || Some(ephemeral_owner) == self.stored {
+        if inner.lock_cache().sessions.contains(&ephemeral_owner)
+            || self.stored.contains(&ephemeral_owner)
+        {
             return true;
         }
         let fresh = self.loaded.is_some_and(|t| t.elapsed() < STORE_RECHECK);
@@ -90,7 +93,7 @@ impl OwnSessions {
         }
         match inner.store.load().await {
             Ok(s) => {
-                self.stored = s.map(|s| s.id);
+                self.stored = s.iter().flat_map(|s| s.all()).map(|k| k.id).collect();
                 self.loaded = Some(std::time::Instant::now());
             }
             Err(e) => {
@@ -98,7 +101,7 @@ impl OwnSessions {
                 return false;
             }
         }
-        if Some(ephemeral_owner) == self.stored {
+        if self.stored.contains(&ephemeral_owner) {
             return true;
         }
         self.foreign.insert(ephemeral_owner);
@@ -119,7 +122,7 @@ impl ZooKeeper {
             return Ok(c.clone());
         }
         *slot = None;
-        let conn = match self.inner.connect(None, false).await {
+        let conn = match self.inner.connect(None, false, 0).await {
             Ok(c) => Arc::new(c),
             Err(ConnectError::Failed(e)) => return Err(e),
             Err(ConnectError::Expired) => {

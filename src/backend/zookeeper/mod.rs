@@ -1,27 +1,34 @@
-//! ZooKeeper: every exported instance is an ephemeral znode of this controller's one session;
-//! the directories above them are persistent. The session is stored and re-attached across
+//! ZooKeeper: every exported instance is an ephemeral znode of one of this controller's
+//! sessions (one per shard of the service names, each within a budget of paths); the
+//! directories above them are persistent. The sessions are stored and re-attached across
 //! restarts and leaders, through a relay on loopback that reads the session handshake
 //! (docs/architecture.md, "ZooKeeper layouts and liveness", tells the whole story).
 //!
 //! - `layout`: where an entry lives and what its node holds, pure;
-//! - `session`: the one session — stored, established, re-attached, watched, released;
+//! - `shards`: which session holds a name's entries, and when there are more sessions, pure;
+//! - `session`: the sessions — stored, established, re-attached, watched;
+//! - `handover`: the sessions let go for the next leader;
 //! - `relay`: the relay on loopback that reads the session handshake and speaks TLS;
 //! - `read`, `batch`, `write`: the owned entries, read, cut into `multi`s and written;
+//! - `rehome`: more sessions when one would pass its budget, and entries moved to them;
 //! - `import`: the watches that follow other registrants' entries.
 
 mod batch;
+mod handover;
 mod import;
 mod layout;
 mod owner;
 mod read;
+mod rehome;
 mod relay;
 mod session;
+mod shards;
 mod write;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,11 +42,13 @@ use zookeeper_client as zk;
 pub use self::batch::{MAX_MULTI_BYTES, MAX_MULTI_OPS};
 pub use self::layout::{PROVIDERS, name_problem};
 pub use self::owner::OWNERS_DIR;
-pub use self::session::{MemorySessionStore, SessionStore, StoredSession};
+pub use self::session::{MemorySessionStore, SessionStore};
+pub use self::shards::{MAX_SESSIONS, SessionKey, StoredSession};
 
 use self::layout::{Upstream, check_path, parse_connect};
 use self::relay::{Tls, srvr};
-use self::session::{Conn, Slot};
+use self::session::{Conn, Keys, Slot};
+use self::shards::Entries;
 use super::tls::{TlsSettings, client_config};
 use super::{Backend, BackendError, ImportSnapshot, Record};
 use crate::api::crd::{ServerInfo, ZooKeeperLayout};
@@ -50,8 +59,7 @@ pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// ZooKeeper (3.6 and later, ZOOKEEPER-4306) writes the path of every ephemeral node of a
 /// session into the transaction that closes it, and a transaction must fit in `jute.maxbuffer`
 /// (1 MiB by default): past that the ensemble becomes unavailable and cannot restart.
-/// Past this many bytes of paths the catalog says so ([`Backend::warning`]).
-pub const DEFAULT_SESSION_PATH_BUDGET: usize = 512 * 1024;
+pub const DEFAULT_JUTE_MAX_BUFFER: usize = 1024 * 1024;
 
 /// How to reach ZooKeeper and where to write.
 #[derive(Clone)]
@@ -71,9 +79,13 @@ pub struct ZooKeeperConfig {
     pub session_store: Arc<dyn SessionStore>,
     /// TLS to the servers (their `secureClientPort`); `None`: plain TCP.
     pub tls: Option<TlsSettings>,
-    /// Bytes of entry paths one session may own before the catalog warns; default
-    /// [`DEFAULT_SESSION_PATH_BUDGET`].
-    pub session_path_budget: usize,
+    /// The servers' `jute.maxbuffer` (default [`DEFAULT_JUTE_MAX_BUFFER`]): bounds the bytes
+    /// of paths one session may own (half of it) and the size of a `multi` (a quarter).
+    pub jute_max_buffer: usize,
+    /// Bytes of entry paths one session may own: past it the entries go to more sessions, and
+    /// the catalog warns about a name that passes it alone ([`Backend::warning`]). None: half
+    /// of [`Self::jute_max_buffer`].
+    pub session_path_budget: Option<usize>,
     /// Reads only (`--dry-run`, `cleanup --dry-run`): never attaches to the stored session
     /// (which would take it from the writing leader) nor stores one; owns what the stored
     /// session's ephemeral nodes hold, read through a session of its own; writes nothing.
@@ -91,7 +103,8 @@ impl Default for ZooKeeperConfig {
             owner: String::new(),
             session_store: Arc::new(MemorySessionStore::default()),
             tls: None,
-            session_path_budget: DEFAULT_SESSION_PATH_BUDGET,
+            jute_max_buffer: DEFAULT_JUTE_MAX_BUFFER,
+            session_path_budget: None,
             read_only: false,
         }
     }
@@ -114,23 +127,17 @@ impl std::fmt::Debug for ZooKeeperConfig {
     }
 }
 
-/// What one owned node is known to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Known {
-    version: i32,
-    /// Curator: its `registrationTimeUTC`.
-    registered: Option<u64>,
-}
-
 /// What the backend knows about the catalog between calls.
-#[derive(Default)]
 struct Cache {
-    /// The session the entries belong to.
-    session: i64,
+    /// The live session of each shard (0: none yet); entries of other sessions are forgotten.
+    sessions: Vec<i64>,
     /// Owned entries by key.
-    entries: HashMap<String, Known>,
+    entries: Entries,
     /// Persistent directories known to exist.
     parents: HashSet<String>,
+    /// Some entries may live in the session of another shard than their name's (the number
+    /// of sessions grew): the next write moves them.
+    rehome: bool,
 }
 
 struct Inner {
@@ -141,6 +148,8 @@ struct Inner {
     /// TLS to the servers, spoken by the session relay.
     tls: Option<Tls>,
     session_path_budget: usize,
+    /// At most this many bytes of paths and data in one `multi`.
+    multi_bytes: usize,
     /// The chroot followed by the base path: the directory that holds the names.
     root: String,
     base: String,
@@ -152,7 +161,10 @@ struct Inner {
     store: Arc<dyn SessionStore>,
     entry_acls: Vec<zk::Acl>,
     parent_acls: Vec<zk::Acl>,
-    conn: tokio::sync::Mutex<Slot>,
+    /// The session of each shard; shard 0 always exists.
+    slots: Mutex<Vec<Arc<tokio::sync::Mutex<Slot>>>>,
+    /// The sessions of every shard as known and as stored (also the lock of the store).
+    keys: tokio::sync::Mutex<Keys>,
     /// The read-only session of the import watches (see [`Backend::watch_service`]).
     watch_conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     cache: Mutex<Cache>,
@@ -176,14 +188,14 @@ impl Inner {
         !self.owner.is_empty()
     }
 
-    /// Whether the session is this owner's stored one, kept across restarts: attached to,
+    /// Whether the sessions are this owner's stored ones, kept across restarts: attached to,
     /// saved, left open. Not for a client without owner, nor a read-only one.
     fn keeps_session(&self) -> bool {
         self.has_owner() && !self.read_only
     }
 }
 
-/// A ZooKeeper ensemble, reached through one session.
+/// A ZooKeeper ensemble, reached through this owner's sessions.
 pub struct ZooKeeper {
     inner: Arc<Inner>,
 }
@@ -201,7 +213,8 @@ impl std::fmt::Debug for ZooKeeper {
 
 impl Drop for ZooKeeper {
     fn drop(&mut self) {
-        // The session is not closed (its client is detached): the next leader re-attaches.
+        // The sessions are not closed (their clients are detached): the next leader
+        // re-attaches.
         for t in self.inner.lock_tasks().drain(..) {
             t.abort();
         }
@@ -272,14 +285,27 @@ impl ZooKeeper {
                 client_cert: t.client_cert.is_some(),
             }),
         };
+        if cfg.jute_max_buffer < 4096 {
+            bail!(
+                "a ZooKeeper jute.maxbuffer of {} bytes is too small",
+                cfg.jute_max_buffer
+            );
+        }
         let (invalidated, _) = watch::channel(0);
+        let cache = Cache {
+            sessions: vec![0],
+            entries: Entries::new(&root),
+            parents: HashSet::new(),
+            rehome: false,
+        };
         Ok(ZooKeeper {
             inner: Arc::new(Inner {
                 read_only: cfg.read_only,
                 connect: cfg.connect.trim().to_string(),
                 upstreams,
                 tls,
-                session_path_budget: cfg.session_path_budget,
+                session_path_budget: cfg.session_path_budget.unwrap_or(cfg.jute_max_buffer / 2),
+                multi_bytes: MAX_MULTI_BYTES.min(cfg.jute_max_buffer / 4),
                 root,
                 base,
                 layout: cfg.layout,
@@ -289,9 +315,10 @@ impl ZooKeeper {
                 store: cfg.session_store,
                 entry_acls,
                 parent_acls,
-                conn: tokio::sync::Mutex::new(Slot::Empty),
+                slots: Mutex::new(vec![Arc::new(tokio::sync::Mutex::new(Slot::Empty))]),
+                keys: tokio::sync::Mutex::default(),
                 watch_conn: tokio::sync::Mutex::new(None),
-                cache: Mutex::default(),
+                cache: Mutex::new(cache),
                 invalidated,
                 tasks: Mutex::default(),
                 paused: Mutex::default(),

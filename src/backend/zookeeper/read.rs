@@ -1,17 +1,18 @@
 //! Reads: what this owner holds, and lookups, with many requests in flight.
 //!
 //! Ownership is the session: the owned entries are the ephemeral nodes of the layout whose
-//! `ephemeralOwner` is this backend's session (a read-only backend: the stored session's). What
+//! `ephemeralOwner` is one of this backend's sessions (a read-only backend: the stored ones). What
 //! a read learns — versions, Curator registration times, directories that exist — goes into the
 //! [`Cache`](super::Cache) the writes start from.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use zookeeper_client as zk;
 
+use super::ZooKeeper;
 use super::layout::{ancestors, curator_address, name_problem};
 use super::session::Conn;
-use super::{Known, ZooKeeper};
+use super::shards::{Known, name_of, shard_of};
 use crate::api::crd::ZooKeeperLayout;
 use crate::backend::{BackendError, Record};
 
@@ -61,31 +62,36 @@ impl ZooKeeper {
     /// [`Backend::read_owned`](crate::backend::Backend::read_owned).
     pub(super) async fn owned_records(&self) -> Result<BTreeMap<String, Record>, BackendError> {
         self.require_owner()?;
-        let conn = self.inner.conn().await?;
+        // Every shard's session attached (a session nobody attaches to expires), shard 0 first.
+        let conns = if self.inner.read_only {
+            vec![self.inner.conn().await?]
+        } else {
+            self.inner.conns().await?
+        };
+        let conn = &conns[0];
         let client = &conn.client;
-        let me = if self.inner.read_only {
-            // The writer's session, recognised, not attached to.
+        let ours: HashSet<i64> = if self.inner.read_only {
+            // The writer's sessions, recognised, not attached to.
             match self.inner.store.load().await {
-                Ok(Some(s)) => s.id,
+                Ok(Some(s)) => s.all().map(|k| k.id).collect(),
                 Ok(None) => return Ok(BTreeMap::new()),
                 Err(e) => {
                     return Err(BackendError::Rejected(format!(
-                        "loading the stored ZooKeeper session: {e:#}"
+                        "loading the stored ZooKeeper sessions: {e:#}"
                     )));
                 }
             }
         } else {
-            conn.session.id
+            conns.iter().map(|c| c.session.id).collect()
         };
         let root = &self.inner.root;
         let err = |what: &str, e: &zk::Error| self.inner.error(what, e, Some(&conn.proxy));
         let names = match client.list_children(root).await {
             Ok(n) => n,
             Err(zk::Error::NoNode) => {
-                self.learn_ancestors(&conn).await?;
-                let mut cache = self.inner.lock_cache();
-                if cache.session == me {
-                    cache.entries.clear();
+                self.learn_ancestors(conn).await?;
+                if !self.inner.read_only {
+                    self.inner.lock_cache().entries.clear();
                 }
                 return Ok(BTreeMap::new());
             }
@@ -122,13 +128,14 @@ impl ZooKeeper {
         let mut known = HashMap::new();
         for ((key, path), node) in keys.into_iter().zip(&paths).zip(nodes) {
             match node {
-                Ok((data, stat)) if stat.ephemeral_owner == me => {
+                Ok((data, stat)) if ours.contains(&stat.ephemeral_owner) => {
                     let (record, registered) = self.record_from_data(&data);
                     known.insert(
                         key.clone(),
                         Known {
                             version: stat.version,
                             registered,
+                            owner: stat.ephemeral_owner,
                         },
                     );
                     out.insert(key, record);
@@ -139,8 +146,20 @@ impl ZooKeeper {
         }
         let mut cache = self.inner.lock_cache();
         cache.parents.extend(parents);
-        if cache.session == me {
-            cache.entries = known;
+        if !self.inner.read_only {
+            // What the sessions of now own; an entry in another shard's session moves at the
+            // next write (`rehome`).
+            let sessions = cache.sessions.clone();
+            let count = sessions.len();
+            cache.entries.clear();
+            let mut misplaced = false;
+            for (key, k) in known {
+                if sessions.contains(&k.owner) {
+                    misplaced |= sessions.get(shard_of(name_of(&key), count)) != Some(&k.owner);
+                    cache.entries.insert(key, k);
+                }
+            }
+            cache.rehome |= misplaced;
         }
         Ok(out)
     }

@@ -1,63 +1,45 @@
-//! One session, kept across restarts and leaders: where it is stored, how it is established,
-//! re-attached, watched and released.
+//! The sessions, kept across restarts and leaders: where they are stored, how they are
+//! established, re-attached, watched and released. The entries are spread over one or more
+//! sessions (`shards`); shard 0 also serves every read, probe and owner marker.
 //!
-//! The session id and password are kept in a [`SessionStore`] (a Kubernetes Secret in the
-//! controller). On first use the backend re-attaches to the stored session; when ZooKeeper
-//! still knows it, its ephemeral nodes are still there and the first plan is empty. Only when
-//! ZooKeeper says it expired is a new session created (and stored). Dropping the backend does
+//! The session ids and passwords are kept in a [`SessionStore`] (a Kubernetes Secret in the
+//! controller). On first use the backend re-attaches to the stored sessions; when ZooKeeper
+//! still knows them, their ephemeral nodes are still there and the first plan is empty. Only
+//! when ZooKeeper says one expired is a new session created for its shard (and stored). Dropping the backend does
 //! not close the session — neither does a graceful shutdown: the next leader re-attaches, and
 //! the entries of a controller that never comes back go after the session timeout.
 //!
 //! ZooKeeper gives a session to the connection that attached last and closes the others, so
-//! only one live backend may use a session: a replica that stops leading must drop its backend
+//! only one live backend may use the sessions: a replica that stops leading must drop its backend
 //! or call [`ZooKeeper::release`], or it takes the session back from the new leader (and so
 //! on, endlessly).
 //!
-//! A session that expires (ZooKeeper unreachable for longer than the timeout) is replaced by a
-//! new one in the background; [`Backend::invalidations`](crate::backend::Backend::invalidations)
-//! then moves so the writer re-reads (now nothing) and re-creates every entry. A reconnect
+//! A session that expires (ZooKeeper unreachable for longer than the timeout, or closed by
+//! someone who had its password) is replaced by a new one for its shard in the background; [`Backend::invalidations`](crate::backend::Backend::invalidations)
+//! then moves so the writer re-reads (now without that session's entries) and re-creates them. A reconnect
 //! within the session changes nothing, and neither does a ZooKeeper restart: ZooKeeper restores
 //! its sessions with a fresh timeout, so the backend re-attaches even when the client had given
 //! the session up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use zookeeper_client as zk;
 
+use super::Inner;
 use super::relay::Proxy;
-use super::{Inner, ZooKeeper};
+use super::shards::{SessionKey, StoredSession};
 use crate::backend::BackendError;
 use crate::runtime::backoff::Backoff;
 
-/// Where the session id and password are kept between controller processes, so a restarted
-/// controller or a new leader re-attaches to the live session and its ephemeral nodes survive.
+/// Where the session ids and passwords are kept between controller processes, so a restarted
+/// controller or a new leader re-attaches to the live sessions and their ephemeral nodes
+/// survive.
 #[async_trait]
 pub trait SessionStore: Send + Sync {
     async fn load(&self) -> anyhow::Result<Option<StoredSession>>;
     async fn save(&self, s: &StoredSession) -> anyhow::Result<()>;
-}
-
-/// A ZooKeeper session as a client needs it to re-attach. The password lets anyone who has it
-/// take the session over: keep it secret (it is left out of `Debug`).
-#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StoredSession {
-    pub id: i64,
-    pub password: Vec<u8>,
-    /// The negotiated session timeout.
-    pub timeout_ms: u64,
-}
-
-impl std::fmt::Debug for StoredSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredSession")
-            .field("id", &format_args!("{:#x}", self.id))
-            .field("password", &"<redacted>")
-            .field("timeout_ms", &self.timeout_ms)
-            .finish()
-    }
 }
 
 /// A [`SessionStore`] in memory: for tests, and for clients that need no hand-over.
@@ -67,7 +49,7 @@ pub struct MemorySessionStore {
 }
 
 impl MemorySessionStore {
-    /// The session stored now.
+    /// The sessions stored now.
     pub fn get(&self) -> Option<StoredSession> {
         self.session
             .lock()
@@ -100,9 +82,9 @@ impl SessionStore for MemorySessionStore {
 pub(super) struct Conn {
     pub(super) client: zk::Client,
     pub(super) proxy: Proxy,
-    pub(super) session: StoredSession,
-    /// The session is in the store.
-    saved: AtomicBool,
+    pub(super) session: SessionKey,
+    /// Its shard.
+    pub(super) shard: usize,
 }
 
 /// The session of a backend.
@@ -112,7 +94,25 @@ pub(super) enum Slot {
     Live(Arc<Conn>),
     /// Held, then lost on the client (expired, or given up while unreachable) and not
     /// re-established yet.
-    Lost(StoredSession),
+    Lost(SessionKey),
+}
+
+/// The sessions of every shard as this backend knows them, and what the store holds.
+#[derive(Default)]
+pub(super) struct Keys {
+    /// By shard; None for a shard whose session is not opened yet.
+    pub(super) slots: Vec<Option<SessionKey>>,
+    /// What was stored last (or loaded).
+    pub(super) stored: Option<StoredSession>,
+}
+
+impl Keys {
+    fn is_stored(&self, shard: usize, s: &SessionKey) -> bool {
+        self.stored
+            .as_ref()
+            .and_then(|st| st.all().nth(shard))
+            .is_some_and(|k| k == s)
+    }
 }
 
 /// An error while establishing a session.
@@ -168,28 +168,69 @@ impl Inner {
         Backoff::new(Duration::from_millis(100), cap)
     }
 
-    /// The live session, established (or re-established) when there is none. (Boxed: the
-    /// session watcher it spawns calls it again.)
-    pub(super) fn conn(
+    /// The live session of shard 0 (reads, probes, owner markers, and the entries of the
+    /// names of shard 0), established (or re-established) when there is none.
+    pub(super) async fn conn(self: &Arc<Self>) -> Result<Arc<Conn>, BackendError> {
+        self.shard_conn(0).await
+    }
+
+    /// The live session of `shard`, established (or re-established) when there is none.
+    /// (Boxed: the session watcher it spawns calls it again.)
+    pub(super) fn shard_conn(
         self: &Arc<Self>,
+        shard: usize,
     ) -> futures::future::BoxFuture<'_, Result<Arc<Conn>, BackendError>> {
         Box::pin(async move {
-            self.establish(false).await?.ok_or_else(|| {
+            self.establish(shard, false).await?.ok_or_else(|| {
                 BackendError::Protocol("no ZooKeeper session was established".into())
             })
         })
     }
 
-    /// Returns the live session, or re-attaches to the session held last, or to the stored
-    /// one, or opens a new one. In the `background` (the session watcher), only a session
-    /// that was held and lost is re-established: None when there is nothing to do.
+    /// The live session of every shard, shard 0 first (which learns from the store how many
+    /// there are).
+    pub(super) async fn conns(self: &Arc<Self>) -> Result<Vec<Arc<Conn>>, BackendError> {
+        let first = self.conn().await?;
+        let count = self.lock_slots().len();
+        let rest = futures::future::try_join_all((1..count).map(|j| self.shard_conn(j))).await?;
+        Ok(std::iter::once(first).chain(rest).collect())
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, Vec<Arc<tokio::sync::Mutex<Slot>>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slot(&self, shard: usize) -> Result<Arc<tokio::sync::Mutex<Slot>>, BackendError> {
+        self.lock_slots()
+            .get(shard)
+            .cloned()
+            .ok_or_else(|| BackendError::Protocol(format!("no ZooKeeper session shard {shard}")))
+    }
+
+    /// Makes room for `count` shards (new ones empty: opened on first use).
+    pub(super) async fn add_shards(&self, count: usize) {
+        let mut keys = self.keys.lock().await;
+        if keys.slots.len() < count {
+            keys.slots.resize(count, None);
+        }
+        let mut slots = self.lock_slots();
+        while slots.len() < count {
+            slots.push(Arc::new(tokio::sync::Mutex::new(Slot::Empty)));
+        }
+    }
+
+    /// Returns the live session of `shard`, or re-attaches to the session held last, or to
+    /// the stored one, or opens a new one. In the `background` (the session watcher), only a
+    /// session that was held and lost is re-established: None when there is nothing to do.
     async fn establish(
         self: &Arc<Self>,
+        shard: usize,
         background: bool,
     ) -> Result<Option<Arc<Conn>>, BackendError> {
         // In use again: the session is no longer only kept alive for someone else.
         self.unpause();
-        let mut slot = self.conn.lock().await;
+        let slot_lock = self.slot(shard)?;
+        let mut slot = slot_lock.lock().await;
         let (candidate, held) = match &*slot {
             Slot::Live(c) if !c.client.state().is_terminated() => {
                 if background {
@@ -201,19 +242,15 @@ impl Inner {
                 return Ok(Some(c));
             }
             Slot::Live(c) => {
-                tracing::info!(session = %format_args!("{:#x}", c.session.id), state = %c.client.state(), "the ZooKeeper client gave the session up; re-attaching");
+                tracing::info!(shard, session = %format_args!("{:#x}", c.session.id), state = %c.client.state(), "the ZooKeeper client gave the session up; re-attaching");
                 (Some(c.session.clone()), true)
             }
             Slot::Lost(s) => (Some(s.clone()), true),
             // Released, or never used: only a caller brings it back.
             Slot::Empty if background => return Ok(None),
+            Slot::Empty if self.keeps_session() && shard == 0 => (self.load_keys().await?, false),
             Slot::Empty if self.keeps_session() => (
-                self.store.load().await.map_err(|e| {
-                    BackendError::Rejected(format!(
-                        "loading the stored ZooKeeper session for {}: {e:#}",
-                        self.hosts()
-                    ))
-                })?,
+                self.keys.lock().await.slots.get(shard).cloned().flatten(),
                 false,
             ),
             Slot::Empty => (None, false),
@@ -224,14 +261,13 @@ impl Inner {
         }
         let mut attached = None;
         if let Some(s) = &candidate {
-            match self.connect(Some(s), self.has_owner()).await {
+            match self.connect(Some(s), self.has_owner(), shard).await {
                 Ok(c) => {
-                    tracing::info!(session = %format_args!("{:#x}", s.id), "re-attached to the ZooKeeper session");
-                    c.saved.store(true, Ordering::SeqCst);
+                    tracing::info!(shard, session = %format_args!("{:#x}", s.id), "re-attached to the ZooKeeper session");
                     attached = Some(c);
                 }
                 Err(ConnectError::Expired) => {
-                    tracing::info!(session = %format_args!("{:#x}", s.id), "the ZooKeeper session expired; starting a new one");
+                    tracing::info!(shard, session = %format_args!("{:#x}", s.id), "the ZooKeeper session expired; starting a new one");
                 }
                 Err(ConnectError::Failed(e)) => return Err(e),
             }
@@ -240,7 +276,7 @@ impl Inner {
         let conn = match attached {
             Some(c) => c,
             // A read-only session is its own: closed when dropped.
-            None => match self.connect(None, self.keeps_session()).await {
+            None => match self.connect(None, self.keeps_session(), shard).await {
                 Ok(c) => c,
                 Err(ConnectError::Expired) => {
                     return Err(BackendError::Protocol(format!(
@@ -254,13 +290,17 @@ impl Inner {
         let conn = Arc::new(conn);
         {
             let mut cache = self.lock_cache();
-            if cache.session != conn.session.id {
-                cache.session = conn.session.id;
-                cache.entries.clear();
+            if cache.sessions.len() <= shard {
+                cache.sessions.resize(shard + 1, 0);
+            }
+            let old = std::mem::replace(&mut cache.sessions[shard], conn.session.id);
+            if old != conn.session.id {
+                cache.entries.forget_session(old);
             }
         }
         let watcher = tokio::spawn(watch_session(
             Arc::downgrade(self),
+            shard,
             conn.client.state_watcher(),
         ));
         {
@@ -271,43 +311,107 @@ impl Inner {
         *slot = Slot::Live(conn.clone());
         drop(slot);
         if fresh {
-            tracing::info!(session = %format_args!("{:#x}", conn.session.id), timeout_ms = conn.session.timeout_ms, hosts = %self.hosts(), "new ZooKeeper session");
-            self.save(&conn).await;
-            if held {
-                // Everything the old session held is gone: the writer re-reads and re-puts.
-                self.invalidated.send_modify(|n| *n += 1);
-            }
+            tracing::info!(shard, session = %format_args!("{:#x}", conn.session.id), timeout_ms = conn.session.timeout_ms, hosts = %self.hosts(), "new ZooKeeper session");
+        }
+        self.save(&conn).await;
+        if fresh && held {
+            // Everything the old session held is gone: the writer re-reads and re-puts.
+            self.invalidated.send_modify(|n| *n += 1);
         }
         Ok(Some(conn))
+    }
+
+    /// Loads the stored sessions: shard 0's is returned, and the others are known for their
+    /// shards (empty slots made for them).
+    async fn load_keys(&self) -> Result<Option<SessionKey>, BackendError> {
+        let stored = self.store.load().await.map_err(|e| {
+            BackendError::Rejected(format!(
+                "loading the stored ZooKeeper sessions for {}: {e:#}",
+                self.hosts()
+            ))
+        })?;
+        let count = stored.as_ref().map_or(1, |s| 1 + s.shards.len());
+        {
+            let mut keys = self.keys.lock().await;
+            keys.slots = match &stored {
+                Some(s) => s.all().cloned().map(Some).collect(),
+                None => vec![None],
+            };
+            keys.stored = stored.clone();
+        }
+        let mut slots = self.lock_slots();
+        slots.truncate(count.max(1));
+        while slots.len() < count {
+            slots.push(Arc::new(tokio::sync::Mutex::new(Slot::Empty)));
+        }
+        Ok(stored.map(|s| s.first))
     }
 
     /// [`Inner::establish`] for the session watcher. (Boxed: it spawns the watcher.)
     fn establish_in_background(
         self: &Arc<Self>,
+        shard: usize,
     ) -> futures::future::BoxFuture<'_, Result<Option<Arc<Conn>>, BackendError>> {
-        Box::pin(self.establish(true))
+        Box::pin(self.establish(shard, true))
     }
 
-    /// Stores the session when it is not stored yet; a failure is logged and retried on the
-    /// next call (without it, a restart cannot re-attach and re-creates the entries).
+    /// Stores the sessions when this one is not stored yet and every shard has one; a failure
+    /// is logged and retried on the next call (without it, a restart cannot re-attach and
+    /// re-creates the entries).
     async fn save(&self, conn: &Conn) {
-        if !self.keeps_session() || conn.saved.load(Ordering::SeqCst) {
+        if !self.keeps_session() {
             return;
         }
-        match self.store.save(&conn.session).await {
-            Ok(()) => conn.saved.store(true, Ordering::SeqCst),
+        let mut keys = self.keys.lock().await;
+        if keys.slots.len() <= conn.shard {
+            keys.slots.resize(conn.shard + 1, None);
+        }
+        keys.slots[conn.shard] = Some(conn.session.clone());
+        if keys.is_stored(conn.shard, &conn.session) {
+            return;
+        }
+        let Some(all) = StoredSession::from_slots(&keys.slots) else {
+            // A shard being opened: the last one stores them all.
+            return;
+        };
+        match self.store.save(&all).await {
+            Ok(()) => keys.stored = Some(all),
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "could not store the ZooKeeper session; a restart will not re-attach to it")
+                tracing::warn!(error = %format!("{e:#}"), "could not store the ZooKeeper sessions; a restart will not re-attach to them")
             }
         }
+    }
+
+    /// Whether the sessions of every shard are stored (a restart re-attaches to them).
+    pub(super) async fn all_stored(&self) -> bool {
+        let keys = self.keys.lock().await;
+        keys.stored.as_ref().is_some_and(|st| {
+            st.all().count() == keys.slots.len()
+                && st
+                    .all()
+                    .zip(&keys.slots)
+                    .all(|(a, b)| Some(a) == b.as_ref())
+        })
+    }
+
+    /// The ids of the sessions the entries of this owner belong to: the live ones of every
+    /// shard (not 0).
+    pub(super) fn own_ids(&self) -> Vec<i64> {
+        self.lock_cache()
+            .sessions
+            .iter()
+            .copied()
+            .filter(|&s| s != 0)
+            .collect()
     }
 
     /// Opens a session, re-attaching to `attach` when given. A `detached` session is not
     /// closed when its client is dropped.
     pub(super) async fn connect(
         &self,
-        attach: Option<&StoredSession>,
+        attach: Option<&SessionKey>,
         detached: bool,
+        shard: usize,
     ) -> Result<Conn, ConnectError> {
         let upstream_timeout = (self.session_timeout * 2 / 5).min(Duration::from_secs(5));
         let proxy = Proxy::start(
@@ -376,24 +480,24 @@ impl Inner {
             ))));
         }
         Ok(Conn {
-            session: StoredSession {
+            session: SessionKey {
                 id: hs.session_id,
                 password: hs.password,
                 timeout_ms: u64::try_from(hs.timeout_ms).unwrap_or(0),
             },
             client,
             proxy,
-            saved: AtomicBool::new(false),
+            shard,
         })
     }
 }
 
-/// Waits for the session to end on the client (expired, or given up after being disconnected
-/// for longer than its timeout), then re-establishes it in the background.
-async fn watch_session(inner: Weak<Inner>, mut state: zk::StateWatcher) {
+/// Waits for the session of `shard` to end on the client (expired, or given up after being
+/// disconnected for longer than its timeout), then re-establishes it in the background.
+async fn watch_session(inner: Weak<Inner>, shard: usize, mut state: zk::StateWatcher) {
     loop {
         let s = state.changed().await;
-        tracing::debug!(state = %s, "ZooKeeper session state");
+        tracing::debug!(shard, state = %s, "ZooKeeper session state");
         if s.is_terminated() {
             break;
         }
@@ -405,10 +509,10 @@ async fn watch_session(inner: Weak<Inner>, mut state: zk::StateWatcher) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        match inner.establish_in_background().await {
+        match inner.establish_in_background(shard).await {
             Ok(_) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "re-establishing the ZooKeeper session failed; retrying")
+                tracing::warn!(shard, error = %e, "re-establishing the ZooKeeper session failed; retrying")
             }
         }
         drop(inner);
@@ -417,99 +521,27 @@ async fn watch_session(inner: Weak<Inner>, mut state: zk::StateWatcher) {
 }
 
 impl Inner {
-    /// Ends a [`ZooKeeper::pause`]: the session is used again, or the backend is gone.
-    pub(super) fn unpause(&self) {
-        let paused = self.paused.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = paused {
-            t.abort();
+    /// Lets every session go (not closed): the next use re-attaches to the stored ones.
+    pub(super) async fn let_go(&self) {
+        let slots: Vec<_> = self.lock_slots().clone();
+        for s in slots {
+            *s.lock().await = Slot::Empty;
         }
-    }
-
-    async fn let_go(&self) {
-        let mut slot = self.conn.lock().await;
-        *slot = Slot::Empty;
         for t in self.lock_tasks().drain(..) {
             t.abort();
         }
         self.lock_cache().entries.clear();
     }
-}
 
-impl ZooKeeper {
-    /// Stops using the session but keeps it alive, for a replica that stops writing while its
-    /// leadership is in doubt (it cannot renew its Lease: the API server may be down for every
-    /// replica, and the session's ephemeral nodes must outlive that) or lost. The connection
-    /// stays until its first disconnection — the new leader re-attaching takes the session,
-    /// and ZooKeeper closes this connection — and the session is then let go as by
-    /// [`Self::release`], so the two never take it from each other. Using the backend again
-    /// ends the pause.
-    pub async fn pause(&self) {
-        let slot = self.inner.conn.lock().await;
-        let Slot::Live(conn) = &*slot else {
-            return;
-        };
-        let mut state = conn.client.state_watcher();
-        drop(slot);
-        let inner = Arc::downgrade(&self.inner);
-        let watch = tokio::spawn(async move {
-            loop {
-                let s = state.changed().await;
-                if !matches!(
-                    s,
-                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
-                ) {
-                    tracing::info!(state = %s, "ZooKeeper connection lost while not writing: letting the session go for the leader to re-attach to");
-                    break;
-                }
+    /// The live sessions now, without establishing any.
+    pub(super) async fn live(&self) -> Vec<Arc<Conn>> {
+        let slots: Vec<_> = self.lock_slots().clone();
+        let mut out = Vec::new();
+        for s in slots {
+            if let Slot::Live(c) = &*s.lock().await {
+                out.push(c.clone());
             }
-            if let Some(inner) = inner.upgrade() {
-                inner.let_go().await;
-            }
-        });
-        let old = self
-            .inner
-            .paused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(watch);
-        if let Some(t) = old {
-            t.abort();
         }
-    }
-
-    /// Lets the session go without closing it: for a replica that stops writing (it lost
-    /// leadership) while another takes the session over. ZooKeeper moves a session to the
-    /// connection that re-attached last and closes the others, so two live clients of one
-    /// session would take it from each other endlessly; after `release` this one stays away
-    /// until it is used again (and then re-attaches to the stored session).
-    pub async fn release(&self) {
-        self.inner.unpause();
-        self.inner.let_go().await;
-    }
-
-    /// The id of the current session, establishing it if needed.
-    pub async fn session_id(&self) -> Result<i64, BackendError> {
-        Ok(self.inner.conn().await?.session.id)
-    }
-
-    /// When the session owns more bytes of entry paths than its budget: what to do about it.
-    /// ZooKeeper (3.6 and later, ZOOKEEPER-4306) writes the path of every ephemeral node of a
-    /// session into the transaction that closes it, which must fit in `jute.maxbuffer`.
-    pub(super) fn session_warning(&self) -> Option<String> {
-        let cache = self.inner.lock_cache();
-        // What the close transaction carries per node: a length and the path from the root.
-        let prefix = self.inner.root.len() + 1 + 4;
-        let bytes: usize = cache.entries.keys().map(|k| prefix + k.len()).sum();
-        (bytes > self.inner.session_path_budget).then(|| {
-            format!(
-                "this controller's ZooKeeper session owns {} entries with {} KiB of paths; \
-                 ZooKeeper (3.6 and later, ZOOKEEPER-4306) puts them all in the transaction \
-                 that closes the session, which must fit in jute.maxbuffer (1 MiB by default): \
-                 export fewer instances to this catalog, shorten basePath, or raise \
-                 jute.maxbuffer on the servers",
-                cache.entries.len(),
-                bytes / 1024
-            )
-        })
+        out
     }
 }

@@ -1,6 +1,6 @@
 //! The backend's unit tests: what needs no ZooKeeper (tests/zookeeper_*.rs use a real one).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -11,6 +11,7 @@ use super::layout::{
     plain_owner_is,
 };
 use super::relay::{ConnectRequest, Handshake, parse_connect_response, parse_srvr};
+use super::shards::{name_of, path_cost, sessions_needed, shard_of};
 use super::*;
 use crate::model::Origin;
 
@@ -116,11 +117,11 @@ fn config_is_checked_without_contacting_anything() {
         !dbg.contains("secret-pass") && dbg.contains("user"),
         "{dbg}"
     );
-    let s = StoredSession {
+    let s = StoredSession::single(SessionKey {
         id: 0x1234,
         password: b"secret".to_vec(),
         timeout_ms: 4000,
-    };
+    });
     let dbg = format!("{s:?}");
     assert!(dbg.contains("0x1234") && !dbg.contains("115"), "{dbg}");
 }
@@ -335,7 +336,7 @@ fn multis_hold_at_most_100_operations_parents_included_once() {
     let writes: Vec<Write> = (0..250)
         .map(|i| create(&format!("/r/services/api_x/providers/10.0.0.{i}:1"), 60))
         .collect();
-    let b = batches(&writes, &HashSet::new());
+    let b = batches(&writes, &HashSet::new(), MAX_MULTI_BYTES);
     assert_eq!(b.len(), 3);
     assert_eq!(
         b[0].parents,
@@ -353,7 +354,7 @@ fn multis_hold_at_most_100_operations_parents_included_once() {
     let known: HashSet<String> = ancestors("/r/services/api_x/providers/x")
         .into_iter()
         .collect();
-    let b = batches(&writes[..10], &known);
+    let b = batches(&writes[..10], &known, MAX_MULTI_BYTES);
     assert_eq!(
         b,
         [Batch {
@@ -366,15 +367,26 @@ fn multis_hold_at_most_100_operations_parents_included_once() {
         path: "/r/x/y".into(),
         version: 0,
     };
-    assert!(batches(&[del], &HashSet::new())[0].parents.is_empty());
+    assert!(
+        batches(&[del], &HashSet::new(), MAX_MULTI_BYTES)[0]
+            .parents
+            .is_empty()
+    );
     // Large data cuts batches by size; an entry larger than the limit goes alone.
     let big: Vec<Write> = (0..10)
         .map(|i| create(&format!("/r/n{i}"), MAX_MULTI_BYTES / 3))
         .collect();
-    let b = batches(&big, &known);
+    let b = batches(&big, &known, MAX_MULTI_BYTES);
     assert!(b.len() >= 4, "{b:?}");
     let huge = [create("/r/a", MAX_MULTI_BYTES * 2), create("/r/b", 1)];
-    assert_eq!(batches(&huge, &HashSet::new()).len(), 2);
+    assert_eq!(batches(&huge, &HashSet::new(), MAX_MULTI_BYTES).len(), 2);
+    // A small jute.maxbuffer: smaller multis.
+    let small = batches(&writes, &HashSet::new(), 4096);
+    assert!(small.len() > 3, "{small:?}");
+    assert!(
+        small.iter().all(|b| b.range.len() <= 4096 / 160),
+        "{small:?}"
+    );
 }
 
 #[test]
@@ -434,15 +446,97 @@ fn srvr_answers_give_mode_and_version() {
 }
 
 #[tokio::test]
-async fn the_memory_store_keeps_one_session() {
+async fn the_memory_store_keeps_the_sessions() {
     let s = MemorySessionStore::default();
     assert_eq!(s.load().await.expect("load"), None);
-    let one = StoredSession {
-        id: 1,
-        password: vec![1],
-        timeout_ms: 10,
-    };
+    let one = StoredSession::single(key(1));
     s.save(&one).await.expect("save");
     assert_eq!(s.load().await.expect("load"), Some(one.clone()));
     assert_eq!(s.get(), Some(one));
+}
+
+fn key(id: i64) -> SessionKey {
+    SessionKey {
+        id,
+        password: vec![1, 2, u8::try_from(id).unwrap_or(0)],
+        timeout_ms: 10_000,
+    }
+}
+
+/// What a version with one session stored is read as shard 0, and shard 0 of several is what
+/// such a version reads.
+#[test]
+fn stored_sessions_read_one_session_as_shard_zero() {
+    let old = r#"{"id":4660,"password":[7,8],"timeout_ms":4000}"#;
+    let s: StoredSession = serde_json::from_str(old).expect("a stored single session");
+    assert_eq!(s.first.id, 4660);
+    assert!(s.shards.is_empty());
+    assert_eq!(
+        serde_json::to_string(&s).expect("json"),
+        old,
+        "written as before"
+    );
+    let many = StoredSession {
+        first: key(1),
+        shards: vec![key(2), key(3), key(4)],
+    };
+    let text = serde_json::to_string(&many).expect("json");
+    let back: StoredSession = serde_json::from_str(&text).expect("parse");
+    assert_eq!(back, many);
+    assert_eq!(back.all().map(|k| k.id).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    let first: SessionKey = serde_json::from_str(&text).expect("read as one session");
+    assert_eq!(first, key(1));
+    assert_eq!(
+        StoredSession::from_slots(&[Some(key(1)), None]),
+        None,
+        "not stored while a shard has no session"
+    );
+}
+
+/// A name keeps its shard while the count stays, and stays or moves up by the old count when
+/// it doubles; the count doubles only while a session passes the budget and splitting helps.
+#[test]
+fn names_are_spread_over_sessions_within_the_budget() {
+    let names: Vec<String> = (0..200).map(|i| format!("svc-{i}")).collect();
+    for n in &names {
+        assert_eq!(shard_of(n, 1), 0);
+        let s4 = shard_of(n, 4);
+        assert_eq!(shard_of(n, 4), s4, "stable");
+        assert!(s4 == shard_of(n, 2) || s4 == shard_of(n, 2) + 2);
+        assert!(shard_of(n, 8) < 8);
+    }
+    // FNV-1a 64 of "api_x": the same on every platform and version.
+    assert_eq!(0xcfcd_76a4_d35e_a4d0_u64 % 64, 16);
+    assert_eq!(shard_of("api_x", 64), 16);
+    assert_eq!(name_of("api_x/providers/10.0.0.1:80"), "api_x");
+    assert_eq!(
+        path_cost("/services", "a/providers/1.2.3.4:5"),
+        4 + 9 + 1 + 21
+    );
+    let per_name: HashMap<&str, usize> = names.iter().map(|n| (n.as_str(), 100)).collect();
+    // 20,000 bytes in all.
+    assert_eq!(sessions_needed(&per_name, 1, 30_000), 1);
+    let needed = sessions_needed(&per_name, 1, 6_000);
+    assert!((4..=16).contains(&needed), "{needed}");
+    let mut bytes = vec![0; needed];
+    for n in &names {
+        bytes[shard_of(n, needed)] += 100;
+    }
+    assert!(bytes.iter().all(|&b| b <= 6_000), "{bytes:?}");
+    assert_eq!(
+        sessions_needed(&per_name, needed, 6_000),
+        needed,
+        "never shrinks"
+    );
+    // One name past the budget alone: more sessions cannot help.
+    let one: HashMap<&str, usize> = [("big", 10_000)].into();
+    assert_eq!(sessions_needed(&one, 1, 6_000), 1);
+    let tiny: HashMap<&str, usize> = names.iter().map(|n| (n.as_str(), 1_000_000)).collect();
+    assert_eq!(
+        sessions_needed(&tiny, 1, 6_000),
+        1,
+        "every name too big alone"
+    );
+    let many: HashMap<&str, usize> = names.iter().map(|n| (n.as_str(), 5_000)).collect();
+    assert_eq!(sessions_needed(&many, 1, 6_000), MAX_SESSIONS, "at most");
 }

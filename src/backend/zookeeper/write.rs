@@ -11,11 +11,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use zookeeper_client as zk;
 
+use super::ZooKeeper;
 use super::batch::{Write, batches};
 use super::layout::ancestors;
 use super::read::pipelined;
 use super::session::{Conn, is_connection_error};
-use super::{Known, ZooKeeper};
+use super::shards::{Known, name_of, shard_of};
 use crate::backend::BackendError;
 use crate::model::Op;
 
@@ -27,8 +28,10 @@ fn now_ms() -> u64 {
 }
 
 impl ZooKeeper {
-    /// [`Backend::apply`](crate::backend::Backend::apply): the writes in `multi`s; the
-    /// operations of a refused one, one by one. Returns the round trips.
+    /// [`Backend::apply`](crate::backend::Backend::apply): the writes in `multi`s, each in the
+    /// session of its name's shard (more sessions first when one would pass its budget, and
+    /// entries moved to them: `rehome`); the operations of a refused one, one by one. Returns
+    /// the round trips.
     pub(super) async fn write_ops(&self, ops: &[Op]) -> Result<usize, BackendError> {
         if ops.is_empty() {
             return Ok(0);
@@ -40,26 +43,18 @@ impl ZooKeeper {
                 ops.len()
             )));
         }
-        let conn = self.inner.conn().await?;
-        let writes = self.writes(&conn, ops).await?;
-        // The guard goes at the end of the statement, before a commit takes the lock again.
-        let batches = batches(&writes, &self.inner.lock_cache().parents);
+        let mut conns = self.inner.conns().await?;
+        self.grow_for(&mut conns, ops).await?;
         let mut trips = 0;
+        self.rehome(&conns, &mut trips).await?;
+        let mut by_shard: Vec<Vec<Op>> = vec![Vec::new(); conns.len()];
+        for op in ops {
+            by_shard[shard_of(name_of(op.key()), conns.len())].push(op.clone());
+        }
         let mut failures = Vec::new();
-        for batch in batches {
-            let part = &writes[batch.range.clone()];
-            let mut parents = batch.parents.clone();
-            if let Some(index) = self.commit(&conn, &mut parents, part, &mut trips).await? {
-                tracing::info!(
-                    path = part.get(index).map(Write::path).unwrap_or("?"),
-                    writes = part.len(),
-                    "a ZooKeeper multi was refused; writing its operations one by one"
-                );
-                for w in part {
-                    if let Some(why) = self.write_one(&conn, w, &mut trips).await? {
-                        failures.push((w.key().to_string(), why));
-                    }
-                }
+        for (conn, ops) in conns.iter().zip(by_shard) {
+            if !ops.is_empty() {
+                self.write_in(conn, &ops, &mut trips, &mut failures).await?;
             }
         }
         if failures.is_empty() {
@@ -84,9 +79,44 @@ impl ZooKeeper {
         }
     }
 
+    /// Writes `ops` through the session of their shard: in `multi`s, and the operations of a
+    /// refused one one by one (what is still refused goes to `failures`).
+    async fn write_in(
+        &self,
+        conn: &Conn,
+        ops: &[Op],
+        trips: &mut usize,
+        failures: &mut Vec<(String, String)>,
+    ) -> Result<(), BackendError> {
+        let writes = self.writes(conn, ops).await?;
+        // The guard goes at the end of the statement, before a commit takes the lock again.
+        let batches = batches(
+            &writes,
+            &self.inner.lock_cache().parents,
+            self.inner.multi_bytes,
+        );
+        for batch in batches {
+            let part = &writes[batch.range.clone()];
+            let mut parents = batch.parents.clone();
+            if let Some(index) = self.commit(conn, &mut parents, part, trips).await? {
+                tracing::info!(
+                    path = part.get(index).map(Write::path).unwrap_or("?"),
+                    writes = part.len(),
+                    "a ZooKeeper multi was refused; writing its operations one by one"
+                );
+                for w in part {
+                    if let Some(why) = self.write_one(conn, w, trips).await? {
+                        failures.push((w.key().to_string(), why));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Turns plan operations into writes, with the versions of the owned nodes.
     async fn writes(&self, conn: &Conn, ops: &[Op]) -> Result<Vec<Write>, BackendError> {
-        let me = conn.session.id;
+        let ours = self.inner.own_ids();
         let mut out = Vec::with_capacity(ops.len());
         let mut unknown_deletes = Vec::new();
         let now = now_ms();
@@ -96,11 +126,7 @@ impl ZooKeeper {
                 self.check_key(op.key())?;
                 let key = op.key().to_string();
                 let path = self.path_of(&key);
-                let known = if cache.session == me {
-                    cache.entries.get(&key).copied()
-                } else {
-                    None
-                };
+                let known = cache.entries.get(&key).copied();
                 match (op, known) {
                     (Op::Put { record, .. }, Some(k)) => {
                         let registered = k.registered.unwrap_or(now);
@@ -146,7 +172,7 @@ impl ZooKeeper {
             let mut drop_idx = HashSet::new();
             for (&i, s) in unknown_deletes.iter().zip(stats) {
                 match s {
-                    Ok(Some(stat)) if stat.ephemeral_owner == me => {
+                    Ok(Some(stat)) if ours.contains(&stat.ephemeral_owner) => {
                         if let Write::Delete { version, .. } = &mut out[i] {
                             *version = stat.version;
                         }
@@ -176,11 +202,19 @@ impl ZooKeeper {
         Ok(out)
     }
 
-    /// Records the effect of committed writes.
-    fn committed(&self, me: i64, parents: &[String], writes: &[Write], versions: &[Option<i32>]) {
+    /// Records the effect of writes committed by `conn`: what it creates is its own; an
+    /// update keeps the node's owner.
+    fn committed(
+        &self,
+        conn: &Conn,
+        parents: &[String],
+        writes: &[Write],
+        versions: &[Option<i32>],
+    ) {
+        let me = conn.session.id;
         let mut cache = self.inner.lock_cache();
         cache.parents.extend(parents.iter().cloned());
-        if cache.session != me {
+        if cache.sessions.get(conn.shard) != Some(&me) {
             return;
         }
         for (w, v) in writes.iter().zip(versions) {
@@ -193,6 +227,7 @@ impl ZooKeeper {
                         Known {
                             version: v.unwrap_or(0),
                             registered: *registered,
+                            owner: me,
                         },
                     );
                 }
@@ -202,11 +237,13 @@ impl ZooKeeper {
                     version,
                     ..
                 } => {
+                    let owner = cache.entries.get(key).map_or(me, |k| k.owner);
                     cache.entries.insert(
                         key.clone(),
                         Known {
                             version: v.unwrap_or(version + 1),
                             registered: *registered,
+                            owner,
                         },
                     );
                 }
@@ -217,15 +254,21 @@ impl ZooKeeper {
         }
     }
 
-    /// Records an owned node written outside a multi.
-    fn remember(&self, me: i64, key: &str, version: i32, registered: Option<u64>) {
+    /// The session that owns `key`, as known.
+    fn owner_of(&self, key: &str) -> Option<i64> {
+        self.inner.lock_cache().entries.get(key).map(|k| k.owner)
+    }
+
+    /// Records an owned node (of session `owner`) written outside a multi.
+    fn remember(&self, owner: i64, key: &str, version: i32, registered: Option<u64>) {
         let mut cache = self.inner.lock_cache();
-        if cache.session == me {
+        if cache.sessions.contains(&owner) {
             cache.entries.insert(
                 key.to_string(),
                 Known {
                     version,
                     registered,
+                    owner,
                 },
             );
         }
@@ -278,7 +321,7 @@ impl ZooKeeper {
                             _ => None,
                         })
                         .collect();
-                    self.committed(conn.session.id, parents, writes, &versions);
+                    self.committed(conn, parents, writes, &versions);
                     tracing::debug!(
                         parents = parents.len(),
                         writes = writes.len(),
@@ -327,6 +370,7 @@ impl ZooKeeper {
     ) -> Result<Option<String>, BackendError> {
         let client = &conn.client;
         let me = conn.session.id;
+        let ours = self.inner.own_ids();
         let entry = zk::CreateMode::Ephemeral.with_acls(zk::Acls::new(&self.inner.entry_acls));
         let parent = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&self.inner.parent_acls));
         let fail = |what: &str, e: &zk::Error| -> Result<Option<String>, BackendError> {
@@ -368,7 +412,12 @@ impl ZooKeeper {
                             } else {
                                 stat.version
                             };
-                            self.remember(me, w.key(), v, *registered);
+                            // A create is this session's; an update keeps the owner.
+                            let owner = match version {
+                                Some(_) => self.owner_of(w.key()).unwrap_or(me),
+                                None => me,
+                            };
+                            self.remember(owner, w.key(), v, *registered);
                             return Ok(None);
                         }
                         Err(zk::Error::NoNode) if version.is_none() && !made_parents => {
@@ -387,11 +436,16 @@ impl ZooKeeper {
                         Err(zk::Error::NodeExists | zk::Error::BadVersion) => {
                             *trips += 1;
                             match client.get_data(path).await {
-                                Ok((have, stat)) if stat.ephemeral_owner == me => {
+                                Ok((have, stat)) if ours.contains(&stat.ephemeral_owner) => {
                                     let (have_record, have_registered) =
                                         self.record_from_data(&have);
                                     if &have_record == record {
-                                        self.remember(me, w.key(), stat.version, have_registered);
+                                        self.remember(
+                                            stat.ephemeral_owner,
+                                            w.key(),
+                                            stat.version,
+                                            have_registered,
+                                        );
                                         return Ok(None);
                                     }
                                     version = Some(stat.version);
@@ -417,18 +471,18 @@ impl ZooKeeper {
                     *trips += 1;
                     match client.delete(path, Some(version)).await {
                         Ok(()) | Err(zk::Error::NoNode) => {
-                            self.committed(me, &[], std::slice::from_ref(w), &[None]);
+                            self.committed(conn, &[], std::slice::from_ref(w), &[None]);
                             return Ok(None);
                         }
                         Err(zk::Error::BadVersion) => {
                             *trips += 1;
                             match client.check_stat(path).await {
-                                Ok(Some(stat)) if stat.ephemeral_owner == me => {
+                                Ok(Some(stat)) if ours.contains(&stat.ephemeral_owner) => {
                                     version = stat.version
                                 }
                                 Ok(_) => {
                                     tracing::debug!(path, "not deleting a node that is not ours");
-                                    self.committed(me, &[], std::slice::from_ref(w), &[None]);
+                                    self.committed(conn, &[], std::slice::from_ref(w), &[None]);
                                     return Ok(None);
                                 }
                                 Err(e) => return fail(&format!("checking {path}"), &e),

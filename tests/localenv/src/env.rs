@@ -30,6 +30,7 @@ pub struct Builder {
     etcd_tls: bool,
     zookeeper: bool,
     zookeeper_tls: bool,
+    zookeeper_max_buffer: Option<usize>,
 }
 
 impl Builder {
@@ -90,6 +91,13 @@ impl Builder {
         self.zookeeper = true;
         self
     }
+    /// ZooKeeper whose `jute.maxbuffer` is `bytes` (`-Djute.maxbuffer`): a lowered one makes
+    /// the limits of a session's closing transaction show at a few hundred entries.
+    pub fn zookeeper_max_buffer(mut self, bytes: usize) -> Self {
+        self.zookeeper = true;
+        self.zookeeper_max_buffer = Some(bytes);
+        self
+    }
     /// ZooKeeper with a TLS port too (`secureClientPort`, client certificates required; see
     /// [`ZooKeeper::secure_connect_string`]); the certificates are in [`Env::tls`].
     pub fn zookeeper_tls(mut self) -> Self {
@@ -140,7 +148,12 @@ impl Builder {
             ),
             maybe(
                 self.zookeeper,
-                ZooKeeper::start_with(&path, "zookeeper", tls_for(self.zookeeper_tls))
+                ZooKeeper::start_configured(
+                    &path,
+                    "zookeeper",
+                    tls_for(self.zookeeper_tls),
+                    self.zookeeper_max_buffer
+                )
             ),
         )?;
         Ok(Env {

@@ -32,10 +32,26 @@ impl ZooKeeper {
     /// [`ZooKeeper::start`], with a TLS port as well when `tls` is given: the server
     /// certificate of the set, and client certificates of its CA required.
     pub async fn start_with(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<ZooKeeper> {
-        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, tls)).await
+        Self::start_configured(dir, name, tls, None).await
     }
 
-    async fn start_once(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<ZooKeeper> {
+    /// [`ZooKeeper::start_with`], with the server's `jute.maxbuffer` set to `max_buffer` bytes
+    /// when given (the largest request, transaction and node it accepts; 1 MiB by default).
+    pub async fn start_configured(
+        dir: &Path,
+        name: &str,
+        tls: Option<&TlsFiles>,
+        max_buffer: Option<usize>,
+    ) -> Result<ZooKeeper> {
+        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, tls, max_buffer)).await
+    }
+
+    async fn start_once(
+        dir: &Path,
+        name: &str,
+        tls: Option<&TlsFiles>,
+        max_buffer: Option<usize>,
+    ) -> Result<ZooKeeper> {
         let data = dir.join(name);
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let port = free_port()?;
@@ -85,10 +101,14 @@ impl ZooKeeper {
             ),
         )
         .with_context(|| format!("writing {}", cfg.display()))?;
-        let spec = Spec::new(name, programs::java()?, dir)
+        let mut spec = Spec::new(name, programs::java()?, dir)
             .arg("-Xmx256m")
             .arg("-XX:+UseSerialGC")
-            .arg("-Dzookeeper.jmx.log4j.disable=true")
+            .arg("-Dzookeeper.jmx.log4j.disable=true");
+        if let Some(n) = max_buffer {
+            spec = spec.arg(format!("-Djute.maxbuffer={n}"));
+        }
+        let spec = spec
             .arg("-cp")
             .arg(programs::zookeeper_classpath()?)
             .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
