@@ -37,7 +37,7 @@ test: peers lint
 
 # Benchmarks against the real servers, each reported as a ratio to a floor run in the same process.
 # SCALE=100k: 10,000 Services x 10 endpoints (100,000 instances) instead of 1,000 x 10.
-# BENCH_CATALOGS=etcd,zookeeper: only those catalogs.
+# BENCH_CATALOGS=etcd,zookeeper: only those catalogs (consul, etcd, zookeeper, import).
 bench: peers
 	SCALE=$(SCALE) BENCH_CATALOGS=$(BENCH_CATALOGS) $(CARGO) bench --bench export
 

@@ -1,24 +1,31 @@
 //! `make bench`: export at scale to Consul, etcd and ZooKeeper, each measured against a floor
-//! run in the same process.
+//! run in the same process; and import at scale from etcd.
 //!
 //! For each catalog:
-//! 1. Convergence from empty: 1,000 Services × 10 endpoints are in the cluster, the
-//!    ExternalCatalog `bench` they are annotated with starts pointing at the catalog, and the
-//!    clock runs until the controller reports all 10,000 entries in place (then checked in the
-//!    catalog). The floor is the same catalog's backend alone — a plain batched writer — writing
-//!    the same 10,000 instances under another prefix. Reported as a ratio.
+//! 1. Convergence from empty: 1,000 Services × 10 endpoints (10,000 × 10 with `SCALE=100k`)
+//!    are in the cluster, the ExternalCatalog `bench` they are annotated with starts pointing at
+//!    the catalog, and the clock runs until the controller reports every entry in place (then
+//!    checked in the catalog). The floor is the same catalog's backend alone — a plain writer
+//!    with the controller's own batches — writing the same instances under another prefix with
+//!    1, 2, 4 and 8 requests in flight; the best is the floor. Reported as a ratio.
 //! 2. Readiness flips: an EndpointSlice endpoint flips unready/ready, and the clock runs until
 //!    a reader of the catalog sees it; p50 and p99, against the floor writer flipping one entry
 //!    and the same reader.
-//! 3. An unchanged restart of the controller (ZooKeeper, the last catalog): entries written
-//!    (they should be 0).
+//! 3. A churn storm: 1,000 endpoints turn unready (then ready) within a few seconds; the time
+//!    until the controller reports the catalog in step, and its CPU seconds per 1,000 changes.
+//! 4. The controller's RSS and peak RSS (VmHWM) from /proc after convergence.
 //!
 //! Between catalogs the ExternalCatalog is deleted, which empties the previous catalog, and
-//! created again pointing at the next one.
+//! created again pointing at the next one. Then an unchanged restart of the controller
+//! (ZooKeeper, the last catalog): entries written (they should be 0).
 //!
-//! And, in memory before any server starts: the desired-state step after one readiness change
-//! at 10,000 instances, incremental (`desired::compute_with` and its memo) against a
-//! computation from scratch (`desired::compute`), same process.
+//! Import: one name with 1,000 instances (10,000) and 100 names (1,000) of 10, registered in
+//! etcd by another owner, imported by one ExternalRegistration per name: time until the
+//! EndpointSlices hold them all against slices written directly, one change's latency, RSS.
+//!
+//! And, in memory before any server starts: the desired-state step after one readiness change,
+//! incremental (`desired::compute_with` and its memo) against a computation from scratch
+//! (`desired::compute`), same process.
 //!
 //! EndpointSlices are written directly (selector-less Services, as any slice producer would),
 //! so the benchmark measures catalog-bridge, not kube-controller-manager. Flip times include the
@@ -330,38 +337,97 @@ async fn flips(
     Ok((delays, watched))
 }
 
-const IMPORTED: usize = 1000;
+/// One import scenario: `names` names of `per_name` instances each.
+struct ImportCase {
+    label: &'static str,
+    /// Service names are `<prefix>-<n>`.
+    prefix: &'static str,
+    names: usize,
+    per_name: usize,
+}
 
-/// Import: 1,000 instances of one service registered in etcd (plain layout, by another owner,
-/// on its own lease) are imported by an ExternalRegistration; the clock runs until the
-/// EndpointSlices hold them all. The floor is a plain batched writer applying the same
-/// endpoints as EndpointSlices directly. Then single changes: one key deleted / put back.
+/// The import scenarios: one name with many instances, and many names (one
+/// ExternalRegistration each). `SCALE=100k`: 10,000 instances of one name and 1,000 names.
+fn import_cases() -> [ImportCase; 2] {
+    let big = service_count() >= 10_000;
+    [
+        ImportCase {
+            label: "one name",
+            prefix: "one",
+            names: 1,
+            per_name: if big { 10_000 } else { 1000 },
+        },
+        ImportCase {
+            label: "many names",
+            prefix: "many",
+            names: if big { 1000 } else { 100 },
+            per_name: 10,
+        },
+    ]
+}
+
+/// Endpoints of the imported EndpointSlices (those catalog-bridge manages), by Service name.
+async fn imported_endpoints(slices: &Api<EndpointSlice>) -> Result<BTreeMap<String, usize>> {
+    use catalog_bridge::api::labels::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+    let lp =
+        kube::api::ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let mut out = BTreeMap::new();
+    for s in slices.list(&lp).await?.items {
+        let svc = (s.metadata.labels.as_ref())
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+            .cloned()
+            .unwrap_or_default();
+        *out.entry(svc).or_default() += s.endpoints.len();
+    }
+    Ok(out)
+}
+
+/// Import: the instances of `case` registered in etcd (plain layout, by another owner, on its
+/// own lease) are imported, one ExternalRegistration per name (created through the API, 16 at
+/// a time); the clock runs from the first registration until the EndpointSlices hold them all.
+/// The floor is a plain writer applying the same endpoints as EndpointSlices directly (100
+/// endpoints a slice, 16 requests in flight). Then single changes: one key of the first name
+/// deleted / put back, until its slices say so. Then the controller's RSS.
 async fn import_bench(
     env: &localenv::Env,
     client: &kube::Client,
     cb: &Controller,
+    case: &ImportCase,
 ) -> Result<String> {
+    use catalog_bridge::api::crd::ExternalRegistration;
+    use futures::{StreamExt, TryStreamExt};
+    let total = case.names * case.per_name;
     let registrant = Etcd::new(EtcdConfig {
         endpoints: vec![env.etcd()?.endpoint()],
         base_path: Some("/services".into()),
-        owner: "registrant".into(),
+        owner: format!("registrant-{}", case.prefix),
         catalog: "external".into(),
-        lease_ttl: Duration::from_secs(120),
+        lease_ttl: Duration::from_secs(300),
         ..Default::default()
     })?;
-    let instances: Vec<Instance> = (0..IMPORTED)
-        .map(|i| Instance {
-            name: "ext".into(),
-            address: format!("10.200.{}.{}", i / 250, i % 250 + 1)
+    let name_of = |n: usize| format!("{}-{n:04}", case.prefix);
+    let instances: Vec<Instance> = (0..case.names)
+        .flat_map(|n| (0..case.per_name).map(move |i| (n, i)))
+        .map(|(n, i)| {
+            let k = n * case.per_name + i;
+            Instance {
+                name: name_of(n),
+                address: format!(
+                    "10.{}.{}.{}",
+                    200 + k / 62_500,
+                    (k / 250) % 250,
+                    k % 250 + 1
+                )
                 .parse()
                 .expect("bench ip"),
-            port: 5432,
-            origin: Origin {
-                namespace: "vm".into(),
-                service: "ext".into(),
-            },
-            tags: vec![],
-            meta: BTreeMap::new(),
+                port: 5432,
+                origin: Origin {
+                    namespace: "vm".into(),
+                    service: name_of(n),
+                },
+                tags: vec![],
+                meta: BTreeMap::new(),
+            }
         })
         .collect();
     let records = registrant.render(&instances);
@@ -382,79 +448,110 @@ async fn import_bench(
         }),
     )?;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
-    let count = |svc: &'static str| {
-        let slices = slices.clone();
-        async move {
-            let lp = kube::api::ListParams::default()
-                .labels(&format!("kubernetes.io/service-name={svc}"));
-            Ok::<usize, anyhow::Error>(
-                slices
-                    .list(&lp)
-                    .await?
-                    .items
-                    .iter()
-                    .map(|s| s.endpoints.len())
-                    .sum(),
-            )
-        }
+    let registrations: Api<ExternalRegistration> = Api::namespaced(client.clone(), NS);
+    let ours = |counts: &BTreeMap<String, usize>| -> usize {
+        counts
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{}-", case.prefix)))
+            .map(|(_, n)| n)
+            .sum()
     };
     let start = Instant::now();
-    kubectl_apply(
-        env,
-        &json!({
-            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
-            "metadata": {"name": "ext", "namespace": NS},
-            "spec": {"catalogRef": {"name": "external"}, "direction": "Import", "externalName": "ext"},
-        }),
-    )?;
+    futures::stream::iter(0..case.names)
+        .map(|n| {
+            let registrations = registrations.clone();
+            async move {
+                let r: ExternalRegistration = serde_json::from_value(json!({
+                    "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+                    "metadata": {"name": name_of(n)},
+                    "spec": {"catalogRef": {"name": "external"}, "direction": "Import",
+                             "externalName": name_of(n)},
+                }))?;
+                registrations.create(&PostParams::default(), &r).await?;
+                Ok::<(), anyhow::Error>(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
     localenv::eventually(
         "all imported endpoints in slices",
-        Duration::from_secs(300),
-        || async { Ok((count("ext").await? == IMPORTED).then_some(())) },
+        Duration::from_secs(600),
+        || async { Ok((ours(&imported_endpoints(&slices).await?) == total).then_some(())) },
     )
     .await
     .with_context(|| cb.log())?;
-    let ours = start.elapsed();
+    let took = start.elapsed();
 
-    // Floor: the same endpoints written as EndpointSlices by a plain batched writer.
+    // Floor: the same endpoints written as EndpointSlices by a plain writer.
+    let floor_slices: Vec<EndpointSlice> = instances
+        .chunk_by(|a, b| a.name == b.name)
+        .flat_map(|same| same.chunks(100).enumerate())
+        .map(|(c, chunk)| {
+            serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("floor-{}-{c}", chunk[0].name), "labels": {
+                    "kubernetes.io/service-name": format!("floor-{}", chunk[0].name),
+                    "endpointslice.kubernetes.io/managed-by": "bench"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "port-5432", "port": 5432, "protocol": "TCP"}],
+                "endpoints": chunk.iter().map(|i| json!({"addresses": [i.address.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+            }))
+            .map_err(anyhow::Error::from)
+        })
+        .collect::<Result<_>>()?;
     let start = Instant::now();
-    for (n, chunk) in instances.chunks(100).enumerate() {
-        let slice: EndpointSlice = serde_json::from_value(json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("floor-{n}"), "labels": {
-                "kubernetes.io/service-name": "floor", "endpointslice.kubernetes.io/managed-by": "bench"}},
-            "addressType": "IPv4",
-            "ports": [{"name": "port-5432", "port": 5432, "protocol": "TCP"}],
-            "endpoints": chunk.iter().map(|i| json!({"addresses": [i.address.to_string()], "conditions": {"ready": true}})).collect::<Vec<_>>(),
-        }))?;
-        slices
-            .patch(
-                &format!("floor-{n}"),
-                &PatchParams::apply("bench").force(),
-                &Patch::Apply(&slice),
-            )
-            .await?;
-    }
+    futures::stream::iter(floor_slices)
+        .map(|slice| {
+            let slices = slices.clone();
+            async move {
+                let name = slice.metadata.name.clone().unwrap_or_default();
+                slices
+                    .patch(
+                        &name,
+                        &PatchParams::apply("bench").force(),
+                        &Patch::Apply(&slice),
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
     let floor = start.elapsed();
-    anyhow::ensure!(count("floor").await? == IMPORTED);
 
-    // Single changes: one key deleted, then put back.
+    // Single changes: one key of the first name deleted, then put back.
+    let first = name_of(0);
+    let count_first = || async {
+        let lp =
+            kube::api::ListParams::default().labels(&format!("kubernetes.io/service-name={first}"));
+        Ok::<usize, anyhow::Error>(
+            slices
+                .list(&lp)
+                .await?
+                .items
+                .iter()
+                .map(|s| s.endpoints.len())
+                .sum(),
+        )
+    };
+    let first_records = registrant.render(&instances[..case.per_name]);
     let mut delays = Vec::new();
     for i in 0..20 {
-        let (key, record) = records
+        let (key, record) = first_records
             .iter()
             .nth(i / 2)
             .map(|(k, r)| (k.clone(), r.clone()))
-            .context("a key")?;
+            .context("a key of the first name")?;
         let (op, want) = if i % 2 == 0 {
-            (Op::Delete { key }, IMPORTED - 1)
+            (Op::Delete { key }, case.per_name - 1)
         } else {
-            (Op::Put { key, record }, IMPORTED)
+            (Op::Put { key, record }, case.per_name)
         };
         let start = Instant::now();
         registrant.apply(&[op]).await?;
         loop {
-            if count("ext").await? == want {
+            if count_first().await? == want {
                 break;
             }
             anyhow::ensure!(
@@ -466,11 +563,15 @@ async fn import_bench(
         delays.push(start.elapsed());
     }
     delays.sort();
+    let (rss, peak) = memory(cb)?;
     Ok(format!(
-        "| import from etcd, {IMPORTED} instances | until the EndpointSlices hold all: {:.2} s | floor (slices written directly): {:.2} s | {:.2}x | one change, p50 / p99: {:.1} / {:.1} ms |",
-        ours.as_secs_f64(),
+        "| {}: {} x {} instances | {:.2} s | {:.2} s | {:.2}x | {:.1} / {:.1} ms | {rss:.0} / {peak:.0} MiB |",
+        case.label,
+        case.names,
+        case.per_name,
+        took.as_secs_f64(),
         floor.as_secs_f64(),
-        ours.as_secs_f64() / floor.as_secs_f64(),
+        took.as_secs_f64() / floor.as_secs_f64(),
         ms(percentile(&delays, 0.5)),
         ms(percentile(&delays, 0.99)),
     ))
@@ -676,6 +777,62 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The unchanged restart (on the last catalog), then the export table.
+async fn export_report(
+    env: &localenv::Env,
+    cb: Controller,
+    rows: Vec<String>,
+    idle_rss: f64,
+) -> Result<()> {
+    eprintln!("unchanged restart (ZooKeeper, the last catalog)...");
+    cb.process.stop()?;
+    let cb2 = Controller::start(env, "cb2", "bench", &["--drift-interval=60s"]).await?;
+    localenv::eventually(
+        "the restarted controller in sync",
+        Duration::from_secs(120),
+        || async {
+            let n = cb2
+                .metric(
+                    "catalog_bridge_entries",
+                    &["catalog=\"bench\"", "direction=\"export\""],
+                )
+                .await?;
+            Ok((n == (service_count() * ENDPOINTS) as f64).then_some(()))
+        },
+    )
+    .await
+    .with_context(|| cb2.log())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restart_writes = cb2
+        .metric("catalog_bridge_backend_operations_total", &[])
+        .await?;
+    let consul_view = ConsulView::new(env.consul()?.url())?;
+    let consul_left = consul_view.node_services("k8s-bench").await?.len();
+
+    println!();
+    println!(
+        "export of {} Services x {ENDPOINTS} endpoints = {} instances; floor = the catalog's backend alone, same run",
+        service_count(),
+        service_count() * ENDPOINTS
+    );
+    println!(
+        "| catalog | convergence from empty | floor | ratio | flip p50 / p99 | of which Kubernetes (patch -> watch event), p50 | floor flip p50 / p99 | ratio p50 / p99 | storm of {STORM} flips, unready / ready: until in step | controller CPU per 1,000 changes | controller RSS after convergence / peak so far |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!(
+        "| unchanged restart (ZooKeeper session re-attached) | {restart_writes} entries written | | | | | | | | | |"
+    );
+    println!("(Consul entries left after the catalog pointing there was deleted: {consul_left})");
+    println!(
+        "(controller RSS with the caches of {} Services and their EndpointSlices synced, before any catalog: {idle_rss:.0} MiB)",
+        service_count()
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     eprintln!("desired state, incremental and from scratch...");
@@ -692,35 +849,44 @@ async fn main() -> Result<()> {
     let client = env.kube()?.client().await?;
     support::install_crds(&client).await?;
 
-    eprintln!(
-        "creating {} Services x {ENDPOINTS} endpoints...",
-        service_count()
-    );
-    let t = Instant::now();
-    create_objects(&client).await?;
-    eprintln!("  created in {:?}", t.elapsed());
-
-    let cb = Controller::spawn(&env, "cb", "bench", &["--drift-interval=60s"])?;
-    cb.wait_ready().await?;
-    let mut rows = Vec::new();
-    let mut previous: Option<Target> = None;
-    // BENCH_CATALOGS=etcd,zookeeper: only those (by the start of their label, any case).
+    // BENCH_CATALOGS=etcd,zookeeper: only those (by the start of their label, any case);
+    // `import` for the import scenarios.
     let chosen = std::env::var("BENCH_CATALOGS").unwrap_or_default();
     let chosen: Vec<String> = (chosen.split(','))
         .map(|c| c.trim().to_ascii_lowercase())
         .filter(|c| !c.is_empty())
         .collect();
+    let export_targets: Vec<Target> = targets(&env)?
+        .into_iter()
+        .filter(|t| {
+            chosen.is_empty()
+                || chosen
+                    .iter()
+                    .any(|c| t.label.to_ascii_lowercase().starts_with(c))
+        })
+        .collect();
+    let with_import = chosen.is_empty() || chosen.iter().any(|c| c == "import");
+    if !export_targets.is_empty() {
+        eprintln!(
+            "creating {} Services x {ENDPOINTS} endpoints...",
+            service_count()
+        );
+        let t = Instant::now();
+        create_objects(&client).await?;
+        eprintln!("  created in {:?}", t.elapsed());
+    }
+
+    let cb = Controller::spawn(&env, "cb", "bench", &["--drift-interval=60s"])?;
+    cb.wait_ready().await?;
+    let mut rows = Vec::new();
+    let mut previous: Option<Target> = None;
     let (rss, peak) = memory(&cb)?;
     eprintln!(
         "controller RSS with every cache synced, before any catalog: {rss:.0} MiB (peak {peak:.0} MiB)"
     );
     let idle_rss = rss;
-    for target in targets(&env)?.into_iter().filter(|t| {
-        chosen.is_empty()
-            || chosen
-                .iter()
-                .any(|c| t.label.to_ascii_lowercase().starts_with(c))
-    }) {
+    let exported = !export_targets.is_empty();
+    for target in export_targets {
         if let Some(p) = previous.take() {
             // Deleting the catalog removes what it wrote; the next one starts from empty.
             eprintln!("{}: deleting the catalog, which empties it...", p.label);
@@ -816,57 +982,30 @@ async fn main() -> Result<()> {
         previous = Some(target);
     }
 
-    eprintln!("import: {IMPORTED} instances registered in etcd by another owner...");
-    let import_row = import_bench(&env, &client, &cb).await?;
+    let mut import_rows = Vec::new();
+    for case in import_cases().into_iter().filter(|_| with_import) {
+        eprintln!(
+            "import, {}: {} x {} instances registered in etcd by another owner...",
+            case.label, case.names, case.per_name
+        );
+        import_rows.push(import_bench(&env, &client, &cb, &case).await?);
+        eprintln!("  {}", import_rows.last().map(String::as_str).unwrap_or(""));
+    }
 
-    eprintln!("unchanged restart (ZooKeeper, the last catalog)...");
-    cb.process.stop()?;
-    let cb2 = Controller::start(&env, "cb2", "bench", &["--drift-interval=60s"]).await?;
-    localenv::eventually(
-        "the restarted controller in sync",
-        Duration::from_secs(120),
-        || async {
-            let n = cb2
-                .metric(
-                    "catalog_bridge_entries",
-                    &["catalog=\"bench\"", "direction=\"export\""],
-                )
-                .await?;
-            Ok((n == (service_count() * ENDPOINTS) as f64).then_some(()))
-        },
-    )
-    .await
-    .with_context(|| cb2.log())?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let restart_writes = cb2
-        .metric("catalog_bridge_backend_operations_total", &[])
-        .await?;
-    let consul_view = ConsulView::new(env.consul()?.url())?;
-    let consul_left = consul_view.node_services("k8s-bench").await?.len();
-
+    if exported {
+        export_report(&env, cb, rows, idle_rss).await?;
+    }
     println!();
     println!(
-        "export of {} Services x {ENDPOINTS} endpoints = {} instances; floor = the catalog's backend alone, same run",
-        service_count(),
-        service_count() * ENDPOINTS
+        "import from etcd (plain layout, another owner's lease), one ExternalRegistration per name; floor = the same endpoints written as EndpointSlices directly, 16 requests in flight"
     );
     println!(
-        "| catalog | convergence from empty | floor | ratio | flip p50 / p99 | of which Kubernetes (patch -> watch event), p50 | floor flip p50 / p99 | ratio p50 / p99 | storm of {STORM} flips, unready / ready: until in step | controller CPU per 1,000 changes | controller RSS after convergence / peak so far |"
+        "| import | until the EndpointSlices hold all | floor | ratio | one change, p50 / p99 | controller RSS after / peak so far |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in rows {
+    println!("|---|---|---|---|---|---|");
+    for r in import_rows {
         println!("{r}");
     }
-    println!(
-        "| unchanged restart (ZooKeeper session re-attached) | {restart_writes} entries written | | | | | | | | | |"
-    );
-    println!("(Consul entries left after the catalog pointing there was deleted: {consul_left})");
-    println!(
-        "(controller RSS with the caches of {} Services and their EndpointSlices synced, before any catalog: {idle_rss:.0} MiB)",
-        service_count()
-    );
-    println!();
-    println!("{import_row}");
     println!();
     println!("{desired_row}");
     Ok(())
