@@ -12,7 +12,7 @@ CARGO ?= cargo
 help:
 	@echo "make demo   - the scenario on loopback: api_x in Consul, memcache in etcd, mysql_x imported from ZooKeeper"
 	@echo "make test   - set up the peers, check formatting and lints, run every test"
-	@echo "make bench  - convergence, propagation and import benchmarks against real Consul, etcd and ZooKeeper"
+	@echo "make bench  - convergence, propagation and import benchmarks against real Consul, etcd and ZooKeeper, and external-dns side by side (BENCH=export or BENCH=external_dns: one of them)"
 	@echo "make env    - start the real API server and catalogs on loopback until Ctrl-C"
 	@echo "make peers  - build/install the real peers (cached outside the repo)"
 
@@ -38,8 +38,12 @@ test: peers lint
 # Benchmarks against the real servers, each reported as a ratio to a floor run in the same process.
 # SCALE=100k: 10,000 Services x 10 endpoints (100,000 instances) instead of 1,000 x 10.
 # BENCH_CATALOGS=etcd,zookeeper: only those catalogs (consul, etcd, zookeeper, import).
+# BENCH=external_dns: only the side by side with external-dns (BENCH=export: only the export one).
+# external-dns is built by tests/peers/external-dns.sh on the first run (cached outside the repo).
+BENCH ?= export external_dns
 bench: peers
-	SCALE=$(SCALE) BENCH_CATALOGS=$(BENCH_CATALOGS) $(CARGO) bench --bench export
+	$(if $(filter external_dns,$(BENCH)),xdns=$$(tests/peers/external-dns.sh) && export CB_EXTERNAL_DNS=$$xdns && ,)\
+	SCALE=$(SCALE) BENCH_CATALOGS=$(BENCH_CATALOGS) $(CARGO) bench $(foreach b,$(BENCH),--bench $(b))
 
 env: peers
 	$(CARGO) run -q -p localenv
