@@ -86,6 +86,14 @@ impl Reply {
     }
 
     pub(super) fn json(&self, what: &str) -> Result<Value, BackendError> {
+        self.json_as(what)
+    }
+
+    /// The body parsed as `T` (fields `T` does not name are skipped, not kept).
+    pub(super) fn json_as<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+    ) -> Result<T, BackendError> {
         serde_json::from_slice(&self.body).map_err(|e| {
             BackendError::Protocol(format!(
                 "{what} on {}: the answer is not JSON ({e}): {}",

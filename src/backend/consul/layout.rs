@@ -384,6 +384,60 @@ impl Consul {
     }
 }
 
+/// The answer of `/v1/catalog/node-services/<node>`, with only the fields
+/// [`Consul::owned_records`] reads (the others, `Proxy`, `Connect`, `Weights`, indexes…, are
+/// skipped while parsing).
+#[derive(serde::Deserialize)]
+pub(super) struct NodeServices {
+    #[serde(rename = "Node", default)]
+    node: Value,
+    #[serde(rename = "Services", default)]
+    services: Option<Vec<NodeService>>,
+}
+
+#[derive(serde::Deserialize)]
+struct NodeService {
+    #[serde(rename = "ID", default)]
+    id: Value,
+    #[serde(rename = "Service", default)]
+    service: Value,
+    #[serde(rename = "Address", default)]
+    address: Value,
+    #[serde(rename = "Port", default)]
+    port: Value,
+    #[serde(rename = "Tags", default)]
+    tags: Value,
+    #[serde(rename = "Meta", default)]
+    meta: Value,
+}
+
+impl NodeServices {
+    /// The answer as [`Consul::owned_records`] reads it; a field that was absent is left out.
+    pub(super) fn into_value(self) -> Value {
+        let services = self.services.map(|list| {
+            list.into_iter()
+                .map(|s| {
+                    let mut out = serde_json::Map::new();
+                    for (k, v) in [
+                        ("ID", s.id),
+                        ("Service", s.service),
+                        ("Address", s.address),
+                        ("Port", s.port),
+                        ("Tags", s.tags),
+                        ("Meta", s.meta),
+                    ] {
+                        if !v.is_null() {
+                            out.insert(k.into(), v);
+                        }
+                    }
+                    Value::Object(out)
+                })
+                .collect::<Vec<_>>()
+        });
+        json!({"Node": self.node, "Services": services})
+    }
+}
+
 /// What [`Consul::owned_records`] reads: the entries of this owner (and catalog) by service ID,
 /// whether the node and its check stand as registered, and the IDs of the entries that still
 /// carry a per-instance check of before.
