@@ -317,7 +317,7 @@ fn helm_template_renders_what_the_values_say() -> Result<()> {
     assert_eq!(container["livenessProbe"]["httpGet"]["port"], "metrics");
     assert_eq!(
         container["resources"],
-        json!({"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}})
+        json!({"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "1", "memory": "2Gi"}})
     );
     let spread = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
         [0]["podAffinityTerm"];

@@ -2,7 +2,7 @@
 //! synthetic node registered first when it is not known to be there; and the empty node
 //! deregistered when this owner retires.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -225,17 +225,29 @@ impl Consul {
             ranges.push((next..end, b));
             next = end;
         }
+        // After a failure no batch starts; those started run to their end (each is recorded
+        // as committed or not), so nothing is left half known.
+        let failed = AtomicBool::new(false);
         let mut results = futures::stream::iter(ranges)
-            .map(|(range, batch)| self.send_batch(&ops[range], batch))
+            .map(|(range, batch)| {
+                let failed = &failed;
+                async move {
+                    if failed.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    Some(self.send_batch(&ops[range], batch).await)
+                }
+            })
             .buffered(WRITES_IN_FLIGHT);
         let mut first_error = None;
         while let Some(r) = results.next().await {
             match r {
-                Ok(t) => trips += t,
-                Err(e) => {
+                Some(Ok(t)) => trips += t,
+                Some(Err(e)) => {
+                    failed.store(true, Ordering::SeqCst);
                     first_error.get_or_insert(e);
-                    break;
                 }
+                None => {}
             }
         }
         match first_error {

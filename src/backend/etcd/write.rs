@@ -5,6 +5,7 @@
 //! does not exist), so that holds even when someone else writes between our read and our write.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use futures::StreamExt;
@@ -22,8 +23,9 @@ use crate::model::Op;
 /// the README's benchmark table.
 pub const WRITES_IN_FLIGHT: usize = 4;
 
-/// One transaction of a write in flight: its plan operations and etcd's answer.
-type InFlight<'a> = BoxFuture<'a, (&'a [Op], Result<TxnResponse, Fail>)>;
+/// One transaction of a write in flight: its plan operations and etcd's answer (None: not
+/// sent, as an earlier one failed).
+type InFlight<'a> = BoxFuture<'a, Option<(&'a [Op], Result<TxnResponse, Fail>)>>;
 /// At most this many operations in one transaction (etcd's `--max-txn-ops` default).
 ///
 /// etcd counts the operations of nested transactions against the same budget, level by level:
@@ -274,10 +276,17 @@ impl Etcd {
         let (lease, previous) = inner.ensure_lease().await?;
         // Boxed, so that the stream's futures are one type whose lifetimes the async trait
         // method can name.
+        // After a failure no transaction starts; those started run to their end, so that
+        // nothing is left half known.
+        let stop = AtomicBool::new(false);
+        let stop = &stop;
         let mut sends: Vec<InFlight<'_>> = Vec::new();
         for batch in batches(ops) {
             let txn = self.txn(batch, lease.id, previous.map(|p| p.id))?;
             sends.push(Box::pin(async move {
+                if stop.load(Ordering::SeqCst) {
+                    return None;
+                }
                 let what = format!("transaction of {} operation(s)", batch.len());
                 let resp = inner
                     .conn
@@ -286,29 +295,27 @@ impl Etcd {
                         async move { c.txn(txn).await }
                     })
                     .await;
-                (batch, resp)
+                Some((batch, resp))
             }));
         }
         let mut results = futures::stream::iter(sends).buffered(WRITES_IN_FLIGHT);
         let mut sent = 0;
         let mut skipped = Vec::new();
         let mut failed = None;
+        let mut lease_gone = None;
         while let Some(r) = results.next().await {
-            let (batch, resp) = r;
+            let Some((batch, resp)) = r else { continue };
             let resp = match resp {
                 Ok(r) => r,
                 Err(Fail::LeaseGone(m)) => {
-                    drop(results);
-                    inner.replace_lost(lease.id).await?;
-                    return Err(BackendError::Rejected(format!(
-                        "{m}: lease {:x} expired, its keys are gone; a new lease was granted \
-                         and every entry is to be written again",
-                        lease.id
-                    )));
+                    stop.store(true, Ordering::SeqCst);
+                    lease_gone.get_or_insert(m);
+                    continue;
                 }
                 Err(Fail::Backend(e)) => {
-                    failed = Some(refusal(e));
-                    break;
+                    stop.store(true, Ordering::SeqCst);
+                    failed.get_or_insert(refusal(e));
+                    continue;
                 }
             };
             sent += 1;
@@ -319,6 +326,15 @@ impl Etcd {
                     skipped.push(key.clone());
                 }
             }
+        }
+        drop(results);
+        if let Some(m) = lease_gone {
+            inner.replace_lost(lease.id).await?;
+            return Err(BackendError::Rejected(format!(
+                "{m}: lease {:x} expired, its keys are gone; a new lease was granted \
+                 and every entry is to be written again",
+                lease.id
+            )));
         }
         if !skipped.is_empty() {
             warn!(

@@ -382,6 +382,31 @@ impl Inner {
         }
     }
 
+    /// Stores the sessions of every shard unless they are stored already (a save that failed
+    /// when a session was opened is tried again here); whether they are stored now.
+    pub(super) async fn store_all(&self) -> bool {
+        if !self.keeps_session() {
+            return true;
+        }
+        let mut keys = self.keys.lock().await;
+        let Some(all) = StoredSession::from_slots(&keys.slots) else {
+            return false;
+        };
+        if keys.stored.as_ref() == Some(&all) {
+            return true;
+        }
+        match self.store.save(&all).await {
+            Ok(()) => {
+                keys.stored = Some(all);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not store the ZooKeeper sessions; nothing is written in them until they are");
+                false
+            }
+        }
+    }
+
     /// Whether the sessions of every shard are stored (a restart re-attaches to them).
     pub(super) async fn all_stored(&self) -> bool {
         let keys = self.keys.lock().await;

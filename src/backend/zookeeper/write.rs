@@ -45,6 +45,15 @@ impl ZooKeeper {
         }
         let mut conns = self.inner.conns().await?;
         self.grow_for(&mut conns, ops).await?;
+        // An entry in a session the Secret does not hold would be lost to a restart (it could
+        // not re-attach, and would find the entry someone else's).
+        if conns.len() > 1 && !self.inner.store_all().await {
+            return Err(BackendError::Rejected(format!(
+                "the {} ZooKeeper sessions of this catalog could not be stored in the sessions \
+                 Secret: nothing is written until they are",
+                conns.len()
+            )));
+        }
         let mut trips = 0;
         self.rehome(&conns, &mut trips).await?;
         let mut by_shard: Vec<Vec<Op>> = vec![Vec::new(); conns.len()];
