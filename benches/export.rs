@@ -979,6 +979,8 @@ async fn main() -> Result<()> {
             storm_down.as_secs_f64(),
             storm_up.as_secs_f64(),
         ));
+        // Each row as soon as it is measured: a long run that fails later keeps it.
+        eprintln!("  {}", rows.last().map(String::as_str).unwrap_or(""));
         previous = Some(target);
     }
 
