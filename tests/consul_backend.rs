@@ -182,6 +182,41 @@ impl PassingReader {
     }
 }
 
+/// Writes `services` on `node` as versions before this one did: the node registered by `owner`,
+/// each service with a passing check `<service id>:ready` of its own; then `extra` operations,
+/// all through `/v1/txn` in requests of at most [`MAX_TXN_OPS`].
+async fn write_before(
+    url: &str,
+    node: &str,
+    owner: &str,
+    services: impl Iterator<Item = Value>,
+    extra: Vec<Value>,
+) -> Result<()> {
+    let mut ops = vec![
+        json!({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.0.1",
+        "Meta": {"external-source": "kubernetes", "catalog-bridge-owner": owner}}}}),
+    ];
+    for service in services {
+        let check = json!({"Check": {"Verb": "set", "Check": {
+            "Node": node, "CheckID": format!("{}:ready", service["ID"].as_str().unwrap_or_default()),
+            "Name": "Kubernetes readiness", "Status": "passing", "ServiceID": service["ID"],
+            "ServiceName": service["Service"]}}});
+        ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": service}}));
+        ops.push(check);
+    }
+    ops.extend(extra);
+    let http = localenv::http_client()?;
+    for batch in ops.chunks(MAX_TXN_OPS) {
+        http.put(format!("{url}/v1/txn"))
+            .json(&batch)
+            .send()
+            .await?
+            .error_for_status()
+            .context("writing the entries of before")?;
+    }
+    Ok(())
+}
+
 fn puts(records: &BTreeMap<String, Record>) -> Vec<Op> {
     plan(records, &BTreeMap::new()).ops
 }
@@ -742,27 +777,12 @@ async fn entries_under_the_ids_of_before_are_replaced_without_a_gap() -> Result<
     let instances = many(&name, N);
 
     // As the previous version wrote them: ID = the instance's identity alone.
-    let mut ops = vec![
-        json!({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.0.1",
-        "Meta": {"external-source": "kubernetes", "catalog-bridge-owner": owner}}}}),
-    ];
-    for i in &instances {
-        let mut r = c.record(i);
-        let old = i.stable_id();
-        r["Service"]["ID"] = json!(old);
-        ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": r["Service"]}}));
-        ops.push(json!({"Check": {"Verb": "set", "Check": {
-            "Node": node, "CheckID": format!("{old}:ready"), "Name": "Kubernetes readiness",
-            "Status": "passing", "ServiceID": old, "ServiceName": name}}}));
-    }
-    for batch in ops.chunks(MAX_TXN_OPS) {
-        http.put(format!("{}/v1/txn", consul.url()))
-            .json(&batch)
-            .send()
-            .await?
-            .error_for_status()
-            .context("writing the entries of before")?;
-    }
+    let before = instances.iter().map(|i| {
+        let mut service = c.record(i)["Service"].clone();
+        service["ID"] = json!(i.stable_id());
+        service
+    });
+    write_before(&consul.url(), &node, &owner, before, vec![]).await?;
     // Another cluster's entry and a hand-made one on the same node.
     for (id, meta) in [
         ("by-hand", json!({})),
@@ -845,36 +865,24 @@ async fn per_instance_checks_of_before_give_way_to_one_node_check_without_a_gap(
     let node = format!("k8s-{}", scope.prefix);
     let owner = format!("cluster-{}", scope.prefix);
     let name = scope.name("api_x");
-    let http = localenv::http_client()?;
     let c = backend(&[&consul.url()], &scope, &owner)?;
     const N: usize = 40;
     let instances = many(&name, N);
 
-    // As the previous version wrote them: a passing check `<service id>:ready` per instance.
-    let mut ops = vec![
-        json!({"Node": {"Verb": "set", "Node": {"Node": node, "Address": "127.0.0.1",
-        "Meta": {"external-source": "kubernetes", "catalog-bridge-owner": owner}}}}),
+    // As the previous version wrote them: a passing check `<service id>:ready` per instance;
+    // and someone else's service on the node, with a check of its own.
+    let before = c
+        .render(&instances)
+        .into_values()
+        .map(|r| r["Service"].clone());
+    let foreign = vec![
+        json!({"Service": {"Verb": "set", "Node": node, "Service": {
+            "ID": "by-hand", "Service": name, "Address": "10.9.0.1", "Port": 8080}}}),
+        json!({"Check": {"Verb": "set", "Check": {
+            "Node": node, "CheckID": "by-hand-check", "Name": "by hand", "Status": "passing",
+            "ServiceID": "by-hand"}}}),
     ];
-    for (id, record) in c.render(&instances) {
-        ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": record["Service"]}}));
-        ops.push(json!({"Check": {"Verb": "set", "Check": {
-            "Node": node, "CheckID": format!("{id}:ready"), "Name": "Kubernetes readiness",
-            "Status": "passing", "ServiceID": id, "ServiceName": name}}}));
-    }
-    // Someone else's service on the node, with a check of its own.
-    ops.push(json!({"Service": {"Verb": "set", "Node": node, "Service": {
-        "ID": "by-hand", "Service": name, "Address": "10.9.0.1", "Port": 8080}}}));
-    ops.push(json!({"Check": {"Verb": "set", "Check": {
-        "Node": node, "CheckID": "by-hand-check", "Name": "by hand", "Status": "passing",
-        "ServiceID": "by-hand"}}}));
-    for batch in ops.chunks(MAX_TXN_OPS) {
-        http.put(format!("{}/v1/txn", consul.url()))
-            .json(&batch)
-            .send()
-            .await?
-            .error_for_status()
-            .context("writing the entries of before")?;
-    }
+    write_before(&consul.url(), &node, &owner, before, foreign).await?;
     let service_indexes = || async {
         let v = get_json(&format!("{}/v1/catalog/node-services/{node}", consul.url())).await?;
         Ok::<_, anyhow::Error>(
