@@ -329,8 +329,8 @@ pub fn catalog(name: &str) -> Arc<ExternalCatalog> {
 
 /// `n` instances of `api_x` (shop/api-x) at 10.0.x.y:8080, sorted.
 pub fn instances(n: usize) -> Arc<DesiredCatalog> {
-    Arc::new(DesiredCatalog {
-        instances: (0..n)
+    Arc::new(
+        (0..n)
             .map(|i| Instance {
                 name: "api_x".into(),
                 address: format!("10.0.{}.{}", i / 250, i % 250 + 1)
@@ -345,7 +345,7 @@ pub fn instances(n: usize) -> Arc<DesiredCatalog> {
                 meta: BTreeMap::new(),
             })
             .collect(),
-    })
+    )
 }
 
 /// Waits until `f` holds, checking every 10 ms, for at most 10 s.

@@ -926,9 +926,7 @@ async fn the_writer_puts_everything_again_after_a_lost_lease() -> Result<()> {
     let backend = Arc::new(setup.backend()?);
     let instances = many("api_x", 30);
     let (desired_tx, desired_rx) = tokio::sync::watch::channel(Arc::new(Snapshot::new(
-        std::sync::Arc::new(DesiredCatalog {
-            instances: instances.clone(),
-        }),
+        std::sync::Arc::new(instances.iter().cloned().collect::<DesiredCatalog>()),
         None,
     )));
     let (gate_tx, gate_rx) = tokio::sync::watch::channel(true);

@@ -768,14 +768,12 @@ async fn the_writer_re_creates_entries_after_an_expiry() -> Result<()> {
         &store,
         timeout,
     )?);
-    let instances = vec![
+    let instances = [
         instance("api_x", "10.0.0.1", 8080),
         instance("api_x", "10.0.0.2", 8080),
     ];
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Snapshot::new(
-        std::sync::Arc::new(DesiredCatalog {
-            instances: instances.clone(),
-        }),
+        std::sync::Arc::new(instances.iter().cloned().collect::<DesiredCatalog>()),
         None,
     )));
     let (gate_tx, gate_rx) = watch::channel(true);

@@ -10,7 +10,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::export::desired::{self, Desired, Inputs, Source};
+use crate::export::desired::{self, Desired, Inputs};
 use crate::export::writers::{CatalogView, Writers};
 use crate::import::{ImportView, Importers};
 use crate::k8s::stores::Stores;
@@ -54,20 +54,26 @@ pub async fn run(
             .cloned()
             .collect();
         // Recompute only when something changed; the tick alone refreshes views and retries
-        // catalogs that could not be built.
+        // catalogs that could not be built. A change to Services, EndpointSlices or
+        // registrations reads those objects alone; anything else reads everything.
         let d = if since.is_some() || first {
-            first = false;
-            let (svcs, sls) = (stores.services.state(), stores.slices.state());
-            Arc::new(desired::compute_with(
-                Inputs {
-                    services: &svcs,
-                    slices: &sls,
-                    catalogs: &live,
-                    registrations: &regs,
-                    namespaces: &namespaces,
-                },
-                &mut memo,
-            ))
+            let changed = changes.take_objects();
+            Arc::new(if changed.all || first {
+                first = false;
+                let (svcs, sls) = (stores.services.state(), stores.slices.state());
+                desired::compute_with(
+                    Inputs {
+                        services: &svcs,
+                        slices: &sls,
+                        catalogs: &live,
+                        registrations: &regs,
+                        namespaces: &namespaces,
+                    },
+                    &mut memo,
+                )
+            } else {
+                desired::update(&stores, &changed, &mut memo)
+            })
         } else {
             out.desired.borrow().clone()
         };
@@ -81,7 +87,7 @@ pub async fn run(
             *cur = v;
             true
         });
-        metrics.set_invalid_exports(&invalid_exports(&d));
+        metrics.set_invalid_exports(&d.invalid);
         out.desired.send_if_modified(|cur| {
             if Arc::ptr_eq(cur, &d) || **cur == *d {
                 return false;
@@ -102,21 +108,4 @@ pub async fn run(
             _ = tick.tick() => {}
         }
     }
-}
-
-/// The exports that cannot take effect, by (source kind, reason).
-fn invalid_exports(d: &Desired) -> BTreeMap<(String, String), i64> {
-    let mut invalid: BTreeMap<(String, String), i64> = BTreeMap::new();
-    for e in &d.exports {
-        if let Some(p) = &e.problem {
-            let kind = match e.source {
-                Source::Annotation { .. } => "annotation",
-                Source::Registration { .. } => "registration",
-            };
-            *invalid
-                .entry((kind.to_string(), p.reason.to_string()))
-                .or_default() += 1;
-        }
-    }
-    invalid
 }

@@ -294,7 +294,6 @@ mod tests {
         let mem = Memory::new("me", 64);
         mem.refuse_prefix("denied-", true);
         let ops: Vec<Op> = instances(10)
-            .instances
             .iter()
             .map(|i| put(&format!("ok-{}", i.stable_id())))
             .chain([put("denied-1")])

@@ -35,8 +35,9 @@ impl DesiredRecords {
     ) -> BTreeSet<String> {
         let mut touched = BTreeSet::new();
         let mut left: HashMap<String, &Instance> = HashMap::new();
-        let (removed, added) = diff_sorted(&self.instances.instances, &next.instances);
-        for inst in removed {
+        let before = self.instances.clone();
+        let changes = next.changes_from(&before);
+        for inst in changes.removed {
             for key in render(std::slice::from_ref(inst)).into_keys() {
                 if let Some(h) = self.holders.get_mut(&key) {
                     h.remove(inst);
@@ -45,7 +46,7 @@ impl DesiredRecords {
                 touched.insert(key);
             }
         }
-        for inst in added {
+        for inst in changes.added {
             for key in render(std::slice::from_ref(inst)).into_keys() {
                 self.holders
                     .entry(key.clone())
@@ -102,31 +103,6 @@ impl DesiredRecords {
     }
 }
 
-/// The elements only in `a` and only in `b`, both sorted.
-fn diff_sorted<'a>(a: &'a [Instance], b: &'a [Instance]) -> (Vec<&'a Instance>, Vec<&'a Instance>) {
-    let (mut i, mut j) = (0, 0);
-    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => {
-                only_a.push(&a[i]);
-                i += 1;
-            }
-            std::cmp::Ordering::Greater => {
-                only_b.push(&b[j]);
-                j += 1;
-            }
-            std::cmp::Ordering::Equal => {
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    only_a.extend(&a[i..]);
-    only_b.extend(&b[j..]);
-    (only_a, only_b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,14 +114,15 @@ mod tests {
     fn incremental_records_equal_a_full_render() {
         let mem = Memory::new("me", 64);
         let mut d = DesiredRecords::default();
-        let all = instances(30).instances.clone();
+        let all: Vec<Instance> = instances(30).iter().cloned().collect();
         let steps: [&[Instance]; 4] = [&all[..10], &all[5..20], &all[..0], &all[3..30]];
         for next in steps {
-            let next = Arc::new(DesiredCatalog {
-                instances: next.to_vec(),
-            });
+            let next = Arc::new(next.iter().cloned().collect::<DesiredCatalog>());
             let touched = d.update(|i| mem.render(i), &next);
-            assert_eq!(d.records, mem.render(&next.instances));
+            assert_eq!(
+                d.records,
+                mem.render(&next.iter().cloned().collect::<Vec<_>>())
+            );
             assert!(touched.len() <= 30);
         }
     }

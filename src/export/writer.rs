@@ -619,7 +619,7 @@ mod tests {
 
     /// A writer on `mem` that has written `snapshot`.
     async fn in_sync(mem: Arc<Memory>, snapshot: Arc<Snapshot>) -> Harness {
-        let entries = snapshot.catalog.instances.len();
+        let entries = snapshot.catalog.len();
         let mut h = start(mem, Duration::from_secs(3600));
         h.desired.send(snapshot).expect("send");
         h.gate.send(true).expect("gate");
@@ -819,10 +819,8 @@ mod tests {
     }
 
     fn snapshot(parts: &[&[crate::model::Instance]]) -> Arc<Snapshot> {
-        let mut instances: Vec<_> = parts.concat();
-        instances.sort();
         Arc::new(Snapshot::new(
-            Arc::new(crate::model::DesiredCatalog { instances }),
+            Arc::new(parts.concat().into_iter().collect()),
             None,
         ))
     }

@@ -608,7 +608,7 @@ mod tests {
     fn desired(name: &str, n: usize) -> Desired {
         Desired {
             catalogs: BTreeMap::from([(name.to_string(), instances(n))]),
-            exports: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -751,7 +751,7 @@ mod tests {
         let mut w = w.finalizing(held.clone());
         let both = Desired {
             catalogs: BTreeMap::from([("a".into(), instances(2)), ("b".into(), instances(2))]),
-            exports: Vec::new(),
+            ..Default::default()
         };
         w.sync(&[catalog("a"), catalog("b")], &both, None).await;
         assert!(held.holds("a") && held.holds("b"), "held while leading");

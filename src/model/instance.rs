@@ -61,9 +61,68 @@ pub fn fnv1a64(s: &str) -> u64 {
 }
 
 /// Everything one catalog should hold for this controller, sorted and without duplicates.
+///
+/// A persistent set: the desired-state step changes one instance of a hundred thousand in
+/// O(log n), a copy shares everything with its original, and [`DesiredCatalog::changes_from`]
+/// skips what two versions share, so a writer's diff costs what changed, not the catalog's size.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredCatalog {
-    pub instances: Vec<Instance>,
+    instances: imbl::OrdSet<Instance>,
+}
+
+impl DesiredCatalog {
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+
+    /// The instances, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = &Instance> {
+        self.instances.iter()
+    }
+
+    pub fn contains(&self, i: &Instance) -> bool {
+        self.instances.contains(i)
+    }
+
+    pub fn insert(&mut self, i: Instance) {
+        self.instances.insert(i);
+    }
+
+    pub fn remove(&mut self, i: &Instance) {
+        self.instances.remove(i);
+    }
+
+    /// What `self` has that `before` has not (added) and what `before` had that `self` has not
+    /// (removed), in order; parts both share are skipped unread.
+    pub fn changes_from<'a>(&'a self, before: &'a DesiredCatalog) -> Difference<'a> {
+        let mut c = Difference::default();
+        for d in before.instances.diff(&self.instances) {
+            match d {
+                imbl::ordset::DiffItem::Add(i) => c.added.push(i),
+                imbl::ordset::DiffItem::Remove(i) => c.removed.push(i),
+            }
+        }
+        c
+    }
+}
+
+impl FromIterator<Instance> for DesiredCatalog {
+    fn from_iter<T: IntoIterator<Item = Instance>>(iter: T) -> Self {
+        DesiredCatalog {
+            instances: iter.into_iter().collect(),
+        }
+    }
+}
+
+/// The difference between two [`DesiredCatalog`]s.
+#[derive(Debug, Default)]
+pub struct Difference<'a> {
+    pub added: Vec<&'a Instance>,
+    pub removed: Vec<&'a Instance>,
 }
 
 #[cfg(test)]

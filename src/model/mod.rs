@@ -10,5 +10,5 @@ pub mod problem;
 
 pub use change::{Op, Record, Unit};
 pub use error::BackendError;
-pub use instance::{DesiredCatalog, Instance, Origin, fnv1a64};
+pub use instance::{DesiredCatalog, Difference, Instance, Origin, fnv1a64};
 pub use problem::{Problem, Reason};

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::k8s::changed::Changed;
+
 /// How long changes may wait, with the loop not turning, before the replica is unhealthy: 60
 /// turns of the loop's 500 ms tick. Slow API calls inside one turn stay below it.
 pub const STALLED_AFTER: Duration = Duration::from_secs(30);
@@ -19,6 +21,8 @@ struct Marks {
     /// `None` until the loop's first turn: while the caches sync, `/readyz` speaks, not
     /// `/healthz` (a first list of 100,000 objects may take longer than a stall).
     last_turn: Option<Instant>,
+    /// The objects changed since the last take.
+    objects: Changed,
 }
 
 /// Changes seen but not yet folded into desired state, shared by the watches (which mark
@@ -34,8 +38,19 @@ impl Changes {
         self.marks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A change was seen: wakes the loop.
+    /// A change was seen, with no word of which objects it touched: everything is read again.
     pub fn mark(&self) {
+        self.lock().objects.all = true;
+        self.wake();
+    }
+
+    /// An event of a watch of `kind` was seen: notes the object it changed and wakes the loop.
+    pub fn mark_event<K: kube::Resource>(&self, kind: &str, ev: &kube::runtime::watcher::Event<K>) {
+        self.lock().objects.note(kind, ev);
+        self.wake();
+    }
+
+    fn wake(&self) {
         self.lock().since.get_or_insert_with(Instant::now);
         self.notify.notify_one();
     }
@@ -45,6 +60,11 @@ impl Changes {
         let mut m = self.lock();
         m.last_turn = Some(Instant::now());
         m.since.take()
+    }
+
+    /// Takes the objects changed since the last take.
+    pub fn take_objects(&self) -> Changed {
+        std::mem::take(&mut self.lock().objects)
     }
 
     /// Resolves at the next [`Changes::mark`] (or at once when one came since the last take).

@@ -134,7 +134,7 @@ async fn registrations(
 ) {
     let exports: HashMap<(String, String), &Export> = d
         .exports
-        .iter()
+        .values()
         .filter_map(|e| match &e.source {
             Source::Registration { namespace, name } => {
                 Some(((namespace.clone(), name.clone()), e))
@@ -182,7 +182,7 @@ async fn problems(stores: &Stores, d: &Desired, recorder: &mut Announcer, writte
     let mut current = HashSet::new();
     let findings = d
         .exports
-        .iter()
+        .values()
         .flat_map(|e| e.problem.iter().chain(&e.warnings).map(move |p| (e, p)))
         .collect::<Vec<(&Export, &Problem)>>();
     for (e, p) in findings {
@@ -258,7 +258,7 @@ async fn refusals(
     written: &mut Written,
 ) {
     let mut current = HashSet::new();
-    for e in &d.exports {
+    for e in d.exports.values() {
         let Some(view) = v.get(&e.catalog) else {
             continue;
         };

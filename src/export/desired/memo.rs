@@ -1,29 +1,50 @@
 //! What the desired-state step keeps between runs, so that a change to one Service recomputes
-//! that Service only: each export's instances, keyed by the resource versions they came from,
-//! and each catalog's instances with how many exports contribute each.
+//! that Service only: each export's request and instances, keyed by the resource versions they
+//! came from; each catalog's instances as a persistent set; the indexes that find the exports a
+//! changed object touches (slices by Service, registrations by the Service they name, the
+//! exports that claim a name); and every export's outcome.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::Source;
+use super::policy::{Claim, Rules};
 use super::request::Request;
+use super::{Export, Source};
 use crate::api::crd::PortRef;
+use crate::api::labels::SERVICE_NAME_LABEL;
 use crate::model::{DesiredCatalog, Instance, Problem};
 
-/// What [`compute_with`] keeps between runs so that a change to one Service recomputes that
-/// Service only: each export's instances, keyed by the resource versions they came from, and
-/// each catalog's instances with how many exports contribute each.
+/// A namespaced object's key: (namespace, name).
+pub(super) type Key = (String, String);
+
+/// What [`compute_with`](super::compute_with) and [`update`](super::update) keep between runs.
 #[derive(Default)]
 pub struct Memo {
+    pub(super) rules: Rules,
     pub(super) sources: HashMap<Source, Memoized>,
     pub(super) catalogs: HashMap<String, CatalogMemo>,
+    /// Each Service's EndpointSlices, by slice name.
+    pub(super) slices_of: HashMap<Key, BTreeMap<String, Arc<EndpointSlice>>>,
+    /// The Service each slice belongs to, as last indexed.
+    pub(super) slice_owner: HashMap<Key, String>,
+    /// The registrations that export each Service.
+    pub(super) registrations_of: HashMap<Key, BTreeSet<Source>>,
+    /// Per (catalog, external name) in catalogs that do not merge, every export that claims
+    /// it, oldest first: the first keeps the name.
+    pub(super) claims: HashMap<Key, BTreeSet<Claim>>,
+    /// The names each source claims.
+    pub(super) claimed_by: HashMap<Source, Vec<Key>>,
+    pub(super) exports: imbl::OrdMap<(Source, String), Export>,
+    /// Exports that cannot take effect, by (source kind, reason).
+    pub(super) invalid: BTreeMap<(String, String), i64>,
 }
 
 /// One export source as of the last run.
 pub(super) struct Memoized {
+    pub(super) request: Request,
     /// What its instances were computed from; `None` (an object without a resource version)
     /// is never reused.
     pub(super) fingerprint: Option<Fingerprint>,
@@ -32,8 +53,8 @@ pub(super) struct Memoized {
     pub(super) contributed: Vec<String>,
 }
 
-/// The inputs of [`instances`], by identity: the Service's and its slices' resource versions
-/// and the request's own settings.
+/// The inputs of [`instances`](super::endpoints::instances), by identity: the Service's and
+/// its slices' resource versions and the request's own settings.
 #[derive(PartialEq, Eq)]
 pub(super) struct Fingerprint {
     pub(super) service: (String, String),
@@ -44,10 +65,12 @@ pub(super) struct Fingerprint {
     pub(super) meta: BTreeMap<String, String>,
 }
 
+/// One catalog's instances and the snapshot last handed out.
 #[derive(Default)]
 pub(super) struct CatalogMemo {
-    /// Each instance and how many export sources contribute it.
-    pub(super) counts: BTreeMap<Instance, u32>,
+    pub(super) set: DesiredCatalog,
+    /// Instances that more than one source contributes, with how many more.
+    pub(super) shared: HashMap<Instance, u32>,
     pub(super) built: Arc<DesiredCatalog>,
     pub(super) dirty: bool,
 }
@@ -55,31 +78,92 @@ pub(super) struct CatalogMemo {
 impl CatalogMemo {
     pub(super) fn add(&mut self, instances: &[Instance]) {
         for i in instances {
-            *self.counts.entry(i.clone()).or_default() += 1;
+            if self.set.contains(i) {
+                *self.shared.entry(i.clone()).or_default() += 1;
+            } else {
+                self.set.insert(i.clone());
+            }
         }
         self.dirty |= !instances.is_empty();
     }
 
     pub(super) fn remove(&mut self, instances: &[Instance]) {
         for i in instances {
-            if let Some(n) = self.counts.get_mut(i) {
-                *n -= 1;
-                if *n == 0 {
-                    self.counts.remove(i);
+            match self.shared.get_mut(i) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    self.shared.remove(i);
                 }
+                None => self.set.remove(i),
             }
         }
         self.dirty |= !instances.is_empty();
     }
+
+    /// The snapshot of the set: the last one when nothing changed since.
+    pub(super) fn snapshot(&mut self) -> Arc<DesiredCatalog> {
+        if self.dirty {
+            self.built = Arc::new(self.set.clone());
+            self.dirty = false;
+        }
+        self.built.clone()
+    }
 }
 
-/// Takes what `source` added to the catalogs out of them again.
-pub(super) fn withdraw(catalogs: &mut HashMap<String, CatalogMemo>, source: &Memoized) {
-    if let Ok(list) = &source.resolved {
-        for catalog in &source.contributed {
-            if let Some(m) = catalogs.get_mut(catalog) {
-                m.remove(list);
+impl Memo {
+    /// Takes what `source` added to the catalogs out of them again.
+    pub(super) fn withdraw(&mut self, source: &Memoized) {
+        if let Ok(list) = &source.resolved {
+            for catalog in &source.contributed {
+                if let Some(m) = self.catalogs.get_mut(catalog) {
+                    m.remove(list);
+                }
             }
+        }
+    }
+
+    /// Files `slice` (or its absence) under its Service; returns the Services whose slices
+    /// changed (the one it left and the one it joined).
+    pub(super) fn index_slice(&mut self, key: &Key, slice: Option<Arc<EndpointSlice>>) -> Vec<Key> {
+        let mut touched = Vec::new();
+        if let Some(owner) = self.slice_owner.remove(key) {
+            let svc = (key.0.clone(), owner);
+            if let Some(m) = self.slices_of.get_mut(&svc) {
+                m.remove(&key.1);
+                if m.is_empty() {
+                    self.slices_of.remove(&svc);
+                }
+            }
+            touched.push(svc);
+        }
+        let owner = slice.as_ref().and_then(|s| {
+            (s.metadata.labels.as_ref())
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .cloned()
+        });
+        if let (Some(slice), Some(owner)) = (slice, owner) {
+            let svc = (key.0.clone(), owner.clone());
+            (self.slices_of.entry(svc.clone()).or_default()).insert(key.1.clone(), slice);
+            self.slice_owner.insert(key.clone(), owner);
+            if !touched.contains(&svc) {
+                touched.push(svc);
+            }
+        }
+        touched
+    }
+
+    /// Counts `export` among the invalid ones (`by` 1) or takes it out again (`by` -1).
+    pub(super) fn count_invalid(&mut self, export: &Export, by: i64) {
+        let Some(p) = &export.problem else { return };
+        let kind = match export.source {
+            Source::Annotation { .. } => "annotation",
+            Source::Registration { .. } => "registration",
+        };
+        let key = (kind.to_string(), p.reason.to_string());
+        let n = self.invalid.entry(key.clone()).or_default();
+        *n += by;
+        if *n == 0 {
+            self.invalid.remove(&key);
         }
     }
 }

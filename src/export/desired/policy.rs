@@ -2,97 +2,76 @@
 //! under a name (`NotAllowed`), and, where a catalog does not merge one name from several
 //! namespaces, which namespace keeps it (`NameConflict` for the others).
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::Source;
 use super::request::Request;
 use crate::api::crd::ExternalCatalog;
-use crate::api::labels::is_imported;
 use crate::model::{Problem, Reason};
 
-/// The export that keeps a name in a catalog.
-struct Holder {
-    /// Creation time of the Service (annotation) or registration; unknown counts as newest.
+/// An export's claim on a name in a catalog that does not merge: claims order oldest first
+/// (unknown creation counts as newest), then by namespace and source; the first keeps the name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Claim {
+    unknown: bool,
     created: Option<Time>,
-    namespace: String,
-    source: Source,
-}
-
-impl Holder {
-    fn key(&self) -> (bool, Option<&Time>, &str, &Source) {
-        (
-            self.created.is_none(),
-            self.created.as_ref(),
-            &self.namespace,
-            &self.source,
-        )
-    }
+    pub(super) namespace: String,
+    pub(super) source: Source,
 }
 
 /// The catalogs' export rules, with the namespaces' labels they are read against.
-pub(super) struct Policies<'a> {
-    catalogs: HashMap<&'a str, &'a ExternalCatalog>,
-    labels: HashMap<&'a str, &'a BTreeMap<String, String>>,
-    /// Per (catalog, external name), the export that keeps it, in catalogs that do not merge.
-    holders: HashMap<(String, String), Holder>,
+#[derive(Default)]
+pub(super) struct Rules {
+    catalogs: HashMap<String, Arc<ExternalCatalog>>,
+    labels: HashMap<String, BTreeMap<String, String>>,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
-impl<'a> Policies<'a> {
-    /// Reads every request that would contribute, to find who keeps each name.
-    pub(super) fn new(
-        catalogs: &'a [Arc<ExternalCatalog>],
-        namespaces: &'a [Arc<Namespace>],
-        requests: &[Request],
-        services: &HashMap<(&str, &str), &Service>,
-    ) -> Policies<'a> {
-        let mut p = Policies {
+impl Rules {
+    pub(super) fn new(catalogs: &[Arc<ExternalCatalog>], namespaces: &[Arc<Namespace>]) -> Rules {
+        Rules {
             catalogs: catalogs
                 .iter()
-                .filter_map(|c| Some((c.metadata.name.as_deref()?, c.as_ref())))
+                .filter_map(|c| Some((c.metadata.name.clone()?, c.clone())))
                 .collect(),
             labels: namespaces
                 .iter()
-                .filter_map(|n| Some((n.metadata.name.as_deref()?, n.metadata.labels.as_ref()?)))
+                .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone()?)))
                 .collect(),
-            holders: HashMap::new(),
-        };
-        for req in requests {
-            let exists = services
-                .get(&(req.namespace.as_str(), req.service.as_str()))
-                .is_some_and(|s| !is_imported(s.metadata.labels.as_ref()));
-            if req.problem.is_some() || !exists {
-                continue;
-            }
-            let name = req.external_name.as_deref().unwrap_or(&req.service);
-            for catalog in &req.catalogs {
-                if p.merges(catalog) || p.not_allowed(req, catalog, name).is_some() {
-                    continue;
-                }
-                let candidate = Holder {
-                    created: req.created.clone(),
-                    namespace: req.namespace.clone(),
-                    source: req.source.clone(),
-                };
-                match p.holders.entry((catalog.clone(), name.to_string())) {
-                    Entry::Occupied(mut held) => {
-                        if candidate.key() < held.get().key() {
-                            held.insert(candidate);
-                        }
-                    }
-                    Entry::Vacant(free) => {
-                        free.insert(candidate);
-                    }
-                }
-            }
         }
-        p
+    }
+
+    /// The catalog named `name`, if it exists.
+    pub(super) fn catalog(&self, name: &str) -> Option<&ExternalCatalog> {
+        self.catalogs.get(name).map(Arc::as_ref)
+    }
+
+    /// The (catalog, name) pairs `req` claims: where it would contribute (its Service exists
+    /// and is not imported, `exported`) to a catalog that does not merge and lets it export.
+    pub(super) fn claims(&self, req: &Request, exported: bool) -> Vec<(String, String)> {
+        if req.problem.is_some() || !exported {
+            return Vec::new();
+        }
+        let name = req.external_name.as_deref().unwrap_or(&req.service);
+        (req.catalogs.iter())
+            .filter(|c| !self.merges(c) && self.not_allowed(req, c, name).is_none())
+            .map(|c| (c.clone(), name.to_string()))
+            .collect()
+    }
+
+    /// `req`'s claim on its names.
+    pub(super) fn claim(req: &Request) -> Claim {
+        Claim {
+            unknown: req.created.is_none(),
+            created: req.created.clone(),
+            namespace: req.namespace.clone(),
+            source: req.source.clone(),
+        }
     }
 
     fn merges(&self, catalog: &str) -> bool {
@@ -108,7 +87,6 @@ impl<'a> Policies<'a> {
         let labels = self
             .labels
             .get(req.namespace.as_str())
-            .copied()
             .unwrap_or(&NO_LABELS);
         policy
             .export()
@@ -117,12 +95,19 @@ impl<'a> Policies<'a> {
     }
 
     /// Why `req` may not export `name` to `catalog`: its policy does not allow it
-    /// (`NotAllowed`), or another namespace keeps the name (`NameConflict`). None: it may.
-    pub(super) fn refusal(&self, req: &Request, catalog: &str, name: &str) -> Option<Problem> {
+    /// (`NotAllowed`), or another namespace's export, `holder`, keeps the name
+    /// (`NameConflict`). None: it may.
+    pub(super) fn refusal(
+        &self,
+        req: &Request,
+        catalog: &str,
+        name: &str,
+        holder: Option<&Claim>,
+    ) -> Option<Problem> {
         if let Some(p) = self.not_allowed(req, catalog, name) {
             return Some(p);
         }
-        let holder = self.holders.get(&(catalog.to_string(), name.to_string()))?;
+        let holder = holder?;
         if holder.namespace == req.namespace {
             return None;
         }

@@ -17,6 +17,7 @@ use crate::api::labels::{
 use crate::model::{Problem, Reason};
 
 /// What one export asks for, once its source is parsed.
+#[derive(Clone)]
 pub(super) struct Request {
     pub(super) source: Source,
     pub(super) namespace: String,
