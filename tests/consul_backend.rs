@@ -218,7 +218,7 @@ async fn write_before(
 }
 
 fn puts(records: &BTreeMap<String, Record>) -> Vec<Op> {
-    plan(records, &BTreeMap::new()).ops
+    plan(records, &BTreeMap::<String, Record>::new()).ops
 }
 
 /// render → apply → read_owned gives back exactly the rendered records, so a second plan (a

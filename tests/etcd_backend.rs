@@ -92,7 +92,7 @@ fn many(name: &str, n: usize) -> Vec<Instance> {
 }
 
 fn puts(records: &BTreeMap<String, Record>) -> Vec<Op> {
-    plan(records, &BTreeMap::new()).ops
+    plan(records, &BTreeMap::<String, Record>::new()).ops
 }
 
 /// Standard base64, as etcdctl's JSON output encodes keys and values.

@@ -462,7 +462,13 @@ async fn own_exports_are_not_imported() -> Result<()> {
     let own_key = format!("{dir}/10.0.0.20:3306");
     let desired = exporter.render(std::slice::from_ref(&inst));
     exporter
-        .apply(&plan(&desired, &Default::default()).ops)
+        .apply(
+            &plan(
+                &desired,
+                &std::collections::BTreeMap::<String, catalog_bridge::model::Record>::new(),
+            )
+            .ops,
+        )
         .await?;
 
     let has_own = |s: &ImportSnapshot| s.instances.iter().any(|e| e.id == own_key);

@@ -96,7 +96,7 @@ fn many(name: &str, n: usize) -> Vec<Instance> {
 }
 
 fn puts(records: &BTreeMap<String, Record>) -> Vec<Op> {
-    plan(records, &BTreeMap::new()).ops
+    plan(records, &BTreeMap::<String, Record>::new()).ops
 }
 
 /// Runs a kazoo snippet that prints one JSON value; `sys.argv[1]` is the connect string.

@@ -82,7 +82,7 @@ fn instance(name: &str, ip: &str, port: u16) -> Instance {
 }
 
 fn puts(records: &BTreeMap<String, Record>) -> Vec<Op> {
-    plan(records, &BTreeMap::new()).ops
+    plan(records, &BTreeMap::<String, Record>::new()).ops
 }
 
 fn ext(address: &str, port: u16, id: &str) -> External {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::model::{BackendError, Op, Record, Unit};
+use crate::model::{BackendError, Known, Op, Record, Unit};
 
 /// One refused unit, as the writer reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,10 +55,14 @@ impl Held {
     pub fn prune(
         &mut self,
         desired: &BTreeMap<String, Record>,
-        current: &BTreeMap<String, Record>,
+        current: &BTreeMap<String, impl Known>,
     ) {
         for e in self.units.values_mut() {
-            e.keys.retain(|k| desired.get(k) != current.get(k));
+            e.keys.retain(|k| match (desired.get(k), current.get(k)) {
+                (None, None) => false,
+                (Some(d), Some(c)) => !c.holds(d),
+                _ => true,
+            });
         }
         self.units.retain(|_, e| !e.keys.is_empty());
     }
@@ -228,10 +232,10 @@ mod tests {
         let d = (Duration::from_millis(1), Duration::from_millis(2));
         h.record(&[], &refused, now, d);
         let desired = BTreeMap::from([("d-1".to_string(), json!("d-1"))]);
-        h.prune(&desired, &BTreeMap::new());
+        h.prune(&desired, &BTreeMap::<String, Record>::new());
         assert_eq!(h.len(), 1);
         assert_eq!(h.unit_of_key("d-1"), Some(&unit("d")));
-        h.prune(&BTreeMap::new(), &BTreeMap::new());
+        h.prune(&BTreeMap::new(), &BTreeMap::<String, Record>::new());
         assert!(h.is_empty(), "the export is gone");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-pub use crate::model::{Op, Record};
+pub use crate::model::{Known, Op, Record};
 
 /// The changes that turn `current` into `desired`, creates and updates first, deletions last.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -32,8 +32,8 @@ impl std::fmt::Display for Plan {
 }
 
 /// Diffs `desired` against `current` (the owned entries read from, or last written to, the
-/// catalog).
-pub fn plan(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, Record>) -> Plan {
+/// catalog: records or their digests).
+pub fn plan<K: Known>(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, K>) -> Plan {
     let mut p = Plan::default();
     for (key, record) in desired {
         p.put_if_differs(key, record, current.get(key));
@@ -48,9 +48,9 @@ pub fn plan(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, Recor
 
 /// The same diff restricted to `keys`, for when `current` is known to equal an earlier
 /// desired state and only `keys` can have changed since: O(changes), not O(entries).
-pub fn plan_keys<'a>(
+pub fn plan_keys<'a, K: Known>(
     desired: &BTreeMap<String, Record>,
-    current: &BTreeMap<String, Record>,
+    current: &BTreeMap<String, K>,
     keys: impl IntoIterator<Item = &'a String>,
 ) -> Plan {
     let mut p = Plan::default();
@@ -69,9 +69,9 @@ pub fn plan_keys<'a>(
 }
 
 impl Plan {
-    fn put_if_differs(&mut self, key: &str, record: &Record, have: Option<&Record>) {
+    fn put_if_differs(&mut self, key: &str, record: &Record, have: Option<&impl Known>) {
         match have {
-            Some(h) if h == record => return,
+            Some(h) if h.holds(record) => return,
             Some(_) => self.updates += 1,
             None => self.creates += 1,
         }
@@ -89,12 +89,12 @@ impl Plan {
     }
 }
 
-/// Applies a plan to a map of records, as a successful write does to the catalog.
-pub fn apply_to(current: &mut BTreeMap<String, Record>, ops: &[Op]) {
+/// Applies a plan to a map of records (or digests), as a successful write does to the catalog.
+pub fn apply_to<K: Known>(current: &mut BTreeMap<String, K>, ops: &[Op]) {
     for op in ops {
         match op {
             Op::Put { key, record } => {
-                current.insert(key.clone(), record.clone());
+                current.insert(key.clone(), K::of(record));
             }
             Op::Delete { key } => {
                 current.remove(key);

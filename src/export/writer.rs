@@ -17,7 +17,7 @@ use super::records::DesiredRecords;
 use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
 use super::snapshot::{Report, Snapshot};
 use crate::backend::Backend;
-use crate::model::{BackendError, Op, Record, Unit};
+use crate::model::{BackendError, Digest, Op, Unit};
 use crate::runtime::{Backoff, Metrics};
 
 #[derive(Clone, Debug)]
@@ -51,8 +51,9 @@ pub struct Writer {
     gate: watch::Receiver<bool>,
     report: watch::Sender<Report>,
     metrics: Arc<Metrics>,
-    /// The owned records as last read or written; `None` when unknown.
-    current: Option<BTreeMap<String, Record>>,
+    /// The owned entries as last read or written, by digest (the records are rendered again
+    /// when needed, never kept twice); `None` when unknown.
+    current: Option<BTreeMap<String, Digest>>,
     /// With `--dry-run`: the plan last logged.
     last_dry_plan: Option<Plan>,
     /// The desired records, rendered incrementally.
@@ -451,13 +452,18 @@ impl Writer {
         .await
     }
 
-    async fn read(&mut self) -> Result<BTreeMap<String, Record>, BackendError> {
+    async fn read(&mut self) -> Result<BTreeMap<String, Digest>, BackendError> {
         let r = self.backend.read_owned().await;
         self.metrics
             .reads(&self.cfg.catalog, if r.is_ok() { "ok" } else { "error" });
         let owned = r?;
         debug!(catalog = %self.cfg.catalog, entries = owned.len(), "read owned state");
-        Ok(owned)
+        Ok((owned.into_iter())
+            .map(|(k, r)| {
+                let d = Digest::of(&r);
+                (k, d)
+            })
+            .collect())
     }
 
     /// Re-reads the owned state and counts every entry that differs from what was written
@@ -465,12 +471,11 @@ impl Writer {
     async fn check_drift(&mut self) -> Result<(), BackendError> {
         let read = self.read().await?;
         if let Some(known) = &self.current {
-            let drifted = plan(known, &read);
+            let drifted = drifted(known, &read);
             self.trusted &= drifted.is_empty();
             if !drifted.is_empty() {
-                warn!(catalog = %self.cfg.catalog, drift = %drifted, "catalog drifted from what was written; repairing");
-                self.metrics
-                    .drift(&self.cfg.catalog, drifted.ops.len() as u64);
+                warn!(catalog = %self.cfg.catalog, entries = drifted.len(), first = ?drifted.iter().take(5).collect::<Vec<_>>(), "catalog drifted from what was written; repairing");
+                self.metrics.drift(&self.cfg.catalog, drifted.len() as u64);
             }
         }
         if self.current.is_none() {
@@ -563,6 +568,21 @@ impl Writer {
             changed
         });
     }
+}
+
+/// The keys whose entries differ between what was written (`known`) and what was read:
+/// changed, removed or added behind this controller's back.
+fn drifted<'a>(
+    known: &'a BTreeMap<String, Digest>,
+    read: &'a BTreeMap<String, Digest>,
+) -> Vec<&'a str> {
+    let changed = (known.iter())
+        .filter(|(k, d)| read.get(*k) != Some(d))
+        .map(|(k, _)| k.as_str());
+    let added = (read.keys())
+        .filter(|k| !known.contains_key(*k))
+        .map(String::as_str);
+    changed.chain(added).collect()
 }
 
 #[cfg(test)]

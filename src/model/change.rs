@@ -10,6 +10,101 @@ use super::instance::Origin;
 /// holds what would be written.
 pub type Record = serde_json::Value;
 
+/// A record's fingerprint (128 bits): what the writer keeps of the entries a catalog holds, in
+/// place of the records themselves. Equal records have equal digests, whatever the order of
+/// their objects' keys; different ones differ but with a chance of 2^-128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Digest(u64, u64);
+
+impl Digest {
+    pub fn of(record: &Record) -> Digest {
+        use std::hash::Hasher;
+        let mut h = Both::default();
+        hash_value(record, &mut h);
+        Digest(h.0.finish(), h.1.finish())
+    }
+}
+
+/// Two independent 64-bit hashers fed the same bytes.
+#[derive(Default)]
+struct Both(fnv::FnvHasher, std::hash::DefaultHasher);
+
+impl std::hash::Hasher for Both {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+        self.1.write(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+}
+
+/// Feeds `v` to `h`, objects' keys in sorted order, each value tagged with its kind.
+fn hash_value(v: &Record, h: &mut impl std::hash::Hasher) {
+    use serde_json::Value;
+    use std::hash::Hash;
+    match v {
+        Value::Null => h.write_u8(0),
+        Value::Bool(b) => {
+            h.write_u8(1);
+            b.hash(h);
+        }
+        Value::Number(n) => {
+            h.write_u8(2);
+            n.to_string().hash(h);
+        }
+        Value::String(s) => {
+            h.write_u8(3);
+            s.hash(h);
+        }
+        Value::Array(a) => {
+            h.write_u8(4);
+            h.write_usize(a.len());
+            for x in a {
+                hash_value(x, h);
+            }
+        }
+        Value::Object(o) => {
+            h.write_u8(5);
+            h.write_usize(o.len());
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            for k in keys {
+                k.hash(h);
+                hash_value(&o[k.as_str()], h);
+            }
+        }
+    }
+}
+
+/// What the writer knows of an entry a catalog holds: the record itself, or its [`Digest`].
+pub trait Known {
+    fn of(record: &Record) -> Self;
+    /// Whether the catalog holds `record` exactly.
+    fn holds(&self, record: &Record) -> bool;
+}
+
+impl Known for Record {
+    fn of(record: &Record) -> Self {
+        record.clone()
+    }
+
+    fn holds(&self, record: &Record) -> bool {
+        self == record
+    }
+}
+
+impl Known for Digest {
+    fn of(record: &Record) -> Self {
+        Digest::of(record)
+    }
+
+    fn holds(&self, record: &Record) -> bool {
+        *self == Digest::of(record)
+    }
+}
+
 /// One change to a catalog.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -44,5 +139,32 @@ impl fmt::Display for Unit {
             Unit::Export { origin, name } => write!(f, "{origin} as {name}"),
             Unit::Entry { key } => write!(f, "entry {key}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn digests_follow_content_not_key_order() {
+        let a = json!({"ID": "x", "Port": 80, "Tags": ["a", "b"], "Meta": {"k": "v", "j": null}});
+        let b: Record = serde_json::from_str(
+            r#"{"Meta": {"j": null, "k": "v"}, "Tags": ["a", "b"], "Port": 80, "ID": "x"}"#,
+        )
+        .expect("json");
+        assert_eq!(Digest::of(&a), Digest::of(&b));
+        for other in [
+            json!({"ID": "x", "Port": 81, "Tags": ["a", "b"], "Meta": {"k": "v", "j": null}}),
+            json!({"ID": "x", "Port": "80", "Tags": ["a", "b"], "Meta": {"k": "v", "j": null}}),
+            json!({"ID": "x", "Port": 80, "Tags": ["b", "a"], "Meta": {"k": "v", "j": null}}),
+            json!({"ID": "x", "Port": 80, "Tags": ["ab"], "Meta": {"k": "v", "j": null}}),
+            json!({"ID": "x", "Port": 80, "Tags": ["a", "b"], "Meta": {"k": "v"}}),
+        ] {
+            assert_ne!(Digest::of(&a), Digest::of(&other), "{other}");
+            assert!(!Digest::of(&a).holds(&other));
+        }
+        assert!(Digest::of(&a).holds(&b));
     }
 }
