@@ -7,9 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::api::crd::ExternalRegistration;
 use crate::export::desired::{self, Desired, Inputs};
 use crate::export::writers::{CatalogView, Writers};
 use crate::import::{ImportView, Importers};
@@ -44,6 +48,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     let mut first = true;
     let mut memo = desired::Memo::default();
+    let (mut last_catalogs, mut last_namespaces) = (Vec::new(), Vec::new());
     loop {
         let since = changes.take();
         let (cats, regs) = (stores.catalogs.state(), stores.registrations.state());
@@ -55,10 +60,25 @@ pub async fn run(
             .collect();
         // Recompute only when something changed; the tick alone refreshes views and retries
         // catalogs that could not be built. A change to Services, EndpointSlices or
-        // registrations reads those objects alone; anything else reads everything.
+        // registrations reads those objects alone; a new catalog spec or namespace labels, or
+        // a relist, read everything.
         let d = if since.is_some() || first {
             let changed = changes.take_objects();
-            Arc::new(if changed.all || first {
+            // What desired state reads of catalogs and namespaces: their specs (a status
+            // update moves no generation) and labels.
+            let read_of_catalogs: Vec<_> = (live.iter())
+                .map(|c| (c.metadata.uid.clone(), c.metadata.generation))
+                .collect();
+            let read_of_namespaces: Vec<_> = (namespaces.iter())
+                .map(|n| (n.metadata.name.clone(), n.metadata.labels.clone()))
+                .collect();
+            let reread = changed.all
+                || first
+                || (changed.catalogs && read_of_catalogs != last_catalogs)
+                || (changed.namespaces && read_of_namespaces != last_namespaces);
+            last_catalogs = read_of_catalogs;
+            last_namespaces = read_of_namespaces;
+            Arc::new(if reread {
                 first = false;
                 let (svcs, sls) = (stores.services.state(), stores.slices.state());
                 desired::compute_with(
@@ -107,5 +127,21 @@ pub async fn run(
             () = changes.marked() => {}
             _ = tick.tick() => {}
         }
+    }
+}
+
+/// The desired-state step reads the objects that changed from the watches' stores.
+impl desired::Objects for Stores {
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        self.services.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    fn slice(&self, namespace: &str, name: &str) -> Option<Arc<EndpointSlice>> {
+        self.slices.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    fn registration(&self, namespace: &str, name: &str) -> Option<Arc<ExternalRegistration>> {
+        self.registrations
+            .get(&ObjectRef::new(name).within(namespace))
     }
 }

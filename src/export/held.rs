@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::model::{BackendError, Known, Op, Record, Unit};
+use crate::model::{BackendError, Known, Op, Unit};
 
 /// One refused unit, as the writer reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,13 +54,13 @@ impl Held {
     /// the export is gone), and the units left without keys.
     pub fn prune(
         &mut self,
-        desired: &BTreeMap<String, Record>,
+        desired: &BTreeMap<String, impl Known>,
         current: &BTreeMap<String, impl Known>,
     ) {
         for e in self.units.values_mut() {
             e.keys.retain(|k| match (desired.get(k), current.get(k)) {
                 (None, None) => false,
-                (Some(d), Some(c)) => !c.holds(d),
+                (Some(d), Some(c)) => c.digest() != d.digest(),
                 _ => true,
             });
         }
@@ -164,7 +164,7 @@ impl Held {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Origin;
+    use crate::model::{Origin, Record};
     use serde_json::json;
 
     fn unit(s: &str) -> Unit {
@@ -235,7 +235,10 @@ mod tests {
         h.prune(&desired, &BTreeMap::<String, Record>::new());
         assert_eq!(h.len(), 1);
         assert_eq!(h.unit_of_key("d-1"), Some(&unit("d")));
-        h.prune(&BTreeMap::new(), &BTreeMap::<String, Record>::new());
+        h.prune(
+            &BTreeMap::<String, Record>::new(),
+            &BTreeMap::<String, Record>::new(),
+        );
         assert!(h.is_empty(), "the export is gone");
     }
 }

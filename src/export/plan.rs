@@ -33,10 +33,20 @@ impl std::fmt::Display for Plan {
 
 /// Diffs `desired` against `current` (the owned entries read from, or last written to, the
 /// catalog: records or their digests).
-pub fn plan<K: Known>(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, K>) -> Plan {
+pub fn plan(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, impl Known>) -> Plan {
+    plan_with(desired, current, |_, r| Some(r.clone()))
+}
+
+/// [`plan`] where the desired state is known by digest (or record), `record` rendering the
+/// record of a key that must be written.
+pub fn plan_with<D: Known, K: Known>(
+    desired: &BTreeMap<String, D>,
+    current: &BTreeMap<String, K>,
+    record: impl Fn(&str, &D) -> Option<Record>,
+) -> Plan {
     let mut p = Plan::default();
-    for (key, record) in desired {
-        p.put_if_differs(key, record, current.get(key));
+    for (key, want) in desired {
+        p.put_if_differs(key, want, current.get(key), &record);
     }
     for key in current.keys() {
         if !desired.contains_key(key) {
@@ -48,16 +58,17 @@ pub fn plan<K: Known>(desired: &BTreeMap<String, Record>, current: &BTreeMap<Str
 
 /// The same diff restricted to `keys`, for when `current` is known to equal an earlier
 /// desired state and only `keys` can have changed since: O(changes), not O(entries).
-pub fn plan_keys<'a, K: Known>(
-    desired: &BTreeMap<String, Record>,
+pub fn plan_keys<'a, D: Known, K: Known>(
+    desired: &BTreeMap<String, D>,
     current: &BTreeMap<String, K>,
     keys: impl IntoIterator<Item = &'a String>,
+    record: impl Fn(&str, &D) -> Option<Record>,
 ) -> Plan {
     let mut p = Plan::default();
     let mut deletes = Vec::new();
     for key in keys {
         match desired.get(key) {
-            Some(record) => p.put_if_differs(key, record, current.get(key)),
+            Some(want) => p.put_if_differs(key, want, current.get(key), &record),
             None if current.contains_key(key) => deletes.push(key),
             None => {}
         }
@@ -69,15 +80,24 @@ pub fn plan_keys<'a, K: Known>(
 }
 
 impl Plan {
-    fn put_if_differs(&mut self, key: &str, record: &Record, have: Option<&impl Known>) {
+    fn put_if_differs<D: Known>(
+        &mut self,
+        key: &str,
+        want: &D,
+        have: Option<&impl Known>,
+        record: impl Fn(&str, &D) -> Option<Record>,
+    ) {
         match have {
-            Some(h) if h.holds(record) => return,
+            Some(h) if h.digest() == want.digest() => return,
             Some(_) => self.updates += 1,
             None => self.creates += 1,
         }
+        let Some(record) = record(key, want) else {
+            return;
+        };
         self.ops.push(Op::Put {
             key: key.to_string(),
-            record: record.clone(),
+            record,
         });
     }
 
@@ -140,7 +160,7 @@ mod tests {
         let current = map(&[("a", 1), ("b", 2), ("d", 5)]);
         let keys: Vec<String> = ["b", "c", "d", "x"].iter().map(|k| k.to_string()).collect();
         assert_eq!(
-            plan_keys(&desired, &current, &keys),
+            plan_keys(&desired, &current, &keys, |_, r| Some(r.clone())),
             plan(&desired, &current)
         );
     }

@@ -1,33 +1,36 @@
 //! The records a catalog should hold, kept up to date incrementally: a snapshot that changes
 //! one instance out of ten thousand renders one instance, and the plan looks at its keys only.
-//! A test checks that it always equals a full render.
+//! Each key keeps the digest of its record and the instances that render to it; the record
+//! itself is rendered again when it is written, never kept. A test checks that it always
+//! equals a full render.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::model::{DesiredCatalog, Instance, Record, Unit};
+use crate::model::{DesiredCatalog, Digest, Instance, Record, Unit};
 
 /// At most this many keys are remembered for [`DesiredRecords::unit`] after their instances
 /// left; beyond it they are forgotten (their deletions then belong to the entry alone).
 const RELEASED_KEPT: usize = 10_000;
 
-/// Desired records kept up to date incrementally: a snapshot that changes one instance out of
-/// ten thousand renders one instance, and the plan looks at its keys only.
+/// Desired records kept up to date incrementally, by digest.
 #[derive(Default)]
 pub struct DesiredRecords {
-    /// The instances rendered, sorted (snapshots are sorted).
+    /// The instances rendered.
     instances: Arc<DesiredCatalog>,
-    pub records: BTreeMap<String, Record>,
-    /// Which instances render to each key (several can, where a layout merges them).
-    holders: HashMap<String, BTreeSet<Instance>>,
+    /// The digest of every key's record.
+    pub digests: BTreeMap<String, Digest>,
+    /// Which instances render to each key, sorted (several can, where a layout merges them;
+    /// mostly one, so a vector, not a tree of nodes with room for eleven).
+    holders: HashMap<String, Vec<Instance>>,
     /// The instance that last held a key no instance holds any more, until its deletion is
     /// written ([`DesiredRecords::forget`]): which export the deletion belongs to.
     released: HashMap<String, Instance>,
 }
 
 impl DesiredRecords {
-    /// Moves to `next` (sorted), rendering with the layout's pure `render`, and returns the
-    /// keys whose record may have changed.
+    /// Moves to `next`, rendering with the layout's pure `render`, and returns the keys whose
+    /// record may have changed.
     pub fn update(
         &mut self,
         render: impl Fn(&[Instance]) -> BTreeMap<String, Record>,
@@ -39,8 +42,10 @@ impl DesiredRecords {
         let changes = next.changes_from(&before);
         for inst in changes.removed {
             for key in render(std::slice::from_ref(inst)).into_keys() {
-                if let Some(h) = self.holders.get_mut(&key) {
-                    h.remove(inst);
+                if let Some(h) = self.holders.get_mut(&key)
+                    && let Ok(at) = h.binary_search(inst)
+                {
+                    h.remove(at);
                 }
                 left.insert(key.clone(), inst);
                 touched.insert(key);
@@ -48,25 +53,22 @@ impl DesiredRecords {
         }
         for inst in changes.added {
             for key in render(std::slice::from_ref(inst)).into_keys() {
-                self.holders
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(inst.clone());
+                let h = self.holders.entry(key.clone()).or_default();
+                if let Err(at) = h.binary_search(inst) {
+                    h.insert(at, inst.clone());
+                }
                 touched.insert(key);
             }
         }
         for key in &touched {
-            // As a full render would: the last instance (in order) holding a key wins.
-            match self.holders.get(key).and_then(|h| h.last()) {
-                Some(inst) => {
-                    if let Some(r) = render(std::slice::from_ref(inst)).remove(key) {
-                        self.records.insert(key.clone(), r);
-                    }
+            match self.record(key, &render) {
+                Some(r) => {
+                    self.digests.insert(key.clone(), Digest::of(&r));
                     self.released.remove(key);
                 }
                 None => {
                     self.holders.remove(key);
-                    self.records.remove(key);
+                    self.digests.remove(key);
                     if let Some(inst) = left.get(key) {
                         if self.released.len() >= RELEASED_KEPT {
                             self.released.clear();
@@ -78,6 +80,17 @@ impl DesiredRecords {
         }
         self.instances = next.clone();
         touched
+    }
+
+    /// The record at `key`, rendered as a full render would: the last instance (in order)
+    /// holding a key wins.
+    pub fn record(
+        &self,
+        key: &str,
+        render: impl Fn(&[Instance]) -> BTreeMap<String, Record>,
+    ) -> Option<Record> {
+        let inst = self.holders.get(key).and_then(|h| h.last())?;
+        render(std::slice::from_ref(inst)).remove(key)
     }
 
     /// The export whose instance renders to `key`, or rendered to it last (a deletion).
@@ -119,10 +132,15 @@ mod tests {
         for next in steps {
             let next = Arc::new(next.iter().cloned().collect::<DesiredCatalog>());
             let touched = d.update(|i| mem.render(i), &next);
-            assert_eq!(
-                d.records,
-                mem.render(&next.iter().cloned().collect::<Vec<_>>())
-            );
+            let full = mem.render(&next.iter().cloned().collect::<Vec<_>>());
+            let digests: BTreeMap<String, Digest> = full
+                .iter()
+                .map(|(k, r)| (k.clone(), Digest::of(r)))
+                .collect();
+            assert_eq!(d.digests, digests);
+            for (k, r) in &full {
+                assert_eq!(d.record(k, |i| mem.render(i)).as_ref(), Some(r));
+            }
             assert!(touched.len() <= 30);
         }
     }

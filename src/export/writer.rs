@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::held::Held;
 use super::isolate::{self, Outcome};
-use super::plan::{Plan, apply_to, plan, plan_keys};
+use super::plan::{Plan, apply_to, plan_keys, plan_with};
 use super::records::DesiredRecords;
 use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
 use super::snapshot::{Report, Snapshot};
@@ -252,17 +252,20 @@ impl Writer {
                 self.read().await?
             }
         };
-        let desired = &self.desired_records.records;
+        let desired = &self.desired_records.digests;
         let now = Instant::now();
         self.held.prune(desired, &current);
+        // The records to write are rendered again; only their digests are kept.
+        let record =
+            |key: &str, _: &Digest| (self.desired_records).record(key, |i| self.backend.render(i));
         // In sync before this snapshot: only what the snapshot touched can differ, and what
         // is held back.
         let p = if self.trusted {
             let mut keys: BTreeSet<String> = self.held.due_keys(now);
             keys.extend(touched.iter().cloned());
-            plan_keys(desired, &current, &keys)
+            plan_keys(desired, &current, &keys, record)
         } else {
-            plan(desired, &current)
+            plan_with(desired, &current, record)
         };
         // Refused exports wait for their turn (or a change of their own).
         let (ops, waiting) = self

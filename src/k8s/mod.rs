@@ -3,7 +3,6 @@
 //! from its ExternalCatalog, and the finalizer that holds a deleted one until it is emptied.
 
 pub mod catalogs;
-pub mod changed;
 pub mod finalizers;
 pub mod prune;
 pub mod secrets;

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
@@ -111,20 +111,5 @@ impl Stores {
         self.registrations.wait_until_ready().await?;
         self.namespaces.wait_until_ready().await?;
         Ok(())
-    }
-}
-
-impl crate::export::desired::Objects for Stores {
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        self.services.get(&ObjectRef::new(name).within(namespace))
-    }
-
-    fn slice(&self, namespace: &str, name: &str) -> Option<Arc<EndpointSlice>> {
-        self.slices.get(&ObjectRef::new(name).within(namespace))
-    }
-
-    fn registration(&self, namespace: &str, name: &str) -> Option<Arc<ExternalRegistration>> {
-        self.registrations
-            .get(&ObjectRef::new(name).within(namespace))
     }
 }

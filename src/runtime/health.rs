@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::k8s::changed::Changed;
+use crate::runtime::changed::Changed;
 
 /// How long changes may wait, with the loop not turning, before the replica is unhealthy: 60
 /// turns of the loop's 500 ms tick. Slow API calls inside one turn stay below it.

@@ -3,6 +3,7 @@
 //! loop, and the Prometheus metrics.
 
 pub mod backoff;
+pub mod changed;
 pub mod health;
 pub mod metrics;
 pub mod supervisor;

@@ -20,8 +20,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::api::crd::{ExternalCatalog, ExternalRegistration};
 use crate::api::labels::is_imported;
-use crate::k8s::changed::Changed;
 use crate::model::{DesiredCatalog, Instance, Problem, Reason};
+use crate::runtime::changed::Changed;
 use endpoints::instances;
 pub use memo::Memo;
 use memo::{Key, Memoized, fingerprint};

@@ -1,6 +1,7 @@
 //! Which objects the watches saw change since desired state was last computed: Services,
 //! EndpointSlices and ExternalRegistrations by namespace and name, so that the desired-state
-//! step reads those alone; anything else (a catalog, a namespace, a relist) asks for all.
+//! step reads those alone; a change to a catalog or a namespace, which the loop checks for
+//! what desired state reads of them (a status update is not one); a relist asks for all.
 
 use std::collections::HashSet;
 
@@ -12,6 +13,10 @@ use kube::runtime::watcher;
 pub struct Changed {
     /// Something changed that is not named below: every object must be read again.
     pub all: bool,
+    /// An ExternalCatalog changed (perhaps its status only).
+    pub catalogs: bool,
+    /// A Namespace changed (perhaps not its labels).
+    pub namespaces: bool,
     pub services: HashSet<(String, String)>,
     pub slices: HashSet<(String, String)>,
     pub registrations: HashSet<(String, String)>,
@@ -31,7 +36,7 @@ impl Changed {
             watcher::Event::InitApply(_) => return,
         };
         let m = object.meta();
-        let (Some(ns), Some(name)) = (m.namespace.clone(), m.name.clone()) else {
+        let (ns, Some(name)) = (m.namespace.clone().unwrap_or_default(), m.name.clone()) else {
             self.all = true;
             return;
         };
@@ -39,6 +44,14 @@ impl Changed {
             "Service" => &mut self.services,
             "EndpointSlice" => &mut self.slices,
             "ExternalRegistration" => &mut self.registrations,
+            "ExternalCatalog" => {
+                self.catalogs = true;
+                return;
+            }
+            "Namespace" => {
+                self.namespaces = true;
+                return;
+            }
             _ => {
                 self.all = true;
                 return;
@@ -49,6 +62,8 @@ impl Changed {
 
     pub fn is_empty(&self) -> bool {
         !self.all
+            && !self.catalogs
+            && !self.namespaces
             && self.services.is_empty()
             && self.slices.is_empty()
             && self.registrations.is_empty()
@@ -76,7 +91,11 @@ mod tests {
         c.note("Service", &watcher::Event::InitApply(service("a", "z")));
         assert!(!c.all);
         assert_eq!(c.services.len(), 2);
-        c.note("Namespace", &watcher::Event::Apply(Namespace::default()));
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some("a".into());
+        c.note("Namespace", &watcher::Event::Apply(ns));
+        assert!(c.namespaces && !c.all);
+        c.note("Pod", &watcher::Event::Apply(service("a", "p")));
         assert!(c.all);
         let mut c = Changed::default();
         c.note::<Service>("Service", &watcher::Event::InitDone);
