@@ -1196,3 +1196,66 @@ async fn a_service_created_between_the_check_and_the_write_is_not_adopted() -> R
     );
     Ok(())
 }
+
+/// The imports of one catalog read it through one client: more names than ZooKeeper lets one
+/// address connect (`maxClientCnxns`, 60 by default; 8 here) all import, over a few
+/// connections.
+#[tokio::test]
+async fn imports_of_more_names_than_a_catalog_takes_connections_share_one() -> Result<()> {
+    const NAMES: usize = 20;
+    let env = Env::builder()
+        .kube()
+        .zookeeper_max_client_connections(8)
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    support::ensure_namespace(&client, "shop").await?;
+    let connect = env.zookeeper()?.connect_string();
+    localenv::python(
+        "import sys\nfrom kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         for n in range(int(sys.argv[2])):\n    \
+             zk.create('/services/db-%02d/providers/10.7.%d.1:5432' % (n, n), b'{}', makepath=True)\n\
+         zk.stop(); zk.close()\n",
+        &[&connect, &NAMES.to_string()],
+    )?;
+    kubectl_apply(
+        &env,
+        &json!({
+            "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalCatalog",
+            "metadata": {"name": "zk"},
+            "spec": {"zookeeper": {"connect": connect}},
+        }),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    for n in 0..NAMES {
+        kubectl_apply(
+            &env,
+            &import(
+                &format!("db-{n:02}"),
+                "zk",
+                &format!("db-{n:02}"),
+                json!({"ports": [{"name": "pg", "port": 5432}]}),
+            ),
+        )?;
+    }
+    for n in 0..NAMES {
+        wait_endpoints(
+            &client,
+            &format!("db-{n:02}"),
+            &[&format!("10.7.{n}.1:5432")],
+        )
+        .await
+        .with_context(|| cb.log())?;
+    }
+    // The controller's connections (its writer's session, the imports' one) and this command's.
+    let cons = env.zookeeper()?.four_letter("cons").await?;
+    let connections = cons.lines().filter(|l| l.contains("/127.0.0.1:")).count();
+    println!("{NAMES} imports over {connections} connections to ZooKeeper:\n{cons}");
+    ensure!(
+        connections <= 5,
+        "{connections} connections for {NAMES} imports"
+    );
+    Ok(())
+}

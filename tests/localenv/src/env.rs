@@ -30,7 +30,7 @@ pub struct Builder {
     etcd_tls: bool,
     zookeeper: bool,
     zookeeper_tls: bool,
-    zookeeper_max_buffer: Option<usize>,
+    zookeeper_limits: crate::zookeeper::Limits,
 }
 
 impl Builder {
@@ -95,7 +95,14 @@ impl Builder {
     /// the limits of a session's closing transaction show at a few hundred entries.
     pub fn zookeeper_max_buffer(mut self, bytes: usize) -> Self {
         self.zookeeper = true;
-        self.zookeeper_max_buffer = Some(bytes);
+        self.zookeeper_limits.max_buffer = Some(bytes);
+        self
+    }
+    /// ZooKeeper that accepts at most `n` connections from one address (`maxClientCnxns`;
+    /// unlimited otherwise, 60 in ZooKeeper's own default).
+    pub fn zookeeper_max_client_connections(mut self, n: usize) -> Self {
+        self.zookeeper = true;
+        self.zookeeper_limits.max_client_connections = Some(n);
         self
     }
     /// ZooKeeper with a TLS port too (`secureClientPort`, client certificates required; see
@@ -152,7 +159,7 @@ impl Builder {
                     &path,
                     "zookeeper",
                     tls_for(self.zookeeper_tls),
-                    self.zookeeper_max_buffer
+                    self.zookeeper_limits
                 )
             ),
         )?;

@@ -23,6 +23,17 @@ pub struct ZooKeeper {
     secure_port: Option<u16>,
 }
 
+/// Server limits a test lowers to reach them quickly.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// `jute.maxbuffer` (`-Djute.maxbuffer`): the largest request, transaction and node the
+    /// server accepts; 1 MiB by default.
+    pub max_buffer: Option<usize>,
+    /// `maxClientCnxns`: connections one client address may hold (ZooKeeper's default is 60;
+    /// unlimited when not given).
+    pub max_client_connections: Option<usize>,
+}
+
 impl ZooKeeper {
     /// Starts ZooKeeper with its data in `dir/<name>` and waits until `ruok` answers `imok`.
     pub async fn start(dir: &Path, name: &str) -> Result<ZooKeeper> {
@@ -32,25 +43,24 @@ impl ZooKeeper {
     /// [`ZooKeeper::start`], with a TLS port as well when `tls` is given: the server
     /// certificate of the set, and client certificates of its CA required.
     pub async fn start_with(dir: &Path, name: &str, tls: Option<&TlsFiles>) -> Result<ZooKeeper> {
-        Self::start_configured(dir, name, tls, None).await
+        Self::start_configured(dir, name, tls, Limits::default()).await
     }
 
-    /// [`ZooKeeper::start_with`], with the server's `jute.maxbuffer` set to `max_buffer` bytes
-    /// when given (the largest request, transaction and node it accepts; 1 MiB by default).
+    /// [`ZooKeeper::start_with`], with the server's `limits` where given.
     pub async fn start_configured(
         dir: &Path,
         name: &str,
         tls: Option<&TlsFiles>,
-        max_buffer: Option<usize>,
+        limits: Limits,
     ) -> Result<ZooKeeper> {
-        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, tls, max_buffer)).await
+        crate::ports::retry_if_port_taken(|| Self::start_once(dir, name, tls, limits)).await
     }
 
     async fn start_once(
         dir: &Path,
         name: &str,
         tls: Option<&TlsFiles>,
-        max_buffer: Option<usize>,
+        limits: Limits,
     ) -> Result<ZooKeeper> {
         let data = dir.join(name);
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
@@ -90,14 +100,15 @@ impl ZooKeeper {
                  dataDir={}\n\
                  clientPort={port}\n\
                  clientPortAddress=127.0.0.1\n\
-                 maxClientCnxns=0\n\
+                 maxClientCnxns={}\n\
                  admin.enableServer=false\n\
                  4lw.commands.whitelist=*\n\
                  forceSync=no\n\
                  {secure}",
                 2 * TICK_MS,
                 120 * TICK_MS,
-                data.join("data").display()
+                data.join("data").display(),
+                limits.max_client_connections.unwrap_or(0),
             ),
         )
         .with_context(|| format!("writing {}", cfg.display()))?;
@@ -105,7 +116,7 @@ impl ZooKeeper {
             .arg("-Xmx256m")
             .arg("-XX:+UseSerialGC")
             .arg("-Dzookeeper.jmx.log4j.disable=true");
-        if let Some(n) = max_buffer {
+        if let Some(n) = limits.max_buffer {
             spec = spec.arg(format!("-Djute.maxbuffer={n}"));
         }
         let spec = spec
