@@ -20,6 +20,12 @@ use crate::model::{Problem, Reason};
 use crate::runtime::Metrics;
 use crate::runtime::supervisor::{Supervised, TaskKind};
 
+struct Reader {
+    spec: String,
+    credentials: crate::k8s::secrets::Credentials,
+    backend: Arc<dyn Backend>,
+}
+
 struct Running {
     fingerprint: String,
     /// The catalog's policy refuses this import: its objects are removed, once the gate
@@ -61,6 +67,11 @@ pub struct Importers {
     /// `--dry-run`: log what would be applied, apply nothing.
     dry_run: bool,
     running: HashMap<(String, String), Running>,
+    /// One reading backend per catalog, shared by its imports: one etcd client, one ZooKeeper
+    /// session, one HTTP client for Consul, however many names are imported (ZooKeeper allows
+    /// 60 connections from one address by default). Kept with the spec and credentials it was
+    /// built from; a change builds another.
+    readers: HashMap<String, Reader>,
     /// Catalogs whose import entries gauge was last set above 0.
     import_catalogs: HashSet<String>,
 }
@@ -84,6 +95,7 @@ impl Importers {
             watched,
             dry_run,
             running: HashMap::new(),
+            readers: HashMap::new(),
             import_catalogs: HashSet::new(),
         }
     }
@@ -207,6 +219,8 @@ impl Importers {
             .filter(|k| !seen.contains(*k))
             .cloned()
             .collect();
+        self.readers
+            .retain(|name, _| catalogs.iter().any(|c| c.name_any() == *name));
         for key in gone {
             if let Some(r) = self.running.remove(&key) {
                 let catalog = r.view.borrow().catalog.clone();
@@ -240,12 +254,28 @@ impl Importers {
         }
     }
 
-    /// A backend for reading the catalog. Its import watches use a ZooKeeper session of their
-    /// own; the session in the Secret belongs to the exporting writer (two clients on one
-    /// session take it from each other) and is only read, to recognise the writer's entries.
-    async fn backend(&self, cat: &ExternalCatalog) -> Result<Arc<dyn Backend>, Problem> {
+    /// The backend the imports of `cat` read it through, built once for its spec and
+    /// credentials. Its import watches use a ZooKeeper session of their own; the session in
+    /// the Secret belongs to the exporting writer (two clients on one session take it from each
+    /// other) and is only read, to recognise the writer's entries.
+    async fn backend(&mut self, cat: &ExternalCatalog) -> Result<Arc<dyn Backend>, Problem> {
         let credentials = self.connect.credentials(cat).await?;
-        self.connect.build(cat, credentials, true)
+        let spec = serde_json::to_string(&cat.spec).unwrap_or_default();
+        let name = cat.name_any();
+        if let Some(r) = self.readers.get(&name)
+            && r.spec == spec
+            && r.credentials == credentials
+        {
+            return Ok(r.backend.clone());
+        }
+        let backend = self.connect.build(cat, credentials.clone(), true)?;
+        let reader = Reader {
+            spec,
+            credentials,
+            backend: backend.clone(),
+        };
+        self.readers.insert(name, reader);
+        Ok(backend)
     }
 
     /// The current view of every import, by (namespace, name). Also sets
