@@ -28,6 +28,9 @@ struct Reader {
 
 struct Running {
     fingerprint: String,
+    /// The objects the fingerprint was taken from: while the same ones are given (and the
+    /// namespaces did not change), nothing is computed again.
+    from: (Arc<ExternalRegistration>, Option<Arc<ExternalCatalog>>),
     /// The catalog's policy refuses this import: its objects are removed, once the gate
     /// opens (then false).
     remove_pending: bool,
@@ -72,6 +75,8 @@ pub struct Importers {
     /// 60 connections from one address by default). Kept with the spec and credentials it was
     /// built from; a change builds another.
     readers: HashMap<String, Reader>,
+    /// The namespaces of the last sync (their labels decide what policies allow).
+    namespaces: Vec<Arc<Namespace>>,
     /// Catalogs whose import entries gauge was last set above 0.
     import_catalogs: HashSet<String>,
 }
@@ -96,6 +101,7 @@ impl Importers {
             dry_run,
             running: HashMap::new(),
             readers: HashMap::new(),
+            namespaces: Vec::new(),
             import_catalogs: HashSet::new(),
         }
     }
@@ -108,6 +114,11 @@ impl Importers {
         namespaces: &[Arc<Namespace>],
     ) {
         let mut seen = HashSet::new();
+        let same_namespaces = self.namespaces.len() == namespaces.len()
+            && (self.namespaces.iter())
+                .zip(namespaces)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        self.namespaces = namespaces.to_vec();
         let labels: HashMap<&str, &BTreeMap<String, String>> = namespaces
             .iter()
             .filter_map(|n| Some((n.metadata.name.as_deref()?, n.metadata.labels.as_ref()?)))
@@ -123,7 +134,20 @@ impl Importers {
             seen.insert(key.clone());
             let catalog = catalogs
                 .iter()
-                .find(|c| c.name_any() == reg.spec.catalog_ref.name);
+                .find(|c| c.metadata.name.as_deref() == Some(reg.spec.catalog_ref.name.as_str()));
+            // The same registration and catalog objects as before: nothing to look at again.
+            if same_namespaces
+                && let Some(r) = self.running.get(&key)
+                && Arc::ptr_eq(&r.from.0, reg)
+                && match (&r.from.1, catalog) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+                && !r.remove_pending
+            {
+                continue;
+            }
             let refused = catalog.and_then(|c| refusal(c, reg, &labels));
             let fingerprint = format!(
                 "{}|{}|{}|{:?}",
@@ -138,11 +162,11 @@ impl Importers {
                 .filter(|r| r.fingerprint == fingerprint)
                 .map(|r| r.remove_pending);
             if let Some(remove_pending) = unchanged {
-                if remove_pending && self.remove(&key).await {
-                    self.running
-                        .entry(key)
-                        .and_modify(|r| r.remove_pending = false);
-                }
+                let removed = remove_pending && self.remove(&key).await;
+                self.running.entry(key).and_modify(|r| {
+                    r.from = (reg.clone(), catalog.cloned());
+                    r.remove_pending &= !removed;
+                });
                 continue;
             }
             self.running.remove(&key);
@@ -207,6 +231,7 @@ impl Importers {
                 key,
                 Running {
                     fingerprint,
+                    from: (reg.clone(), catalog.cloned()),
                     remove_pending,
                     view,
                     task,
