@@ -1030,6 +1030,10 @@ async fn main() -> Result<()> {
     }
 
     let mut import_rows = Vec::new();
+    if with_import {
+        // Created with the exported objects, unless the import runs alone.
+        support::ensure_namespace(&client, NS).await?;
+    }
     for case in import_cases().into_iter().filter(|_| with_import) {
         eprintln!(
             "import, {}: {} x {} instances registered in etcd by another owner...",
