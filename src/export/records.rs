@@ -30,13 +30,16 @@ pub struct DesiredRecords {
 
 impl DesiredRecords {
     /// Moves to `next`, rendering with the layout's pure `render`, and returns the keys whose
-    /// record may have changed.
+    /// record may have changed, with the records it rendered for them (each instance is
+    /// rendered once; the writer writes these rather than render them again).
     pub fn update(
         &mut self,
         render: impl Fn(&[Instance]) -> BTreeMap<String, Record>,
         next: &Arc<DesiredCatalog>,
-    ) -> BTreeSet<String> {
+    ) -> (BTreeSet<String>, HashMap<String, Record>) {
         let mut touched = BTreeSet::new();
+        // What the added instances rendered to, by key: the record of a key one of them holds.
+        let mut rendered: HashMap<String, (&Instance, Record)> = HashMap::new();
         let mut left: HashMap<String, &Instance> = HashMap::new();
         let before = self.instances.clone();
         let changes = next.changes_from(&before);
@@ -52,19 +55,27 @@ impl DesiredRecords {
             }
         }
         for inst in changes.added {
-            for key in render(std::slice::from_ref(inst)).into_keys() {
+            for (key, record) in render(std::slice::from_ref(inst)) {
                 let h = self.holders.entry(key.clone()).or_default();
                 if let Err(at) = h.binary_search(inst) {
                     h.insert(at, inst.clone());
                 }
+                rendered.insert(key.clone(), (inst, record));
                 touched.insert(key);
             }
         }
+        let mut records = HashMap::new();
         for key in &touched {
-            match self.record(key, &render) {
+            let holder = self.holders.get(key).and_then(|h| h.last());
+            let record = match (holder, rendered.remove(key)) {
+                (Some(h), Some((inst, r))) if h == inst => Some(r),
+                _ => self.record(key, &render),
+            };
+            match record {
                 Some(r) => {
                     self.digests.insert(key.clone(), Digest::of(&r));
                     self.released.remove(key);
+                    records.insert(key.clone(), r);
                 }
                 None => {
                     self.holders.remove(key);
@@ -79,7 +90,7 @@ impl DesiredRecords {
             }
         }
         self.instances = next.clone();
-        touched
+        (touched, records)
     }
 
     /// The record at `key`, rendered as a full render would: the last instance (in order)
@@ -131,7 +142,7 @@ mod tests {
         let steps: [&[Instance]; 4] = [&all[..10], &all[5..20], &all[..0], &all[3..30]];
         for next in steps {
             let next = Arc::new(next.iter().cloned().collect::<DesiredCatalog>());
-            let touched = d.update(|i| mem.render(i), &next);
+            let (touched, records) = d.update(|i| mem.render(i), &next);
             let full = mem.render(&next.iter().cloned().collect::<Vec<_>>());
             let digests: BTreeMap<String, Digest> = full
                 .iter()
@@ -140,6 +151,9 @@ mod tests {
             assert_eq!(d.digests, digests);
             for (k, r) in &full {
                 assert_eq!(d.record(k, |i| mem.render(i)).as_ref(), Some(r));
+            }
+            for (k, r) in &records {
+                assert_eq!(full.get(k), Some(r), "{k}");
             }
             assert!(touched.len() <= 30);
         }

@@ -242,9 +242,10 @@ impl Writer {
 
     /// Brings the catalog to `snapshot`: reads the owned state if unknown, plans, writes.
     async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), BackendError> {
-        let touched = self
+        let (touched, fresh) = self
             .desired_records
             .update(|i| self.backend.render(i), &snapshot.catalog);
+        let fresh = std::cell::RefCell::new(fresh);
         let current = match self.current.take() {
             Some(c) => c,
             None => {
@@ -255,9 +256,14 @@ impl Writer {
         let desired = &self.desired_records.digests;
         let now = Instant::now();
         self.held.prune(desired, &current);
-        // The records to write are rendered again; only their digests are kept.
-        let record =
-            |key: &str, _: &Digest| (self.desired_records).record(key, |i| self.backend.render(i));
+        // The records to write: rendered by this update, else rendered again (only their
+        // digests are kept).
+        let record = |key: &str, _: &Digest| {
+            fresh
+                .borrow_mut()
+                .remove(key)
+                .or_else(|| (self.desired_records).record(key, |i| self.backend.render(i)))
+        };
         // In sync before this snapshot: only what the snapshot touched can differ, and what
         // is held back.
         let p = if self.trusted {
