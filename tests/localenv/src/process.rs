@@ -246,7 +246,20 @@ impl Process {
     /// SIGSTOP: the process holds its sockets but answers nothing, like a hung server or a
     /// network partition.
     pub fn pause(&self) -> Result<()> {
-        self.signal(libc::SIGSTOP)
+        self.signal(libc::SIGSTOP)?;
+        // kill(2) returns before every thread has stopped: wait until they all have, so that
+        // no request sent after this returns is answered.
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("{} is not running", self.spec.name))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            if Instant::now() > deadline {
+                bail!("{} did not stop within 5 s of SIGSTOP", self.spec.name);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// SIGCONT after [`Process::pause`].
@@ -263,6 +276,22 @@ impl Process {
     pub fn log_tail(&self, lines: usize) -> String {
         tail_of(&self.spec.log, lines)
     }
+}
+
+/// Whether every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                let (_, rest) = s.rsplit_once(')')?;
+                Some(rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
 }
 
 impl Drop for Process {
