@@ -1270,4 +1270,43 @@ mod tests {
             );
         }
     }
+
+    /// A catalog named twice in the annotation is one export, counted once among the invalid
+    /// ones and gone with it.
+    #[test]
+    fn a_catalog_named_twice_is_one_export() {
+        let catalogs = [catalog("consul")];
+        let services = [service(
+            "shop",
+            "api-x",
+            json!({"catalog-bridge.io/export": "consul, consul, nowhere, nowhere"}),
+        )];
+        let slices = [slice(
+            "shop",
+            "api-x",
+            "s1",
+            &[("10.0.0.1", Some(true), false)],
+        )];
+        let mut memo = Memo::default();
+        let inputs = Inputs {
+            services: &services,
+            slices: &slices,
+            catalogs: &catalogs,
+            ..Default::default()
+        };
+        let d = compute_with(inputs, &mut memo);
+        assert_eq!(d.exports.len(), 2);
+        assert_eq!(addrs(&d, "consul"), ["api-x@10.0.0.1:8080"]);
+        let missing = ("annotation".to_string(), "CatalogNotFound".to_string());
+        assert_eq!(d.invalid.get(&missing), Some(&1));
+        let d = compute_with(
+            Inputs {
+                services: &[],
+                ..inputs
+            },
+            &mut memo,
+        );
+        assert!(d.exports.is_empty() && d.invalid.is_empty(), "{d:?}");
+        assert!(d.catalogs["consul"].is_empty());
+    }
 }

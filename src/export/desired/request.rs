@@ -39,7 +39,13 @@ pub(super) fn request_from_annotations(svc: &Service) -> Option<Request> {
     let export = annotations.get(ANNOTATION_EXPORT)?;
     let namespace = svc.metadata.namespace.clone()?;
     let service = svc.metadata.name.clone()?;
-    let catalogs: Vec<String> = split_list(export);
+    // A catalog named twice is exported to once.
+    let mut catalogs: Vec<String> = Vec::new();
+    for c in split_list(export) {
+        if !catalogs.contains(&c) {
+            catalogs.push(c);
+        }
+    }
     let mut problem = None;
     if catalogs.is_empty() {
         problem = Some(Problem {
