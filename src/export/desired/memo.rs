@@ -152,6 +152,41 @@ impl Memo {
         touched
     }
 
+    /// Moves one source's claims from the names it claimed before, as the claim it made then,
+    /// to the names it claims now, as its claim now (the same names with a new creation time
+    /// move its place among the claimants). Notes in `held_before` who held each name touched
+    /// before it was touched.
+    pub(super) fn move_claims(
+        &mut self,
+        (before, old): (&[Key], Option<Claim>),
+        (now, new): (&[Key], Option<Claim>),
+        held_before: &mut HashMap<Key, Option<Claim>>,
+    ) {
+        if before == now && old == new {
+            return;
+        }
+        for key in before.iter().chain(now) {
+            held_before
+                .entry(key.clone())
+                .or_insert_with(|| self.claims.get(key).and_then(|c| c.first().cloned()));
+        }
+        if let Some(old) = &old {
+            for key in before {
+                if let Some(set) = self.claims.get_mut(key) {
+                    set.remove(old);
+                    if set.is_empty() {
+                        self.claims.remove(key);
+                    }
+                }
+            }
+        }
+        if let Some(new) = &new {
+            for key in now {
+                (self.claims.entry(key.clone()).or_default()).insert(new.clone());
+            }
+        }
+    }
+
     /// Counts `export` among the invalid ones (`by` 1) or takes it out again (`by` -1).
     pub(super) fn count_invalid(&mut self, export: &Export, by: i64) {
         let Some(p) = &export.problem else { return };

@@ -205,41 +205,9 @@ fn refresh(objects: &impl Objects, sources: BTreeSet<Source>, memo: &mut Memo) {
             memo.rules.claims(r, exported)
         });
         let before = memo.claimed_by.remove(source).unwrap_or_default();
-        if before != claims {
-            let claim = req.as_ref().map(Rules::claim);
-            let old = memo.sources.get(source).map(|m| Rules::claim(&m.request));
-            for key in before.iter().chain(&claims) {
-                held_before
-                    .entry(key.clone())
-                    .or_insert_with(|| memo.claims.get(key).and_then(|c| c.first().cloned()));
-            }
-            for key in &before {
-                if let (Some(set), Some(old)) = (memo.claims.get_mut(key), &old) {
-                    set.remove(old);
-                    if set.is_empty() {
-                        memo.claims.remove(key);
-                    }
-                }
-            }
-            if let Some(claim) = &claim {
-                for key in &claims {
-                    (memo.claims.entry(key.clone()).or_default()).insert(claim.clone());
-                }
-            }
-        } else if let (Some(r), Some(m)) = (&req, memo.sources.get(source))
-            && Rules::claim(r) != Rules::claim(&m.request)
-        {
-            // Same names, but its place among the claimants moved (a new creation time).
-            for key in &claims {
-                held_before
-                    .entry(key.clone())
-                    .or_insert_with(|| memo.claims.get(key).and_then(|c| c.first().cloned()));
-                if let Some(set) = memo.claims.get_mut(key) {
-                    set.remove(&Rules::claim(&m.request));
-                    set.insert(Rules::claim(r));
-                }
-            }
-        }
+        let old = memo.sources.get(source).map(|m| Rules::claim(&m.request));
+        let new = req.as_ref().map(Rules::claim);
+        memo.move_claims((&before, old), (&claims, new), &mut held_before);
         if !claims.is_empty() {
             memo.claimed_by.insert(source.clone(), claims);
         }
