@@ -195,15 +195,16 @@ async fn floor_converge(t: &Target) -> Result<(Duration, usize, usize, String)> 
     let instances: Vec<Instance> = (0..service_count())
         .flat_map(|s| {
             (0..ENDPOINTS).map(move |e| Instance {
-                name: format!("floor-{s:04}"),
+                name: format!("floor-{s:04}").into(),
                 address: ip(s, e).parse().expect("bench ip"),
                 port: 8080,
                 origin: Origin {
                     namespace: NS.into(),
                     service: name(s),
-                },
-                tags: vec![],
-                meta: BTreeMap::new(),
+                }
+                .into(),
+                tags: vec![].into(),
+                meta: Default::default(),
             })
         })
         .collect();
@@ -415,7 +416,7 @@ async fn import_bench(
         .map(|(n, i)| {
             let k = n * case.per_name + i;
             Instance {
-                name: name_of(n),
+                name: name_of(n).into(),
                 address: format!(
                     "10.{}.{}.{}",
                     200 + k / 62_500,
@@ -428,9 +429,10 @@ async fn import_bench(
                 origin: Origin {
                     namespace: "vm".into(),
                     service: name_of(n),
-                },
-                tags: vec![],
-                meta: BTreeMap::new(),
+                }
+                .into(),
+                tags: vec![].into(),
+                meta: Default::default(),
             }
         })
         .collect();

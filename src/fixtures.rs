@@ -340,9 +340,10 @@ pub fn instances(n: usize) -> Arc<DesiredCatalog> {
                 origin: Origin {
                     namespace: "shop".into(),
                     service: "api-x".into(),
-                },
-                tags: vec![],
-                meta: BTreeMap::new(),
+                }
+                .into(),
+                tags: vec![].into(),
+                meta: Default::default(),
             })
             .collect(),
     )

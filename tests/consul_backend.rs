@@ -42,18 +42,20 @@ fn backend(addresses: &[&str], scope: &Scope, owner: &str) -> Result<Consul> {
 
 fn instance(name: &str, ip: &str, port: u16, tags: &[&str], meta: &[(&str, &str)]) -> Instance {
     Instance {
-        name: name.to_string(),
+        name: name.into(),
         address: ip.parse::<IpAddr>().expect("test address"),
         port,
         origin: Origin {
             namespace: "shop".into(),
             service: "api-x".into(),
-        },
+        }
+        .into(),
         tags: tags.iter().map(|t| t.to_string()).collect(),
-        meta: meta
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        meta: std::sync::Arc::new(
+            meta.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
     }
 }
 
@@ -301,7 +303,7 @@ async fn written_entries_read_back_identically_and_clients_see_them() -> Result<
 
     // An update (new tags) is one put; a removal one delete that takes its check along.
     let mut changed = instances.clone();
-    changed[1].tags = vec!["blue".into()];
+    changed[1].tags = vec!["blue".into()].into();
     let removed = changed.remove(0);
     let desired = c.render(&changed);
     let p = plan(&desired, &c.read_owned().await?);

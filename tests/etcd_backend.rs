@@ -73,15 +73,16 @@ impl Setup {
 
 fn instance(name: &str, ip: &str, port: u16) -> Instance {
     Instance {
-        name: name.to_string(),
+        name: name.into(),
         address: ip.parse::<IpAddr>().expect("test address"),
         port,
         origin: Origin {
             namespace: "shop".into(),
             service: "api-x".into(),
-        },
-        tags: vec!["v2".into()],
-        meta: BTreeMap::from([("version".to_string(), "2".to_string())]),
+        }
+        .into(),
+        tags: vec!["v2".into()].into(),
+        meta: BTreeMap::from([("version".to_string(), "2".to_string())]).into(),
     }
 }
 
@@ -233,7 +234,7 @@ async fn roundtrip(env: &Env, setup: &Setup, instances: &[Instance]) -> Result<E
 async fn change_and_delete(env: &Env, b: &Etcd, instances: &[Instance]) -> Result<()> {
     let mut changed = instances.to_vec();
     let gone = changed.pop().context("instances")?;
-    changed[0].tags = vec!["canary".into()];
+    changed[0].tags = vec!["canary".into()].into();
     let desired = b.render(&changed);
     let p = plan(&desired, &b.read_owned().await?);
     assert_eq!(p.deletes, 1);

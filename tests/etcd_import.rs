@@ -455,8 +455,9 @@ async fn own_exports_are_not_imported() -> Result<()> {
         origin: Origin {
             namespace: "shop".into(),
             service: "mysql".into(),
-        },
-        tags: vec![],
+        }
+        .into(),
+        tags: vec![].into(),
         meta: Default::default(),
     };
     let own_key = format!("{dir}/10.0.0.20:3306");

@@ -77,15 +77,16 @@ fn backend(
 
 fn instance(name: &str, ip: &str, port: u16) -> Instance {
     Instance {
-        name: name.to_string(),
+        name: name.into(),
         address: ip.parse::<IpAddr>().expect("test address"),
         port,
         origin: Origin {
             namespace: "shop".into(),
             service: "api-x".into(),
-        },
-        tags: vec![],
-        meta: BTreeMap::new(),
+        }
+        .into(),
+        tags: vec![].into(),
+        meta: Default::default(),
     }
 }
 
@@ -272,7 +273,7 @@ async fn plain_layout_round_trip_and_kazoo_lists_the_instances() -> Result<()> {
 
     // The same endpoint exported by another Service: one node, its data rewritten in place.
     let before = stats(&obs, &providers).await?;
-    instances[1].origin.namespace = "shop-2".into();
+    std::sync::Arc::make_mut(&mut instances[1].origin).namespace = "shop-2".into();
     let desired = z.render(&instances);
     let p = plan(&desired, &z.read_owned().await?);
     assert_eq!((p.creates, p.updates, p.deletes), (0, 1, 0));

@@ -69,15 +69,16 @@ fn backend_with_timeout(
 
 fn instance(name: &str, ip: &str, port: u16) -> Instance {
     Instance {
-        name: name.to_string(),
+        name: name.into(),
         address: ip.parse::<IpAddr>().expect("test address"),
         port,
         origin: Origin {
             namespace: "shop".into(),
             service: "api-x".into(),
-        },
-        tags: vec![],
-        meta: BTreeMap::new(),
+        }
+        .into(),
+        tags: vec![].into(),
+        meta: Default::default(),
     }
 }
 

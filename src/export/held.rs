@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::model::{BackendError, Known, Op, Unit};
+use crate::model::{BackendError, Digested, Op, Unit};
 
 /// One refused unit, as the writer reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,8 +54,8 @@ impl Held {
     /// the export is gone), and the units left without keys.
     pub fn prune(
         &mut self,
-        desired: &BTreeMap<String, impl Known>,
-        current: &BTreeMap<String, impl Known>,
+        desired: &BTreeMap<String, impl Digested>,
+        current: &BTreeMap<String, impl Digested>,
     ) {
         for e in self.units.values_mut() {
             e.keys.retain(|k| match (desired.get(k), current.get(k)) {

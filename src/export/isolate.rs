@@ -124,31 +124,43 @@ enum Work {
     Split(Group, BackendError),
 }
 
-/// What one apply came to.
+/// What one apply came to. The operations move into [`Outcome::written`] when written and come
+/// back when refused: a plan of 100,000 records is never copied.
 enum Sent {
     Written,
-    Refused(BackendError),
+    Refused(BackendError, Vec<Op>),
     Stopped(BackendError),
 }
 
-async fn send(backend: &dyn Backend, ops: &[Op], out: &mut Outcome) -> Sent {
+async fn send(backend: &dyn Backend, ops: Vec<Op>, out: &mut Outcome) -> Sent {
     out.requests += 1;
-    match backend.apply(ops).await {
+    match backend.apply(&ops).await {
         Ok(trips) => {
             out.round_trips += trips;
-            out.written.extend_from_slice(ops);
+            out.written.extend(ops);
             Sent::Written
         }
         Err(e) if e.is_refusal() => {
             out.round_trips += 1;
             out.refusals += 1;
-            Sent::Refused(e)
+            Sent::Refused(e, ops)
         }
         Err(e) => {
             out.round_trips += 1;
             Sent::Stopped(e)
         }
     }
+}
+
+/// `ops` cut back into the groups of `shape` (each unit with its number of operations).
+fn regroup(shape: Vec<(Unit, usize)>, ops: Vec<Op>) -> Vec<Group> {
+    let mut ops = ops.into_iter();
+    (shape.into_iter())
+        .map(|(unit, n)| Group {
+            unit,
+            ops: ops.by_ref().take(n).collect(),
+        })
+        .collect()
 }
 
 /// Applies `groups` (see [`groups`]) so that only the refused operations are left out.
@@ -158,13 +170,15 @@ pub async fn apply(backend: &dyn Backend, groups: Vec<Group>) -> Outcome {
     while let Some(w) = work.pop() {
         match w {
             Work::Try(gs) => {
-                let ops: Vec<Op> = gs.iter().flat_map(|g| g.ops.iter().cloned()).collect();
+                let shape: Vec<(Unit, usize)> =
+                    gs.iter().map(|g| (g.unit.clone(), g.ops.len())).collect();
+                let ops: Vec<Op> = gs.into_iter().flat_map(|g| g.ops).collect();
                 if ops.is_empty() {
                     continue;
                 }
-                match send(backend, &ops, &mut out).await {
+                match send(backend, ops, &mut out).await {
                     Sent::Written => {}
-                    Sent::Refused(e) => out.after_refusal(gs, e, &mut work),
+                    Sent::Refused(e, ops) => out.after_refusal(regroup(shape, ops), e, &mut work),
                     Sent::Stopped(e) => {
                         out.stopped = Some(e);
                         return out;
@@ -177,35 +191,34 @@ pub async fn apply(backend: &dyn Backend, groups: Vec<Group>) -> Outcome {
                     continue;
                 }
                 let b = g.ops.split_off(g.ops.len() / 2);
-                let halves = [g.ops, b];
-                let mut results = Vec::with_capacity(2);
-                for half in &halves {
+                let mut refused = Vec::with_capacity(2);
+                for half in [g.ops, b] {
                     match send(backend, half, &mut out).await {
                         Sent::Stopped(e) => {
                             out.stopped = Some(e);
                             return out;
                         }
-                        r => results.push(r),
+                        Sent::Refused(e, half) => refused.push((e, half)),
+                        Sent::Written => {}
                     }
                 }
                 let unit = g.unit;
                 let named = |e: &BackendError| matches!(e, BackendError::Refused { keys, .. } if !keys.is_empty());
-                match (&results[0], &results[1]) {
-                    // Both halves refused, without naming operations: the unit as a whole is
-                    // refused (a name the catalog does not take), no need to go further.
-                    (Sent::Refused(a), Sent::Refused(b)) if !named(a) && !named(b) => {
-                        out.refuse(unit, halves.concat(), a);
+                // Both halves refused, without naming operations: the unit as a whole is
+                // refused (a name the catalog does not take), no need to go further.
+                if refused.len() == 2 && refused.iter().all(|(e, _)| !named(e)) {
+                    let mut halves = refused.into_iter();
+                    if let Some((e, mut ops)) = halves.next() {
+                        halves.for_each(|(_, rest)| ops.extend(rest));
+                        out.refuse(unit, ops, &e);
                     }
-                    _ => {
-                        for (half, r) in halves.into_iter().zip(results) {
-                            if let Sent::Refused(e) = r {
-                                let part = Group {
-                                    unit: unit.clone(),
-                                    ops: half,
-                                };
-                                out.after_refusal(vec![part], e, &mut work);
-                            }
-                        }
+                } else {
+                    for (e, half) in refused {
+                        let part = Group {
+                            unit: unit.clone(),
+                            ops: half,
+                        };
+                        out.after_refusal(vec![part], e, &mut work);
                     }
                 }
             }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-pub use crate::model::{Known, Op, Record};
+pub use crate::model::{Digested, Known, Op, Record};
 
 /// The changes that turn `current` into `desired`, creates and updates first, deletions last.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -39,7 +39,7 @@ pub fn plan(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, impl 
 
 /// [`plan`] where the desired state is known by digest (or record), `record` rendering the
 /// record of a key that must be written.
-pub fn plan_with<D: Known, K: Known>(
+pub fn plan_with<D: Digested, K: Known>(
     desired: &BTreeMap<String, D>,
     current: &BTreeMap<String, K>,
     record: impl Fn(&str, &D) -> Option<Record>,
@@ -58,7 +58,7 @@ pub fn plan_with<D: Known, K: Known>(
 
 /// The same diff restricted to `keys`, for when `current` is known to equal an earlier
 /// desired state and only `keys` can have changed since: O(changes), not O(entries).
-pub fn plan_keys<'a, D: Known, K: Known>(
+pub fn plan_keys<'a, D: Digested, K: Known>(
     desired: &BTreeMap<String, D>,
     current: &BTreeMap<String, K>,
     keys: impl IntoIterator<Item = &'a String>,
@@ -80,7 +80,7 @@ pub fn plan_keys<'a, D: Known, K: Known>(
 }
 
 impl Plan {
-    fn put_if_differs<D: Known>(
+    fn put_if_differs<D: Digested>(
         &mut self,
         key: &str,
         want: &D,

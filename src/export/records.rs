@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::model::{DesiredCatalog, Digest, Instance, Record, Unit};
+use smallvec::SmallVec;
+
+use crate::model::{DesiredCatalog, Digest, Digested, Instance, Record, Unit};
 
 /// At most this many keys are remembered for [`DesiredRecords::unit`] after their instances
 /// left; beyond it they are forgotten (their deletions then belong to the entry alone).
@@ -18,14 +20,26 @@ const RELEASED_KEPT: usize = 10_000;
 pub struct DesiredRecords {
     /// The instances rendered.
     instances: Arc<DesiredCatalog>,
-    /// The digest of every key's record.
-    pub digests: BTreeMap<String, Digest>,
-    /// Which instances render to each key, sorted (several can, where a layout merges them;
-    /// mostly one, so a vector, not a tree of nodes with room for eleven).
-    holders: HashMap<String, Vec<Instance>>,
+    /// Every key a record should be at.
+    pub entries: BTreeMap<String, DesiredEntry>,
     /// The instance that last held a key no instance holds any more, until its deletion is
     /// written ([`DesiredRecords::forget`]): which export the deletion belongs to.
     released: HashMap<String, Instance>,
+}
+
+/// One key's record: its digest and the instances that render to it.
+#[derive(Debug)]
+pub struct DesiredEntry {
+    digest: Digest,
+    /// Sorted. Several where a layout merges instances into one record; mostly one, kept in
+    /// place.
+    holders: SmallVec<[Instance; 1]>,
+}
+
+impl Digested for DesiredEntry {
+    fn digest(&self) -> Digest {
+        self.digest
+    }
 }
 
 impl DesiredRecords {
@@ -45,10 +59,10 @@ impl DesiredRecords {
         let changes = next.changes_from(&before);
         for inst in changes.removed {
             for key in render(std::slice::from_ref(inst)).into_keys() {
-                if let Some(h) = self.holders.get_mut(&key)
-                    && let Ok(at) = h.binary_search(inst)
+                if let Some(h) = self.entries.get_mut(&key)
+                    && let Ok(at) = h.holders.binary_search(inst)
                 {
-                    h.remove(at);
+                    h.holders.remove(at);
                 }
                 left.insert(key.clone(), inst);
                 touched.insert(key);
@@ -56,9 +70,15 @@ impl DesiredRecords {
         }
         for inst in changes.added {
             for (key, record) in render(std::slice::from_ref(inst)) {
-                let h = self.holders.entry(key.clone()).or_default();
-                if let Err(at) = h.binary_search(inst) {
-                    h.insert(at, inst.clone());
+                let h = self
+                    .entries
+                    .entry(key.clone())
+                    .or_insert_with(|| DesiredEntry {
+                        digest: Digest::of(&record),
+                        holders: SmallVec::new(),
+                    });
+                if let Err(at) = h.holders.binary_search(inst) {
+                    h.holders.insert(at, inst.clone());
                 }
                 rendered.insert(key.clone(), (inst, record));
                 touched.insert(key);
@@ -66,20 +86,21 @@ impl DesiredRecords {
         }
         let mut records = HashMap::new();
         for key in &touched {
-            let holder = self.holders.get(key).and_then(|h| h.last());
+            let holder = self.entries.get(key).and_then(|h| h.holders.last());
             let record = match (holder, rendered.remove(key)) {
                 (Some(h), Some((inst, r))) if h == inst => Some(r),
                 _ => self.record(key, &render),
             };
             match record {
                 Some(r) => {
-                    self.digests.insert(key.clone(), Digest::of(&r));
+                    if let Some(h) = self.entries.get_mut(key) {
+                        h.digest = Digest::of(&r);
+                    }
                     self.released.remove(key);
                     records.insert(key.clone(), r);
                 }
                 None => {
-                    self.holders.remove(key);
-                    self.digests.remove(key);
+                    self.entries.remove(key);
                     if let Some(inst) = left.get(key) {
                         if self.released.len() >= RELEASED_KEPT {
                             self.released.clear();
@@ -100,19 +121,19 @@ impl DesiredRecords {
         key: &str,
         render: impl Fn(&[Instance]) -> BTreeMap<String, Record>,
     ) -> Option<Record> {
-        let inst = self.holders.get(key).and_then(|h| h.last())?;
+        let inst = self.entries.get(key).and_then(|h| h.holders.last())?;
         render(std::slice::from_ref(inst)).remove(key)
     }
 
     /// The export whose instance renders to `key`, or rendered to it last (a deletion).
     pub fn unit(&self, key: &str) -> Option<Unit> {
-        self.holders
+        self.entries
             .get(key)
-            .and_then(|h| h.last())
+            .and_then(|h| h.holders.last())
             .or_else(|| self.released.get(key))
             .map(|i| Unit::Export {
-                origin: i.origin.clone(),
-                name: i.name.clone(),
+                origin: (*i.origin).clone(),
+                name: i.name.to_string(),
             })
     }
 
@@ -148,7 +169,10 @@ mod tests {
                 .iter()
                 .map(|(k, r)| (k.clone(), Digest::of(r)))
                 .collect();
-            assert_eq!(d.digests, digests);
+            let kept: BTreeMap<String, Digest> = (d.entries.iter())
+                .map(|(k, h)| (k.clone(), h.digest()))
+                .collect();
+            assert_eq!(kept, digests);
             for (k, r) in &full {
                 assert_eq!(d.record(k, |i| mem.render(i)).as_ref(), Some(r));
             }

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::held::Held;
 use super::isolate::{self, Outcome};
 use super::plan::{Plan, apply_to, plan_keys, plan_with};
-use super::records::DesiredRecords;
+use super::records::{DesiredEntry, DesiredRecords};
 use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
 use super::snapshot::{Report, Snapshot};
 use crate::backend::Backend;
@@ -253,12 +253,12 @@ impl Writer {
                 self.read().await?
             }
         };
-        let desired = &self.desired_records.digests;
+        let desired = &self.desired_records.entries;
         let now = Instant::now();
         self.held.prune(desired, &current);
         // The records to write: rendered by this update, else rendered again (only their
         // digests are kept).
-        let record = |key: &str, _: &Digest| {
+        let record = |key: &str, _: &DesiredEntry| {
             fresh
                 .borrow_mut()
                 .remove(key)
@@ -840,9 +840,10 @@ mod tests {
                 origin: crate::model::Origin {
                     namespace: "shop".into(),
                     service: service.into(),
-                },
-                tags: vec![],
-                meta: BTreeMap::new(),
+                }
+                .into(),
+                tags: vec![].into(),
+                meta: Default::default(),
             })
             .collect()
     }

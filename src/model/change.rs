@@ -78,29 +78,37 @@ fn hash_value(v: &Record, h: &mut impl std::hash::Hasher) {
     }
 }
 
-/// What the writer knows of an entry a catalog holds: the record itself, or its [`Digest`].
-pub trait Known {
-    fn of(record: &Record) -> Self;
+/// An entry's record known by its [`Digest`] at least: what the plan compares.
+pub trait Digested {
     fn digest(&self) -> Digest;
+}
+
+/// What the writer knows of an entry a catalog holds: the record itself, or its [`Digest`].
+pub trait Known: Digested {
+    fn of(record: &Record) -> Self;
+}
+
+impl Digested for Record {
+    fn digest(&self) -> Digest {
+        Digest::of(self)
+    }
 }
 
 impl Known for Record {
     fn of(record: &Record) -> Self {
         record.clone()
     }
+}
 
+impl Digested for Digest {
     fn digest(&self) -> Digest {
-        Digest::of(self)
+        *self
     }
 }
 
 impl Known for Digest {
     fn of(record: &Record) -> Self {
         Digest::of(record)
-    }
-
-    fn digest(&self) -> Digest {
-        *self
     }
 }
 

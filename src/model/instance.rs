@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// The Kubernetes Service an exported instance belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -18,15 +19,20 @@ impl fmt::Display for Origin {
 }
 
 /// One ready endpoint to publish in a catalog under `name`.
+///
+/// What all instances of one export have in common (name, origin, tags, meta) is shared
+/// between them, not copied: a hundred thousand instances are kept in several places (each
+/// export's, each catalog's, each writer's), and these were most of their size. Comparison and
+/// order are by value, as if each field were owned.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Instance {
     /// The name in the catalog (`api_x`).
-    pub name: String,
+    pub name: Arc<str>,
     pub address: IpAddr,
     pub port: u16,
-    pub origin: Origin,
-    pub tags: Vec<String>,
-    pub meta: BTreeMap<String, String>,
+    pub origin: Arc<Origin>,
+    pub tags: Arc<[String]>,
+    pub meta: Arc<BTreeMap<String, String>>,
 }
 
 impl Instance {
@@ -137,9 +143,10 @@ mod tests {
             origin: Origin {
                 namespace: ns.into(),
                 service: "api-x".into(),
-            },
-            tags: vec![],
-            meta: BTreeMap::new(),
+            }
+            .into(),
+            tags: Arc::new([]),
+            meta: Arc::default(),
         }
     }
 

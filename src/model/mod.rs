@@ -8,7 +8,7 @@ pub mod error;
 pub mod instance;
 pub mod problem;
 
-pub use change::{Digest, Known, Op, Record, Unit};
+pub use change::{Digest, Digested, Known, Op, Record, Unit};
 pub use error::BackendError;
 pub use instance::{DesiredCatalog, Difference, Instance, Origin, fnv1a64};
 pub use problem::{Problem, Reason};

@@ -25,12 +25,14 @@ fn inst(ip: &str, tags: &[&str]) -> Instance {
         origin: Origin {
             namespace: "shop".into(),
             service: "api-x".into(),
-        },
+        }
+        .into(),
         tags: tags.iter().map(|t| t.to_string()).collect(),
         meta: BTreeMap::from([
             ("version".to_string(), "1".to_string()),
             (OWNER_META.to_string(), "spoofed".to_string()),
-        ]),
+        ])
+        .into(),
     }
 }
 
@@ -170,10 +172,10 @@ fn meta_consul_would_refuse_is_left_out() {
 
     let c = consul();
     let mut i = inst("10.0.0.1", &[]);
-    i.meta.clear();
-    i.meta.insert("app.kubernetes.io/name".into(), "x".into());
-    i.meta.insert("consul-version".into(), "1".into());
-    i.meta.insert("team".into(), "shop".into());
+    std::sync::Arc::make_mut(&mut i.meta).clear();
+    std::sync::Arc::make_mut(&mut i.meta).insert("app.kubernetes.io/name".into(), "x".into());
+    std::sync::Arc::make_mut(&mut i.meta).insert("consul-version".into(), "1".into());
+    std::sync::Arc::make_mut(&mut i.meta).insert("team".into(), "shop".into());
     let r = c.record(&i);
     let keys: Vec<&String> = r["Service"]["Meta"]
         .as_object()
@@ -191,7 +193,7 @@ fn meta_consul_would_refuse_is_left_out() {
         ]
     );
     for n in 0..100 {
-        i.meta.insert(format!("k{n:03}"), "v".into());
+        std::sync::Arc::make_mut(&mut i.meta).insert(format!("k{n:03}"), "v".into());
     }
     let r = c.record(&i);
     assert_eq!(
@@ -205,7 +207,7 @@ fn what_consul_returns_reads_back_as_the_rendered_record() {
     let c = consul();
     let i = inst("10.0.0.1", &[]);
     let mut no_meta = inst("10.0.0.2", &[]);
-    no_meta.meta.clear();
+    std::sync::Arc::make_mut(&mut no_meta.meta).clear();
     let rendered = c.render(&[i.clone(), no_meta.clone()]);
     // As Consul 1.14 answers: extra fields, Tags [] even when omitted, foreign services.
     let as_consul = |r: &Record| {
@@ -464,7 +466,7 @@ fn large_records_are_batched_by_size_too() {
     let mut i = inst("10.0.0.1", &[]);
     let big = "x".repeat(500);
     for k in 0..60 {
-        i.meta.insert(format!("k{k}"), big.clone());
+        std::sync::Arc::make_mut(&mut i.meta).insert(format!("k{k}"), big.clone());
     }
     let instances: Vec<Instance> = (0..40)
         .map(|n| Instance {

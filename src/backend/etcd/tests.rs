@@ -20,9 +20,10 @@ fn inst(name: &str, ns: &str, ip: &str, port: u16) -> Instance {
         origin: Origin {
             namespace: ns.into(),
             service: "api-x".into(),
-        },
-        tags: vec![],
-        meta: BTreeMap::new(),
+        }
+        .into(),
+        tags: vec![].into(),
+        meta: Default::default(),
     }
 }
 
@@ -175,8 +176,8 @@ fn naming_values_are_endpoint_manager_updates() {
         value,
         r#"{"Op":0,"Addr":"10.0.0.1:8080","Metadata":{"owner":"c1","namespace":"shop","service":"api-x"}}"#
     );
-    i.tags = vec!["v2".into()];
-    i.meta.insert("version".into(), "2".into());
+    i.tags = vec!["v2".into()].into();
+    std::sync::Arc::make_mut(&mut i.meta).insert("version".into(), "2".into());
     let (_, value) = e.entry(&i);
     let v: Value = serde_json::from_str(&value).expect("json");
     assert_eq!(v["Op"], json!(0));

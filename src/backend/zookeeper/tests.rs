@@ -1,6 +1,6 @@
 //! The backend's unit tests: what needs no ZooKeeper (tests/zookeeper_*.rs use a real one).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -33,9 +33,10 @@ fn inst(ip: &str, port: u16) -> Instance {
         origin: Origin {
             namespace: "shop".into(),
             service: "api-x".into(),
-        },
-        tags: vec!["t".into()],
-        meta: BTreeMap::new(),
+        }
+        .into(),
+        tags: vec!["t".into()].into(),
+        meta: Default::default(),
     }
 }
 

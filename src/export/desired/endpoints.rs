@@ -1,6 +1,7 @@
 //! The instances one export contributes: the ready endpoints of its Service on the chosen port.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -57,10 +58,13 @@ pub(super) fn instances(
         .as_ref()
         .and_then(|s| s.publish_not_ready_addresses)
         .unwrap_or(false);
-    let origin = Origin {
+    // Shared by every instance of the export.
+    let origin = Arc::new(Origin {
         namespace: svc.metadata.namespace.clone().unwrap_or_default(),
         service: svc.metadata.name.clone().unwrap_or_default(),
-    };
+    });
+    let (name, tags, meta): (Arc<str>, Arc<[String]>, _) =
+        (external_name.into(), tags.into(), Arc::new(meta.clone()));
     let mut out = BTreeSet::new();
     for slice in slices {
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
@@ -90,11 +94,11 @@ pub(super) fn instances(
                     continue;
                 };
                 out.insert(Instance {
-                    name: external_name.to_string(),
+                    name: name.clone(),
                     address,
                     port: number,
                     origin: origin.clone(),
-                    tags: tags.to_vec(),
+                    tags: tags.clone(),
                     meta: meta.clone(),
                 });
             }

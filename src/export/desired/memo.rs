@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -34,12 +36,44 @@ pub struct Memo {
     pub(super) registrations_of: HashMap<Key, BTreeSet<Source>>,
     /// Per (catalog, external name) in catalogs that do not merge, every export that claims
     /// it, oldest first: the first keeps the name.
-    pub(super) claims: HashMap<Key, BTreeSet<Claim>>,
+    pub(super) claims: HashMap<Key, Claimants>,
     /// The names each source claims.
     pub(super) claimed_by: HashMap<Source, Vec<Key>>,
     pub(super) exports: imbl::OrdMap<(Source, String), Export>,
     /// Exports that cannot take effect, by (source kind, reason).
     pub(super) invalid: BTreeMap<(String, String), i64>,
+}
+
+/// The claims on one name, oldest first: mostly one, kept in place (a tree set allocated room
+/// for eleven per name).
+#[derive(Default)]
+pub(super) struct Claimants(SmallVec<[Claim; 1]>);
+
+impl Claimants {
+    /// The claim that keeps the name.
+    pub(super) fn first(&self) -> Option<&Claim> {
+        self.0.first()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Claim> {
+        self.0.iter()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn insert(&mut self, claim: Claim) {
+        if let Err(at) = self.0.binary_search(&claim) {
+            self.0.insert(at, claim);
+        }
+    }
+
+    pub(super) fn remove(&mut self, claim: &Claim) {
+        if let Ok(at) = self.0.binary_search(claim) {
+            self.0.remove(at);
+        }
+    }
 }
 
 /// One export source as of the last run.

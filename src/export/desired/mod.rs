@@ -218,7 +218,11 @@ fn refresh(objects: &impl Objects, sources: BTreeSet<Source>, memo: &mut Memo) {
     for (key, before) in held_before {
         let set = memo.claims.get(&key);
         if set.and_then(|c| c.first()) != before.as_ref() {
-            outcomes.extend(set.into_iter().flatten().map(|c| c.source.clone()));
+            outcomes.extend(
+                set.into_iter()
+                    .flat_map(|c| c.iter())
+                    .map(|c| c.source.clone()),
+            );
         }
     }
     for source in outcomes {
@@ -515,7 +519,7 @@ mod tests {
         );
         assert!(d.catalogs["other"].is_empty());
         let i = d.catalogs["consul"].iter().next().expect("an instance");
-        assert_eq!(i.tags, ["v1", "blue"]);
+        assert_eq!(i.tags.to_vec(), ["v1", "blue"]);
         assert_eq!(i.meta.get("team").map(String::as_str), Some("shop"));
         assert_eq!(d.exports.len(), 1);
         assert_eq!(d.exports.values().next().expect("an export").endpoints, 3);
