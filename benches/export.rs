@@ -44,6 +44,7 @@ use catalog_bridge::backend::consul::{Consul, ConsulConfig};
 use catalog_bridge::backend::etcd::{Etcd, EtcdConfig};
 use catalog_bridge::backend::zookeeper::{ZooKeeper, ZooKeeperConfig};
 use catalog_bridge::export::plan::Op;
+use catalog_bridge::k8s::cached::CachedSlice;
 use catalog_bridge::model::{Instance, Origin};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -687,13 +688,13 @@ fn desired_state_bench() -> Result<String> {
     use catalog_bridge::runtime::changed::Changed;
     struct ByKey {
         services: HashMap<(String, String), Arc<Service>>,
-        slices: HashMap<(String, String), Arc<EndpointSlice>>,
+        slices: HashMap<(String, String), Arc<CachedSlice>>,
     }
     impl Objects for ByKey {
         fn service(&self, ns: &str, name: &str) -> Option<Arc<Service>> {
             self.services.get(&(ns.into(), name.into())).cloned()
         }
-        fn slice(&self, ns: &str, name: &str) -> Option<Arc<EndpointSlice>> {
+        fn slice(&self, ns: &str, name: &str) -> Option<Arc<CachedSlice>> {
             self.slices.get(&(ns.into(), name.into())).cloned()
         }
         fn registration(&self, _: &str, _: &str) -> Option<Arc<ExternalRegistration>> {
@@ -710,7 +711,7 @@ fn desired_state_bench() -> Result<String> {
             .map(Arc::new)
         })
         .collect::<Result<_, _>>()?;
-    let slice = |s: usize, version: usize, first_ready: bool| -> Result<Arc<EndpointSlice>> {
+    let slice = |s: usize, version: usize, first_ready: bool| -> Result<Arc<CachedSlice>> {
         Ok(Arc::new(serde_json::from_value(json!({
             "metadata": {"namespace": NS, "name": format!("{}-1", name(s)),
                          "resourceVersion": version.to_string(),
@@ -720,7 +721,7 @@ fn desired_state_bench() -> Result<String> {
             "endpoints": endpoints(s, first_ready),
         }))?))
     };
-    let mut slices: Vec<Arc<EndpointSlice>> = (0..service_count())
+    let mut slices: Vec<Arc<CachedSlice>> = (0..service_count())
         .map(|s| slice(s, 1, true))
         .collect::<Result<_>>()?;
     let catalogs: Vec<Arc<ExternalCatalog>> = vec![Arc::new(serde_json::from_value(json!({

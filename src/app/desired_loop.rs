@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::k8s::cached::CachedSlice;
 use anyhow::Result;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 use tracing::info;
@@ -136,7 +136,7 @@ impl desired::Objects for Stores {
         self.services.get(&ObjectRef::new(name).within(namespace))
     }
 
-    fn slice(&self, namespace: &str, name: &str) -> Option<Arc<EndpointSlice>> {
+    fn slice(&self, namespace: &str, name: &str) -> Option<Arc<CachedSlice>> {
         self.slices.get(&ObjectRef::new(name).within(namespace))
     }
 

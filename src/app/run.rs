@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use crate::k8s::cached::CachedSlice;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::watcher;
 use tokio::sync::{broadcast, watch};
@@ -50,7 +50,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
         Some(touched_by(Kind::Service, touched.clone())),
     );
     let (slices, t2) = reflect(
-        Api::<EndpointSlice>::all(client.clone()),
+        Api::<CachedSlice>::all(client.clone()),
         changes.clone(),
         Some(touched_by(Kind::EndpointSlice, touched.clone())),
     );

@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use crate::k8s::cached::CachedSlice;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::api::labels::ANNOTATION_EXTERNAL_NAME;
 use crate::backend::External;
@@ -175,7 +175,7 @@ impl Hold {
 /// endpoints count.
 pub fn published(
     service: Option<&Service>,
-    slices: &[std::sync::Arc<EndpointSlice>],
+    slices: &[std::sync::Arc<CachedSlice>],
     external_name: &str,
 ) -> Vec<External> {
     let same_name = service
@@ -435,7 +435,7 @@ mod tests {
             "metadata": {"name": "db", "annotations": {ANNOTATION_EXTERNAL_NAME: "db_x"}},
         }))
         .expect("a Service");
-        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        let slice: CachedSlice = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "db-ipv4-5432-0"},
             "addressType": "IPv4",
             "ports": [{"name": "db", "port": 5432}],

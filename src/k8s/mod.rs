@@ -2,6 +2,7 @@
 //! references, the Secret that keeps ZooKeeper sessions, the building of a catalog's backend
 //! from its ExternalCatalog, and the finalizer that holds a deleted one until it is emptied.
 
+pub mod cached;
 pub mod catalogs;
 pub mod finalizers;
 pub mod prune;

@@ -5,10 +5,10 @@
 //! before its store sees it (kube-runtime's `WatchStreamExt::modify`).
 
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
+use super::cached::CachedSlice;
 use crate::api::labels::ANNOTATION_PREFIX;
 
 /// Removes from `obj` what no part of catalog-bridge reads.
@@ -47,19 +47,12 @@ impl Prune for Service {
     }
 }
 
-impl Prune for EndpointSlice {
-    /// Kept: the address type, the ports, and each endpoint's addresses and conditions.
+impl Prune for CachedSlice {
+    /// Kept: the address type, the ports, and each endpoint's addresses and conditions (all
+    /// the type holds; the rest of each endpoint is skipped while decoding).
     fn prune(&mut self) {
         metadata(&mut self.metadata);
         own_annotations(&mut self.metadata);
-        for e in &mut self.endpoints {
-            e.target_ref = None;
-            e.node_name = None;
-            e.zone = None;
-            e.hints = None;
-            e.hostname = None;
-            e.deprecated_topology = None;
-        }
     }
 }
 
@@ -130,7 +123,7 @@ mod tests {
 
     #[test]
     fn a_pruned_slice_keeps_addresses_conditions_and_ports() {
-        let mut slice: EndpointSlice = serde_json::from_value(json!({
+        let mut slice: CachedSlice = serde_json::from_value(json!({
             "metadata": {"name": "s", "labels": {"kubernetes.io/service-name": "api"},
                          "managedFields": [{"manager": "kcm"}]},
             "addressType": "IPv4",
@@ -144,7 +137,6 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&slice).expect("json"),
             json!({
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {"name": "s", "labels": {"kubernetes.io/service-name": "api"}},
                 "addressType": "IPv4",
                 "ports": [{"name": "http", "port": 8080}],

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::k8s::cached::CachedSlice;
 use anyhow::{Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
@@ -95,7 +95,7 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 #[derive(Clone)]
 pub struct Stores {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub slices: Store<CachedSlice>,
     pub catalogs: Store<ExternalCatalog>,
     pub registrations: Store<ExternalRegistration>,
     /// For their labels, which the catalogs' policies select namespaces by.

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::k8s::cached::CachedSlice;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::api::crd::PortRef;
 use crate::model::address::export_address;
@@ -44,7 +44,7 @@ fn choose_port<'a>(svc: &'a Service, port: Option<&PortRef>) -> Result<&'a Servi
 /// The ready endpoints of `svc` on the chosen port, as instances.
 pub(super) fn instances(
     svc: &Service,
-    slices: &[&EndpointSlice],
+    slices: &[&CachedSlice],
     port: Option<&PortRef>,
     external_name: &str,
     tags: &[String],

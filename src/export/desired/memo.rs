@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use crate::k8s::cached::CachedSlice;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::policy::{Claim, Rules};
 use super::request::Request;
@@ -29,7 +29,7 @@ pub struct Memo {
     pub(super) sources: HashMap<Source, Memoized>,
     pub(super) catalogs: HashMap<String, CatalogMemo>,
     /// Each Service's EndpointSlices, by slice name.
-    pub(super) slices_of: HashMap<Key, BTreeMap<String, Arc<EndpointSlice>>>,
+    pub(super) slices_of: HashMap<Key, BTreeMap<String, Arc<CachedSlice>>>,
     /// The Service each slice belongs to, as last indexed.
     pub(super) slice_owner: HashMap<Key, String>,
     /// The registrations that export each Service.
@@ -158,7 +158,7 @@ impl Memo {
 
     /// Files `slice` (or its absence) under its Service; returns the Services whose slices
     /// changed (the one it left and the one it joined).
-    pub(super) fn index_slice(&mut self, key: &Key, slice: Option<Arc<EndpointSlice>>) -> Vec<Key> {
+    pub(super) fn index_slice(&mut self, key: &Key, slice: Option<Arc<CachedSlice>>) -> Vec<Key> {
         let mut touched = Vec::new();
         if let Some(owner) = self.slice_owner.remove(key) {
             let svc = (key.0.clone(), owner);
@@ -241,7 +241,7 @@ impl Memo {
 /// (then nothing is reused).
 pub(super) fn fingerprint(
     svc: &Service,
-    slices: &[&EndpointSlice],
+    slices: &[&CachedSlice],
     req: &Request,
     external_name: &str,
 ) -> Option<Fingerprint> {

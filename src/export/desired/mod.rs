@@ -15,8 +15,8 @@ mod request;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::k8s::cached::CachedSlice;
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::api::crd::{ExternalCatalog, ExternalRegistration};
 use crate::api::labels::is_imported;
@@ -33,7 +33,7 @@ use request::{Request, request_from_annotations, request_from_registration};
 #[derive(Clone, Copy, Default)]
 pub struct Inputs<'a> {
     pub services: &'a [Arc<Service>],
-    pub slices: &'a [Arc<EndpointSlice>],
+    pub slices: &'a [Arc<CachedSlice>],
     pub catalogs: &'a [Arc<ExternalCatalog>],
     pub registrations: &'a [Arc<ExternalRegistration>],
     /// For the labels the catalogs' policies select namespaces by.
@@ -43,7 +43,7 @@ pub struct Inputs<'a> {
 /// Where [`update`] reads the objects that changed, by namespace and name.
 pub trait Objects {
     fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
-    fn slice(&self, namespace: &str, name: &str) -> Option<Arc<EndpointSlice>>;
+    fn slice(&self, namespace: &str, name: &str) -> Option<Arc<CachedSlice>>;
     fn registration(&self, namespace: &str, name: &str) -> Option<Arc<ExternalRegistration>>;
 }
 
@@ -258,7 +258,7 @@ fn outcome(objects: &impl Objects, source: &Source, req: Option<Request>, memo: 
     };
     let svc = objects.service(&req.namespace, &req.service);
     let no_slices = BTreeMap::new();
-    let svc_slices: Vec<&EndpointSlice> = (memo.slices_of)
+    let svc_slices: Vec<&CachedSlice> = (memo.slices_of)
         .get(&target(&req))
         .unwrap_or(&no_slices)
         .values()
@@ -407,7 +407,7 @@ impl Objects for Listed<'_> {
         self.services.get(&(namespace, name)).map(|s| Arc::clone(s))
     }
 
-    fn slice(&self, _: &str, _: &str) -> Option<Arc<EndpointSlice>> {
+    fn slice(&self, _: &str, _: &str) -> Option<Arc<CachedSlice>> {
         None // compute_with indexes every slice first
     }
 
@@ -442,7 +442,7 @@ mod tests {
         svc: &str,
         name: &str,
         eps: &[(&str, Option<bool>, bool)],
-    ) -> Arc<EndpointSlice> {
+    ) -> Arc<CachedSlice> {
         let endpoints: Vec<_> = eps
             .iter()
             .map(|(ip, ready, terminating)| {
@@ -537,7 +537,7 @@ mod tests {
             {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": true, "terminating": true}},
         ]);
         let slices = [Arc::new(
-            serde_json::from_value::<EndpointSlice>(json!({
+            serde_json::from_value::<CachedSlice>(json!({
                 "metadata": {"namespace": "shop", "name": "s1", "labels": {"kubernetes.io/service-name": "db"}},
                 "addressType": "IPv4",
                 "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
@@ -634,7 +634,7 @@ mod tests {
             rv
         };
         let mut services: Vec<Arc<Service>> = Vec::new();
-        let mut slices: Vec<Arc<EndpointSlice>> = Vec::new();
+        let mut slices: Vec<Arc<CachedSlice>> = Vec::new();
         for s in 0..40 {
             let export = if s % 2 == 0 { "consul,etcd" } else { "consul" };
             let svc = service(
@@ -655,7 +655,7 @@ mod tests {
         let mut registrations: Vec<Arc<ExternalRegistration>> = Vec::new();
         let mut memo = Memo::default();
         let mut check = |services: &[Arc<Service>],
-                         slices: &[Arc<EndpointSlice>],
+                         slices: &[Arc<CachedSlice>],
                          catalogs: &[Arc<ExternalCatalog>],
                          registrations: &[Arc<ExternalRegistration>],
                          step: &str| {
@@ -945,7 +945,7 @@ mod tests {
     }
 
     /// Two namespaces exporting `api_x`: `a` created later than `b`.
-    fn two_namespaces(catalogs: &str) -> ([Arc<Service>; 2], [Arc<EndpointSlice>; 2]) {
+    fn two_namespaces(catalogs: &str) -> ([Arc<Service>; 2], [Arc<CachedSlice>; 2]) {
         let ann = json!({"catalog-bridge.io/export": catalogs, "catalog-bridge.io/name": "api_x"});
         (
             [
@@ -1063,7 +1063,7 @@ mod tests {
     #[derive(Default)]
     struct World {
         services: BTreeMap<(String, String), Arc<Service>>,
-        slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
+        slices: BTreeMap<(String, String), Arc<CachedSlice>>,
         registrations: BTreeMap<(String, String), Arc<ExternalRegistration>>,
     }
 
@@ -1071,7 +1071,7 @@ mod tests {
         fn service(&self, ns: &str, name: &str) -> Option<Arc<Service>> {
             self.services.get(&(ns.into(), name.into())).cloned()
         }
-        fn slice(&self, ns: &str, name: &str) -> Option<Arc<EndpointSlice>> {
+        fn slice(&self, ns: &str, name: &str) -> Option<Arc<CachedSlice>> {
             self.slices.get(&(ns.into(), name.into())).cloned()
         }
         fn registration(&self, ns: &str, name: &str) -> Option<Arc<ExternalRegistration>> {
