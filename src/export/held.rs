@@ -172,7 +172,8 @@ mod tests {
             origin: Origin {
                 namespace: "shop".into(),
                 service: s.into(),
-            },
+            }
+            .into(),
             name: s.into(),
         }
     }

@@ -239,7 +239,8 @@ mod tests {
             origin: Origin {
                 namespace: "shop".into(),
                 service: service.into(),
-            },
+            }
+            .into(),
             name: service.into(),
         }
     }

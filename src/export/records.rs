@@ -132,8 +132,8 @@ impl DesiredRecords {
             .and_then(|h| h.holders.last())
             .or_else(|| self.released.get(key))
             .map(|i| Unit::Export {
-                origin: (*i.origin).clone(),
-                name: i.name.to_string(),
+                origin: i.origin.clone(),
+                name: i.name.clone(),
             })
     }
 

@@ -3,6 +3,7 @@
 //! them.
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::instance::Origin;
 
@@ -135,7 +136,7 @@ impl Op {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Unit {
     /// The instances of Service `origin` published under `name`.
-    Export { origin: Origin, name: String },
+    Export { origin: Arc<Origin>, name: Arc<str> },
     /// One entry, by key.
     Entry { key: String },
 }

@@ -205,8 +205,9 @@ mod tests {
                     origin: crate::model::Origin {
                         namespace: "shop".into(),
                         service: format!("s{i}"),
-                    },
-                    name: format!("s{i}"),
+                    }
+                    .into(),
+                    name: format!("s{i}").into(),
                 },
                 operations: 2,
                 error: crate::model::BackendError::refused("Permission denied"),

@@ -18,7 +18,7 @@ pub fn refused_for<'a>(e: &Export, refused: &'a [Refused]) -> Option<&'a Refused
     };
     refused.iter().find(|r| {
         matches!(&r.unit, Unit::Export { origin, name }
-            if origin.namespace == *namespace && origin.service == e.service && *name == e.external_name)
+            if origin.namespace == *namespace && origin.service == e.service && **name == *e.external_name)
     })
 }
 
@@ -280,7 +280,8 @@ mod tests {
                 origin: crate::model::Origin {
                     namespace: "shop".into(),
                     service: "api-x".into(),
-                },
+                }
+                .into(),
                 name: "api_x".into(),
             },
             operations: 1,
