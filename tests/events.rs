@@ -1,5 +1,5 @@
 //! Events against a real API server: one Event per distinct message on an object, a repeat
-//! counted on it.
+//! counted on it, a repeat of an Event since deleted a new one.
 
 use anyhow::{Context, Result, ensure};
 use catalog_bridge::model::Reason;
@@ -7,7 +7,7 @@ use catalog_bridge::status::events::{Announcer, warning};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::Resource;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use localenv::Env;
 use serde_json::json;
 
@@ -63,5 +63,21 @@ async fn each_distinct_message_is_one_event_and_a_repeat_is_counted_on_it() -> R
     ensure!(a.reporting_controller.as_deref() == Some("catalog-bridge"));
     let b = note("entry b refused")?;
     ensure!(b.series.is_none(), "published once, no series: {b:#?}");
+
+    // An Event gone (expired, deleted): the next repeat is a new Event.
+    let api: Api<Event> = Api::namespaced(client.clone(), "default");
+    let gone = a.metadata.name.clone().context("the Event's name")?;
+    api.delete(&gone, &DeleteParams::default()).await?;
+    announcer.publish(&first, &reference).await;
+    let events = events_about(&client, "about").await?;
+    let again: Vec<&Event> = (events.iter())
+        .filter(|e| e.note.as_deref() == Some("entry a refused"))
+        .collect();
+    ensure!(
+        again.len() == 1
+            && again[0].series.is_none()
+            && again[0].metadata.name.as_deref() != Some(gone.as_str()),
+        "a new Event for the repeat of a deleted one: {again:#?}"
+    );
     Ok(())
 }

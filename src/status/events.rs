@@ -103,11 +103,21 @@ impl Announcer {
             sent.last = now;
             let events: Api<K8sEvent> = Api::namespaced(self.client.clone(), &sent.namespace);
             let series = json!({"series": {"count": sent.count, "lastObservedTime": stamp}});
-            events
+            let patched = events
                 .patch(&sent.name, &PatchParams::default(), &Patch::Merge(&series))
-                .await
-                .with_context(|| format!("counting a repeat on Event {}", sent.name))?;
-            return Ok(());
+                .await;
+            match patched {
+                Ok(_) => return Ok(()),
+                // The Event is gone (the API server keeps Events an hour by default): the
+                // repeat becomes a new one.
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    self.sent.remove(&key);
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e))
+                        .with_context(|| format!("counting a repeat on Event {}", sent.name));
+                }
+            }
         }
         let namespace = reference.namespace.clone().unwrap_or("default".into());
         let event = self.event(ev, reference, &namespace, stamp);
