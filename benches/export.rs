@@ -44,7 +44,7 @@ use catalog_bridge::backend::consul::{Consul, ConsulConfig};
 use catalog_bridge::backend::etcd::{Etcd, EtcdConfig};
 use catalog_bridge::backend::zookeeper::{ZooKeeper, ZooKeeperConfig};
 use catalog_bridge::export::plan::Op;
-use catalog_bridge::k8s::cached::CachedSlice;
+use catalog_bridge::k8s::cached::{CachedService, CachedSlice};
 use catalog_bridge::model::{Instance, Origin};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -687,11 +687,11 @@ fn desired_state_bench() -> Result<String> {
     };
     use catalog_bridge::runtime::changed::Changed;
     struct ByKey {
-        services: HashMap<(String, String), Arc<Service>>,
+        services: HashMap<(String, String), Arc<CachedService>>,
         slices: HashMap<(String, String), Arc<CachedSlice>>,
     }
     impl Objects for ByKey {
-        fn service(&self, ns: &str, name: &str) -> Option<Arc<Service>> {
+        fn service(&self, ns: &str, name: &str) -> Option<Arc<CachedService>> {
             self.services.get(&(ns.into(), name.into())).cloned()
         }
         fn slice(&self, ns: &str, name: &str) -> Option<Arc<CachedSlice>> {
@@ -701,7 +701,7 @@ fn desired_state_bench() -> Result<String> {
             None
         }
     }
-    let services: Vec<Arc<Service>> = (0..service_count())
+    let services: Vec<Arc<CachedService>> = (0..service_count())
         .map(|s| {
             serde_json::from_value(json!({
                 "metadata": {"namespace": NS, "name": name(s), "resourceVersion": "1",

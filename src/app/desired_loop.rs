@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
 use anyhow::Result;
-use k8s_openapi::api::core::v1::Service;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 use tracing::info;
@@ -132,7 +132,7 @@ pub async fn run(
 
 /// The desired-state step reads the objects that changed from the watches' stores.
 impl desired::Objects for Stores {
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<CachedService>> {
         self.services.get(&ObjectRef::new(name).within(namespace))
     }
 

@@ -7,9 +7,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::runtime::watcher;
 use tokio::sync::{broadcast, watch};
@@ -45,7 +46,7 @@ pub async fn run(client: kube::Client, opts: Options) -> Result<()> {
     // Changes to imported objects, for the import tasks to undo someone else's.
     let (touched, _) = broadcast::channel(1024);
     let (services, t1) = reflect(
-        Api::<Service>::all(client.clone()),
+        Api::<CachedService>::all(client.clone()),
         changes.clone(),
         Some(touched_by(Kind::Service, touched.clone())),
     );

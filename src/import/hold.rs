@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
-use k8s_openapi::api::core::v1::Service;
 
 use crate::api::labels::ANNOTATION_EXTERNAL_NAME;
 use crate::backend::External;
@@ -174,7 +174,7 @@ impl Hold {
 /// Service, as stored) was rendered for `external_name`: what a hold starts from. Only ready
 /// endpoints count.
 pub fn published(
-    service: Option<&Service>,
+    service: Option<&CachedService>,
     slices: &[std::sync::Arc<CachedSlice>],
     external_name: &str,
 ) -> Vec<External> {
@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn the_published_endpoints_are_read_from_the_stored_slices_of_the_same_name() {
-        let svc: Service = serde_json::from_value(serde_json::json!({
+        let svc: CachedService = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "db", "annotations": {ANNOTATION_EXTERNAL_NAME: "db_x"}},
         }))
         .expect("a Service");

@@ -1,8 +1,8 @@
 //! What the controller's watches tell the import tasks: a change to an object some import
 //! maintains ([`Touched`]), and the stores to check whose a Service is ([`Watched`]).
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
-use k8s_openapi::api::core::v1::Service;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -34,7 +34,7 @@ pub struct TouchedObject {
 }
 
 impl Touched {
-    /// What an event of the Service or CachedSlice watch tells the imports, if anything.
+    /// What an event of the Service or EndpointSlice watch tells the imports, if anything.
     pub fn from_event<K: Resource>(kind: Kind, ev: &watcher::Event<K>) -> Option<Touched> {
         match ev {
             watcher::Event::Apply(o) => Touched::of(kind, o, false),
@@ -67,7 +67,7 @@ impl Touched {
 /// watches see.
 #[derive(Clone)]
 pub struct Watched {
-    pub services: Store<Service>,
+    pub services: Store<CachedService>,
     pub slices: Store<CachedSlice>,
     pub registrations: Store<ExternalRegistration>,
     pub touched: broadcast::Sender<Touched>,

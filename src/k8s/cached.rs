@@ -1,9 +1,11 @@
-//! The EndpointSlice as the cache keeps it: only the fields catalog-bridge reads, decoded
-//! straight from the watch. k8s-openapi's `Endpoint` is some 350 bytes even with every
-//! optional field empty (target reference, hints, zone, node, topology); 10,000 slices of 10
-//! endpoints held 45 MB that way. This type is read and watched like the real one (same API
-//! group, kind and path); what it does not declare is skipped while decoding.
+//! Services and EndpointSlices as the caches keep them: only the fields catalog-bridge reads,
+//! decoded straight from the watch. k8s-openapi's `Endpoint` is some 350 bytes even with every
+//! optional field empty (target reference, hints, zone, node, topology), its `ServiceSpec`
+//! some 700; 10,000 slices of 10 endpoints held 45 MB that way. These types are read and
+//! watched like the real ones (same API group, kind and path); what they do not declare is
+//! skipped while decoding.
 
+use k8s_openapi::api::core::v1::ServicePort;
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -54,9 +56,52 @@ impl k8s_openapi::Metadata for CachedSlice {
     }
 }
 
+/// A Service (`v1`) with what the export and the imports read: its metadata, ports and
+/// `publishNotReadyAddresses`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedService {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<CachedServiceSpec>,
+}
+
+/// The part of a Service's spec a [`CachedService`] keeps.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedServiceSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<ServicePort>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_not_ready_addresses: Option<bool>,
+}
+
+impl k8s_openapi::Resource for CachedService {
+    const API_VERSION: &'static str = "v1";
+    const GROUP: &'static str = "";
+    const KIND: &'static str = "Service";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "services";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for CachedService {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use kube::Resource;
     use serde_json::json;
@@ -94,5 +139,31 @@ mod tests {
             EndpointSlice::url_path(&(), Some("shop"))
         );
         assert_eq!(CachedSlice::kind(&()), EndpointSlice::kind(&()));
+    }
+
+    #[test]
+    fn a_service_decodes_to_its_ports_and_is_watched_as_a_service() {
+        let cached: CachedService = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "api", "namespace": "shop", "uid": "u1"},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+                     "publishNotReadyAddresses": true, "selector": {"app": "api"},
+                     "clusterIP": "10.96.0.1", "type": "ClusterIP"},
+            "status": {"loadBalancer": {}},
+        }))
+        .expect("a Service");
+        let spec = cached.spec.as_ref().expect("a spec");
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        assert_eq!(
+            (ports[0].name.as_deref(), ports[0].port),
+            (Some("http"), 80)
+        );
+        assert_eq!(
+            CachedService::url_path(&(), Some("shop")),
+            Service::url_path(&(), Some("shop"))
+        );
+        assert_eq!(CachedService::kind(&()), Service::kind(&()));
+        assert_eq!(CachedService::api_version(&()), Service::api_version(&()));
     }
 }

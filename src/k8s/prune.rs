@@ -4,11 +4,11 @@
 //! and their EndpointSlices held whole is most of a controller's memory. Each kind is pruned
 //! before its store sees it (kube-runtime's `WatchStreamExt::modify`).
 
-use k8s_openapi::api::core::v1::{Namespace, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
-use super::cached::CachedSlice;
+use super::cached::{CachedService, CachedSlice};
 use crate::api::labels::ANNOTATION_PREFIX;
 
 /// Removes from `obj` what no part of catalog-bridge reads.
@@ -32,18 +32,12 @@ fn own_annotations(meta: &mut ObjectMeta) {
     }
 }
 
-impl Prune for Service {
+impl Prune for CachedService {
     /// Kept: metadata (labels, owner references, uid, versions, times), catalog-bridge's
-    /// annotations, the ports and `publishNotReadyAddresses`.
+    /// annotations, the ports and `publishNotReadyAddresses` (the spec holds no more).
     fn prune(&mut self) {
         metadata(&mut self.metadata);
         own_annotations(&mut self.metadata);
-        self.spec = self.spec.take().map(|s| ServiceSpec {
-            ports: s.ports,
-            publish_not_ready_addresses: s.publish_not_ready_addresses,
-            ..ServiceSpec::default()
-        });
-        self.status = None;
     }
 }
 
@@ -89,7 +83,7 @@ mod tests {
 
     #[test]
     fn a_pruned_service_keeps_what_the_export_and_import_read() {
-        let mut svc: Service = serde_json::from_value(json!({
+        let mut svc: CachedService = serde_json::from_value(json!({
             "metadata": {
                 "name": "api", "namespace": "shop", "uid": "u1", "resourceVersion": "7",
                 "labels": {"app": "api"},
@@ -109,7 +103,6 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&svc).expect("json"),
             json!({
-                "apiVersion": "v1", "kind": "Service",
                 "metadata": {
                     "name": "api", "namespace": "shop", "uid": "u1", "resourceVersion": "7",
                     "labels": {"app": "api"},

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
 use anyhow::{Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
@@ -94,7 +95,7 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 /// The stores every part reads from.
 #[derive(Clone)]
 pub struct Stores {
-    pub services: Store<Service>,
+    pub services: Store<CachedService>,
     pub slices: Store<CachedSlice>,
     pub catalogs: Store<ExternalCatalog>,
     pub registrations: Store<ExternalRegistration>,

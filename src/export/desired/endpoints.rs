@@ -3,15 +3,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::ServicePort;
 
 use crate::api::crd::PortRef;
 use crate::model::address::export_address;
 use crate::model::{Instance, Origin, Problem, Reason};
 
 /// The Service port an export publishes: by name or number, else the first.
-fn choose_port<'a>(svc: &'a Service, port: Option<&PortRef>) -> Result<&'a ServicePort, Problem> {
+fn choose_port<'a>(
+    svc: &'a CachedService,
+    port: Option<&PortRef>,
+) -> Result<&'a ServicePort, Problem> {
     let ports = svc
         .spec
         .as_ref()
@@ -43,7 +47,7 @@ fn choose_port<'a>(svc: &'a Service, port: Option<&PortRef>) -> Result<&'a Servi
 
 /// The ready endpoints of `svc` on the chosen port, as instances.
 pub(super) fn instances(
-    svc: &Service,
+    svc: &CachedService,
     slices: &[&CachedSlice],
     port: Option<&PortRef>,
     external_name: &str,

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
-use k8s_openapi::api::core::v1::Service;
 
 use super::policy::{Claim, Rules};
 use super::request::Request;
@@ -240,7 +240,7 @@ impl Memo {
 /// What an export's instances depend on, or `None` when an object has no resource version
 /// (then nothing is reused).
 pub(super) fn fingerprint(
-    svc: &Service,
+    svc: &CachedService,
     slices: &[&CachedSlice],
     req: &Request,
     external_name: &str,

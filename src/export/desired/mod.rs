@@ -15,8 +15,9 @@ mod request;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::k8s::cached::CachedService;
 use crate::k8s::cached::CachedSlice;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Namespace;
 
 use crate::api::crd::{ExternalCatalog, ExternalRegistration};
 use crate::api::labels::is_imported;
@@ -32,7 +33,7 @@ use request::{Request, request_from_annotations, request_from_registration};
 /// The Kubernetes objects desired state is computed from.
 #[derive(Clone, Copy, Default)]
 pub struct Inputs<'a> {
-    pub services: &'a [Arc<Service>],
+    pub services: &'a [Arc<CachedService>],
     pub slices: &'a [Arc<CachedSlice>],
     pub catalogs: &'a [Arc<ExternalCatalog>],
     pub registrations: &'a [Arc<ExternalRegistration>],
@@ -42,7 +43,7 @@ pub struct Inputs<'a> {
 
 /// Where [`update`] reads the objects that changed, by namespace and name.
 pub trait Objects {
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<CachedService>>;
     fn slice(&self, namespace: &str, name: &str) -> Option<Arc<CachedSlice>>;
     fn registration(&self, namespace: &str, name: &str) -> Option<Arc<ExternalRegistration>>;
 }
@@ -381,7 +382,7 @@ fn outcome(objects: &impl Objects, source: &Source, req: Option<Request>, memo: 
 
 /// [`Inputs`] by key, for [`compute_with`].
 struct Listed<'a> {
-    services: HashMap<(&'a str, &'a str), &'a Arc<Service>>,
+    services: HashMap<(&'a str, &'a str), &'a Arc<CachedService>>,
     registrations: HashMap<(&'a str, &'a str), &'a Arc<ExternalRegistration>>,
 }
 
@@ -403,7 +404,7 @@ impl<'a> Listed<'a> {
 }
 
 impl Objects for Listed<'_> {
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<CachedService>> {
         self.services.get(&(namespace, name)).map(|s| Arc::clone(s))
     }
 
@@ -424,7 +425,7 @@ mod tests {
     use crate::api::labels::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
     use serde_json::json;
 
-    fn service(ns: &str, name: &str, annotations: serde_json::Value) -> Arc<Service> {
+    fn service(ns: &str, name: &str, annotations: serde_json::Value) -> Arc<CachedService> {
         Arc::new(
             serde_json::from_value(json!({
                 "metadata": {"namespace": ns, "name": name, "annotations": annotations},
@@ -633,7 +634,7 @@ mod tests {
             rv += 1;
             rv
         };
-        let mut services: Vec<Arc<Service>> = Vec::new();
+        let mut services: Vec<Arc<CachedService>> = Vec::new();
         let mut slices: Vec<Arc<CachedSlice>> = Vec::new();
         for s in 0..40 {
             let export = if s % 2 == 0 { "consul,etcd" } else { "consul" };
@@ -654,7 +655,7 @@ mod tests {
         let mut catalogs = vec![catalog("consul"), catalog("etcd")];
         let mut registrations: Vec<Arc<ExternalRegistration>> = Vec::new();
         let mut memo = Memo::default();
-        let mut check = |services: &[Arc<Service>],
+        let mut check = |services: &[Arc<CachedService>],
                          slices: &[Arc<CachedSlice>],
                          catalogs: &[Arc<ExternalCatalog>],
                          registrations: &[Arc<ExternalRegistration>],
@@ -871,7 +872,7 @@ mod tests {
         let services = [
             service("shop", "api-x", json!({})),
             Arc::new(
-                serde_json::from_value::<Service>(json!({
+                serde_json::from_value::<CachedService>(json!({
                     "metadata": {"namespace": "shop", "name": "mysql-x",
                                  "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE},
                                  "annotations": {"catalog-bridge.io/export": "consul"}},
@@ -919,7 +920,7 @@ mod tests {
         Arc::new(c)
     }
 
-    fn created(svc: Arc<Service>, at: &str) -> Arc<Service> {
+    fn created(svc: Arc<CachedService>, at: &str) -> Arc<CachedService> {
         let mut s = (*svc).clone();
         s.metadata.creation_timestamp = Some(serde_json::from_value(json!(at)).expect("a time"));
         Arc::new(s)
@@ -945,7 +946,7 @@ mod tests {
     }
 
     /// Two namespaces exporting `api_x`: `a` created later than `b`.
-    fn two_namespaces(catalogs: &str) -> ([Arc<Service>; 2], [Arc<CachedSlice>; 2]) {
+    fn two_namespaces(catalogs: &str) -> ([Arc<CachedService>; 2], [Arc<CachedSlice>; 2]) {
         let ann = json!({"catalog-bridge.io/export": catalogs, "catalog-bridge.io/name": "api_x"});
         (
             [
@@ -1062,13 +1063,13 @@ mod tests {
     /// The objects of a test cluster, by key, as the stores hold them.
     #[derive(Default)]
     struct World {
-        services: BTreeMap<(String, String), Arc<Service>>,
+        services: BTreeMap<(String, String), Arc<CachedService>>,
         slices: BTreeMap<(String, String), Arc<CachedSlice>>,
         registrations: BTreeMap<(String, String), Arc<ExternalRegistration>>,
     }
 
     impl Objects for World {
-        fn service(&self, ns: &str, name: &str) -> Option<Arc<Service>> {
+        fn service(&self, ns: &str, name: &str) -> Option<Arc<CachedService>> {
             self.services.get(&(ns.into(), name.into())).cloned()
         }
         fn slice(&self, ns: &str, name: &str) -> Option<Arc<CachedSlice>> {

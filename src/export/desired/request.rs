@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Service;
+use crate::k8s::cached::CachedService;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::Source;
@@ -34,7 +34,7 @@ pub(super) struct Request {
     pub(super) created: Option<Time>,
 }
 
-pub(super) fn request_from_annotations(svc: &Service) -> Option<Request> {
+pub(super) fn request_from_annotations(svc: &CachedService) -> Option<Request> {
     let annotations = svc.metadata.annotations.as_ref()?;
     let export = annotations.get(ANNOTATION_EXPORT)?;
     let namespace = svc.metadata.namespace.clone()?;
@@ -197,7 +197,7 @@ pub fn valid_external_name(n: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn service(annotations: &[(&str, String)]) -> Service {
+    fn service(annotations: &[(&str, String)]) -> CachedService {
         let mut a: BTreeMap<String, String> = annotations
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
