@@ -8,18 +8,19 @@
 use k8s_openapi::api::core::v1::ServicePort;
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// An EndpointSlice (`discovery.k8s.io/v1`) with what the export and the imports read: its
 /// metadata, address type, ports, and each endpoint's addresses and conditions.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CachedSlice {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub address_type: String,
-    #[serde(default)]
+    /// The API server sends `null` for a slice without endpoints.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub endpoints: Vec<CachedEndpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<EndpointPort>>,
@@ -29,10 +30,19 @@ pub struct CachedSlice {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CachedEndpoint {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub addresses: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditions: Option<EndpointConditions>,
+}
+
+/// A field the API server may send as `null`, read as its default (as k8s-openapi reads it).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 impl k8s_openapi::Resource for CachedSlice {
@@ -61,7 +71,7 @@ impl k8s_openapi::Metadata for CachedSlice {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CachedService {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: ObjectMeta,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<CachedServiceSpec>,
@@ -139,6 +149,22 @@ mod tests {
             EndpointSlice::url_path(&(), Some("shop"))
         );
         assert_eq!(CachedSlice::kind(&()), EndpointSlice::kind(&()));
+    }
+
+    #[test]
+    fn a_slice_without_endpoints_decodes_as_the_api_server_sends_it() {
+        // As a Service without ready Pods has it: `endpoints` and `ports` are null.
+        let empty: CachedSlice = serde_json::from_value(json!({
+            "metadata": {"name": "s", "namespace": "shop"},
+            "addressType": "IPv4", "endpoints": null, "ports": null,
+        }))
+        .expect("a slice without endpoints");
+        assert!(empty.endpoints.is_empty() && empty.ports.is_none());
+        let service: CachedService = serde_json::from_value(json!({
+            "metadata": {"name": "api"}, "spec": {"ports": null},
+        }))
+        .expect("a Service without ports");
+        assert!(service.spec.is_some_and(|s| s.ports.is_none()));
     }
 
     #[test]
