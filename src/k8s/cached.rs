@@ -45,27 +45,6 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-impl k8s_openapi::Resource for CachedSlice {
-    const API_VERSION: &'static str = "discovery.k8s.io/v1";
-    const GROUP: &'static str = "discovery.k8s.io";
-    const KIND: &'static str = "EndpointSlice";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "endpointslices";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for CachedSlice {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
 /// A Service (`v1`) with what the export and the imports read: its metadata, ports and
 /// `publishNotReadyAddresses`.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -87,26 +66,36 @@ pub struct CachedServiceSpec {
     pub publish_not_ready_addresses: Option<bool>,
 }
 
-impl k8s_openapi::Resource for CachedService {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Service";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "services";
-    type Scope = k8s_openapi::NamespaceResourceScope;
+/// `$cached` is the resource `$real` is: the same API group, version, kind, path and scope,
+/// taken from k8s-openapi's own definition, so the watch reads the same objects.
+macro_rules! same_resource_as {
+    ($cached:ty, $real:ty) => {
+        impl k8s_openapi::Resource for $cached {
+            const API_VERSION: &'static str = <$real as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <$real as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <$real as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <$real as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str =
+                <$real as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = <$real as k8s_openapi::Resource>::Scope;
+        }
+
+        impl k8s_openapi::Metadata for $cached {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
 
-impl k8s_openapi::Metadata for CachedService {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+same_resource_as!(CachedSlice, k8s_openapi::api::discovery::v1::EndpointSlice);
+same_resource_as!(CachedService, k8s_openapi::api::core::v1::Service);
 
 #[cfg(test)]
 mod tests {

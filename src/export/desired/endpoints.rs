@@ -3,8 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::k8s::cached::CachedService;
-use crate::k8s::cached::CachedSlice;
+use crate::k8s::cached::{CachedService, CachedSlice};
 use k8s_openapi::api::core::v1::ServicePort;
 
 use crate::api::crd::PortRef;

@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::k8s::cached::CachedService;
-use crate::k8s::cached::CachedSlice;
+use crate::k8s::cached::{CachedService, CachedSlice};
 
 use super::policy::{Claim, Rules};
 use super::request::Request;

@@ -15,8 +15,7 @@ mod request;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::k8s::cached::CachedService;
-use crate::k8s::cached::CachedSlice;
+use crate::k8s::cached::{CachedService, CachedSlice};
 use k8s_openapi::api::core::v1::Namespace;
 
 use crate::api::crd::{ExternalCatalog, ExternalRegistration};
