@@ -74,7 +74,8 @@ impl DesiredRecords {
                     .entries
                     .entry(key.clone())
                     .or_insert_with(|| DesiredEntry {
-                        digest: Digest::of(&record),
+                        // Every key added here is touched: its digest is set below, once.
+                        digest: Digest::PENDING,
                         holders: SmallVec::new(),
                     });
                 if let Err(at) = h.holders.binary_search(inst) {

@@ -18,6 +18,12 @@ pub type Record = serde_json::Value;
 pub struct Digest(u64, u64);
 
 impl Digest {
+    /// A placeholder for a digest about to be computed (all zeros; no record is expected to
+    /// hash to it).
+    pub const PENDING: Digest = Digest(0, 0);
+}
+
+impl Digest {
     pub fn of(record: &Record) -> Digest {
         use std::hash::Hasher;
         let mut h = Both::default();
