@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use catalog_bridge::api::crd::ZooKeeperLayout;
 use catalog_bridge::backend::tls::TlsSettings;
 use catalog_bridge::backend::zookeeper::{
-    MAX_MULTI_OPS, MemorySessionStore, SessionStore, ZooKeeper, ZooKeeperConfig,
+    MAX_MULTI_OPS, MemorySessionStore, SessionStore, StoredSession, ZooKeeper, ZooKeeperConfig,
 };
 use catalog_bridge::backend::{Backend, BackendError, ClientCert, ImportSnapshot, Record};
 use catalog_bridge::export::Snapshot;
@@ -422,6 +422,63 @@ async fn many_instances_go_in_several_multis() -> Result<()> {
     assert_eq!(z.warning(), None, "nothing owned, nothing to warn about");
     assert!(kazoo_children(&connect, &format!("{base}/api_x/providers"))?.is_empty());
     assert!(z.read_owned().await?.is_empty());
+    Ok(())
+}
+
+/// A large addition announced with `expect` (the writer does so before writing it in steps)
+/// opens every session it needs at once: the applies that follow, a part at a time, never
+/// move an entry written by an earlier part to a newer session.
+#[tokio::test]
+async fn an_expected_addition_opens_its_sessions_first_and_moves_nothing() -> Result<()> {
+    let env = shared_zk().await?;
+    let connect = env.zookeeper()?.connect_string();
+    let scope = env.scope("zk-expect").await?;
+    let base = base(&scope);
+    let store = Arc::new(MemorySessionStore::default());
+    // 8 KiB of paths per session: 40 names of 20 entries need several sessions.
+    let z = ZooKeeper::new(ZooKeeperConfig {
+        session_path_budget: Some(8 * 1024),
+        ..config(
+            &connect,
+            &base,
+            ZooKeeperLayout::Plain,
+            store.clone(),
+            Duration::from_secs(10),
+        )
+    })?;
+    let instances: Vec<Instance> = (0..40)
+        .flat_map(|n| many(&format!("api_{n:02}"), 20))
+        .collect();
+    z.expect(&instances).await?;
+    let sessions = |s: Option<StoredSession>| s.map_or(0, |s| 1 + s.shards.len());
+    let opened = sessions(store.get());
+    ensure!(
+        opened > 2,
+        "{opened} session(s) for 800 entries of 8 KiB budgets"
+    );
+
+    let obs = observer(&connect).await?;
+    let first = format!("{base}/api_00/providers");
+    let mut written_first = BTreeMap::new();
+    for (i, part) in instances.chunks(300).enumerate() {
+        let records = z.render(part);
+        z.apply(&puts(&records)).await?;
+        if i == 0 {
+            written_first = stats(&obs, &first).await?;
+        }
+    }
+    assert_eq!(z.read_owned().await?.len(), 800);
+    assert_eq!(
+        sessions(store.get()),
+        opened,
+        "no session opened while writing"
+    );
+    assert_eq!(written_first.len(), 20);
+    assert_eq!(
+        stats(&obs, &first).await?,
+        written_first,
+        "entries of the first part kept their node and session"
+    );
     Ok(())
 }
 

@@ -256,6 +256,11 @@ impl Backend for Claimed {
         self.inner.apply(ops).await
     }
 
+    async fn expect(&self, instances: &[Instance]) -> Result<(), BackendError> {
+        self.ensure().await?;
+        self.inner.expect(instances).await
+    }
+
     async fn probe(&self) -> Result<ServerInfo, BackendError> {
         self.inner.probe().await
     }

@@ -149,6 +149,12 @@ pub trait Backend: claim::MarkerStore + Send + Sync {
     /// The records these instances become, keyed by identity. Pure.
     fn render(&self, instances: &[Instance]) -> BTreeMap<String, Record>;
 
+    /// Gets ready for a large addition of `instances`, about to be written over several
+    /// applies: what is sized by the entries a catalog holds (ZooKeeper's sessions) is sized
+    /// for all of them now, rather than grown apply by apply. (No default: a wrapper that
+    /// forgot to pass it on would size nothing.)
+    async fn expect(&self, instances: &[Instance]) -> Result<(), BackendError>;
+
     /// The records this controller's owner id holds in the catalog now, nothing else.
     async fn read_owned(&self) -> Result<BTreeMap<String, Record>, BackendError>;
 

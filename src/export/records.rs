@@ -42,6 +42,42 @@ impl Digested for DesiredEntry {
     }
 }
 
+/// The catalogs a large addition passes through on its way to the catalog asked for: the
+/// instances before, plus the added ones a step at a time, in order, each step twice the one
+/// before (up to a limit): the first is written soon, and few steps mean few pauses between
+/// them. The last step (the catalog asked for itself, with its removals) is not among them.
+#[derive(Default)]
+pub struct Steps {
+    base: DesiredCatalog,
+    added: Vec<Instance>,
+    /// The next step starts here; the steps end at `until`.
+    at: usize,
+    until: usize,
+    size: usize,
+    max: usize,
+}
+
+impl Steps {
+    /// The next catalog on the way, or None.
+    pub fn next_step(&mut self) -> Option<Arc<DesiredCatalog>> {
+        let end = self.until.min(self.at + self.size);
+        if end <= self.at {
+            return None;
+        }
+        for i in &self.added[self.at..end] {
+            self.base.insert(i.clone());
+        }
+        self.at = end;
+        self.size = (self.size * 2).min(self.max);
+        Some(Arc::new(self.base.clone()))
+    }
+
+    /// Every instance the addition adds, the last step's too.
+    pub fn added(&self) -> &[Instance] {
+        &self.added
+    }
+}
+
 impl DesiredRecords {
     /// Moves to `next`, rendering with the layout's pure `render`, and returns the keys whose
     /// record may have changed, with the records it rendered for them (each instance is
@@ -113,6 +149,25 @@ impl DesiredRecords {
         }
         self.instances = next.clone();
         (touched, records)
+    }
+
+    /// The way to `next` in steps of `first` added instances, then twice as many each step up
+    /// to `max`, when it adds more than two first steps' worth; else no steps. The last
+    /// `first` added instances are left to the last step.
+    pub fn steps_to(&self, next: &DesiredCatalog, first: usize, max: usize) -> Steps {
+        let changes = next.changes_from(&self.instances);
+        let added = changes.added.len();
+        if first == 0 || added <= 2 * first {
+            return Steps::default();
+        }
+        Steps {
+            base: (*self.instances).clone(),
+            added: changes.added.into_iter().cloned().collect(),
+            at: 0,
+            until: added - first,
+            size: first,
+            max: max.max(first),
+        }
     }
 
     /// The record at `key`, rendered as a full render would: the last instance (in order)

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::held::Held;
 use super::isolate::{self, Outcome};
 use super::plan::{Plan, apply_to, plan_keys, plan_with};
-use super::records::{DesiredEntry, DesiredRecords};
+use super::records::{DesiredEntry, DesiredRecords, Steps};
 use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
 use super::snapshot::{Report, Snapshot};
 use crate::backend::Backend;
@@ -68,6 +68,37 @@ pub struct Writer {
     /// Previous locations given up on, with why: reported as a warning (`NeedsAttention`)
     /// for as long as this writer runs.
     left_behind: Vec<String>,
+}
+
+/// A large addition is written in steps, the first of this many instances, each next one twice
+/// the one before up to [`STEP_MAX`]: each step's records are rendered and planned while the
+/// step before is being written.
+const STEP: usize = 2_048;
+const STEP_MAX: usize = 16_384;
+
+/// A plan being written by a task of its own; the task stops when this is dropped (the writer
+/// stopped), as the write would if it were awaited in place.
+struct Sending {
+    planned: [(&'static str, usize); 2],
+    task: JoinHandle<Outcome>,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What one sync wrote, over its steps.
+#[derive(Default)]
+struct Totals {
+    plan: Plan,
+    sent: usize,
+    written: usize,
+    refused: usize,
+    waiting: usize,
+    requests: usize,
+    round_trips: usize,
 }
 
 /// A catalog's previous configurations, replaced by this writer's.
@@ -240,19 +271,63 @@ impl Writer {
         }
     }
 
-    /// Brings the catalog to `snapshot`: reads the owned state if unknown, plans, writes.
+    /// Brings the catalog to `snapshot`: reads the owned state if unknown, plans, writes. A
+    /// large addition (a catalog's first fill) goes in steps ([`STEP`]), each
+    /// step's records rendered and planned while the step before is being written.
     async fn sync(&mut self, snapshot: &Snapshot) -> Result<(), BackendError> {
-        let (touched, fresh) = self
-            .desired_records
-            .update(|i| self.backend.render(i), &snapshot.catalog);
-        let fresh = std::cell::RefCell::new(fresh);
-        let current = match self.current.take() {
+        let mut current = match self.current.take() {
             Some(c) => c,
             None => {
                 self.trusted = false;
                 self.read().await?
             }
         };
+        let started = Instant::now();
+        let mut done = Totals::default();
+        let mut steps = if self.cfg.dry_run {
+            Steps::default()
+        } else {
+            self.desired_records
+                .steps_to(&snapshot.catalog, STEP, STEP_MAX)
+        };
+        if !steps.added().is_empty() {
+            // Sized for all of it at once (ZooKeeper's sessions), not step by step.
+            self.backend.expect(steps.added()).await?;
+        }
+        // Each step but the last adds instances only: its plan is the keys it touched.
+        let mut sending: Option<Sending> = None;
+        while let Some(step) = steps.next_step() {
+            let (touched, fresh) = self
+                .desired_records
+                .update(|i| self.backend.render(i), &step);
+            let fresh = std::cell::RefCell::new(fresh);
+            let p = plan_keys(
+                &self.desired_records.entries,
+                &current,
+                &touched,
+                |key, _| {
+                    (fresh.borrow_mut().remove(key))
+                        .or_else(|| (self.desired_records).record(key, |i| self.backend.render(i)))
+                },
+            );
+            let (ops, waiting) = self
+                .held
+                .hold_back(p.ops, &touched, Instant::now(), |op| self.unit_of(op));
+            if let Some(s) = sending.take() {
+                self.landed(&mut current, s, &mut done).await?;
+            }
+            done.waiting += waiting;
+            if !ops.is_empty() {
+                sending = Some(self.send(Plan { ops, ..p }, &mut done));
+            }
+        }
+        if let Some(s) = sending.take() {
+            self.landed(&mut current, s, &mut done).await?;
+        }
+        let (touched, fresh) = self
+            .desired_records
+            .update(|i| self.backend.render(i), &snapshot.catalog);
+        let fresh = std::cell::RefCell::new(fresh);
         let desired = &self.desired_records.entries;
         let now = Instant::now();
         self.held.prune(desired, &current);
@@ -277,9 +352,10 @@ impl Writer {
         let (ops, waiting) = self
             .held
             .hold_back(p.ops, &touched, now, |op| self.unit_of(op));
+        done.waiting += waiting;
         let p = Plan { ops, ..p };
         let entries = desired.len();
-        if p.is_empty() {
+        if p.is_empty() && done.sent == 0 {
             self.current = Some(current);
             self.trusted = !self.cfg.dry_run;
             self.succeeded(entries, true);
@@ -299,22 +375,56 @@ impl Writer {
             self.succeeded(entries, false);
             return Ok(());
         }
-        let started = Instant::now();
-        // What is sent, held-back exports left out (the plan's counters include them).
+        if !p.is_empty() {
+            let s = self.send(p, &mut done);
+            self.landed(&mut current, s, &mut done).await?;
+        }
+        if let Some(t) = snapshot.changed_at {
+            self.metrics.propagation(&self.cfg.catalog, t.elapsed());
+        }
+        info!(catalog = %self.cfg.catalog, plan = %done.plan, steps = done.sent, written = done.written, refused = done.refused, held_back = done.waiting, requests = done.requests, round_trips = done.round_trips, took = ?started.elapsed(), "catalog updated");
+        self.current = Some(current);
+        self.trusted = true;
+        self.succeeded(entries, true);
+        Ok(())
+    }
+
+    /// Starts writing `p` (grouped by export) in a task of its own, so that the next step is
+    /// prepared meanwhile.
+    fn send(&self, p: Plan, done: &mut Totals) -> Sending {
         let puts = (p.ops.iter())
             .filter(|op| matches!(op, Op::Put { .. }))
             .count();
         let planned = [("put", puts), ("delete", p.ops.len() - puts)];
-        let mut p = p;
-        let groups = isolate::groups(std::mem::take(&mut p.ops), |op| self.unit_of(op));
-        let outcome = isolate::apply(self.backend.as_ref(), groups).await;
-        self.count(planned, &outcome);
-        let mut current = current;
-        apply_to(&mut current, &outcome.written);
+        done.plan.creates += p.creates;
+        done.plan.updates += p.updates;
+        done.plan.deletes += p.deletes;
+        done.sent += 1;
+        let groups = isolate::groups(p.ops, |op| self.unit_of(op));
+        let backend = self.backend.clone();
+        Sending {
+            planned,
+            task: tokio::spawn(async move { isolate::apply(backend.as_ref(), groups).await }),
+        }
+    }
+
+    /// Waits for what `s` writes and takes it in: `current`, the metrics, the exports held
+    /// back. The failure that stopped it, if any (the owned state is then read again).
+    async fn landed(
+        &mut self,
+        current: &mut BTreeMap<String, Digest>,
+        mut s: Sending,
+        done: &mut Totals,
+    ) -> Result<(), BackendError> {
+        let outcome = match (&mut s.task).await {
+            Ok(o) => o,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(BackendError::Protocol(format!("writing: {e}"))),
+        };
+        self.count(s.planned, &outcome);
+        apply_to(current, &outcome.written);
         self.desired_records.forget(
-            outcome
-                .written
-                .iter()
+            (outcome.written.iter())
                 .filter(|op| matches!(op, Op::Delete { .. }))
                 .map(Op::key),
         );
@@ -329,19 +439,18 @@ impl Writer {
         for (unit, (ops, e)) in &outcome.refused {
             warn!(catalog = %self.cfg.catalog, export = %unit, operations = ops.len(), error = %e, "the catalog refused the writes of one export; the others are written and it is tried again on its own");
         }
+        done.written += outcome.written.len();
+        done.refused += (outcome.refused.values())
+            .map(|(o, _)| o.len())
+            .sum::<usize>();
+        done.requests += outcome.requests;
+        done.round_trips += outcome.round_trips;
         if let Some(e) = outcome.stopped {
             // Some batches may have been committed: re-read before the next plan.
             self.current = None;
             self.trusted = false;
             return Err(e);
         }
-        if let Some(t) = snapshot.changed_at {
-            self.metrics.propagation(&self.cfg.catalog, t.elapsed());
-        }
-        info!(catalog = %self.cfg.catalog, plan = %p, written = outcome.written.len(), refused = outcome.refused.values().map(|(o, _)| o.len()).sum::<usize>(), held_back = waiting, requests = outcome.requests, round_trips = outcome.round_trips, took = ?started.elapsed(), "catalog updated");
-        self.current = Some(current);
-        self.trusted = true;
-        self.succeeded(entries, true);
         Ok(())
     }
 
@@ -722,6 +831,42 @@ mod tests {
         until(&mut h2.report, |r| r.in_sync && r.entries == 150).await;
         assert_eq!(mem.writes(), writes + 50);
         assert!(mem.all().contains_key("foreign"));
+        h2.task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_large_first_fill_goes_in_steps_and_ends_as_one_sync_would() {
+        // More than two steps' worth: written step by step, each planned by its own keys;
+        // the owned entry no instance holds goes in the last step, the foreign one stays.
+        let n = 3 * STEP + 100;
+        let mem = Arc::new(Memory::new("me", 64));
+        mem.put_foreign("foreign", "someone-else", serde_json::json!({}));
+        mem.put_foreign("mine-stale", "me", serde_json::json!({}));
+        let mut h = start(mem.clone(), Duration::from_secs(3600));
+        h.desired
+            .send(Arc::new(Snapshot::new(instances(n), Some(Instant::now()))))
+            .expect("send");
+        h.gate.send(true).expect("gate");
+        until(&mut h.report, |r| r.in_sync && r.entries == n).await;
+        let all = mem.all();
+        assert_eq!(all.len(), n + 1, "every instance and the foreign entry");
+        assert!(all.contains_key("foreign") && !all.contains_key("mine-stale"));
+        assert_eq!(
+            mem.writes(),
+            n + 1,
+            "each entry written once, the stale one deleted"
+        );
+        h.task.abort();
+
+        // A restart with the same instances: steps again, nothing written.
+        let writes = mem.writes();
+        let mut h2 = start(mem.clone(), Duration::from_secs(3600));
+        h2.desired
+            .send(Arc::new(Snapshot::new(instances(n), None)))
+            .expect("send");
+        h2.gate.send(true).expect("gate");
+        until(&mut h2.report, |r| r.in_sync && r.entries == n).await;
+        assert_eq!(mem.writes(), writes, "an unchanged restart writes nothing");
         h2.task.abort();
     }
 

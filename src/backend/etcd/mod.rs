@@ -272,6 +272,11 @@ impl Backend for Etcd {
             .collect()
     }
 
+    /// Nothing is sized by the number of entries.
+    async fn expect(&self, _: &[Instance]) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     async fn read_owned(&self) -> Result<BTreeMap<String, Record>, BackendError> {
         self.owned().await
     }

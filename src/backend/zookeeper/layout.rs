@@ -179,15 +179,24 @@ pub(super) fn ancestors(path: &str) -> Vec<String> {
 }
 
 impl ZooKeeper {
-    /// The key (path below the root) and record of one instance, or None when its name
-    /// cannot be a znode name ([`name_problem`]).
-    pub fn entry(&self, i: &Instance) -> Option<(String, Record)> {
+    /// The key [`ZooKeeper::entry`] gives `i`, without rendering its record.
+    pub fn key_of(&self, i: &Instance) -> Option<String> {
         if name_problem(&i.name).is_some() {
             return None;
         }
         Some(match self.inner.layout {
+            ZooKeeperLayout::Plain => format!("{}/{PROVIDERS}/{}", i.name, i.host_port()),
+            ZooKeeperLayout::Curator => format!("{}/{}", i.name, i.stable_id()),
+        })
+    }
+
+    /// The key (path below the root) and record of one instance, or None when its name
+    /// cannot be a znode name ([`name_problem`]).
+    pub fn entry(&self, i: &Instance) -> Option<(String, Record)> {
+        let key = self.key_of(i)?;
+        Some(match self.inner.layout {
             ZooKeeperLayout::Plain => (
-                format!("{}/{PROVIDERS}/{}", i.name, i.host_port()),
+                key,
                 json!({"data": {
                     "owner": self.inner.owner,
                     "namespace": i.origin.namespace,
@@ -204,7 +213,7 @@ impl ZooKeeper {
                     IpAddr::V6(_) => Value::Null,
                 };
                 (
-                    format!("{}/{id}", i.name),
+                    key,
                     json!({"data": {
                         "name": i.name,
                         "id": id,

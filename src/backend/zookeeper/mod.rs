@@ -385,6 +385,17 @@ impl Backend for ZooKeeper {
         instances.iter().filter_map(|i| self.entry(i)).collect()
     }
 
+    async fn expect(&self, instances: &[Instance]) -> Result<(), BackendError> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        self.require_owner()?;
+        let keys: Vec<String> = instances.iter().filter_map(|i| self.key_of(i)).collect();
+        let puts: Vec<(&str, bool)> = keys.iter().map(|k| (k.as_str(), true)).collect();
+        let mut conns = self.inner.conns().await?;
+        self.grow_for(&mut conns, &puts).await
+    }
+
     async fn read_owned(&self) -> Result<BTreeMap<String, Record>, BackendError> {
         self.owned_records().await
     }

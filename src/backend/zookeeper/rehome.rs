@@ -28,7 +28,6 @@ use super::read::pipelined;
 use super::session::Conn;
 use super::shards::{Known, MAX_SESSIONS, name_of, path_cost, sessions_needed, shard_of};
 use crate::backend::BackendError;
-use crate::model::Op;
 
 /// An entry to move into the session of its shard.
 struct Move {
@@ -41,12 +40,13 @@ struct Move {
 }
 
 impl ZooKeeper {
-    /// Grows the number of sessions when the writes of `ops` would take one past its budget;
-    /// `conns` (every shard's session) gets the new ones.
+    /// Grows the number of sessions when `writes` (keys, and whether each is a put or a
+    /// delete) would take one past its budget; `conns` (every shard's session) gets the new
+    /// ones.
     pub(super) async fn grow_for(
         &self,
         conns: &mut Vec<Arc<Conn>>,
-        ops: &[Op],
+        writes: &[(&str, bool)],
     ) -> Result<(), BackendError> {
         let count = conns.len();
         let budget = self.inner.session_path_budget;
@@ -58,13 +58,12 @@ impl ZooKeeper {
                 .iter()
                 .map(|c| cache.entries.bytes_of(c.session.id))
                 .collect();
-            for op in ops {
-                let key = op.key();
-                match (op, cache.entries.get(key)) {
-                    (Op::Put { .. }, None) => {
+            for &(key, put) in writes {
+                match (put, cache.entries.get(key)) {
+                    (true, None) => {
                         bytes[shard_of(name_of(key), count)] += path_cost(root, key);
                     }
-                    (Op::Delete { .. }, Some(k)) => {
+                    (false, Some(k)) => {
                         if let Some(j) = conns.iter().position(|c| c.session.id == k.owner) {
                             bytes[j] = bytes[j].saturating_sub(path_cost(root, key));
                         }
@@ -80,12 +79,11 @@ impl ZooKeeper {
             for (key, _) in cache.entries.iter() {
                 *per_name.entry(name_of(key)).or_default() += path_cost(root, key);
             }
-            for op in ops {
-                let key = op.key();
+            for &(key, put) in writes {
                 let cost = path_cost(root, key);
-                match (op, cache.entries.get(key)) {
-                    (Op::Put { .. }, None) => *per_name.entry(name_of(key)).or_default() += cost,
-                    (Op::Delete { .. }, Some(_)) => {
+                match (put, cache.entries.get(key)) {
+                    (true, None) => *per_name.entry(name_of(key)).or_default() += cost,
+                    (false, Some(_)) => {
                         if let Some(b) = per_name.get_mut(name_of(key)) {
                             *b = b.saturating_sub(cost);
                         }

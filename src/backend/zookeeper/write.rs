@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use zookeeper_client as zk;
 
 use super::ZooKeeper;
@@ -19,6 +20,22 @@ use super::session::{Conn, is_connection_error};
 use super::shards::{Known, name_of, shard_of};
 use crate::backend::BackendError;
 use crate::model::Op;
+
+/// `multi`s one session keeps in flight.
+const IN_FLIGHT: usize = 8;
+
+/// What the writes through one session did: round trips, and the operations refused (key,
+/// why).
+#[derive(Default)]
+struct Written {
+    trips: usize,
+    failures: Vec<(String, String)>,
+}
+
+/// `sent`'s answer, with what it was for.
+async fn answer<T, F: std::future::Future>(about: T, sent: F) -> (T, F::Output) {
+    (about, sent.await)
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -44,7 +61,10 @@ impl ZooKeeper {
             )));
         }
         let mut conns = self.inner.conns().await?;
-        self.grow_for(&mut conns, ops).await?;
+        let writes: Vec<(&str, bool)> = (ops.iter())
+            .map(|op| (op.key(), matches!(op, Op::Put { .. })))
+            .collect();
+        self.grow_for(&mut conns, &writes).await?;
         // An entry in a session the Secret does not hold would be lost to a restart (it could
         // not re-attach, and would find the entry someone else's).
         if conns.len() > 1 && !self.inner.store_all().await {
@@ -60,11 +80,22 @@ impl ZooKeeper {
         for op in ops {
             by_shard[shard_of(name_of(op.key()), conns.len())].push(op.clone());
         }
+        if conns.len() > 1 {
+            trips += self.make_shared_dirs(&conns[0]).await?;
+        }
+        // The sessions write side by side: each name is in one shard only, and the
+        // directories above the names are there.
+        let written = futures::future::join_all(
+            (conns.iter().zip(&by_shard))
+                .filter(|(_, ops)| !ops.is_empty())
+                .map(|(conn, ops)| self.write_in(conn, ops)),
+        )
+        .await;
         let mut failures = Vec::new();
-        for (conn, ops) in conns.iter().zip(by_shard) {
-            if !ops.is_empty() {
-                self.write_in(conn, &ops, &mut trips, &mut failures).await?;
-            }
+        for w in written {
+            let w = w?;
+            trips += w.trips;
+            failures.extend(w.failures);
         }
         if failures.is_empty() {
             Ok(trips)
@@ -88,15 +119,11 @@ impl ZooKeeper {
         }
     }
 
-    /// Writes `ops` through the session of their shard: in `multi`s, and the operations of a
-    /// refused one one by one (what is still refused goes to `failures`).
-    async fn write_in(
-        &self,
-        conn: &Conn,
-        ops: &[Op],
-        trips: &mut usize,
-        failures: &mut Vec<(String, String)>,
-    ) -> Result<(), BackendError> {
+    /// Writes `ops` through the session of their shard: in `multi`s, [`IN_FLIGHT`] at a time,
+    /// and the operations of a refused one one by one (what is still refused goes to
+    /// `failures`).
+    async fn write_in(&self, conn: &Conn, ops: &[Op]) -> Result<Written, BackendError> {
+        let mut done = Written::default();
         let writes = self.writes(conn, ops).await?;
         // The guard goes at the end of the statement, before a commit takes the lock again.
         let batches = batches(
@@ -104,23 +131,93 @@ impl ZooKeeper {
             &self.inner.lock_cache().parents,
             self.inner.multi_bytes,
         );
-        for batch in batches {
+        let mut waiting = batches.into_iter();
+        let mut flight = futures::stream::FuturesOrdered::new();
+        loop {
+            while flight.len() < IN_FLIGHT {
+                let Some(batch) = waiting.next() else { break };
+                let part = &writes[batch.range.clone()];
+                // Sent now, in this order: ZooKeeper applies one session's requests in the
+                // order they were sent, so a later multi finds the parents an earlier one
+                // created.
+                let sent = self.send(conn, &batch.parents, part)?;
+                done.trips += 1;
+                flight.push_back(answer(batch, sent));
+            }
+            let Some((mut batch, result)) = flight.next().await else {
+                break;
+            };
             let part = &writes[batch.range.clone()];
-            let mut parents = batch.parents.clone();
-            if let Some(index) = self.commit(conn, &mut parents, part, trips).await? {
+            let refused = match result {
+                Ok(results) => {
+                    let versions: Vec<Option<i32>> = (results.iter())
+                        .skip(batch.parents.len())
+                        .map(|r| match r {
+                            zk::MultiWriteResult::Create { stat, .. }
+                            | zk::MultiWriteResult::SetData { stat }
+                                if !stat.is_invalid() =>
+                            {
+                                Some(stat.version)
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    self.committed(conn, &batch.parents, part, &versions);
+                    tracing::debug!(
+                        parents = batch.parents.len(),
+                        writes = part.len(),
+                        "ZooKeeper multi committed"
+                    );
+                    None
+                }
+                Err(zk::MultiWriteError::OperationFailed { index, source }) => {
+                    let parents = batch.parents.len();
+                    if source == zk::Error::NoAuth {
+                        // An ACL on one path (a parent's too): the others may be writable,
+                        // one by one.
+                        tracing::debug!(
+                            index,
+                            "ZooKeeper multi refused (NoAuth); writing its operations one by one"
+                        );
+                        Some(index.saturating_sub(parents))
+                    } else if index < parents && source == zk::Error::NodeExists {
+                        // Created meanwhile by someone else: fine, without it; sent again
+                        // (nothing of a refused multi is written).
+                        let p = batch.parents.remove(index);
+                        self.inner.lock_cache().parents.insert(p);
+                        let sent = self.send(conn, &batch.parents, part)?;
+                        done.trips += 1;
+                        flight.push_front(answer(batch, sent));
+                        continue;
+                    } else if index < parents {
+                        let p = &batch.parents[index];
+                        return Err(self.inner.error(&format!("creating {p}"), &source, None));
+                    } else {
+                        // Someone else's node: the others may be writable, one by one.
+                        tracing::debug!(index, error = %source, "ZooKeeper multi refused; writing its operations one by one");
+                        Some(index - parents)
+                    }
+                }
+                Err(zk::MultiWriteError::RequestFailed { source }) => {
+                    return Err(self
+                        .inner
+                        .error("ZooKeeper multi", &source, Some(&conn.proxy)));
+                }
+            };
+            if let Some(index) = refused {
                 tracing::info!(
                     path = part.get(index).map(Write::path).unwrap_or("?"),
                     writes = part.len(),
                     "a ZooKeeper multi was refused; writing its operations one by one"
                 );
                 for w in part {
-                    if let Some(why) = self.write_one(conn, w, trips).await? {
-                        failures.push((w.key().to_string(), why));
+                    if let Some(why) = self.write_one(conn, w, &mut done.trips).await? {
+                        done.failures.push((w.key().to_string(), why));
                     }
                 }
             }
         }
-        Ok(())
+        Ok(done)
     }
 
     /// Turns plan operations into writes, with the versions of the owned nodes.
@@ -283,90 +380,69 @@ impl ZooKeeper {
         }
     }
 
-    /// Commits one batch as a `multi`. `Ok(None)` when committed; `Ok(Some(index))` when the
-    /// write at `index` (of the batch) was refused for a reason another write might not share.
-    async fn commit(
-        &self,
-        conn: &Conn,
-        parents: &mut Vec<String>,
-        writes: &[Write],
-        trips: &mut usize,
-    ) -> Result<Option<usize>, BackendError> {
-        let entry = zk::CreateMode::Ephemeral.with_acls(zk::Acls::new(&self.inner.entry_acls));
+    /// Creates the directories above the names (the root and what leads to it) that are not
+    /// known to exist, through `conn`: every shard's entries are below them, and sessions
+    /// writing side by side would each try to create them. Returns the round trips.
+    async fn make_shared_dirs(&self, conn: &Conn) -> Result<usize, BackendError> {
+        let missing: Vec<String> = {
+            let cache = self.inner.lock_cache();
+            ancestors(&format!("{}/x", self.inner.root))
+                .into_iter()
+                .filter(|p| !cache.parents.contains(p))
+                .collect()
+        };
         let parent = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&self.inner.parent_acls));
-        loop {
-            let mut m = conn.client.new_multi_writer();
-            let invalid =
-                |e: zk::Error| BackendError::Protocol(format!("building a ZooKeeper multi: {e}"));
-            for p in parents.iter() {
-                m.add_create(p, &[], &parent).map_err(invalid)?;
-            }
-            for w in writes {
-                match w {
-                    Write::Create { path, data, .. } => m.add_create(path, data, &entry),
-                    Write::Set {
-                        path,
-                        data,
-                        version,
-                        ..
-                    } => m.add_set_data(path, data, Some(*version)),
-                    Write::Delete { path, version, .. } => m.add_delete(path, Some(*version)),
+        for p in &missing {
+            match conn.client.create(p, &[], &parent).await {
+                Ok(_) | Err(zk::Error::NodeExists) => {
+                    self.inner.lock_cache().parents.insert(p.clone());
                 }
-                .map_err(invalid)?;
-            }
-            *trips += 1;
-            match m.commit().await {
-                Ok(results) => {
-                    let versions: Vec<Option<i32>> = results
-                        .iter()
-                        .skip(parents.len())
-                        .map(|r| match r {
-                            zk::MultiWriteResult::Create { stat, .. }
-                            | zk::MultiWriteResult::SetData { stat }
-                                if !stat.is_invalid() =>
-                            {
-                                Some(stat.version)
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    self.committed(conn, parents, writes, &versions);
-                    tracing::debug!(
-                        parents = parents.len(),
-                        writes = writes.len(),
-                        "ZooKeeper multi committed"
-                    );
-                    return Ok(None);
-                }
-                Err(zk::MultiWriteError::OperationFailed { index, source }) => {
-                    if source == zk::Error::NoAuth {
-                        // An ACL on one path: the others may be writable, one by one.
-                        tracing::debug!(
-                            index,
-                            "ZooKeeper multi refused (NoAuth); writing its operations one by one"
-                        );
-                        return Ok(Some(index.saturating_sub(parents.len())));
-                    }
-                    if index < parents.len() && source == zk::Error::NodeExists {
-                        // Created meanwhile by someone else: fine, without it.
-                        let p = parents.remove(index);
-                        self.inner.lock_cache().parents.insert(p);
-                        continue;
-                    }
-                    if index < parents.len() {
-                        let p = &parents[index];
-                        return Err(self.inner.error(&format!("creating {p}"), &source, None));
-                    }
-                    tracing::debug!(index, error = %source, "ZooKeeper multi refused; writing its operations one by one");
-                    return Ok(Some(index - parents.len()));
-                }
-                Err(zk::MultiWriteError::RequestFailed { source }) => {
+                // Not ours to create: the writes below it are refused one by one, and say so.
+                Err(zk::Error::NoAuth) => break,
+                Err(e) => {
                     return Err(self
                         .inner
-                        .error("ZooKeeper multi", &source, Some(&conn.proxy)));
+                        .error(&format!("creating {p}"), &e, Some(&conn.proxy)));
                 }
             }
         }
+        Ok(missing.len())
+    }
+
+    /// Sends `parents` (created first) and `writes` as one `multi`; the future of its answer.
+    fn send<'c>(
+        &self,
+        conn: &'c Conn,
+        parents: &[String],
+        writes: &[Write],
+    ) -> Result<
+        impl std::future::Future<Output = Result<Vec<zk::MultiWriteResult>, zk::MultiWriteError>>
+        + Send
+        + 'c,
+        BackendError,
+    > {
+        let entry = zk::CreateMode::Ephemeral.with_acls(zk::Acls::new(&self.inner.entry_acls));
+        let parent = zk::CreateMode::Persistent.with_acls(zk::Acls::new(&self.inner.parent_acls));
+        let mut m = conn.client.new_multi_writer();
+        let invalid =
+            |e: zk::Error| BackendError::Protocol(format!("building a ZooKeeper multi: {e}"));
+        for p in parents {
+            m.add_create(p, &[], &parent).map_err(invalid)?;
+        }
+        for w in writes {
+            match w {
+                Write::Create { path, data, .. } => m.add_create(path, data, &entry),
+                Write::Set {
+                    path,
+                    data,
+                    version,
+                    ..
+                } => m.add_set_data(path, data, Some(*version)),
+                Write::Delete { path, version, .. } => m.add_delete(path, Some(*version)),
+            }
+            .map_err(invalid)?;
+        }
+        Ok(m.commit())
     }
 
     /// Writes one operation on its own, resolving conflicts with what is there now: the
