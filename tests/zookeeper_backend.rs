@@ -75,6 +75,25 @@ fn backend(
     ZooKeeper::new(config(connect, base, layout, store.clone(), timeout))
 }
 
+/// A `plain` backend whose sessions each own at most 8 KiB of paths, so that a few hundred
+/// entries pass one session's budget.
+fn with_small_sessions(
+    connect: &str,
+    base: &str,
+    store: &Arc<MemorySessionStore>,
+) -> Result<ZooKeeper> {
+    ZooKeeper::new(ZooKeeperConfig {
+        session_path_budget: Some(8 * 1024),
+        ..config(
+            connect,
+            base,
+            ZooKeeperLayout::Plain,
+            store.clone(),
+            Duration::from_secs(10),
+        )
+    })
+}
+
 fn instance(name: &str, ip: &str, port: u16) -> Instance {
     Instance {
         name: name.into(),
@@ -385,17 +404,8 @@ async fn many_instances_go_in_several_multis() -> Result<()> {
     let scope = env.scope("zk-bulk").await?;
     let base = base(&scope);
     let store = Arc::new(MemorySessionStore::default());
-    // A budget of 8 KiB of paths per session, so that 250 entries pass it.
-    let z = ZooKeeper::new(ZooKeeperConfig {
-        session_path_budget: Some(8 * 1024),
-        ..config(
-            &connect,
-            &base,
-            ZooKeeperLayout::Plain,
-            store.clone(),
-            Duration::from_secs(10),
-        )
-    })?;
+    // 250 entries pass one session's budget.
+    let z = with_small_sessions(&connect, &base, &store)?;
     assert_eq!(z.warning(), None);
     let instances = many("api_x", 250);
     let desired = z.render(&instances);
@@ -435,17 +445,8 @@ async fn an_expected_addition_opens_its_sessions_first_and_moves_nothing() -> Re
     let scope = env.scope("zk-expect").await?;
     let base = base(&scope);
     let store = Arc::new(MemorySessionStore::default());
-    // 8 KiB of paths per session: 40 names of 20 entries need several sessions.
-    let z = ZooKeeper::new(ZooKeeperConfig {
-        session_path_budget: Some(8 * 1024),
-        ..config(
-            &connect,
-            &base,
-            ZooKeeperLayout::Plain,
-            store.clone(),
-            Duration::from_secs(10),
-        )
-    })?;
+    // 40 names of 20 entries need several sessions.
+    let z = with_small_sessions(&connect, &base, &store)?;
     let instances: Vec<Instance> = (0..40)
         .flat_map(|n| many(&format!("api_{n:02}"), 20))
         .collect();
