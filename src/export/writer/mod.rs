@@ -11,14 +11,19 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::held::Held;
-use super::isolate::{self, Outcome};
-use super::plan::{Plan, apply_to, plan_keys, plan_with};
+use super::plan::{Plan, plan_keys, plan_with};
 use super::records::{DesiredEntry, DesiredRecords, Steps};
 use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
 use super::snapshot::{Report, Snapshot};
 use crate::backend::Backend;
 use crate::model::{BackendError, Digest, Op, Unit};
 use crate::runtime::{Backoff, Metrics};
+
+mod apply;
+mod previous;
+
+use apply::{Sending, Totals};
+use previous::Previous;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -75,40 +80,6 @@ pub struct Writer {
 /// step before is being written.
 const STEP: usize = 2_048;
 const STEP_MAX: usize = 16_384;
-
-/// A plan being written by a task of its own; the task stops when this is dropped (the writer
-/// stopped), as the write would if it were awaited in place.
-struct Sending {
-    planned: [(&'static str, usize); 2],
-    task: JoinHandle<Outcome>,
-}
-
-impl Drop for Sending {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// What one sync wrote, over its steps.
-#[derive(Default)]
-struct Totals {
-    plan: Plan,
-    sent: usize,
-    written: usize,
-    refused: usize,
-    waiting: usize,
-    requests: usize,
-    round_trips: usize,
-}
-
-/// A catalog's previous configurations, replaced by this writer's.
-struct Previous {
-    retiring: Retiring,
-    /// The previous writer's task, stopped before anything is read through its backend.
-    stopped: Option<JoinHandle<()>>,
-    /// How long each is tried (the old servers may be gone for good).
-    patience: Patience,
-}
 
 /// Resolves when the backend reports lost entries; never, for backends that cannot lose them.
 async fn lost(rx: &mut Option<watch::Receiver<u64>>) {
@@ -389,71 +360,6 @@ impl Writer {
         Ok(())
     }
 
-    /// Starts writing `p` (grouped by export) in a task of its own, so that the next step is
-    /// prepared meanwhile.
-    fn send(&self, p: Plan, done: &mut Totals) -> Sending {
-        let puts = (p.ops.iter())
-            .filter(|op| matches!(op, Op::Put { .. }))
-            .count();
-        let planned = [("put", puts), ("delete", p.ops.len() - puts)];
-        done.plan.creates += p.creates;
-        done.plan.updates += p.updates;
-        done.plan.deletes += p.deletes;
-        done.sent += 1;
-        let groups = isolate::groups(p.ops, |op| self.unit_of(op));
-        let backend = self.backend.clone();
-        Sending {
-            planned,
-            task: tokio::spawn(async move { isolate::apply(backend.as_ref(), groups).await }),
-        }
-    }
-
-    /// Waits for what `s` writes and takes it in: `current`, the metrics, the exports held
-    /// back. The failure that stopped it, if any (the owned state is then read again).
-    async fn landed(
-        &mut self,
-        current: &mut BTreeMap<String, Digest>,
-        mut s: Sending,
-        done: &mut Totals,
-    ) -> Result<(), BackendError> {
-        let outcome = match (&mut s.task).await {
-            Ok(o) => o,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => return Err(BackendError::Protocol(format!("writing: {e}"))),
-        };
-        self.count(s.planned, &outcome);
-        apply_to(current, &outcome.written);
-        self.desired_records.forget(
-            (outcome.written.iter())
-                .filter(|op| matches!(op, Op::Delete { .. }))
-                .map(Op::key),
-        );
-        self.held.record(
-            &outcome.written,
-            &outcome.refused,
-            Instant::now(),
-            (self.cfg.min_backoff, self.cfg.max_backoff),
-        );
-        self.metrics
-            .refused_exports(&self.cfg.catalog, self.held.len() as i64);
-        for (unit, (ops, e)) in &outcome.refused {
-            warn!(catalog = %self.cfg.catalog, export = %unit, operations = ops.len(), error = %e, "the catalog refused the writes of one export; the others are written and it is tried again on its own");
-        }
-        done.written += outcome.written.len();
-        done.refused += (outcome.refused.values())
-            .map(|(o, _)| o.len())
-            .sum::<usize>();
-        done.requests += outcome.requests;
-        done.round_trips += outcome.round_trips;
-        if let Some(e) = outcome.stopped {
-            // Some batches may have been committed: re-read before the next plan.
-            self.current = None;
-            self.trusted = false;
-            return Err(e);
-        }
-        Ok(())
-    }
-
     /// The export an operation belongs to: its instance's, the last one's for a deletion, the
     /// one it was refused with, else the entry alone.
     fn unit_of(&self, op: &Op) -> Unit {
@@ -463,111 +369,6 @@ impl Writer {
             .unwrap_or_else(|| Unit::Entry {
                 key: op.key().to_string(),
             })
-    }
-
-    /// The metrics of an apply of `ops`: operations by kind and result (`ok`, `refused`, and
-    /// `error` for what an outage left unwritten), round trips.
-    fn count(&self, planned: [(&str, usize); 2], o: &Outcome) {
-        let label = &self.cfg.catalog;
-        let kind = |op: &Op| match op {
-            Op::Put { .. } => "put",
-            Op::Delete { .. } => "delete",
-        };
-        let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        let done = o.written.iter().map(|op| (op, "ok")).chain(
-            o.refused
-                .values()
-                .flat_map(|(r, _)| r.iter().map(|op| (op, "refused"))),
-        );
-        for (op, result) in done {
-            *counts.entry((kind(op), result)).or_default() += 1;
-        }
-        for (op, total) in planned {
-            let done: u64 = ["ok", "refused"]
-                .iter()
-                .filter_map(|r| counts.get(&(op, *r)))
-                .sum();
-            counts.insert((op, "error"), (total as u64).saturating_sub(done));
-        }
-        for ((op, result), n) in counts {
-            self.metrics.operations(label, op, result, n);
-        }
-        let failed = u64::from(o.stopped.is_some());
-        let refused = o.refusals as u64;
-        let ok = (o.round_trips as u64).saturating_sub(failed + refused);
-        for (result, n) in [("ok", ok), ("refused", refused), ("error", failed)] {
-            if n > 0 {
-                self.metrics.round_trips(label, result, n);
-            }
-        }
-    }
-
-    /// Removes what the previous configurations own at their locations, unless that is this
-    /// configuration's location too. False when it should be tried again.
-    async fn retire_previous(&mut self) -> bool {
-        let Some(prev) = self.previous.as_mut() else {
-            return true;
-        };
-        if let Some(task) = prev.stopped.take() {
-            // Told to stop by whoever handed it over: this waits until it has really stopped.
-            let _ = task.await;
-        }
-        let retiring = prev.retiring.clone();
-        if retire::first(&retiring).is_none() {
-            self.previous = None;
-            return true;
-        }
-        // Where this writer writes; while that is unknown (the new servers do not answer),
-        // nothing is retired and the patience for the old ones does not run.
-        let is = match self.backend.location().await {
-            Ok(is) => is,
-            Err(e) => {
-                self.failed(&e);
-                return false;
-            }
-        };
-        // Out of `previous` while `retire` borrows the writer; put back if tried again.
-        let fresh = Patience::new(self.cfg.retire_patience);
-        let Some(mut patience) = self
-            .previous
-            .as_mut()
-            .map(|p| std::mem::replace(&mut p.patience, fresh))
-        else {
-            return true;
-        };
-        let this = &*self;
-        let result = retire::work_through(&retiring, &mut patience, &this.cfg.catalog, |old| {
-            let is = &is;
-            async move { this.retire(old.as_ref(), is).await }
-        })
-        .await;
-        self.left_behind.append(&mut patience.gave_up);
-        if let Err(e) = result {
-            if let Some(p) = self.previous.as_mut() {
-                p.patience = patience;
-            }
-            self.failed(&e);
-            return false;
-        }
-        self.previous = None;
-        true
-    }
-
-    /// Removes what `old` owns, if it writes somewhere else than this writer (at `is`).
-    async fn retire(&self, old: &dyn Backend, is: &str) -> Result<(), BackendError> {
-        let was = old.location().await?;
-        if was == is {
-            return Ok(());
-        }
-        let why = format!("the catalog moved to {is}");
-        retire::remove_all(
-            old,
-            &self.cfg.catalog,
-            &why,
-            &self.metrics,
-            self.cfg.dry_run,
-        )
-        .await
     }
 
     async fn read(&mut self) -> Result<BTreeMap<String, Digest>, BackendError> {
