@@ -42,11 +42,11 @@ pub fn plan(desired: &BTreeMap<String, Record>, current: &BTreeMap<String, impl 
 pub fn plan_with<D: Digested, K: Known>(
     desired: &BTreeMap<String, D>,
     current: &BTreeMap<String, K>,
-    record: impl Fn(&str, &D) -> Option<Record>,
+    mut record: impl FnMut(&str, &D) -> Option<Record>,
 ) -> Plan {
     let mut p = Plan::default();
     for (key, want) in desired {
-        p.put_if_differs(key, want, current.get(key), &record);
+        p.put_if_differs(key, want, current.get(key), &mut record);
     }
     for key in current.keys() {
         if !desired.contains_key(key) {
@@ -62,13 +62,13 @@ pub fn plan_keys<'a, D: Digested, K: Known>(
     desired: &BTreeMap<String, D>,
     current: &BTreeMap<String, K>,
     keys: impl IntoIterator<Item = &'a String>,
-    record: impl Fn(&str, &D) -> Option<Record>,
+    mut record: impl FnMut(&str, &D) -> Option<Record>,
 ) -> Plan {
     let mut p = Plan::default();
     let mut deletes = Vec::new();
     for key in keys {
         match desired.get(key) {
-            Some(want) => p.put_if_differs(key, want, current.get(key), &record),
+            Some(want) => p.put_if_differs(key, want, current.get(key), &mut record),
             None if current.contains_key(key) => deletes.push(key),
             None => {}
         }
@@ -85,7 +85,7 @@ impl Plan {
         key: &str,
         want: &D,
         have: Option<&impl Known>,
-        record: impl Fn(&str, &D) -> Option<Record>,
+        record: &mut impl FnMut(&str, &D) -> Option<Record>,
     ) {
         match have {
             Some(h) if h.digest() == want.digest() => return,

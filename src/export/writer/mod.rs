@@ -16,7 +16,7 @@ use super::records::{DesiredEntry, DesiredRecords, Steps};
 use super::retire::{self, Patience, RETIRE_PATIENCE, Retiring};
 use super::snapshot::{Report, Snapshot};
 use crate::backend::Backend;
-use crate::model::{BackendError, Digest, Op, Unit};
+use crate::model::{BackendError, DesiredCatalog, Digest, Op, Unit};
 use crate::runtime::{Backoff, Metrics};
 
 mod apply;
@@ -268,64 +268,21 @@ impl Writer {
         // Each step but the last adds instances only: its plan is the keys it touched.
         let mut sending: Option<Sending> = None;
         while let Some(step) = steps.next_step() {
-            let (touched, fresh) = self
-                .desired_records
-                .update(|i| self.backend.render(i), &step);
-            let fresh = std::cell::RefCell::new(fresh);
-            let p = plan_keys(
-                &self.desired_records.entries,
-                &current,
-                &touched,
-                |key, _| {
-                    (fresh.borrow_mut().remove(key))
-                        .or_else(|| (self.desired_records).record(key, |i| self.backend.render(i)))
-                },
-            );
-            let (ops, waiting) = self
-                .held
-                .hold_back(p.ops, &touched, Instant::now(), |op| self.unit_of(op));
+            let (p, waiting) = self.plan_step(&step, &current, false);
             if let Some(s) = sending.take() {
                 self.landed(&mut current, s, &mut done).await?;
             }
             done.waiting += waiting;
-            if !ops.is_empty() {
-                sending = Some(self.send(Plan { ops, ..p }, &mut done));
+            if !p.is_empty() {
+                sending = Some(self.send(p, &mut done));
             }
         }
         if let Some(s) = sending.take() {
             self.landed(&mut current, s, &mut done).await?;
         }
-        let (touched, fresh) = self
-            .desired_records
-            .update(|i| self.backend.render(i), &snapshot.catalog);
-        let fresh = std::cell::RefCell::new(fresh);
-        let desired = &self.desired_records.entries;
-        let now = Instant::now();
-        self.held.prune(desired, &current);
-        // The records to write: rendered by this update, else rendered again (only their
-        // digests are kept).
-        let record = |key: &str, _: &DesiredEntry| {
-            fresh
-                .borrow_mut()
-                .remove(key)
-                .or_else(|| (self.desired_records).record(key, |i| self.backend.render(i)))
-        };
-        // In sync before this snapshot: only what the snapshot touched can differ, and what
-        // is held back.
-        let p = if self.trusted {
-            let mut keys: BTreeSet<String> = self.held.due_keys(now);
-            keys.extend(touched.iter().cloned());
-            plan_keys(desired, &current, &keys, record)
-        } else {
-            plan_with(desired, &current, record)
-        };
-        // Refused exports wait for their turn (or a change of their own).
-        let (ops, waiting) = self
-            .held
-            .hold_back(p.ops, &touched, now, |op| self.unit_of(op));
+        let (p, waiting) = self.plan_step(&snapshot.catalog, &current, true);
         done.waiting += waiting;
-        let p = Plan { ops, ..p };
-        let entries = desired.len();
+        let entries = self.desired_records.entries.len();
         if p.is_empty() && done.sent == 0 {
             self.current = Some(current);
             self.trusted = !self.cfg.dry_run;
@@ -358,6 +315,46 @@ impl Writer {
         self.trusted = true;
         self.succeeded(entries, true);
         Ok(())
+    }
+
+    /// Moves the desired records to `catalog` and plans what differs from `current`: the keys
+    /// the move touched (a step on the way); for the `last` step, the snapshot itself, also
+    /// the held keys that are due when trusted, else every key. Held-back exports are left
+    /// out; returns how many of their operations were.
+    fn plan_step(
+        &mut self,
+        catalog: &Arc<DesiredCatalog>,
+        current: &BTreeMap<String, Digest>,
+        last: bool,
+    ) -> (Plan, usize) {
+        let (touched, mut fresh) = self
+            .desired_records
+            .update(|i| self.backend.render(i), catalog);
+        let now = Instant::now();
+        if last {
+            self.held.prune(&self.desired_records.entries, current);
+        }
+        let desired = &self.desired_records.entries;
+        // The records to write: rendered by this update, else rendered again (only their
+        // digests are kept).
+        let record = |key: &str, _: &DesiredEntry| {
+            (fresh.remove(key))
+                .or_else(|| (self.desired_records).record(key, |i| self.backend.render(i)))
+        };
+        let p = if !last {
+            plan_keys(desired, current, &touched, record)
+        } else if self.trusted {
+            // In sync before this snapshot: only what the snapshot touched can differ, and
+            // what is held back.
+            let mut keys: BTreeSet<String> = self.held.due_keys(now);
+            keys.extend(touched.iter().cloned());
+            plan_keys(desired, current, &keys, record)
+        } else {
+            plan_with(desired, current, record)
+        };
+        // Refused exports wait for their turn (or a change of their own).
+        let (ops, waiting) = (self.held).hold_back(p.ops, &touched, now, |op| self.unit_of(op));
+        (Plan { ops, ..p }, waiting)
     }
 
     /// The export an operation belongs to: its instance's, the last one's for a deletion, the
