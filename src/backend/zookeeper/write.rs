@@ -76,9 +76,9 @@ impl ZooKeeper {
         }
         let mut trips = 0;
         self.rehome(&conns, &mut trips).await?;
-        let mut by_shard: Vec<Vec<Op>> = vec![Vec::new(); conns.len()];
+        let mut by_shard: Vec<Vec<&Op>> = vec![Vec::new(); conns.len()];
         for op in ops {
-            by_shard[shard_of(name_of(op.key()), conns.len())].push(op.clone());
+            by_shard[shard_of(name_of(op.key()), conns.len())].push(op);
         }
         if conns.len() > 1 {
             trips += self.make_shared_dirs(&conns[0]).await?;
@@ -122,7 +122,7 @@ impl ZooKeeper {
     /// Writes `ops` through the session of their shard: in `multi`s, [`IN_FLIGHT`] at a time,
     /// and the operations of a refused one one by one (what is still refused goes to
     /// `failures`).
-    async fn write_in(&self, conn: &Conn, ops: &[Op]) -> Result<Written, BackendError> {
+    async fn write_in(&self, conn: &Conn, ops: &[&Op]) -> Result<Written, BackendError> {
         let mut done = Written::default();
         let writes = self.writes(conn, ops).await?;
         // The guard goes at the end of the statement, before a commit takes the lock again.
@@ -221,14 +221,14 @@ impl ZooKeeper {
     }
 
     /// Turns plan operations into writes, with the versions of the owned nodes.
-    async fn writes(&self, conn: &Conn, ops: &[Op]) -> Result<Vec<Write>, BackendError> {
+    async fn writes(&self, conn: &Conn, ops: &[&Op]) -> Result<Vec<Write>, BackendError> {
         let ours = self.inner.own_ids();
         let mut out = Vec::with_capacity(ops.len());
         let mut unknown_deletes = Vec::new();
         let now = now_ms();
         {
             let cache = self.inner.lock_cache();
-            for op in ops {
+            for &op in ops {
                 self.check_key(op.key())?;
                 let key = op.key().to_string();
                 let path = self.path_of(&key);
