@@ -132,3 +132,97 @@ async fn a_panicking_test_leaves_no_server_running() -> Result<()> {
     }
     Ok(())
 }
+
+/// Each catalog as a 3-member cluster: a write through one member is read through another,
+/// the killed leader is replaced by a new one while the other two go on answering, a hung
+/// member is not the leader afterwards, and the old leader comes back with its data.
+#[tokio::test]
+async fn three_member_clusters_elect_again_and_take_members_back() -> Result<()> {
+    use localenv::cluster::Member;
+    use zookeeper_client as zk;
+    let t = std::time::Instant::now();
+    let env = Env::builder().clusters().start().await?;
+    println!("three 3-member clusters up in {:?}", t.elapsed());
+    let within = Duration::from_secs(30);
+
+    // etcd: written through one member, read through each of the others.
+    let etcd = env.etcd_cluster()?;
+    etcd.members()[0].etcdctl(&["put", "/k", "v"])?;
+    for m in &etcd.members()[1..] {
+        let got = m.etcdctl(&["get", "--print-value-only", "/k"])?;
+        assert_eq!(got.trim(), "v");
+    }
+    let leader = etcd.leader(within).await?;
+    etcd.kill(leader)?;
+    let t = std::time::Instant::now();
+    let next = etcd.leader(within).await?;
+    println!(
+        "etcd: member {leader} killed, member {next} leads after {:?}",
+        t.elapsed()
+    );
+    assert_ne!(next, leader);
+    let up = etcd.other_than(&[leader])?;
+    etcd.members()[up].etcdctl(&["put", "/k", "w"])?;
+    etcd.start_again(leader).await?;
+    let got = etcd.members()[leader].etcdctl(&["get", "--print-value-only", "/k"])?;
+    assert_eq!(got.trim(), "w", "the member killed caught up");
+
+    // ZooKeeper: a node made through one server is seen through another; the leader killed.
+    let ensemble = env.zookeeper_ensemble()?;
+    let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    zk::Client::connect(&ensemble.members()[0].connect_string())
+        .await?
+        .create("/kept", b"1", &persistent)
+        .await?;
+    let leader = ensemble.leader(within).await?;
+    ensemble.kill(leader)?;
+    let t = std::time::Instant::now();
+    let next = ensemble.leader(within).await?;
+    println!(
+        "ZooKeeper: server {leader} killed, server {next} leads after {:?}",
+        t.elapsed()
+    );
+    assert_ne!(next, leader);
+    let up = ensemble.other_than(&[leader])?;
+    let (data, _) = zk::Client::connect(&ensemble.members()[up].connect_string())
+        .await?
+        .get_data("/kept")
+        .await?;
+    assert_eq!(data, b"1");
+    ensemble.start_again(leader).await?;
+    assert!(!ensemble.members()[leader].is_leader().await? || next == leader);
+
+    // Consul: registered through one server, read through another; the leader killed, then a
+    // follower hung.
+    let consul = env.consul_cluster()?;
+    let http = localenv::http_client()?;
+    http.put(format!("{}/v1/catalog/register", consul.members()[0].url()))
+        .json(&json!({"Node": "n1", "Address": "192.0.2.1",
+                      "Service": {"Service": "api_x", "Address": "10.0.0.1", "Port": 8080}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let leader = consul.leader(within).await?;
+    consul.kill(leader)?;
+    let t = std::time::Instant::now();
+    let next = consul.leader(within).await?;
+    println!(
+        "Consul: server {leader} killed, server {next} leads after {:?}",
+        t.elapsed()
+    );
+    assert_ne!(next, leader);
+    let up = consul.other_than(&[leader])?;
+    let services = consul_services(&http, &consul.members()[up].url()).await?;
+    assert!(services.get("api_x").is_some(), "{services}");
+    consul.start_again(leader).await?;
+    let services = consul_services(&http, &consul.members()[leader].url()).await?;
+    assert!(
+        services.get("api_x").is_some(),
+        "a server keeps its state: {services}"
+    );
+    let follower = consul.other_than(&[consul.leader(within).await?])?;
+    consul.pause(follower)?;
+    assert_ne!(consul.leader(within).await?, follower);
+    consul.resume(follower)?;
+    Ok(())
+}

@@ -1,11 +1,14 @@
-//! A real Consul agent (v1.14, `-dev` server mode) on loopback. A dev agent keeps nothing on
-//! disk: starting it again gives an empty catalog, which is exactly the fault a restart of a
-//! real Consul cluster that lost its state would cause.
+//! A real Consul agent (v1.14) on loopback: a `-dev` server, or one of three servers of a
+//! cluster ([`Cluster::<Consul>::start`]). A dev agent keeps nothing on disk: starting it again
+//! gives an empty catalog, which is exactly the fault a restart of a real Consul cluster that
+//! lost its state would cause. A cluster's servers keep their state in data directories.
 
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+
+use crate::cluster::{Cluster, MEMBERS, Member, start_all};
 
 use crate::ports::free_port;
 use crate::process::{Process, Spec};
@@ -13,9 +16,29 @@ use crate::programs;
 use crate::ready::wait_ready;
 use crate::tls::TlsFiles;
 
+/// The loopback ports of one agent that others need to know: its HTTP API, its Serf LAN
+/// address (to join it) and its server RPC port (its Raft address, how a leader is named).
+#[derive(Clone, Copy, Debug)]
+struct AgentPorts {
+    http: u16,
+    serf_lan: u16,
+    server: u16,
+}
+
+impl AgentPorts {
+    fn free() -> Result<AgentPorts> {
+        Ok(AgentPorts {
+            http: free_port()?,
+            serf_lan: free_port()?,
+            server: free_port()?,
+        })
+    }
+}
+
 pub struct Consul {
     process: Process,
     http_port: u16,
+    server_port: u16,
     node: String,
     http: reqwest::Client,
     acl_token: Option<String>,
@@ -83,16 +106,56 @@ impl Consul {
         tls: Option<&TlsFiles>,
         hcl: Option<&str>,
     ) -> Result<Consul> {
-        let http_port = free_port()?;
+        let ports = AgentPorts::free()?;
+        let consul = Self::spawn(dir, name, ports, acl_token, tls, hcl, None)?;
+        consul.wait_ready().await?;
+        Ok(consul)
+    }
+
+    /// Starts the agent without waiting: a `-dev` agent, or with `join`, one server of a
+    /// cluster that expects three, its state in `dir/<name>`, joining the other servers' Serf
+    /// LAN addresses.
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        ports: AgentPorts,
+        acl_token: Option<&str>,
+        tls: Option<&TlsFiles>,
+        hcl: Option<&str>,
+        join: Option<&[String]>,
+    ) -> Result<Consul> {
+        let http_port = ports.http;
         let node = format!("{name}-{http_port}");
         let mut spec = Spec::new(name, programs::consul()?, dir).args([
             "agent",
-            "-dev",
             "-bind=127.0.0.1",
             "-client=127.0.0.1",
             "-log-level=warn",
             "-disable-host-node-id",
         ]);
+        spec = match join {
+            None => spec.arg("-dev"),
+            Some(others) => {
+                let data = dir.join(name);
+                std::fs::create_dir_all(&data)
+                    .with_context(|| format!("creating {}", data.display()))?;
+                let mut spec = spec
+                    .arg("-server")
+                    .arg(format!("-bootstrap-expect={}", crate::cluster::MEMBERS))
+                    .arg(format!("-data-dir={}", data.display()))
+                    // Elections in about a second (raft_multiplier 1, as Consul advises for
+                    // production), and a dead server stays a member until it comes back.
+                    .arg("-hcl")
+                    .arg(
+                        "performance { raft_multiplier = 1 } \
+                         autopilot { cleanup_dead_servers = false }",
+                    );
+                for o in others {
+                    spec = spec.arg(format!("-retry-join={o}"));
+                }
+                spec
+            }
+        };
         spec = spec.arg(format!("-node={node}"));
         if let Some(t) = tls {
             let path = |p: &Path| p.display().to_string();
@@ -106,15 +169,15 @@ impl Consul {
         } else {
             spec = spec.arg(format!("-http-port={http_port}"));
         }
-        for flag in [
-            "-dns-port",
-            "-grpc-port",
-            "-grpc-tls-port",
-            "-serf-lan-port",
-            "-serf-wan-port",
-            "-server-port",
+        for (flag, port) in [
+            ("-dns-port", free_port()?),
+            ("-grpc-port", free_port()?),
+            ("-grpc-tls-port", free_port()?),
+            ("-serf-lan-port", ports.serf_lan),
+            ("-serf-wan-port", free_port()?),
+            ("-server-port", ports.server),
         ] {
-            spec = spec.arg(format!("{flag}={}", free_port()?));
+            spec = spec.arg(format!("{flag}={port}"));
         }
         if let Some(hcl) = hcl {
             spec = spec.arg("-hcl").arg(hcl);
@@ -127,9 +190,10 @@ impl Consul {
         if let Some(hcl) = hcl {
             spec = spec.arg("-hcl").arg(hcl);
         }
-        let consul = Consul {
+        Ok(Consul {
             process: Process::start(spec)?,
             http_port,
+            server_port: ports.server,
             node,
             http: match tls {
                 Some(t) => crate::tls::https_client(t)?,
@@ -137,12 +201,10 @@ impl Consul {
             },
             acl_token: acl_token.map(str::to_string),
             tls: tls.is_some(),
-        };
-        consul.wait_ready().await?;
-        Ok(consul)
+        })
     }
 
-    async fn wait_ready(&self) -> Result<()> {
+    pub(crate) async fn wait_ready(&self) -> Result<()> {
         let leader = format!("{}/v1/status/leader", self.url());
         let node = format!("{}/v1/catalog/node/{}", self.url(), self.node);
         let get = |url: String| {
@@ -191,7 +253,8 @@ impl Consul {
         self.process.kill()
     }
 
-    /// Starts the agent again (same ports, empty catalog) and waits until it is ready.
+    /// Starts the agent again (same ports; a dev agent's catalog empty, a cluster server's as
+    /// the cluster has it) and waits until it is ready.
     pub async fn start_again(&self) -> Result<()> {
         self.process.restart_process()?;
         self.wait_ready().await
@@ -199,5 +262,72 @@ impl Consul {
 
     pub fn process(&self) -> &Process {
         &self.process
+    }
+}
+
+impl Cluster<Consul> {
+    /// Starts a 3-server Consul cluster (real servers with data directories, joined with
+    /// `-bootstrap-expect=3`), servers `<name>-0` to `<name>-2`, and waits until each has a
+    /// leader and has registered its own node.
+    pub async fn start(dir: &Path, name: &str) -> Result<Cluster<Consul>> {
+        crate::ports::retry_if_port_taken(|| async {
+            let ports = (0..MEMBERS)
+                .map(|_| AgentPorts::free())
+                .collect::<Result<Vec<_>>>()?;
+            let lan: Vec<String> = ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{}", p.serf_lan))
+                .collect();
+            let members = start_all(|i| {
+                let others: Vec<String> = (0..MEMBERS)
+                    .filter(|j| *j != i)
+                    .map(|j| lan[j].clone())
+                    .collect();
+                Consul::spawn(
+                    dir,
+                    &format!("{name}-{i}"),
+                    ports[i],
+                    None,
+                    None,
+                    None,
+                    Some(&others),
+                )
+            })
+            .await?;
+            Ok(Cluster::new(members))
+        })
+        .await
+    }
+
+    /// Every server's HTTP address (`http://127.0.0.1:<port>`), in member order.
+    pub fn urls(&self) -> Vec<String> {
+        self.members().iter().map(Consul::url).collect()
+    }
+}
+
+impl Member for Consul {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+
+    async fn start_again(&self) -> Result<()> {
+        Consul::start_again(self).await
+    }
+
+    async fn wait_serving(&self) -> Result<()> {
+        self.wait_ready().await
+    }
+
+    async fn is_leader(&self) -> Result<bool> {
+        let leader: String = self
+            .http
+            .get(format!("{}/v1/status/leader", self.url()))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(leader == format!("127.0.0.1:{}", self.server_port))
     }
 }

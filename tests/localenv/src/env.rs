@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, PostParams};
 use tokio::sync::OnceCell;
 
+use crate::cluster::Cluster;
 use crate::consul::Consul;
 use crate::etcd::Etcd;
 use crate::kube::Kube;
@@ -31,6 +32,9 @@ pub struct Builder {
     zookeeper: bool,
     zookeeper_tls: bool,
     zookeeper_limits: crate::zookeeper::Limits,
+    consul_cluster: bool,
+    etcd_cluster: bool,
+    zookeeper_ensemble: bool,
 }
 
 impl Builder {
@@ -112,6 +116,27 @@ impl Builder {
         self.zookeeper_tls = true;
         self
     }
+    /// A 3-server Consul cluster ([`Env::consul_cluster`]), beside or instead of the dev
+    /// agent.
+    pub fn consul_cluster(mut self) -> Self {
+        self.consul_cluster = true;
+        self
+    }
+    /// A 3-member etcd cluster ([`Env::etcd_cluster`]), beside or instead of the single etcd.
+    pub fn etcd_cluster(mut self) -> Self {
+        self.etcd_cluster = true;
+        self
+    }
+    /// A 3-server ZooKeeper ensemble ([`Env::zookeeper_ensemble`]), beside or instead of the
+    /// standalone server.
+    pub fn zookeeper_ensemble(mut self) -> Self {
+        self.zookeeper_ensemble = true;
+        self
+    }
+    /// All three catalogs as 3-member clusters.
+    pub fn clusters(self) -> Self {
+        self.consul_cluster().etcd_cluster().zookeeper_ensemble()
+    }
     /// Every peer.
     pub fn all(self) -> Self {
         self.controller_manager().consul().etcd().zookeeper()
@@ -163,12 +188,28 @@ impl Builder {
                 )
             ),
         )?;
+        // The clusters after the single servers: three JVMs starting beside everything else
+        // would only slow every start on two cores.
+        let (consul_cluster, etcd_cluster, zookeeper_ensemble) = tokio::try_join!(
+            maybe(
+                self.consul_cluster,
+                Cluster::<Consul>::start(&path, "consul-c")
+            ),
+            maybe(self.etcd_cluster, Cluster::<Etcd>::start(&path, "etcd-c")),
+            maybe(
+                self.zookeeper_ensemble,
+                Cluster::<ZooKeeper>::start(&path, "zookeeper-c")
+            ),
+        )?;
         Ok(Env {
             kube,
             second,
             consul,
             etcd,
             zookeeper,
+            consul_cluster,
+            etcd_cluster,
+            zookeeper_ensemble,
             tls,
             dir,
         })
@@ -193,6 +234,9 @@ pub struct Env {
     consul: Option<Consul>,
     etcd: Option<Etcd>,
     zookeeper: Option<ZooKeeper>,
+    consul_cluster: Option<Cluster<Consul>>,
+    etcd_cluster: Option<Cluster<Etcd>>,
+    zookeeper_ensemble: Option<Cluster<ZooKeeper>>,
     tls: Option<TlsFiles>,
     // Last: the directory is removed after the processes are gone.
     dir: tempfile::TempDir,
@@ -235,6 +279,22 @@ impl Env {
         self.zookeeper
             .as_ref()
             .ok_or_else(|| anyhow!("this environment was built without ZooKeeper"))
+    }
+
+    pub fn consul_cluster(&self) -> Result<&Cluster<Consul>> {
+        self.consul_cluster
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without a Consul cluster"))
+    }
+    pub fn etcd_cluster(&self) -> Result<&Cluster<Etcd>> {
+        self.etcd_cluster
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without an etcd cluster"))
+    }
+    pub fn zookeeper_ensemble(&self) -> Result<&Cluster<ZooKeeper>> {
+        self.zookeeper_ensemble
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was built without a ZooKeeper ensemble"))
     }
 
     /// The directory that holds the peers' data and logs.

@@ -12,6 +12,7 @@
 //!
 //! Nothing is ever skipped: a peer that cannot start is an error that carries its log.
 
+pub mod cluster;
 pub mod consul;
 pub mod env;
 pub mod etcd;
@@ -30,6 +31,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+pub use cluster::Cluster;
 pub use env::{Builder, Env, Scope, shared};
 pub use ready::eventually;
 pub use tls::{TlsFiles, https_client};

@@ -1,4 +1,5 @@
-//! A real ZooKeeper server (3.8, Debian's package) on loopback, standalone; with TLS, it also
+//! A real ZooKeeper server (3.8, Debian's package) on loopback, standalone or as one server of
+//! a 3-server ensemble ([`Cluster::<ZooKeeper>::start`]); with TLS, it also
 //! serves a `secureClientPort` (Netty) that requires a client certificate of the environment's
 //! CA, beside the plain port (kept for the four-letter commands and the test readers).
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::cluster::{Cluster, MEMBERS, Member, start_all};
 use crate::ports::free_port;
 use crate::process::{Process, Spec};
 use crate::programs;
@@ -62,9 +64,26 @@ impl ZooKeeper {
         tls: Option<&TlsFiles>,
         limits: Limits,
     ) -> Result<ZooKeeper> {
+        let zk = Self::spawn(dir, name, free_port()?, tls, limits, None)?;
+        zk.wait_ready()
+            .await
+            .map_err(|e| crate::ports::explain_exit(e, &zk.ports()))?;
+        Ok(zk)
+    }
+
+    /// Starts the server without waiting; with `quorum`, as member `myid` of the ensemble
+    /// whose `server.N=…` lines those are.
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        tls: Option<&TlsFiles>,
+        limits: Limits,
+        quorum: Option<(usize, &str)>,
+    ) -> Result<ZooKeeper> {
         let data = dir.join(name);
-        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-        let port = free_port()?;
+        std::fs::create_dir_all(data.join("data"))
+            .with_context(|| format!("creating {}", data.display()))?;
         let (secure_port, secure) = match tls {
             None => (None, String::new()),
             Some(t) => {
@@ -90,6 +109,16 @@ impl ZooKeeper {
                 (Some(secure_port), secure)
             }
         };
+        let ensemble = match quorum {
+            None => String::new(),
+            Some((myid, servers)) => {
+                let file = data.join("data").join("myid");
+                std::fs::write(&file, format!("{myid}\n"))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                // A follower gives up on a silent leader after syncLimit ticks (2.5 s).
+                format!("initLimit=20\nsyncLimit=5\nstandaloneEnabled=false\n{servers}")
+            }
+        };
         let cfg = data.join("zoo.cfg");
         std::fs::write(
             &cfg,
@@ -104,7 +133,7 @@ impl ZooKeeper {
                  admin.enableServer=false\n\
                  4lw.commands.whitelist=*\n\
                  forceSync=no\n\
-                 {secure}",
+                 {secure}{ensemble}",
                 2 * TICK_MS,
                 120 * TICK_MS,
                 data.join("data").display(),
@@ -124,16 +153,15 @@ impl ZooKeeper {
             .arg(programs::zookeeper_classpath()?)
             .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
             .arg(&cfg);
-        let zk = ZooKeeper {
+        Ok(ZooKeeper {
             process: Process::start(spec)?,
             port,
             secure_port,
-        };
-        let ports: Vec<u16> = std::iter::once(port).chain(secure_port).collect();
-        zk.wait_ready()
-            .await
-            .map_err(|e| crate::ports::explain_exit(e, &ports))?;
-        Ok(zk)
+        })
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        std::iter::once(self.port).chain(self.secure_port).collect()
     }
 
     async fn wait_ready(&self) -> Result<()> {
@@ -268,5 +296,64 @@ impl Drop for CuratorRegistration {
     fn drop(&mut self) {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
+    }
+}
+
+impl Cluster<ZooKeeper> {
+    /// Starts a 3-server ensemble, servers `<name>-0` to `<name>-2` (myid 1 to 3), and waits
+    /// until every server serves as leader or follower.
+    pub async fn start(dir: &Path, name: &str) -> Result<Cluster<ZooKeeper>> {
+        crate::ports::retry_if_port_taken(|| async {
+            let mut ports = Vec::new();
+            let mut servers = String::new();
+            for i in 0..MEMBERS {
+                let (client, quorum, election) = (free_port()?, free_port()?, free_port()?);
+                ports.push(client);
+                servers.push_str(&format!("server.{}=127.0.0.1:{quorum}:{election}\n", i + 1));
+            }
+            let members = start_all(|i| {
+                ZooKeeper::spawn(
+                    dir,
+                    &format!("{name}-{i}"),
+                    ports[i],
+                    None,
+                    Limits::default(),
+                    Some((i + 1, &servers)),
+                )
+            })
+            .await?;
+            Ok(Cluster::new(members))
+        })
+        .await
+    }
+
+    /// `127.0.0.1:<a>,127.0.0.1:<b>,127.0.0.1:<c>`: the ensemble's connect string.
+    pub fn connect_string(&self) -> String {
+        self.members()
+            .iter()
+            .map(ZooKeeper::connect_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Member for ZooKeeper {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+
+    async fn start_again(&self) -> Result<()> {
+        ZooKeeper::start_again(self).await
+    }
+
+    async fn wait_serving(&self) -> Result<()> {
+        self.wait_ready().await
+    }
+
+    async fn is_leader(&self) -> Result<bool> {
+        let srvr = tokio::time::timeout(Duration::from_secs(1), self.four_letter("srvr"))
+            .await
+            .context("srvr: no answer within 1 s")??;
+        Ok(srvr.contains("Mode: leader"))
     }
 }
