@@ -13,6 +13,7 @@ use localenv::process::{Process, Spec};
 use localenv::{Env, workload};
 use serde_json::{Value, json};
 
+pub mod clusters;
 pub mod everywhere;
 
 pub const CRDS_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");

@@ -74,14 +74,15 @@ impl<M: Member> Cluster<M> {
         self.member(i)?.start_again().await
     }
 
-    /// The one member that says it leads; waits up to `within` for there to be exactly one
-    /// (an election in progress has none).
+    /// The one member that says it leads, of those running and not paused; waits up to
+    /// `within` for there to be exactly one (an election in progress has none).
     pub async fn leader(&self, within: Duration) -> Result<usize> {
         let until = Instant::now() + within;
         loop {
             let mut leaders = Vec::new();
             for (i, m) in self.members.iter().enumerate() {
-                if m.process().is_running() && m.is_leader().await.unwrap_or(false) {
+                let answers = m.process().is_running() && !m.process().is_paused();
+                if answers && m.is_leader().await.unwrap_or(false) {
                     leaders.push(i);
                 }
             }

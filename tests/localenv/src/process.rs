@@ -96,6 +96,8 @@ impl Spec {
 pub struct Process {
     spec: Spec,
     child: Mutex<Option<Child>>,
+    /// Between [`Process::pause`] and [`Process::resume`] (or a kill or stop).
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Process {
@@ -104,6 +106,7 @@ impl Process {
         let p = Process {
             spec,
             child: Mutex::new(None),
+            paused: Default::default(),
         };
         p.spawn()?;
         Ok(p)
@@ -213,7 +216,7 @@ impl Process {
             self.lock().take();
             return Ok(());
         }
-        let _ = self.signal(libc::SIGCONT);
+        let _ = self.resume();
         self.signal(libc::SIGTERM)?;
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
@@ -233,6 +236,8 @@ impl Process {
 
     /// SIGKILL, as a crash or a power cut would.
     pub fn kill(&self) -> Result<()> {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let mut slot = self.lock();
         if let Some(mut child) = slot.take() {
             let _ = child.kill();
@@ -247,6 +252,8 @@ impl Process {
     /// network partition.
     pub fn pause(&self) -> Result<()> {
         self.signal(libc::SIGSTOP)?;
+        self.paused
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         // kill(2) returns before every thread has stopped: wait until they all have, so that
         // no request sent after this returns is answered.
         let pid = self
@@ -264,7 +271,15 @@ impl Process {
 
     /// SIGCONT after [`Process::pause`].
     pub fn resume(&self) -> Result<()> {
-        self.signal(libc::SIGCONT)
+        self.signal(libc::SIGCONT)?;
+        self.paused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the process was paused ([`Process::pause`]) and not resumed since.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts the process again with the same arguments (same ports, same data directory).
