@@ -542,9 +542,9 @@ async fn fake_server(reply: &'static str) -> Result<(String, Arc<AtomicUsize>)> 
     Ok((url, count))
 }
 
-/// Dead addresses are skipped (and the one that answered is used first afterwards); when none
-/// answers, the error names each address and why; an HTTP error is an answer, not a reason to
-/// try the next address.
+/// Dead addresses are skipped (and the one that answered is used first afterwards), and so are
+/// servers that answer 5xx or 429; when none answers, the error names each address and why; a
+/// 4xx is an answer, not a reason to try the next address.
 #[tokio::test]
 async fn dead_addresses_are_skipped_and_named() -> Result<()> {
     let env = shared_consul().await?;
@@ -605,20 +605,39 @@ async fn dead_addresses_are_skipped_and_named() -> Result<()> {
         }
     }
 
-    // An HTTP error status is Consul's answer: reported, not failed over.
-    let (failing, _) = fake_server(
+    // A server that cannot serve now (500 "No cluster leader", 429) is passed over for the
+    // next address, as a refused one is.
+    let (leaderless, _) = fake_server(
         "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 17\r\nConnection: close\r\n\r\nNo cluster leader",
     )
     .await?;
-    let c = backend(&[&failing, &consul.url()], &scope, &owner)?;
+    let (busy, _) = fake_server(
+        "HTTP/1.1 429 Too Many Requests\r\nContent-Length: 9\r\nConnection: close\r\n\r\nslow down",
+    )
+    .await?;
+    let c = backend(&[&leaderless, &busy, &consul.url()], &scope, &owner)?;
+    assert_eq!(c.read_owned().await?, desired);
+    // When no address can serve, each is named with what it said.
+    let c = backend(&[&leaderless, &busy], &scope, &owner)?;
     match c.read_owned().await {
-        Err(BackendError::Rejected(msg)) => {
-            ensure!(
-                msg.contains("500") && msg.contains("No cluster leader") && msg.contains(&failing),
-                "{msg}"
-            );
+        Err(BackendError::Unreachable(msg)) => ensure!(
+            msg.contains(&format!("{leaderless} (HTTP 500: No cluster leader)"))
+                && msg.contains(&format!("{busy} (HTTP 429: slow down)")),
+            "{msg}"
+        ),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    // A 4xx is the request's own (a token without the right): every server would say so.
+    let (forbidden, _) = fake_server(
+        "HTTP/1.1 403 Forbidden\r\nContent-Length: 17\r\nConnection: close\r\n\r\nPermission denied",
+    )
+    .await?;
+    let c = backend(&[&forbidden, &consul.url()], &scope, &owner)?;
+    match c.read_owned().await {
+        Err(BackendError::Unauthorized(msg)) => {
+            ensure!(msg.contains("403") && msg.contains(&forbidden), "{msg}")
         }
-        other => panic!("expected Rejected, got {other:?}"),
+        other => panic!("expected Unauthorized, got {other:?}"),
     }
     Ok(())
 }
