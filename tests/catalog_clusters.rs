@@ -22,6 +22,19 @@ const STABLE: [&str; 2] = ["10.1.0.1:8080", "10.1.0.2:8080"];
 const FLIPPED: &str = "10.1.0.3:8080";
 /// The time a flip made during a fault may take after the cluster answers again.
 const FLIP_AFTER_ANSWER: Duration = Duration::from_secs(2);
+/// The ZooKeeper session timeout of the test's catalog.
+const ZK_SESSION: Duration = Duration::from_secs(10);
+
+/// How long after the cluster answers again a flip may land: [`FLIP_AFTER_ANSWER`], but for a
+/// hung ZooKeeper server, which a ZooKeeper client (this one as Apache's) gives up on only
+/// after two thirds of the session timeout without an answer (its read timeout); then the
+/// session moves to another server.
+fn allowed(catalog: &str, fault: Fault) -> Duration {
+    match (catalog, fault) {
+        ("zookeeper", Fault::Hang) => ZK_SESSION * 2 / 3 + FLIP_AFTER_ANSWER,
+        _ => FLIP_AFTER_ANSWER,
+    }
+}
 const ELECTION: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -183,7 +196,7 @@ async fn survive(
             "{fault:?} {name}: the cluster answered again {answer:?} after the fault, the flip \
              to ready={ready} landed {land:?} after it ({after:?} after the cluster answered)"
         );
-        if after > FLIP_AFTER_ANSWER {
+        if after > allowed(name, fault) {
             late.push(format!("{name}: {after:?}"));
         }
     }
@@ -202,7 +215,7 @@ async fn survive(
     );
     ensure!(
         late.is_empty(),
-        "{fault:?}: the flip landed more than {FLIP_AFTER_ANSWER:?} after the cluster answered: {late:?}\n{}",
+        "{fault:?}: the flip landed later after the cluster answered than it may: {late:?}\n{}",
         cb.log()
     );
     Ok(())
@@ -211,7 +224,7 @@ async fn survive(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_faults_leave_every_reader_its_entries_and_flips_land_once_the_cluster_answers()
 -> Result<()> {
-    let (env, client) = setup(10, 10).await?;
+    let (env, client) = setup(10, ZK_SESSION.as_secs() as i64).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
     deploy_api_x(&client, CATALOGS).await?;
     workload::create_pod(

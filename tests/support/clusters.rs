@@ -391,7 +391,8 @@ pub async fn identities(env: &Env) -> Result<Identities> {
 }
 
 /// Waits until every catalog answers exactly `want` for `api_x` (read through any member);
-/// returns how long each took from `since`, by catalog.
+/// returns how long each took from `since`, by catalog. The catalogs are watched side by side:
+/// a member that hangs under one reader delays no other catalog's answer.
 pub async fn wait_all(
     env: &Env,
     want: &[&str],
@@ -400,29 +401,46 @@ pub async fn wait_all(
     let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
     let http = localenv::http_client()?;
     let through = Through::avoiding(env, usize::MAX, usize::MAX, usize::MAX)?;
-    let mut etcd = EtcdReader::new(through.etcd.clone());
-    let mut zk = ZooKeeperReader(through.zookeeper.join(","), None);
-    let mut landed: Vec<(&'static str, Duration)> = Vec::new();
+    let etcd = tokio::sync::Mutex::new(EtcdReader::new(through.etcd.clone()));
+    let zk = tokio::sync::Mutex::new(ZooKeeperReader(through.zookeeper.join(","), None));
+    let (urls, want, etcd, zk) = (&through.consul, &want, &etcd, &zk);
+    let (c, e, z) = tokio::join!(
+        landed("consul", since, || async {
+            consul_passing(&http, urls).await.map(|g| g == *want)
+        }),
+        landed("etcd", since, || async {
+            let got = etcd.lock().await.values("/services/api_x/providers/").await;
+            got.map(|g| g == *want)
+        }),
+        landed("zookeeper", since, || async {
+            let got = zk.lock().await.children("/services/api_x/providers").await;
+            got.map(|g| g == *want)
+        }),
+    );
+    Ok(vec![c?, e?, z?])
+}
+
+/// Polls `look` every 20 ms until it says yes: how long that took from `since`.
+async fn landed<F, Fut>(
+    catalog: &'static str,
+    since: Instant,
+    mut look: F,
+) -> Result<(&'static str, Duration)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
     let until = Instant::now() + Duration::from_secs(60);
-    let mut last = String::new();
-    while landed.len() < 3 {
-        if Instant::now() > until {
-            bail!(
-                "the catalogs did not all answer {want:?} within 60 s: {last}; landed {landed:?}"
-            );
+    loop {
+        let last = look().await;
+        if matches!(last, Ok(true)) {
+            return Ok((catalog, since.elapsed()));
         }
-        let c = consul_passing(&http, &through.consul).await;
-        let e = etcd.values("/services/api_x/providers/").await;
-        let z = zk.children("/services/api_x/providers").await;
-        last = format!("consul {c:?}, etcd {e:?}, zookeeper {z:?}");
-        for (name, got) in [("consul", c), ("etcd", e), ("zookeeper", z)] {
-            if !landed.iter().any(|(n, _)| *n == name) && got.is_ok_and(|g| g == want) {
-                landed.push((name, since.elapsed()));
-            }
+        if Instant::now() > until {
+            bail!("{catalog} did not answer as wanted within 60 s; last: {last:?}");
         }
         tokio::time::sleep(EVERY).await;
     }
-    Ok(landed)
 }
 
 /// A ZooKeeper session to the hosts of a connect string, made again when a read fails.

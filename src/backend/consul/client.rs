@@ -13,8 +13,13 @@ use crate::backend::BackendError;
 use crate::backend::failover::{Attempt, Failed};
 use crate::backend::transport::{brief, with_tls_hint};
 
+/// Time for one request to one address in a first round over the addresses: a dead or hung
+/// server costs no more than this before the next is asked.
+const QUICK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time for one request to one address in the second round, when none answered within
+/// [`QUICK_TIMEOUT`] and one at least ran out of time: a slow Consul still gets its answers.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The addresses as configured (trailing `/` removed), for messages, and their URLs, in order.
 pub(super) fn parse_addresses(addresses: &[String]) -> anyhow::Result<(Vec<String>, Vec<Url>)> {
@@ -120,7 +125,10 @@ impl Reply {
 
 impl Consul {
     /// Sends one request to the first address that answers, starting with the one that
-    /// answered last. Any HTTP status counts as an answer; only transport failures move on.
+    /// answered last. An HTTP status is an answer, but for a server that cannot serve now —
+    /// 5xx (500 "No cluster leader", 503) and 429 — which moves on to the next address like a
+    /// refused connection does; a 4xx is the request's own (403 ACL, 400) and ends the search.
+    /// An address gets [`QUICK_TIMEOUT`], then, when none answered, [`REQUEST_TIMEOUT`].
     pub(super) async fn call(
         &self,
         method: Method,
@@ -133,7 +141,7 @@ impl Consul {
             .await
     }
 
-    /// [`Consul::call`] with a request timeout other than the client's (a blocking query
+    /// [`Consul::call`] with a request timeout of its own, in one round (a blocking query
     /// waits longer than [`REQUEST_TIMEOUT`]).
     pub(super) async fn call_with_timeout(
         &self,
@@ -144,20 +152,22 @@ impl Consul {
         body: Option<&Value>,
         timeout: Option<Duration>,
     ) -> Result<Reply, BackendError> {
+        let patience = match timeout {
+            Some(t) => vec![t],
+            None => vec![QUICK_TIMEOUT, REQUEST_TIMEOUT],
+        };
         let answered = self
             .failover
-            .first_answer(move |idx| {
+            .first_answer_within(&patience, move |idx, timeout| {
                 let mut req = self
                     .http
-                    .request(method.clone(), self.url(idx, path, query, with_dc));
+                    .request(method.clone(), self.url(idx, path, query, with_dc))
+                    .timeout(timeout);
                 if let Some(t) = &self.token {
                     req = req.header("X-Consul-Token", t);
                 }
                 if let Some(b) = body {
                     req = req.json(b);
-                }
-                if let Some(t) = timeout {
-                    req = req.timeout(t);
                 }
                 self.attempt(idx, req)
             })
@@ -197,8 +207,9 @@ impl Consul {
         url
     }
 
-    /// Sends `req` to address `idx`: its answer, whatever the status, or why there was none.
-    /// Never stops the failover: every address may answer where this one did not.
+    /// Sends `req` to address `idx`: its answer, or why there was none (a status that says
+    /// the server cannot serve now counts as none). Never stops the failover: every address
+    /// may answer where this one did not.
     async fn attempt(
         &self,
         idx: usize,
@@ -217,12 +228,20 @@ impl Consul {
             Err(e) => Err(e),
         };
         match sent {
-            Ok((status, body, index)) => Attempt::Answer(Reply {
-                address: self.failover.addresses()[idx].clone(),
-                status,
-                body,
-                index,
-            }),
+            Ok((status, body, index)) => {
+                let reply = Reply {
+                    address: self.failover.addresses()[idx].clone(),
+                    status,
+                    body,
+                    index,
+                };
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    Attempt::Next(format!("HTTP {}: {}", status.as_u16(), reply.text()))
+                } else {
+                    Attempt::Answer(reply)
+                }
+            }
+            Err(e) if e.is_timeout() => Attempt::TimedOut(self.why_unanswered(idx, &e)),
             Err(e) => Attempt::Next(self.why_unanswered(idx, &e)),
         }
     }

@@ -20,11 +20,19 @@ use crate::backend::failover::{Attempt, Failed, Failover};
 use crate::backend::transport::{chain, chain_after, with_tls_hint};
 use crate::model::address::parse_port;
 
-/// Time for one request to one endpoint, connection included.
+/// Time for one request to one endpoint, connection included, in a first round over the
+/// endpoints: a dead or hung member, or a write proposed to a leader that died (etcd drops it
+/// and answers only after its own 5 s or more), costs no more than this before the next member
+/// is asked.
+const QUICK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time for one request to one endpoint in the second round, when no endpoint answered within
+/// [`QUICK_TIMEOUT`] and one at least did not answer at all: a cluster that is slow rather
+/// than dead still gets its requests through.
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP/2 pings find a connection to a hung server (etcd refuses pings more often than 5 s).
-const HTTP2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 pings find a connection to a hung server (etcd refuses pings more often than 5 s,
+/// its `--grpc-keepalive-min-time`).
+const HTTP2_KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(6), Duration::from_secs(2));
 /// Keys per page of a range read.
 const PAGE: i64 = 1000;
 
@@ -294,9 +302,12 @@ impl Connections {
 
     /// Runs `f` against the endpoint that answered last, then the others in turn, until one
     /// answers. Returns the answer and the index of the endpoint that gave it. An endpoint that
-    /// does not answer in time, or whose connection broke, loses its connection and the next is
-    /// tried; an error etcd answers with (refused credentials, a lost lease, a rejected request)
-    /// is every endpoint's answer and ends the search.
+    /// does not answer within [`QUICK_TIMEOUT`], or whose connection broke, loses its connection
+    /// and the next is tried at once; when none answered and one at least timed out, every
+    /// endpoint is asked again with [`REQUEST_TIMEOUT`]. An error etcd answers with (refused
+    /// credentials, a lost lease, a rejected request) is every endpoint's answer and ends the
+    /// search. Requests are safe to repeat: a write that landed on a member that then did
+    /// not answer in time lands again unchanged.
     pub(super) async fn call_at<T, F, Fut>(&self, what: &str, f: F) -> Result<(T, usize), Fail>
     where
         F: Fn(Client) -> Fut,
@@ -305,43 +316,43 @@ impl Connections {
         let f = &f;
         let answered = self
             .failover
-            .first_answer(|idx| async move {
-                let attempt = async {
-                    let c = self.client(idx).await?;
-                    f(c).await
-                };
-                let err = match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
-                    Ok(Ok(v)) => return Attempt::Answer(v),
-                    Ok(Err(e)) => e,
-                    Err(_) => {
-                        self.forget(idx);
-                        return Attempt::Next(format!(
-                            "no answer within {}s",
-                            REQUEST_TIMEOUT.as_secs()
-                        ));
+            .first_answer_within(
+                &[QUICK_TIMEOUT, REQUEST_TIMEOUT],
+                |idx, timeout| async move {
+                    let attempt = async {
+                        let c = self.client(idx).await?;
+                        f(c).await
+                    };
+                    let err = match tokio::time::timeout(timeout, attempt).await {
+                        Ok(Ok(v)) => return Attempt::Answer(v),
+                        Ok(Err(e)) => e,
+                        Err(_) => {
+                            self.forget(idx);
+                            return Attempt::TimedOut(format!("no answer within {timeout:?}"));
+                        }
+                    };
+                    let endpoint = &self.endpoints()[idx];
+                    let (kind, text) = self.failure(idx, &err);
+                    match kind {
+                        Kind::Transport => Attempt::Next(text),
+                        Kind::Unauthorized => {
+                            let user = self.user.as_deref().map_or_else(
+                                || "without credentials".to_string(),
+                                |u| format!("as {u:?}"),
+                            );
+                            Attempt::Stop(Fail::Backend(BackendError::Unauthorized(format!(
+                                "{what} on etcd {endpoint} {user}: {text}"
+                            ))))
+                        }
+                        Kind::LeaseGone => Attempt::Stop(Fail::LeaseGone(format!(
+                            "{what} on etcd {endpoint}: {text}"
+                        ))),
+                        Kind::Rejected => Attempt::Stop(Fail::Backend(BackendError::Rejected(
+                            format!("{what} on etcd {endpoint}: {text}"),
+                        ))),
                     }
-                };
-                let endpoint = &self.endpoints()[idx];
-                let (kind, text) = self.failure(idx, &err);
-                match kind {
-                    Kind::Transport => Attempt::Next(text),
-                    Kind::Unauthorized => {
-                        let user = self.user.as_deref().map_or_else(
-                            || "without credentials".to_string(),
-                            |u| format!("as {u:?}"),
-                        );
-                        Attempt::Stop(Fail::Backend(BackendError::Unauthorized(format!(
-                            "{what} on etcd {endpoint} {user}: {text}"
-                        ))))
-                    }
-                    Kind::LeaseGone => Attempt::Stop(Fail::LeaseGone(format!(
-                        "{what} on etcd {endpoint}: {text}"
-                    ))),
-                    Kind::Rejected => Attempt::Stop(Fail::Backend(BackendError::Rejected(
-                        format!("{what} on etcd {endpoint}: {text}"),
-                    ))),
-                }
-            })
+                },
+            )
             .await;
         answered.map_err(|failed| match failed {
             Failed::Stopped(fail) => fail,
