@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use localenv::cluster::Member;
 use localenv::{Cluster, Env, workload};
+use support::clusters::catalog_events;
 use support::clusters::{
     CATALOGS, Identities, Readers, Through, connected_members, identities, no_miss, port_of, setup,
     wait_all,
 };
-use support::{Controller, deploy_api_x};
+use support::{Controller, catalog_condition, deploy_api_x};
 
 const STABLE: [&str; 2] = ["10.1.0.1:8080", "10.1.0.2:8080"];
 const FLIPPED: &str = "10.1.0.3:8080";
@@ -221,9 +222,14 @@ async fn survive(
     Ok(())
 }
 
+/// The tests of this file one at a time: each runs three clusters of its own, and its timings
+/// mean something only on a machine that is not starting three more.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn member_faults_leave_every_reader_its_entries_and_flips_land_once_the_cluster_answers()
 -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let (env, client) = setup(10, ZK_SESSION.as_secs() as i64).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
     deploy_api_x(&client, CATALOGS).await?;
@@ -253,5 +259,128 @@ async fn member_faults_leave_every_reader_its_entries_and_flips_land_once_the_cl
         survive(&env, &client, &cb, fault, ready).await?;
         ready = !ready;
     }
+    Ok(())
+}
+
+/// Two members of each cluster down: no quorum. Each ExternalCatalog says `Reachable=False` in
+/// the catalog's own words, `catalog_bridge_catalog_up` is 0, and one Warning Event says so,
+/// however often the writer tries meanwhile; a flip made meanwhile lands when the quorum is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_quorum_is_reported_once_and_everything_converges_when_it_returns() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (env, client) = setup(10, ZK_SESSION.as_secs() as i64).await?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy_api_x(&client, CATALOGS).await?;
+    workload::create_pod(
+        &client,
+        "shop",
+        &workload::PodSpec {
+            name: "api-x-3",
+            app: "api-x",
+            node: "node-1",
+            ip: "10.1.0.3",
+            port: 8080,
+            ready: false,
+        },
+    )
+    .await?;
+    wait_all(&env, &STABLE, Instant::now())
+        .await
+        .with_context(|| cb.log())?;
+    for name in ["consul", "etcd", "zk"] {
+        catalog_condition(&client, name, "Reachable", "True").await?;
+    }
+
+    let (consul, etcd, zk) = (
+        env.consul_cluster()?,
+        env.etcd_cluster()?,
+        env.zookeeper_ensemble()?,
+    );
+    let down = Instant::now();
+    for i in [1, 2] {
+        consul.kill(i)?;
+        etcd.kill(i)?;
+        zk.kill(i)?;
+    }
+    workload::set_pod_ready(&client, "shop", "api-x-3", true).await?;
+    for name in ["consul", "etcd", "zk"] {
+        let c = catalog_condition(&client, name, "Reachable", "False")
+            .await
+            .with_context(|| cb.log())?;
+        println!(
+            "{name} without quorum after {:?}: Reachable=False {}: {}",
+            down.elapsed(),
+            c.reason,
+            c.message
+        );
+        let up = cb
+            .metric(
+                "catalog_bridge_catalog_up",
+                &[&format!("catalog=\"{name}\"")],
+            )
+            .await?;
+        ensure!(up == 0.0, "{name}: catalog_up is {up} without quorum");
+    }
+    // The writers try again and again meanwhile: still one Event per catalog.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let events = catalog_events(&env, "Unreachable")?;
+    println!("Events:\n{}", events.join("\n"));
+    for name in ["consul", "etcd", "zk"] {
+        let of: Vec<&String> = events
+            .iter()
+            .filter(|e| e.starts_with(&format!("{name} ")))
+            .collect();
+        ensure!(
+            of.len() == 1 && of[0].contains(" Warning Unreachable x1: the catalog does not answer"),
+            "{name}: one Warning Event for the lost quorum, not {of:?}"
+        );
+    }
+    let consul_words = events
+        .iter()
+        .find(|e| e.starts_with("consul "))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        consul_words.contains("No cluster leader"),
+        "Consul's own words are in the Event: {consul_words}"
+    );
+
+    let back = Instant::now();
+    tokio::try_join!(
+        async {
+            consul.start_again(1).await?;
+            consul.start_again(2).await
+        },
+        async {
+            etcd.start_again(1).await?;
+            etcd.start_again(2).await
+        },
+        async {
+            zk.start_again(1).await?;
+            zk.start_again(2).await
+        },
+    )?;
+    println!(
+        "quorum back {:?} after the last member was started",
+        back.elapsed()
+    );
+    let mut want = STABLE.to_vec();
+    want.push(FLIPPED);
+    let landed = wait_all(&env, &want, back)
+        .await
+        .with_context(|| cb.log())?;
+    println!("the flip made without quorum landed once the members were started: {landed:?}");
+    for name in ["consul", "etcd", "zk"] {
+        catalog_condition(&client, name, "Reachable", "True").await?;
+    }
+    let again = catalog_events(&env, "Connected")?;
+    println!("Events:\n{}", again.join("\n"));
+    ensure!(
+        again.len() == 3
+            && again
+                .iter()
+                .all(|e| e.contains(" Normal Connected x1: the catalog answers again")),
+        "one Normal Event per catalog answering again: {again:?}"
+    );
     Ok(())
 }

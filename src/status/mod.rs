@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod conditions;
+pub mod connection;
 pub mod events;
 pub mod registration;
 pub mod run;

@@ -45,6 +45,8 @@ struct Written {
     problems: HashSet<(Source, String, Reason, String)>,
     /// Refused exports announced: (source, catalog, message).
     refusals: HashSet<(Source, String, String)>,
+    /// Each catalog's connection as last announced.
+    connections: HashMap<String, super::connection::Health>,
     /// Owner ids claimed by another cluster, announced: (catalog, message).
     claims: HashSet<(String, String)>,
     skips: HashSet<(String, String, String, String)>,
@@ -84,6 +86,7 @@ pub async fn run(
         import_problems(&stores, &imp, &mut recorder, &mut written).await;
         refusals(&stores, &d, &v, &mut recorder, &mut written).await;
         claims(&stores, &v, &mut recorder, &mut written).await;
+        super::connection::announce(&stores, &v, &mut recorder, &mut written.connections).await;
         skips(&stores, &imp, &mut recorder, &mut written).await;
         restarts(&stores, &v, &imp, &mut recorder, &mut written).await;
         holds(&stores, &imp, &mut recorder, &mut written).await;

@@ -510,3 +510,21 @@ pub fn port_of(address: &str) -> Result<u16> {
         .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
         .with_context(|| format!("no port in {address:?}"))
 }
+
+/// The Events of `reason` on ExternalCatalogs, one line each:
+/// `<name> <type> <reason> x<count>: <note>` (count 1 without a series).
+pub fn catalog_events(env: &Env, reason: &str) -> Result<Vec<String>> {
+    let out = env.kube()?.kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-A",
+        "--field-selector",
+        &format!("reason={reason}"),
+        "-o",
+        "jsonpath={range .items[?(@.regarding.kind==\"ExternalCatalog\")]}{.regarding.name} {.type} {.reason} x{.series.count}: {.note}{\"\\n\"}{end}",
+    ])?;
+    Ok(out
+        .lines()
+        .map(|l| l.replacen(" x: ", " x1: ", 1))
+        .collect())
+}

@@ -70,6 +70,31 @@ pub(super) fn http_client(cfg: &ConsulConfig) -> anyhow::Result<reqwest::Client>
         .context("building the HTTP client for Consul")
 }
 
+/// Whether a Consul server that answered `status` with `text` cannot serve now, where another
+/// server may: 429, 502, 503, 504, and a 500 that says the cluster has no leader or that the
+/// server could not reach another ("rpc error …"). Other 500s are the request's own answer
+/// ("Connect must be enabled in order to use this endpoint"): every server would give it.
+fn cannot_serve_now(status: StatusCode, text: &str) -> bool {
+    const UNAVAILABLE: [&str; 5] = [
+        "no cluster leader",
+        "leadership lost",
+        "rpc error",
+        "connection refused",
+        "i/o timeout",
+    ];
+    match status {
+        StatusCode::TOO_MANY_REQUESTS
+        | StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::GATEWAY_TIMEOUT => true,
+        StatusCode::INTERNAL_SERVER_ERROR => {
+            let t = text.to_ascii_lowercase();
+            UNAVAILABLE.iter().any(|u| t.contains(u))
+        }
+        _ => false,
+    }
+}
+
 /// One answer of one address.
 pub(super) struct Reply {
     pub(super) address: String,
@@ -126,8 +151,9 @@ impl Reply {
 impl Consul {
     /// Sends one request to the first address that answers, starting with the one that
     /// answered last. An HTTP status is an answer, but for a server that cannot serve now —
-    /// 5xx (500 "No cluster leader", 503) and 429 — which moves on to the next address like a
-    /// refused connection does; a 4xx is the request's own (403 ACL, 400) and ends the search.
+    /// 500 "No cluster leader", 503, 429 ([`cannot_serve_now`]) — which moves on to the next
+    /// address like a refused connection does; a 4xx is the request's own (403 ACL, 400) and
+    /// ends the search.
     /// An address gets [`QUICK_TIMEOUT`], then, when none answered, [`REQUEST_TIMEOUT`].
     pub(super) async fn call(
         &self,
@@ -235,7 +261,7 @@ impl Consul {
                     body,
                     index,
                 };
-                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                if cannot_serve_now(status, &reply.text()) {
                     Attempt::Next(format!("HTTP {}: {}", status.as_u16(), reply.text()))
                 } else {
                     Attempt::Answer(reply)
@@ -274,5 +300,34 @@ impl Consul {
             return Err(reply.status_error(what));
         }
         reply.json(what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_cannot_serve_now_is_told_from_a_request_every_server_refuses() {
+        for (status, text) in [
+            (500, "No cluster leader"),
+            (
+                500,
+                "rpc error getting client: failed to get conn: connection refused",
+            ),
+            (503, ""),
+            (429, "slow down"),
+        ] {
+            let s = StatusCode::from_u16(status).expect("a status");
+            assert!(cannot_serve_now(s, text), "{status} {text}");
+        }
+        for (status, text) in [
+            (500, "Connect must be enabled in order to use this endpoint"),
+            (403, "Permission denied"),
+            (400, "Missing node registration"),
+        ] {
+            let s = StatusCode::from_u16(status).expect("a status");
+            assert!(!cannot_serve_now(s, text), "{status} {text}");
+        }
     }
 }
