@@ -26,13 +26,19 @@ const FLIP_AFTER_ANSWER: Duration = Duration::from_secs(2);
 /// The ZooKeeper session timeout of the test's catalog.
 const ZK_SESSION: Duration = Duration::from_secs(10);
 
+/// The etcd lease TTL of the test's catalog: above the hang (10 s) plus a keep-alive interval.
+/// etcd's leader, hung for longer than what it last saw of a lease's time, revokes the lease
+/// when it wakes, before it learns that it was replaced (etcd issues 12528 and 15247): the
+/// controller then takes a new lease at once, but readers see the entries gone for a moment.
+const ETCD_TTL: i64 = 20;
+
 /// How long after the cluster answers again a flip may land: [`FLIP_AFTER_ANSWER`], but for a
 /// hung ZooKeeper server, which a ZooKeeper client (this one as Apache's) gives up on only
 /// after two thirds of the session timeout without an answer (its read timeout); then the
-/// session moves to another server.
+/// session moves to another server and the write goes through: within the session timeout.
 fn allowed(catalog: &str, fault: Fault) -> Duration {
     match (catalog, fault) {
-        ("zookeeper", Fault::Hang) => ZK_SESSION * 2 / 3 + FLIP_AFTER_ANSWER,
+        ("zookeeper", Fault::Hang) => ZK_SESSION + FLIP_AFTER_ANSWER,
         _ => FLIP_AFTER_ANSWER,
     }
 }
@@ -230,7 +236,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn member_faults_leave_every_reader_its_entries_and_flips_land_once_the_cluster_answers()
 -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
-    let (env, client) = setup(10, ZK_SESSION.as_secs() as i64).await?;
+    let (env, client) = setup(ETCD_TTL, ZK_SESSION.as_secs() as i64).await?;
     let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
     deploy_api_x(&client, CATALOGS).await?;
     workload::create_pod(
@@ -335,16 +341,17 @@ async fn a_lost_quorum_is_reported_once_and_everything_converges_when_it_returns
             "{name}: one Warning Event for the lost quorum, not {of:?}"
         );
     }
-    let consul_words = events
-        .iter()
-        .find(|e| e.starts_with("consul "))
-        .cloned()
-        .unwrap_or_default();
-    ensure!(
-        consul_words.contains("No cluster leader"),
-        "Consul's own words are in the Event: {consul_words}"
-    );
-
+    // The condition follows what the catalog says now: Consul's surviving server knows by now
+    // that its cluster has no leader.
+    localenv::eventually(
+        "Consul's own words in its condition",
+        Duration::from_secs(30),
+        || async {
+            let c = catalog_condition(&client, "consul", "Reachable", "False").await?;
+            Ok(c.message.contains("No cluster leader").then_some(()))
+        },
+    )
+    .await?;
     let back = Instant::now();
     tokio::try_join!(
         async {

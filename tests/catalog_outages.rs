@@ -216,3 +216,147 @@ async fn a_revoked_etcd_lease_and_an_expired_zookeeper_session_are_replaced_and_
     }
     Ok(())
 }
+
+/// A Secret with `username` and `password` in namespace `default`.
+fn credentials(env: &Env, name: &str, username: &str, password: &str) -> Result<String> {
+    kubectl_apply(
+        env,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": "default"},
+                "stringData": {"username": username, "password": password}}),
+    )
+}
+
+/// Credentials from Secrets, as users give them: an etcd user and password against an etcd
+/// with authentication on, a ZooKeeper digest against a base path only that identity may read.
+/// Wrong ones say so (`Unauthorized`, one Warning Event with the catalog's words); the Secret
+/// mended, the entries arrive without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_come_from_secrets_and_wrong_ones_say_so_until_the_secret_is_mended()
+-> Result<()> {
+    const ROOT: &str = "--user=root:rootpw";
+    let env = Env::builder()
+        .controller_manager()
+        .etcd()
+        .zookeeper()
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    let etcd = env.etcd()?;
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "catalog-writer"],
+        &[
+            "role",
+            "grant-permission",
+            "catalog-writer",
+            "--prefix=true",
+            "readwrite",
+            "/",
+        ],
+        &["user", "add", "bridge:s3cret"],
+        &["user", "grant-role", "bridge", "catalog-writer"],
+        &["auth", "enable"],
+    ] {
+        etcd.etcdctl(args)?;
+    }
+    let zk = env.zookeeper()?.connect_string();
+    localenv::python(
+        "import sys\n\
+         from kazoo.client import KazooClient\n\
+         from kazoo.security import make_digest_acl\n\
+         zk = KazooClient(hosts=sys.argv[1], auth_data=[('digest', 'bridge:s3cret')]); zk.start(timeout=15)\n\
+         zk.create('/locked/services', b'', acl=[make_digest_acl('bridge', 's3cret', all=True)], makepath=True)\n\
+         zk.stop()\n",
+        &[&zk],
+    )?;
+    credentials(&env, "etcd-creds", "bridge", "wrong")?;
+    credentials(&env, "zk-creds", "bridge", "wrong")?;
+    kubectl_apply(
+        &env,
+        &catalog(
+            "etcd",
+            json!({"etcd": {"endpoints": [etcd.endpoint()], "layout": "plain",
+                            "credentialsSecretRef": {"namespace": "default", "name": "etcd-creds"}}}),
+        ),
+    )?;
+    kubectl_apply(
+        &env,
+        &catalog(
+            "zk",
+            json!({"zookeeper": {"connect": zk, "layout": "plain", "basePath": "/locked/services",
+                                 "digestSecretRef": {"namespace": "default", "name": "zk-creds"}}}),
+        ),
+    )?;
+    let cb = Controller::start(&env, "cb", "cluster-a", &[]).await?;
+    deploy_api_x(&client, "etcd,zk").await?;
+
+    for name in ["etcd", "zk"] {
+        let c = catalog_condition(&client, name, "Ready", "False")
+            .await
+            .with_context(|| cb.log())?;
+        println!(
+            "{name} with a wrong password: Ready=False {}: {}",
+            c.reason, c.message
+        );
+        ensure!(c.reason == "Unauthorized", "{name}: {c:?}");
+    }
+    let events = localenv::eventually("an Unauthorized Event per catalog", WAIT, || async {
+        let e = catalog_events(&env, "Unauthorized")?;
+        Ok((e.len() == 2).then_some(e))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    println!("Events:\n{}", events.join("\n"));
+    ensure!(
+        events
+            .iter()
+            .any(|e| e.starts_with("etcd ") && e.contains("authentication failed")),
+        "etcd's own words: {events:?}"
+    );
+
+    credentials(&env, "etcd-creds", "bridge", "s3cret")?;
+    credentials(&env, "zk-creds", "bridge", "s3cret")?;
+    let mended = Instant::now();
+    localenv::eventually("both keys in etcd, written as bridge", WAIT, || async {
+        let out = etcd.etcdctl(&[
+            ROOT,
+            "get",
+            "--prefix",
+            "--print-value-only",
+            "/services/api_x/providers/",
+        ])?;
+        let got: BTreeSet<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+        Ok((got == BOTH.into_iter().collect()).then_some(()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    let acls = localenv::eventually("both nodes in ZooKeeper, owned by the digest identity", WAIT, || async {
+        let out = localenv::python(
+            "import sys, json\n\
+             from kazoo.client import KazooClient\n\
+             zk = KazooClient(hosts=sys.argv[1], auth_data=[('digest', 'bridge:s3cret')]); zk.start(timeout=15)\n\
+             p = '/locked/services/api_x/providers'\n\
+             kids = sorted(zk.get_children(p)) if zk.exists(p) else []\n\
+             acls = sorted(set(a.id.id.split(':')[0] for k in kids for a in zk.get_acls(p + '/' + k)[0]))\n\
+             print(json.dumps({'kids': kids, 'acls': acls}))\n\
+             zk.stop()\n",
+            &[&zk],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        Ok((v["kids"] == json!(BOTH)).then_some(v["acls"].clone()))
+    })
+    .await
+    .with_context(|| cb.log())?;
+    println!(
+        "Secrets mended: entries in etcd and ZooKeeper {:?} later",
+        mended.elapsed()
+    );
+    ensure!(acls == json!(["anyone", "bridge"]), "{acls}");
+    for name in ["etcd", "zk"] {
+        catalog_condition(&client, name, "Ready", "True").await?;
+    }
+    Ok(())
+}
