@@ -354,12 +354,41 @@ impl Connections {
                 },
             )
             .await;
-        answered.map_err(|failed| match failed {
-            Failed::Stopped(fail) => fail,
-            Failed::Unanswered(failures) => Fail::Backend(BackendError::Unreachable(format!(
-                "{what}: no etcd endpoint answered: {failures}"
-            ))),
-        })
+        match answered {
+            Ok(v) => Ok(v),
+            Err(Failed::Stopped(fail)) => Err(fail),
+            Err(Failed::Unanswered(failures)) => {
+                // A member that holds a request until its time is up may still say why.
+                let why = match self.leaderless().await {
+                    none if none.is_empty() => String::new(),
+                    members => format!(
+                        "; {} answer(s) that there is no leader: the cluster has lost its quorum",
+                        members.join(", ")
+                    ),
+                };
+                Err(Fail::Backend(BackendError::Unreachable(format!(
+                    "{what}: no etcd endpoint answered: {failures}{why}"
+                ))))
+            }
+        }
+    }
+
+    /// The endpoints whose member answers its status (which needs no leader) within
+    /// [`QUICK_TIMEOUT`] and has no leader.
+    async fn leaderless(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (idx, endpoint) in self.endpoints().iter().enumerate() {
+            let status = tokio::time::timeout(QUICK_TIMEOUT, async {
+                self.client(idx).await?.status().await
+            })
+            .await;
+            if let Ok(Ok(s)) = status
+                && s.leader() == 0
+            {
+                out.push(endpoint.clone());
+            }
+        }
+        out
     }
 
     pub(super) async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Fail>
