@@ -73,6 +73,19 @@ async fn a_controller_started_while_etcd_and_zookeeper_are_down_runs_reports_and
     Ok(())
 }
 
+/// The API server with the CRDs, a single etcd and a standalone ZooKeeper of the test's own.
+async fn etcd_and_zookeeper() -> Result<(Env, kube::Client)> {
+    let env = Env::builder()
+        .controller_manager()
+        .etcd()
+        .zookeeper()
+        .start()
+        .await?;
+    let client = env.kube()?.client().await?;
+    support::install_crds(&client).await?;
+    Ok((env, client))
+}
+
 /// The keys of `/services/api_x/providers/` in etcd and the lease each is put with.
 fn etcd_leases(env: &Env) -> Result<Vec<(String, i64)>> {
     let out = env.etcd()?.etcdctl(&[
@@ -126,14 +139,7 @@ fn one_id(what: &str, entries: &[(String, i64)]) -> Result<i64> {
 async fn a_revoked_etcd_lease_and_an_expired_zookeeper_session_are_replaced_and_every_entry_comes_back()
 -> Result<()> {
     const ZK_SESSION: Duration = Duration::from_secs(4);
-    let env = Env::builder()
-        .controller_manager()
-        .etcd()
-        .zookeeper()
-        .start()
-        .await?;
-    let client = env.kube()?.client().await?;
-    support::install_crds(&client).await?;
+    let (env, client) = etcd_and_zookeeper().await?;
     // The controller reaches ZooKeeper through a proxy that can be cut: a partition of this
     // controller only, while the server goes on (and expires the session).
     let zk = env.zookeeper()?.connect_string();
@@ -235,14 +241,7 @@ fn credentials(env: &Env, name: &str, username: &str, password: &str) -> Result<
 async fn credentials_come_from_secrets_and_wrong_ones_say_so_until_the_secret_is_mended()
 -> Result<()> {
     const ROOT: &str = "--user=root:rootpw";
-    let env = Env::builder()
-        .controller_manager()
-        .etcd()
-        .zookeeper()
-        .start()
-        .await?;
-    let client = env.kube()?.client().await?;
-    support::install_crds(&client).await?;
+    let (env, client) = etcd_and_zookeeper().await?;
     let etcd = env.etcd()?;
     for args in [
         &["user", "add", "root:rootpw"][..],

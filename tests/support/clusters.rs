@@ -65,6 +65,11 @@ pub struct Through {
 }
 
 impl Through {
+    /// Every member, in member order.
+    pub fn all(env: &Env) -> Result<Through> {
+        Through::avoiding(env, usize::MAX, usize::MAX, usize::MAX)
+    }
+
     /// Every member, member `last[kind]` last: the one a fault hits.
     pub fn avoiding(env: &Env, consul: usize, etcd: usize, zookeeper: usize) -> Result<Through> {
         fn order<T>(all: Vec<T>, last: usize) -> Vec<T> {
@@ -390,19 +395,21 @@ pub async fn identities(env: &Env) -> Result<Identities> {
     Ok(out)
 }
 
-/// Waits until every catalog answers exactly `want` for `api_x` (read through any member);
-/// returns how long each took from `since`, by catalog. The catalogs are watched side by side:
-/// a member that hangs under one reader delays no other catalog's answer.
+/// Waits until every catalog answers exactly `want` for `api_x`, read through the members in
+/// the order of `through` (ZooKeeper through its first member only: a client given a hung
+/// server among its hosts may sit on it for seconds); returns how long each took from
+/// `since`, by catalog. The catalogs are watched side by side: a member that hangs under one
+/// reader delays no other catalog's answer.
 pub async fn wait_all(
-    env: &Env,
+    through: &Through,
     want: &[&str],
     since: Instant,
 ) -> Result<Vec<(&'static str, Duration)>> {
     let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
     let http = localenv::http_client()?;
-    let through = Through::avoiding(env, usize::MAX, usize::MAX, usize::MAX)?;
     let etcd = tokio::sync::Mutex::new(EtcdReader::new(through.etcd.clone()));
-    let zk = tokio::sync::Mutex::new(ZooKeeperReader(through.zookeeper.join(","), None));
+    let first = through.zookeeper.first().cloned().unwrap_or_default();
+    let zk = tokio::sync::Mutex::new(ZooKeeperReader(first, None));
     let (urls, want, etcd, zk) = (&through.consul, &want, &etcd, &zk);
     let (c, e, z) = tokio::join!(
         landed("consul", since, || async {

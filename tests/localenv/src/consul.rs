@@ -240,6 +240,12 @@ impl Consul {
         format!("{scheme}://{}", self.address())
     }
 
+    /// `127.0.0.1:<server port>`: the server's raft address, as `/v1/status/leader` and
+    /// `/v1/status/peers` name it.
+    pub fn server_address(&self) -> String {
+        format!("127.0.0.1:{}", self.server_port)
+    }
+
     /// The name of the agent's own node.
     pub fn agent_node(&self) -> &str {
         &self.node
@@ -328,6 +334,6 @@ impl Member for Consul {
             .error_for_status()?
             .json()
             .await?;
-        Ok(leader == format!("127.0.0.1:{}", self.server_port))
+        Ok(leader == self.server_address())
     }
 }
