@@ -245,7 +245,8 @@ pub struct ServerInfo {
     /// The address that answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// Consul: the raft leader.
+    /// The member that leads the cluster: Consul's raft leader, etcd's leader, the ZooKeeper
+    /// server in mode `leader`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
     /// Consul: the datacenter.
@@ -254,7 +255,8 @@ pub struct ServerInfo {
     /// etcd: the cluster id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
-    /// etcd: the members' client URLs.
+    /// The cluster's members: etcd's client URLs, Consul's raft peers, the ZooKeeper servers of
+    /// the connect string that answer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
     /// ZooKeeper: `standalone`, `leader` or `follower`.

@@ -288,14 +288,23 @@ impl Backend for Consul {
             return Err(reply.status_error("GET /v1/agent/self"));
         };
         if leader.is_empty() {
-            return Err(BackendError::Rejected(format!(
+            return Err(BackendError::Unreachable(format!(
                 "Consul at {} answers but has no cluster leader",
                 reply.address
             )));
         }
+        // The raft peers (`host:port` of each server's RPC): the cluster's members.
+        let peers = self
+            .get_json("GET /v1/status/peers", &["status", "peers"], &[])
+            .await?;
+        let mut members: Vec<String> = (peers.as_array().into_iter().flatten())
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect();
+        members.sort();
         Ok(ServerInfo {
             address: Some(reply.address),
             leader: Some(leader),
+            members,
             datacenter: self.datacenter.clone().or(datacenter),
             version,
             ..Default::default()

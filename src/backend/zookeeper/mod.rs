@@ -412,6 +412,9 @@ impl Backend for ZooKeeper {
         ))
     }
 
+    /// The server of the session answers; every server of the connect string is asked what it
+    /// is (`srvr`, whitelisted by default): the ones that answer are the members, the one in
+    /// mode `leader` leads.
     async fn probe(&self) -> Result<ServerInfo, BackendError> {
         let conn = self.inner.conn().await?;
         conn.client
@@ -419,16 +422,32 @@ impl Backend for ZooKeeper {
             .await
             .map_err(|e| self.inner.error("reading /", &e, Some(&conn.proxy)))?;
         let upstream = conn.proxy.current();
-        let (mode, version) = match &upstream {
-            Some(u) => srvr(u, self.inner.tls.as_ref()).await.unwrap_or_default(),
-            None => (None, None),
-        };
-        Ok(ServerInfo {
-            address: upstream.map(|u| u.to_string()),
-            mode,
-            version,
+        let tls = self.inner.tls.as_ref();
+        let answers = futures::future::join_all(
+            self.inner
+                .upstreams
+                .iter()
+                .map(|u| async move { (u, srvr(u, tls).await) }),
+        )
+        .await;
+        let mut info = ServerInfo {
+            address: upstream.as_ref().map(ToString::to_string),
             ..Default::default()
-        })
+        };
+        for (u, answer) in answers {
+            let Some((mode, version)) = answer else {
+                continue;
+            };
+            if mode.as_deref() == Some("leader") {
+                info.leader = Some(u.to_string());
+            }
+            if upstream.as_ref() == Some(u) {
+                info.mode = mode;
+                info.version = version;
+            }
+            info.members.push(u.to_string());
+        }
+        Ok(info)
     }
 
     fn invalidations(&self) -> Option<watch::Receiver<u64>> {

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -153,6 +153,9 @@ struct RelayState {
     current: Option<usize>,
     /// Why each server could not be reached, last time it was tried.
     failures: Vec<Option<String>>,
+    /// The servers whose connection was dropped for answering nothing: the client's next try
+    /// of each is turned away at once, so that it moves to another server without waiting.
+    silent: Vec<bool>,
 }
 
 struct RelayShared {
@@ -200,6 +203,7 @@ impl Proxy {
             state: Mutex::new(RelayState {
                 attach,
                 failures: vec![None; upstreams.len()],
+                silent: vec![false; upstreams.len()],
                 ..Default::default()
             }),
         });
@@ -320,6 +324,10 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
     let Some(target) = shared.upstreams.get(i).cloned() else {
         return;
     };
+    if shared.lock().silent.get_mut(i).is_some_and(std::mem::take) {
+        // Dropping the client's connection sends it to the next server at once.
+        return;
+    }
     let connected =
         tokio::time::timeout(shared.connect_timeout, dial(&target, shared.tls.as_ref())).await;
     let mut up = match connected {
@@ -335,11 +343,10 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
     };
     shared.lock().failures[i] = None;
     let _ = down.set_nodelay(true);
-    let handshake = tokio::time::timeout(
-        shared.connect_timeout * 2,
-        relay_handshake(&mut down, &mut up, i, &shared),
-    )
-    .await;
+    // A live server answers a session handshake at once (one without a quorum closes the
+    // connection); a hung one is left for the next after [`SILENT`], as during a session.
+    let handshake =
+        tokio::time::timeout(SILENT, relay_handshake(&mut down, &mut up, i, &shared)).await;
     match handshake {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -359,12 +366,59 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
             return;
         }
     }
-    let (mut dr, mut dw) = down.into_split();
-    let (mut ur, mut uw) = tokio::io::split(up);
+    let (dr, dw) = down.into_split();
+    let (ur, uw) = tokio::io::split(up);
+    // Since when the client waits for the server: set by a request forwarded, cleared by any
+    // answer. A ZooKeeper client pings when idle, so a hung server shows here too.
+    let waiting = Mutex::new(None::<Instant>);
+    let waiting = &waiting;
+    let lock = || waiting.lock().unwrap_or_else(|e| e.into_inner());
     // Either side closing ends the connection (ZooKeeper has no half-closed state).
     tokio::select! {
-        _ = tokio::io::copy(&mut dr, &mut uw) => {}
-        _ = tokio::io::copy(&mut ur, &mut dw) => {}
+        _ = pump(dr, uw, || { lock().get_or_insert_with(Instant::now); }) => {}
+        _ = pump(ur, dw, || { lock().take(); }) => {}
+        silent = silent_for(|| *lock()) => {
+            // The client moves the session to the next server on its own once this
+            // connection is gone; the session stays the same.
+            tracing::info!(server = %target, ?silent, "the ZooKeeper server answers nothing; moving the session to another server");
+            let mut state = shared.lock();
+            state.failures[i] = Some(format!("answered nothing for {silent:?}"));
+            state.silent[i] = true;
+        }
+    }
+}
+
+/// How long a server may leave a request (a ping included) unanswered before the connection
+/// to it is dropped and the session moves on: far above what a live server takes, far below
+/// the two thirds of the session timeout after which the client would give up by itself.
+pub(super) const SILENT: Duration = Duration::from_secs(1);
+
+/// Copies `from` to `to`, calling `moved` after each chunk.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    moved: impl Fn(),
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        moved();
+    }
+}
+
+/// Resolves once `waiting_since` has said for [`SILENT`] that a request waits: how long.
+async fn silent_for(waiting_since: impl Fn() -> Option<Instant>) -> Duration {
+    loop {
+        tokio::time::sleep(SILENT / 4).await;
+        if let Some(since) = waiting_since()
+            && since.elapsed() >= SILENT
+        {
+            return since.elapsed();
+        }
     }
 }
 
