@@ -282,6 +282,65 @@ async fn deploy(env: &Env, client: &kube::Client, cb: &Controller) -> Result<()>
     Ok(())
 }
 
+/// One service registered outside Kubernetes in each cluster, as its clients do (a Consul node
+/// of its own, an etcd key, a ZooKeeper node), imported into `shop`: the imported Services and
+/// the endpoints each has once imported.
+async fn import_one_from_each(
+    env: &Env,
+    client: &kube::Client,
+) -> Result<Vec<(&'static str, Vec<String>)>> {
+    let consul = env.consul_cluster()?.urls();
+    localenv::http_client()?
+        .put(format!("{}/v1/catalog/register", consul[0]))
+        .json(&serde_json::json!({"Node": "vm-1", "Address": "10.7.0.1",
+               "Service": {"Service": "api_z", "Address": "10.7.0.1", "Port": 7070}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    env.etcd_cluster()?.members()[0].etcdctl(&[
+        "put",
+        "/services/memcache/providers/10.8.0.1:11211",
+        "10.8.0.1:11211",
+    ])?;
+    localenv::python(
+        "import sys\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         zk.create('/services/mysql_x/providers/10.9.0.1:3306', b'', makepath=True)\n\
+         zk.stop()\n",
+        &[&env.zookeeper_ensemble()?.connect_string()],
+    )?;
+    let imports = [
+        ("api-z", "consul", "api_z", 7070, "10.7.0.1:7070"),
+        ("memcache", "etcd", "memcache", 11211, "10.8.0.1:11211"),
+        ("mysql-x", "zk", "mysql_x", 3306, "10.9.0.1:3306"),
+    ];
+    let mut out = Vec::new();
+    for (svc, catalog, external, port, endpoint) in imports {
+        support::kubectl_apply(
+            env,
+            &serde_json::json!({
+                "apiVersion": "catalog-bridge.io/v1alpha1", "kind": "ExternalRegistration",
+                "metadata": {"name": svc, "namespace": "shop"},
+                "spec": {"catalogRef": {"name": catalog}, "direction": "Import",
+                         "externalName": external,
+                         "target": {"ports": [{"name": "main", "port": port}]}},
+            }),
+        )?;
+        let want = vec![endpoint.to_string()];
+        localenv::eventually(
+            &format!("{svc} imported"),
+            Duration::from_secs(30),
+            || async {
+                Ok((support::ready_endpoints(client, "shop", svc).await? == want).then_some(()))
+            },
+        )
+        .await?;
+        out.push((svc, want));
+    }
+    Ok(out)
+}
+
 /// The tests of this file one at a time: each runs three clusters of its own, and its timings
 /// mean something only on a machine that is not starting three more.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -310,7 +369,8 @@ async fn member_faults_leave_every_reader_its_entries_and_flips_land_once_the_cl
 
 /// Two members of each cluster down: no quorum. Each ExternalCatalog says `Reachable=False` in
 /// the catalog's own words, `catalog_bridge_catalog_up` is 0, and one Warning Event says so,
-/// however often the writer tries meanwhile; a flip made meanwhile lands when the quorum is back.
+/// however often the writer tries meanwhile; imports keep their last endpoints; a flip made
+/// meanwhile lands when the quorum is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_quorum_is_reported_once_and_everything_converges_when_it_returns() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -320,6 +380,9 @@ async fn a_lost_quorum_is_reported_once_and_everything_converges_when_it_returns
     for name in ["consul", "etcd", "zk"] {
         catalog_condition(&client, name, "Reachable", "True").await?;
     }
+    let imported = import_one_from_each(&env, &client)
+        .await
+        .with_context(|| cb.log())?;
 
     let (consul, etcd, zk) = (
         env.consul_cluster()?,
@@ -350,6 +413,13 @@ async fn a_lost_quorum_is_reported_once_and_everything_converges_when_it_returns
             )
             .await?;
         ensure!(up == 0.0, "{name}: catalog_up is {up} without quorum");
+    }
+    for (svc, want) in &imported {
+        let got = support::ready_endpoints(&client, "shop", svc).await?;
+        ensure!(
+            got == *want,
+            "{svc} keeps its endpoints without quorum: {got:?}"
+        );
     }
     // The writers try again and again meanwhile: still one Event per catalog.
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -403,6 +473,13 @@ async fn a_lost_quorum_is_reported_once_and_everything_converges_when_it_returns
     println!("the flip made without quorum landed once the members were started: {landed:?}");
     for name in ["consul", "etcd", "zk"] {
         catalog_condition(&client, name, "Reachable", "True").await?;
+    }
+    for (svc, want) in &imported {
+        let got = support::ready_endpoints(&client, "shop", svc).await?;
+        ensure!(
+            got == *want,
+            "{svc} keeps its endpoints after the quorum is back: {got:?}"
+        );
     }
     let again = catalog_events(&env, "Connected")?;
     println!("Events:\n{}", again.join("\n"));

@@ -50,18 +50,48 @@ pub fn explain_exit(e: anyhow::Error, ports: &[u16]) -> anyhow::Error {
 }
 
 /// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before.
+///
+/// It is picked below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): a port of
+/// that range may be given to any process's outgoing connection, also while the server that
+/// owns it is down for a restart, which then cannot bind it again.
 pub fn free_port() -> Result<u16> {
     static TAKEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    static NEXT: OnceLock<Mutex<u32>> = OnceLock::new();
     let taken = TAKEN.get_or_init(Default::default);
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0").context("binding a free loopback port")?;
-        let port = l.local_addr().context("reading a bound port")?.port();
+    let (lo, hi) = below_ephemeral();
+    let span = u32::from(hi - lo) + 1;
+    // Each process starts at its own place in the range: test binaries that overlap (a
+    // benchmark beside the tests) rarely meet.
+    let next = NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Mutex::new(std::process::id().wrapping_mul(7919).wrapping_add(nanos) % span)
+    });
+    let mut at = next.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..span {
+        let port = lo + u16::try_from(*at % span).context("port offset")?;
+        *at = (*at + 1) % span;
         let mut t = taken.lock().unwrap_or_else(|e| e.into_inner());
-        if t.insert(port) {
-            return Ok(port);
+        if t.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        t.insert(port);
+        return Ok(port);
     }
-    bail!("no free loopback port found in 100 tries")
+    bail!("no free loopback port between {lo} and {hi}")
+}
+
+/// The ports below the ephemeral range, from 10000 (or from half of where it begins, when
+/// that is lower).
+fn below_ephemeral() -> (u16, u16) {
+    let first = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(2048);
+    ((first / 2).min(10000), first - 1)
 }
 
 #[cfg(test)]
