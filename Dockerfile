@@ -3,6 +3,8 @@
 # running as the non-root user 65532.
 #
 #   docker build -t <registry>/catalog-bridge:0.1.0 .
+#
+# Without Docker, `make image` writes an equivalent image as a docker-archive.
 #   helm install catalog-bridge charts/catalog-bridge --set image.repository=<registry>/catalog-bridge
 
 ARG RUST_VERSION=1.95

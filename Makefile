@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 export GOTOOLCHAIN := local
 CARGO ?= cargo
 
-.PHONY: help peers build crds lint test bench env demo clean-cache
+.PHONY: help peers build crds lint test bench env demo image clean-cache
 
 help:
 	@echo "make demo   - the scenario on loopback: api_x in Consul, memcache in etcd, mysql_x imported from ZooKeeper"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench  - convergence, propagation and import benchmarks against real Consul, etcd and ZooKeeper, and external-dns side by side (BENCH=export or BENCH=external_dns: one of them)"
 	@echo "make env    - start the real API server and catalogs on loopback until Ctrl-C"
 	@echo "make peers  - build/install the real peers (cached outside the repo)"
+	@echo "make image  - the container image without Docker: a docker-archive of the release binary (IMAGE=path)"
 
 peers:
 	@tests/peers/setup.sh
@@ -53,6 +54,16 @@ demo: peers
 	@echo "==> building catalog-bridge and the demo (the first build takes a few minutes)"
 	$(CARGO) build --bin catalog-bridge --example demo
 	CATALOG_BRIDGE_BIN=$(CARGO_TARGET_DIR)/debug/catalog-bridge $(CARGO_TARGET_DIR)/debug/examples/demo
+
+# The container image without Docker: the release binary, the shared libraries it loads, the CA
+# bundle and the non-root user 65532, as a docker-archive tagged catalog-bridge:<version> (the
+# chart's default image). Load it with `docker load -i` or `ctr -n k8s.io images import`.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE ?= $(CACHE)/image/catalog-bridge-$(VERSION).tar
+image:
+	$(CARGO) build --release --locked --bin catalog-bridge
+	mkdir -p $(dir $(IMAGE))
+	$(CARGO) run -q -p localenv --bin image -- --binary $(CARGO_TARGET_DIR)/release/catalog-bridge --tag catalog-bridge:$(VERSION) --out $(IMAGE)
 
 clean-cache:
 	rm -rf "$(CACHE)"

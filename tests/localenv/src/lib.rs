@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod consul;
 pub mod env;
 pub mod etcd;
+pub mod image;
 pub mod kube;
 pub mod ports;
 pub mod process;
