@@ -261,8 +261,9 @@ impl Consul {
                     body,
                     index,
                 };
-                if cannot_serve_now(status, &reply.text()) {
-                    Attempt::Next(format!("HTTP {}: {}", status.as_u16(), reply.text()))
+                let text = reply.text();
+                if cannot_serve_now(status, &text) {
+                    Attempt::Next(format!("HTTP {}: {text}", status.as_u16()))
                 } else {
                     Attempt::Answer(reply)
                 }

@@ -314,6 +314,8 @@ impl Connections {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let f = &f;
+        // A member that holds requests until their time is up may have no leader.
+        let timed_out = &std::sync::atomic::AtomicBool::new(false);
         let answered = self
             .failover
             .first_answer_within(
@@ -328,6 +330,7 @@ impl Connections {
                         Ok(Err(e)) => e,
                         Err(_) => {
                             self.forget(idx);
+                            timed_out.store(true, std::sync::atomic::Ordering::Relaxed);
                             return Attempt::TimedOut(format!("no answer within {timeout:?}"));
                         }
                     };
@@ -358,8 +361,13 @@ impl Connections {
             Ok(v) => Ok(v),
             Err(Failed::Stopped(fail)) => Err(fail),
             Err(Failed::Unanswered(failures)) => {
-                // A member that holds a request until its time is up may still say why.
-                let why = match self.leaderless().await {
+                // A member that held a request until its time was up may still say why.
+                let leaderless = if timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.leaderless().await
+                } else {
+                    Vec::new()
+                };
+                let why = match leaderless {
                     none if none.is_empty() => String::new(),
                     members => format!(
                         "; {} answer(s) that there is no leader: the cluster has lost its quorum",

@@ -370,14 +370,22 @@ async fn relay(mut down: TcpStream, i: usize, shared: Arc<RelayShared>) {
     let (ur, uw) = tokio::io::split(up);
     // Since when the client waits for the server: set by a request forwarded, cleared by any
     // answer. A ZooKeeper client pings when idle, so a hung server shows here too.
-    let waiting = Mutex::new(None::<Instant>);
-    let waiting = &waiting;
-    let lock = || waiting.lock().unwrap_or_else(|e| e.into_inner());
+    let (waiting, watched) = tokio::sync::watch::channel(None::<Instant>);
+    let asked = || {
+        waiting.send_if_modified(|w| {
+            let first = w.is_none();
+            w.get_or_insert_with(Instant::now);
+            first
+        });
+    };
+    let answered = || {
+        waiting.send_if_modified(|w| w.take().is_some());
+    };
     // Either side closing ends the connection (ZooKeeper has no half-closed state).
     tokio::select! {
-        _ = pump(dr, uw, || { lock().get_or_insert_with(Instant::now); }) => {}
-        _ = pump(ur, dw, || { lock().take(); }) => {}
-        silent = silent_for(|| *lock()) => {
+        _ = pump(dr, uw, asked) => {}
+        _ = pump(ur, dw, answered) => {}
+        silent = silent_for(watched) => {
             // The client moves the session to the next server on its own once this
             // connection is gone; the session stays the same.
             tracing::info!(server = %target, ?silent, "the ZooKeeper server answers nothing; moving the session to another server");
@@ -410,14 +418,22 @@ async fn pump(
     }
 }
 
-/// Resolves once `waiting_since` has said for [`SILENT`] that a request waits: how long.
-async fn silent_for(waiting_since: impl Fn() -> Option<Instant>) -> Duration {
+/// Resolves once a request has waited [`SILENT`] for an answer (`waiting`: since when one
+/// waits, `None` while none does): how long. Sleeps until that deadline, or until told of a
+/// change; nothing runs while the connection is idle or answered.
+async fn silent_for(mut waiting: tokio::sync::watch::Receiver<Option<Instant>>) -> Duration {
     loop {
-        tokio::time::sleep(SILENT / 4).await;
-        if let Some(since) = waiting_since()
-            && since.elapsed() >= SILENT
-        {
-            return since.elapsed();
+        let since = *waiting.borrow_and_update();
+        match since {
+            Some(since) => tokio::select! {
+                () = tokio::time::sleep_until((since + SILENT).into()) => return since.elapsed(),
+                changed = waiting.changed() => if changed.is_err() { std::future::pending::<()>().await },
+            },
+            None => {
+                if waiting.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     }
 }
