@@ -12,7 +12,7 @@ use localenv::Env;
 use serde_json::{Value, json};
 
 use super::everywhere::catalog;
-use super::{consul_catalog, kubectl_apply};
+use super::{ConsulView, consul_catalog, kubectl_apply};
 
 /// The catalogs of the test: one per kind, each a 3-member cluster.
 pub const CATALOGS: &str = "consul,etcd,zk";
@@ -117,11 +117,11 @@ impl Readers {
         let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let consul = {
-            let (urls, want, stopped) = (through.consul.clone(), want.clone(), stopped.clone());
-            let http = localenv::http_client()?;
+            let views = std::sync::Arc::new(consul_views(&through.consul)?);
+            let (want, stopped) = (want.clone(), stopped.clone());
             poll("consul", stopped, move || {
-                let (urls, want, http) = (urls.clone(), want.clone(), http.clone());
-                async move { Ok(consul_passing(&http, &urls).await?.is_superset(&want)) }
+                let (views, want) = (views.clone(), want.clone());
+                async move { Ok(consul_passing(&views).await?.is_superset(&want)) }
             })
         };
         let etcd = {
@@ -184,31 +184,25 @@ where
     Ok(seen)
 }
 
-/// `ip:port` of every passing instance of `api_x`, from the first of `urls` that answers 200.
-pub async fn consul_passing(http: &reqwest::Client, urls: &[String]) -> Result<BTreeSet<String>> {
+/// A reader of each Consul server at `urls` that waits [`READ_TIMEOUT`] for an answer.
+pub fn consul_views(urls: &[String]) -> Result<Vec<ConsulView>> {
+    let http = reqwest::Client::builder()
+        .timeout(READ_TIMEOUT)
+        .build()
+        .context("building an HTTP client")?;
+    Ok(urls
+        .iter()
+        .map(|u| ConsulView::with_client(u.clone(), http.clone()))
+        .collect())
+}
+
+/// `ip:port` of every passing instance of `api_x`, from the first server that answers.
+pub async fn consul_passing(views: &[ConsulView]) -> Result<BTreeSet<String>> {
     let mut why = Vec::new();
-    for url in urls {
-        let answer = http
-            .get(format!("{url}/v1/health/service/api_x?passing"))
-            .timeout(READ_TIMEOUT)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status);
-        match answer {
-            Ok(r) => {
-                let v: Vec<Value> = r.json().await?;
-                return Ok(v
-                    .iter()
-                    .map(|e| {
-                        format!(
-                            "{}:{}",
-                            e["Service"]["Address"].as_str().unwrap_or(""),
-                            e["Service"]["Port"]
-                        )
-                    })
-                    .collect());
-            }
-            Err(e) => why.push(format!("{url}: {e}")),
+    for v in views {
+        match v.passing("api_x").await {
+            Ok(passing) => return Ok(passing.into_iter().collect()),
+            Err(e) => why.push(format!("{}: {e:#}", v.url)),
         }
     }
     bail!("no Consul server answered: {why:?}")
@@ -406,14 +400,14 @@ pub async fn wait_all(
     since: Instant,
 ) -> Result<Vec<(&'static str, Duration)>> {
     let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    let http = localenv::http_client()?;
+    let views = consul_views(&through.consul)?;
     let etcd = tokio::sync::Mutex::new(EtcdReader::new(through.etcd.clone()));
     let first = through.zookeeper.first().cloned().unwrap_or_default();
     let zk = tokio::sync::Mutex::new(ZooKeeperReader(first, None));
-    let (urls, want, etcd, zk) = (&through.consul, &want, &etcd, &zk);
+    let (views, want, etcd, zk) = (&views, &want, &etcd, &zk);
     let (c, e, z) = tokio::join!(
         landed("consul", since, || async {
-            consul_passing(&http, urls).await.map(|g| g == *want)
+            consul_passing(views).await.map(|g| g == *want)
         }),
         landed("etcd", since, || async {
             let got = etcd.lock().await.values("/services/api_x/providers/").await;

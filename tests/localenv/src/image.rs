@@ -48,53 +48,37 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// A ustar header for `path` (no leading `/`), `size` bytes, of `kind` (`b'0'` file, `b'5'`
-/// directory).
-fn header(path: &str, size: usize, mode: u32, kind: u8) -> Result<[u8; 512]> {
-    let mut h = [0u8; 512];
-    let name = path.as_bytes();
-    if name.len() > 100 {
-        bail!("{path}: paths over 100 bytes are not written");
-    }
-    h[..name.len()].copy_from_slice(name);
-    let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
-        let s = format!("{v:0w$o}\0", w = width - 1);
-        h[at..at + width].copy_from_slice(s.as_bytes());
-    };
-    octal(&mut h, 100, 8, u64::from(mode));
-    octal(&mut h, 108, 8, 0); // uid
-    octal(&mut h, 116, 8, 0); // gid
-    octal(&mut h, 124, 12, size as u64);
-    octal(&mut h, 136, 12, 0); // mtime
-    h[148..156].copy_from_slice(b"        ");
-    h[156] = kind;
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-    let s = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(s.as_bytes());
-    Ok(h)
-}
-
 /// One entry of a tar: its path without a leading `/`, and its bytes and mode (`None`: a
 /// directory).
 type Entry<'a> = (String, Option<(&'a [u8], u32)>);
 
-/// A tar of `entries`, in the order given.
+/// A tar of `entries`, in the order given: ustar headers with time 0, owner root and the
+/// given modes, so that the same entries give the same bytes.
 fn tar(entries: &[Entry<'_>]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
+    let mut out = tar::Builder::new(Vec::new());
     for (path, body) in entries {
-        match body {
-            None => out.extend_from_slice(&header(&format!("{path}/"), 0, 0o755, b'5')?),
-            Some((bytes, mode)) => {
-                out.extend_from_slice(&header(path, bytes.len(), *mode, b'0')?);
-                out.extend_from_slice(bytes);
-                out.resize(out.len().div_ceil(512) * 512, 0);
-            }
-        }
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        let (bytes, mode, kind, path) = match body {
+            None => (
+                &[][..],
+                0o755,
+                tar::EntryType::Directory,
+                format!("{path}/"),
+            ),
+            Some((bytes, mode)) => (*bytes, *mode, tar::EntryType::Regular, path.clone()),
+        };
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(bytes.len() as u64);
+        h.set_path(&path)
+            .with_context(|| format!("{path}: not a path a tar holds"))?;
+        h.set_cksum();
+        out.append(&h, bytes)?;
     }
-    out.extend_from_slice(&[0u8; 1024]);
-    Ok(out)
+    Ok(out.into_inner()?)
 }
 
 /// The layer: every file and every directory above one, sorted.
