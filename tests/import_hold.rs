@@ -331,7 +331,10 @@ async fn an_etcd_prefix_wiped_does_not_empty_the_imported_service_at_once() -> R
         .with_context(|| cb.log())?;
     println!("{:?} after the wipe: {}", wiped.elapsed(), held.message);
     assert_eq!(endpoints(&client, "memcache-h").await?, all);
-    println!("Event {}", wait_warning(&env, "ImportHeld").await?);
+    let event = wait_warning(&env, "ImportHeld")
+        .await
+        .with_context(|| cb.log())?;
+    println!("Event {event}");
 
     wait_endpoints(&client, "memcache-h", &[], HOLD_WAIT)
         .await
@@ -353,6 +356,39 @@ async fn an_etcd_prefix_wiped_does_not_empty_the_imported_service_at_once() -> R
         "{} samples over {held_for:?}: {before} with the four endpoints, the rest empty",
         samples.len()
     );
+    Ok(())
+}
+
+/// A replica that begins to lead and finds an import's catalog wiped (the catalog was wiped
+/// while no replica led, or during a handover) holds the endpoints and says so with the same
+/// Warning Event as a leader that saw the wipe: its import task notes the hold the moment the
+/// gate opens, before the status loop's first round as leader.
+#[tokio::test]
+async fn a_replica_that_begins_to_lead_over_a_wiped_prefix_holds_and_says_so() -> Result<()> {
+    let env = Env::builder().kube().etcd().start().await?;
+    let (client, cb) = setup(&env).await?;
+    let etcd = env.etcd()?;
+    let all = ["10.24.0.1:11211", "10.24.0.2:11211", "10.24.0.3:11211"];
+    for a in all {
+        etcd.etcdctl(&["put", &format!("/services/memcache_l/providers/{a}"), a])?;
+    }
+    kubectl_apply(&env, &import("memcache-l", "etcd", "memcache_l", json!({})))?;
+    wait_endpoints(&client, "memcache-l", &all, WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    cb.process.stop()?;
+
+    etcd.etcdctl(&["del", "--prefix", "/services/"])?;
+    let next = Controller::start(&env, "cb-next", "cluster-a", &[]).await?;
+    let held = wait_synced_reason(&client, "memcache-l", "ImportHeld", WAIT)
+        .await
+        .with_context(|| next.log())?;
+    println!("the next leader holds: {}", held.message);
+    assert_eq!(endpoints(&client, "memcache-l").await?, all);
+    let event = wait_warning(&env, "ImportHeld")
+        .await
+        .with_context(|| next.log())?;
+    println!("Event {event}");
     Ok(())
 }
 
