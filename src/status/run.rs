@@ -54,8 +54,9 @@ struct Written {
     import_problems: HashSet<(String, String, Reason, String)>,
     /// Restarts announced, by object uid.
     restarts: HashMap<String, u32>,
-    /// Since when this replica leads: older hold notes are not announced (again).
-    leading_since: Option<Instant>,
+    /// When this replica was last seen not leading: hold notes from before belong to a term
+    /// that ended (its imports, started again, note the holds they still keep).
+    notes_after: Option<Instant>,
     /// The newest hold note announced, by import.
     holds: HashMap<(String, String), Instant>,
 }
@@ -73,7 +74,12 @@ pub async fn run(
     loop {
         tick.tick().await;
         if !*gate.borrow_and_update() {
-            written = Written::default();
+            // Taken before the gate opens again: the imports of the next term may note their
+            // holds before this loop's first round in it.
+            written = Written {
+                notes_after: Some(Instant::now()),
+                ..Written::default()
+            };
             gate.changed().await?;
             continue;
         }
@@ -439,7 +445,6 @@ async fn holds(
     recorder: &mut Announcer,
     written: &mut Written,
 ) {
-    let since = *written.leading_since.get_or_insert_with(Instant::now);
     written.holds.retain(|k, _| imp.contains_key(k));
     for ((ns, name), view) in imp.iter().filter(|(_, v)| !v.hold_notes.is_empty()) {
         let Some(reg) = stores.registrations.get(&ObjectRef::new(name).within(ns)) else {
@@ -450,7 +455,10 @@ async fn holds(
         let fresh: Vec<_> = view
             .hold_notes
             .iter()
-            .filter(|n| n.at >= since && announced.is_none_or(|a| n.at > a))
+            .filter(|n| {
+                written.notes_after.is_none_or(|after| n.at > after)
+                    && announced.is_none_or(|a| n.at > a)
+            })
             .collect();
         for n in fresh {
             let ev = match n.reason {
