@@ -227,6 +227,15 @@ async fn a_catalog_deleted_while_the_controller_is_stopped_is_emptied_before_it_
         log.contains("ExternalCatalog deleted: removing its entries"),
         "{log}"
     );
+    // Nothing of this cluster stays in etcd for a lease's TTL either: the lease that held the
+    // entries is revoked with its marker once they are gone.
+    let keys = env
+        .etcd()?
+        .etcdctl(&["get", "", "--prefix", "--keys-only"])?;
+    ensure!(
+        keys.trim().is_empty(),
+        "etcd still holds keys after its ExternalCatalog went: {keys}"
+    );
     Ok(())
 }
 
