@@ -197,8 +197,9 @@ pub trait Backend: claim::MarkerStore + Send + Sync {
     /// After every owned entry was deleted (`catalog-bridge cleanup`): removes what this owner
     /// created only to hold its entries, if nothing else uses it now — Consul's synthetic node
     /// once no service of any owner is left on it. Returns what was removed, for the user.
-    /// Default: nothing to remove (etcd's lease and ZooKeeper's session expire on their own;
-    /// parent directories may be shared with other registrants and stay).
+    /// Default: nothing to remove (etcd revokes its lease with the lease's marker; a
+    /// ZooKeeper session expires on its own; parent directories may be shared with other
+    /// registrants and stay).
     async fn retire(&self) -> Result<Option<String>, BackendError> {
         Ok(None)
     }

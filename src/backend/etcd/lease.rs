@@ -96,6 +96,48 @@ impl Inner {
         resp.is_ok_and(|r| r.keys().is_empty())
     }
 
+    /// After every owned entry was deleted (a catalog deleted, `cleanup`): revokes the lease
+    /// when the only key left on it is its marker, which goes with it, and stops keeping it
+    /// alive, so that nothing of this owner stays for a TTL. A lease that still holds another
+    /// key (written meanwhile), or a previous lease being emptied, stays. Returns what was
+    /// removed, for the user.
+    pub(super) async fn retire_lease(&self) -> Result<Option<String>, BackendError> {
+        if self.read_only {
+            return Ok(None);
+        }
+        let mut st = self.lease.lock().await;
+        let (Some(held), None) = (st.current, st.previous) else {
+            return Ok(None);
+        };
+        let id = held.id;
+        let keys = match self
+            .conn
+            .call("lease time-to-live", move |mut c| async move {
+                c.lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
+                    .await
+            })
+            .await
+        {
+            Ok(r) => r.keys().to_vec(),
+            Err(Fail::LeaseGone(_)) => return Ok(None),
+            Err(Fail::Backend(e)) => return Err(e),
+        };
+        if keys.iter().any(|k| k.as_slice() != self.marker.as_bytes()) {
+            return Ok(None);
+        }
+        if let Some(keeper) = self.keeper.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            keeper.abort();
+        }
+        st.current = None;
+        drop(st);
+        self.revoke(id).await;
+        info!(catalog = %self.catalog, lease = %format!("{id:x}"), "etcd lease revoked with its marker: no entry is left on it");
+        Ok(Some(format!(
+            "etcd lease {id:x} revoked with its marker {}",
+            self.marker
+        )))
+    }
+
     async fn keep_alive_once(&self, id: i64) -> Result<(), Fail> {
         self.conn
             .call("lease keep-alive", move |mut c| async move {

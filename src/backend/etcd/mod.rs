@@ -285,6 +285,10 @@ impl Backend for Etcd {
         self.write(ops).await
     }
 
+    async fn retire(&self) -> Result<Option<String>, BackendError> {
+        self.inner.retire_lease().await
+    }
+
     async fn probe(&self) -> Result<ServerInfo, BackendError> {
         self.inner.conn.status().await
     }
