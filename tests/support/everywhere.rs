@@ -23,42 +23,47 @@ pub async fn setup(etcd_ttl: i64, zk_timeout: i64) -> Result<(Env, kube::Client)
     let env = Env::builder().all().start().await?;
     let client = env.kube()?.client().await?;
     super::install_crds(&client).await?;
+    for (name, spec) in catalog_specs(&env, etcd_ttl, zk_timeout)? {
+        kubectl_apply(&env, &catalog(name, spec))?;
+    }
+    Ok((env, client))
+}
+
+/// The name and spec of one ExternalCatalog per layout ([`CATALOGS`]) on the environment's
+/// Consul, etcd and ZooKeeper.
+pub fn catalog_specs(
+    env: &Env,
+    etcd_ttl: i64,
+    zk_timeout: i64,
+) -> Result<Vec<(&'static str, Value)>> {
     let etcd = env.etcd()?.endpoint();
     let zk = env.zookeeper()?.connect_string();
-    kubectl_apply(
-        &env,
-        &consul_catalog("consul", &[env.consul()?.url()], "k8s-test"),
-    )?;
+    let mut specs = vec![(
+        "consul",
+        consul_catalog("consul", &[env.consul()?.url()], "k8s-test")["spec"].clone(),
+    )];
     for (name, layout) in [
         ("etcd-plain", "plain"),
         ("etcd-naming", "naming"),
         ("etcd-coredns", "coredns"),
     ] {
-        kubectl_apply(
-            &env,
-            &catalog(
-                name,
-                json!({"etcd": {
-            "endpoints": [etcd], "layout": layout, "leaseTTLSeconds": etcd_ttl, "zone": "bridge.local"}}),
-            ),
-        )?;
+        specs.push((
+            name,
+            json!({"etcd": {"endpoints": [etcd], "layout": layout, "leaseTTLSeconds": etcd_ttl,
+                            "zone": "bridge.local"}}),
+        ));
     }
-    for (name, layout) in [("zk-plain", "plain"), ("zk-curator", "curator")] {
-        let base = if layout == "plain" {
-            "/services"
-        } else {
-            "/curator"
-        };
-        kubectl_apply(
-            &env,
-            &catalog(
-                name,
-                json!({"zookeeper": {
-            "connect": zk, "layout": layout, "basePath": base, "sessionTimeoutSeconds": zk_timeout}}),
-            ),
-        )?;
+    for (name, layout, base) in [
+        ("zk-plain", "plain", "/services"),
+        ("zk-curator", "curator", "/curator"),
+    ] {
+        specs.push((
+            name,
+            json!({"zookeeper": {"connect": zk, "layout": layout, "basePath": base,
+                                 "sessionTimeoutSeconds": zk_timeout}}),
+        ));
     }
-    Ok((env, client))
+    Ok(specs)
 }
 
 /// What each catalog's own reader answers for `api_x`, as sorted `ip:port` lists.
@@ -161,6 +166,21 @@ pub struct Looks {
     pub catalog: &'static str,
     pub looks: u64,
     pub misses: u64,
+}
+
+/// Readers saw every instance at every look.
+pub fn no_gap(looks: &[Looks]) -> Result<()> {
+    println!("readers: {looks:?}");
+    for l in looks {
+        ensure!(
+            l.looks >= 50 && l.misses == 0,
+            "{}: {} of {} looks missed an instance",
+            l.catalog,
+            l.misses,
+            l.looks
+        );
+    }
+    Ok(())
 }
 
 /// Polls Consul (passing instances), etcd (the plain layout's keys) and ZooKeeper (the plain
