@@ -7,13 +7,14 @@ export CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
 export GOTOOLCHAIN := local
 CARGO ?= cargo
 
-.PHONY: help peers build crds lint test bench env demo image clean-cache
+.PHONY: help peers build crds lint test test-node bench env demo image clean-cache
 
 help:
 	@echo "make demo   - the scenario on loopback: api_x in Consul, memcache in etcd, mysql_x imported from ZooKeeper"
 	@echo "make test   - set up the peers, check formatting and lints, run every test"
+	@echo "make test-node - the chart as Pods on a real kubelet node (root): install, rolling update, leader Pod deleted, uninstall"
 	@echo "make bench  - convergence, propagation and import benchmarks against real Consul, etcd and ZooKeeper, and external-dns side by side (BENCH=export or BENCH=external_dns: one of them)"
-	@echo "make env    - start the real API server and catalogs on loopback until Ctrl-C"
+	@echo "make env    - start the real API server and catalogs on loopback until Ctrl-C (NODE=1: and a node with the image)"
 	@echo "make peers  - build/install the real peers (cached outside the repo)"
 	@echo "make image  - the container image without Docker: a docker-archive of the release binary (IMAGE=path)"
 
@@ -36,6 +37,12 @@ lint:
 test: peers lint
 	timeout --foreground 60m $(CARGO) test --workspace --no-fail-fast
 
+# The chart on a real node: kubelet, containerd and runc run two replicas as Pods through
+# helm install, a rolling update, a leader Pod deleted and helm uninstall (tests/node.rs; needs
+# root: the node runs in a network namespace of its own).
+test-node: peers
+	timeout --foreground 20m $(CARGO) test --test node -- --ignored --nocapture
+
 # Benchmarks against the real servers, each reported as a ratio to a floor run in the same process.
 # SCALE=100k: 10,000 Services x 10 endpoints (100,000 instances) instead of 1,000 x 10.
 # BENCH_CATALOGS=etcd,zookeeper: only those catalogs (consul, etcd, zookeeper, import).
@@ -46,8 +53,10 @@ bench: peers
 	$(if $(filter external_dns,$(BENCH)),xdns=$$(tests/peers/external-dns.sh) && export CB_EXTERNAL_DNS=$$xdns && ,)\
 	SCALE=$(SCALE) BENCH_CATALOGS=$(BENCH_CATALOGS) $(CARGO) bench $(foreach b,$(BENCH),--bench $(b))
 
-env: peers
-	$(CARGO) run -q -p localenv
+# NODE=1: also a node (kubelet, containerd, kube-proxy, kube-scheduler) with the image of
+# `make image` loaded, everything in a network namespace of its own (needs root).
+env: peers $(if $(NODE),image)
+	$(CARGO) run -q -p localenv -- $(if $(NODE),--node --image $(IMAGE))
 
 # The scenario on loopback: real API server and catalogs, the controller, example Services.
 demo: peers

@@ -5,6 +5,9 @@
 #   - Go programs built from the pinned wrapper modules beside this file, once per version, into
 #     a cache outside the repository: kube-apiserver, kube-controller-manager, kubectl (v1.36),
 #     etcd + etcdctl (v3.6) and a reader of the gRPC resolver's layout, Consul (v1.14), helm (v3.22);
+#   - the node (make test-node, make env NODE=1): Debian's containerd, runc, CNI plugins, iptables,
+#     conntrack and gcc; kubelet, kube-proxy and kube-scheduler (v1.36); Kubernetes' pause
+#     program (build/pause/linux/pause.c) built static, for the sandbox image;
 #   - Curator's ServiceDiscovery, to read and register in the curator layout (Maven, cached);
 #   - a Python virtualenv with the real catalog clients (kazoo, py-consul), also cached.
 # Writes the paths to tests/peers/.env, which the test harness (tests/localenv) reads.
@@ -28,6 +31,14 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v javac >/dev/null 2>&1 || need_pkgs+=(default-jdk-headless)
 command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+# The node: the container runtime Debian ships (containerd 1.6 speaks CRI v1 to kubelet 1.36),
+# runc (crun refuses hybrid cgroups), the CNI bridge and host-local plugins, kube-proxy's tools.
+command -v containerd >/dev/null 2>&1 || need_pkgs+=(containerd)
+command -v runc >/dev/null 2>&1 || need_pkgs+=(runc)
+[ -x /usr/lib/cni/bridge ] || need_pkgs+=(containernetworking-plugins)
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
+command -v conntrack >/dev/null 2>&1 || need_pkgs+=(conntrack)
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc libc6-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "installing Debian packages: ${need_pkgs[*]}"
   sudo_cmd=()
@@ -54,6 +65,23 @@ kube_dir=$(LDFLAGS="$kube_ldflags" "$here/build-go.sh" "$here/kube" \
   kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
   kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
   kubectl=k8s.io/kubernetes/cmd/kubectl | tail -n 1)
+# The node's programs, from the same pins (a cache entry of their own).
+node_dir=$(LDFLAGS="$kube_ldflags" "$here/build-go.sh" "$here/kube" \
+  kubelet=k8s.io/kubernetes/cmd/kubelet \
+  kube-proxy=k8s.io/kubernetes/cmd/kube-proxy \
+  kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler | tail -n 1)
+# The sandbox (pause) program, Kubernetes' own source from the pinned module, linked static.
+pause_src=$(cd "$here/kube" && GOFLAGS=-mod=readonly go mod download -json k8s.io/kubernetes \
+  | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')/build/pause/linux/pause.c
+[ -f "$pause_src" ] || { echo "pause.c not found in the k8s.io/kubernetes module ($pause_src)" >&2; exit 1; }
+pause_key=$( (cat "$pause_src"; gcc --version | head -n 1) | sha256sum | cut -c1-16)
+pause_bin="$cache_root/peers/pause-$pause_key/pause"
+if [ ! -x "$pause_bin" ]; then
+  step "building the pause program into $(dirname "$pause_bin")"
+  mkdir -p "$(dirname "$pause_bin")"
+  gcc -Os -Wall -Werror -static -DVERSION=catalog-bridge-node -o "$pause_bin.tmp" "$pause_src"
+  mv "$pause_bin.tmp" "$pause_bin"
+fi
 
 # --- Curator's own client (Java, Maven Central) ---------------------------------------------
 cr_src="$here/curator-client"
@@ -95,6 +123,14 @@ CB_ETCDCTL=$etcd_dir/etcdctl
 CB_ETCD_NAMING_READER=$etcd_dir/etcd-naming-reader
 CB_CONSUL=$consul_dir/consul
 CB_HELM=$helm_dir/helm
+CB_KUBELET=$node_dir/kubelet
+CB_KUBE_PROXY=$node_dir/kube-proxy
+CB_KUBE_SCHEDULER=$node_dir/kube-scheduler
+CB_PAUSE=$pause_bin
+CB_CONTAINERD=$(command -v containerd)
+CB_CTR=$(command -v ctr)
+CB_RUNC=$(command -v runc)
+CB_CNI_BIN=/usr/lib/cni
 CB_JAVA=$(readlink -f "$(command -v java)")
 CB_ZOOKEEPER_CLASSPATH=/usr/share/java/*:/usr/share/zookeeper/*
 CB_PYTHON=$venv/bin/python

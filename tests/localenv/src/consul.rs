@@ -128,8 +128,8 @@ impl Consul {
         let node = format!("{name}-{http_port}");
         let mut spec = Spec::new(name, programs::consul()?, dir).args([
             "agent",
-            "-bind=127.0.0.1",
-            "-client=127.0.0.1",
+            &format!("-bind={}", crate::ports::host()),
+            &format!("-client={}", crate::ports::host()),
             "-log-level=warn",
             "-disable-host-node-id",
         ]);
@@ -229,21 +229,21 @@ impl Consul {
         .await
     }
 
-    /// `127.0.0.1:<http port>`.
+    /// `<host>:<http port>` ([`crate::ports::host`], 127.0.0.1 but on a node).
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.http_port)
+        format!("{}:{}", crate::ports::host(), self.http_port)
     }
 
-    /// `http://127.0.0.1:<http port>`, or `https://…` for a TLS agent.
+    /// `http://<host>:<http port>`, or `https://…` for a TLS agent.
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.address())
     }
 
-    /// `127.0.0.1:<server port>`: the server's raft address, as `/v1/status/leader` and
+    /// `<host>:<server port>`: the server's raft address, as `/v1/status/leader` and
     /// `/v1/status/peers` name it.
     pub fn server_address(&self) -> String {
-        format!("127.0.0.1:{}", self.server_port)
+        format!("{}:{}", crate::ports::host(), self.server_port)
     }
 
     /// The name of the agent's own node.
@@ -282,7 +282,7 @@ impl Cluster<Consul> {
                 .collect::<Result<Vec<_>>>()?;
             let lan: Vec<String> = ports
                 .iter()
-                .map(|p| format!("127.0.0.1:{}", p.serf_lan))
+                .map(|p| format!("{}:{}", crate::ports::host(), p.serf_lan))
                 .collect();
             let members = start_all(|i| {
                 let others: Vec<String> = (0..MEMBERS)
@@ -305,7 +305,7 @@ impl Cluster<Consul> {
         .await
     }
 
-    /// Every server's HTTP address (`http://127.0.0.1:<port>`), in member order.
+    /// Every server's HTTP address (`http://<host>:<port>`), in member order.
     pub fn urls(&self) -> Vec<String> {
         self.members().iter().map(Consul::url).collect()
     }

@@ -14,6 +14,7 @@ use crate::cluster::Cluster;
 use crate::consul::Consul;
 use crate::etcd::Etcd;
 use crate::kube::Kube;
+use crate::node::Node;
 use crate::tls::TlsFiles;
 use crate::zookeeper::ZooKeeper;
 
@@ -35,9 +36,19 @@ pub struct Builder {
     consul_cluster: bool,
     etcd_cluster: bool,
     zookeeper_ensemble: bool,
+    node: bool,
 }
 
 impl Builder {
+    /// A node ([`crate::node`]): kubelet, containerd, kube-proxy and kube-scheduler beside the
+    /// API server and its controller manager, so that Deployments run as Pods. Only inside
+    /// [`crate::node::run`], whose network namespace every peer then listens in.
+    pub fn node(mut self) -> Self {
+        self.controller_manager = true;
+        self.kube = true;
+        self.node = true;
+        self
+    }
     /// The API server (with its own etcd for storage).
     pub fn kube(mut self) -> Self {
         self.kube = true;
@@ -159,10 +170,16 @@ impl Builder {
         };
         let tls_for = |wanted: bool| tls.as_ref().filter(|_| wanted);
         let (kube, second, consul, etcd, zookeeper) = tokio::try_join!(
-            maybe(self.kube, Kube::start(&path, self.controller_manager)),
+            maybe(self.kube, async {
+                if self.node {
+                    Kube::start_for_node(&path).await
+                } else {
+                    Kube::start(&path, self.controller_manager).await
+                }
+            }),
             maybe(
                 self.second_cluster,
-                Kube::start_in(&path, "kube-second", false)
+                Kube::start_in(&path, "kube-second", false, false)
             ),
             maybe(
                 self.consul,
@@ -201,7 +218,12 @@ impl Builder {
                 Cluster::<ZooKeeper>::start(&path, "zookeeper-c")
             ),
         )?;
+        let node = match (&kube, self.node) {
+            (Some(k), true) => Some(Node::start(&path, k).await?),
+            _ => None,
+        };
         Ok(Env {
+            node,
             kube,
             second,
             consul,
@@ -229,6 +251,8 @@ async fn maybe<T>(
 
 /// Running peers. Dropping it stops them and removes their files.
 pub struct Env {
+    // First: the node's Pods go while the API server still answers.
+    node: Option<Node>,
     kube: Option<Kube>,
     second: Option<Kube>,
     consul: Option<Consul>,
@@ -245,6 +269,12 @@ pub struct Env {
 impl Env {
     pub fn builder() -> Builder {
         Builder::default()
+    }
+
+    pub fn node(&self) -> Result<&Node> {
+        self.node
+            .as_ref()
+            .ok_or_else(|| anyhow!("this environment was started without a node (Builder::node)"))
     }
 
     pub fn kube(&self) -> Result<&Kube> {
@@ -424,6 +454,8 @@ fn sweep_stale(base: &Path) {
             continue;
         };
         if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            // A node of a process that crashed leaves mounts, cgroups and kernel settings.
+            crate::node::sweep_stale(&e.path(), pid);
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

@@ -28,7 +28,7 @@ impl MemberPorts {
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer)
+        format!("http://{}:{}", crate::ports::host(), self.peer)
     }
 }
 
@@ -67,7 +67,7 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// Starts one member of the cluster `initial_cluster` (`name=http://127.0.0.1:<peer>,…`)
+    /// Starts one member of the cluster `initial_cluster` (`name=http://<host>:<peer>,…`)
     /// without waiting: a member of a cluster is healthy only once a quorum of its peers runs.
     pub(crate) fn spawn(
         dir: &Path,
@@ -82,7 +82,7 @@ impl Etcd {
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let client_port = ports.client;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let client = format!("{scheme}://127.0.0.1:{client_port}");
+        let client = format!("{scheme}://{}:{client_port}", crate::ports::host());
         let peer = ports.peer_url();
         let spec = Spec::new(name, programs::etcd()?, dir)
             .arg(format!("--name={name}"))
@@ -128,19 +128,19 @@ impl Etcd {
         .await
     }
 
-    /// `127.0.0.1:<port>`, the form etcd clients take as an endpoint; `https://127.0.0.1:<port>`
-    /// for a TLS etcd.
+    /// `<host>:<port>` ([`crate::ports::host`]), the form etcd clients take as an endpoint;
+    /// `https://<host>:<port>` for a TLS etcd.
     pub fn endpoint(&self) -> String {
         match self.tls {
             Some(_) => self.url(),
-            None => format!("127.0.0.1:{}", self.client_port),
+            None => format!("{}:{}", crate::ports::host(), self.client_port),
         }
     }
 
-    /// `http://127.0.0.1:<port>`, or `https://…` for a TLS etcd.
+    /// `http://<host>:<port>`, or `https://…` for a TLS etcd.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", crate::ports::host(), self.client_port)
     }
 
     /// Runs `etcdctl` against this server and returns its standard output.
@@ -241,7 +241,7 @@ impl Cluster<Etcd> {
         .await
     }
 
-    /// Every member's endpoint (`127.0.0.1:<port>`), in member order.
+    /// Every member's endpoint (`<host>:<port>`), in member order.
     pub fn endpoints(&self) -> Vec<String> {
         self.members().iter().map(Etcd::endpoint).collect()
     }

@@ -229,6 +229,20 @@ pub fn catalog_bridge(binary: &Path, tag: &str, out: &Path) -> Result<String> {
     write_docker_archive(out, tag, &files, &config)
 }
 
+/// The Pods' sandbox image: `binary` (a static pause program) at `/pause`, run as 65535.
+pub fn pause(binary: &Path, tag: &str, out: &Path) -> Result<String> {
+    let config = ImageConfig {
+        user: "65535:65535".into(),
+        entrypoint: vec!["/pause".into()],
+        cmd: Vec::new(),
+        exposed_ports: Vec::new(),
+        env: Vec::new(),
+        labels: BTreeMap::new(),
+    };
+    let files = [ImageFile::from_host("/pause", binary, 0o755)?];
+    write_docker_archive(out, tag, &files, &config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,12 +50,26 @@ impl Kube {
     /// Starts etcd, the API server and (when `controller_manager` is set) the controller
     /// manager, and waits until the API server's `/readyz` passes.
     pub async fn start(dir: &Path, controller_manager: bool) -> Result<Kube> {
-        Kube::start_in(dir, "kube", controller_manager).await
+        Kube::start_in(dir, "kube", controller_manager, false).await
+    }
+
+    /// The control plane of a cluster with a node ([`crate::node`]): as [`Self::start`] with
+    /// the controller manager, and what Pods need — the `kubernetes` Service's endpoint (the
+    /// API server's lease reconciler), ServiceAccount tokens, the Node authorizer, every
+    /// controller of the controller manager (Deployments, ReplicaSets, the disruption
+    /// controller, the `kube-root-ca.crt` publisher).
+    pub async fn start_for_node(dir: &Path) -> Result<Kube> {
+        Kube::start_in(dir, "kube", true, true).await
     }
 
     /// [`Self::start`] in sub-directory `name` of `dir`: another cluster, with its own storage
     /// etcd (so its own `kube-system` namespace UID), certificates and port.
-    pub async fn start_in(dir: &Path, name: &str, controller_manager: bool) -> Result<Kube> {
+    pub async fn start_in(
+        dir: &Path,
+        name: &str,
+        controller_manager: bool,
+        for_node: bool,
+    ) -> Result<Kube> {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let storage = Etcd::start(&dir, "kube-etcd").await?;
@@ -83,16 +97,29 @@ impl Kube {
             ))
             .arg(format!("--client-ca-file={}", certs.ca_crt.display()))
             .arg(format!("--secure-port={port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--bind-address={}", crate::ports::host()))
+            .arg(format!("--advertise-address={}", crate::ports::host()))
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
-            .arg("--disable-admission-plugins=ServiceAccount")
             // As OpenShift and hardened clusters run: setting an ownerReference needs `delete`
             // on the object (imports own their Services and EndpointSlices by registration,
             // without blockOwnerDeletion, which would need `update` on its finalizers).
             .arg("--enable-admission-plugins=OwnerReferencesPermissionEnforcement")
-            .arg("--authorization-mode=RBAC")
+            .args(if for_node {
+                [
+                    "--authorization-mode=Node,RBAC",
+                    "--endpoint-reconciler-type=lease",
+                    "--kubelet-preferred-address-types=InternalIP",
+                ]
+            } else {
+                // No ServiceAccount admission (no Pods run; it would wait for `default`
+                // ServiceAccounts no controller makes), no `kubernetes` Service endpoint.
+                [
+                    "--authorization-mode=RBAC",
+                    "--endpoint-reconciler-type=none",
+                    "--disable-admission-plugins=ServiceAccount",
+                ]
+            })
             .arg(format!("--token-auth-file={}", tokens.display()))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!(
@@ -103,7 +130,6 @@ impl Kube {
                 "--service-account-signing-key-file={}",
                 certs.sa_key.display()
             ))
-            .arg("--endpoint-reconciler-type=none")
             .arg("--enable-priority-and-fairness=false")
             .arg(format!("--audit-policy-file={}", audit_policy.display()))
             .arg(format!("--audit-log-path={}", audit_log.display()))
@@ -145,7 +171,7 @@ impl Kube {
         };
         kube.wait_apiserver_ready().await?;
         if controller_manager {
-            kube.controller_manager = Some(kube.start_controller_manager(&certs).await?);
+            kube.controller_manager = Some(kube.start_controller_manager(&certs, for_node).await?);
         }
         Ok(kube)
     }
@@ -166,7 +192,7 @@ impl Kube {
     }
 
     async fn wait_apiserver_ready(&self) -> Result<()> {
-        let url = format!("https://127.0.0.1:{}/readyz", self.port);
+        let url = format!("https://{}:{}/readyz", crate::ports::host(), self.port);
         wait_ready(&self.apiserver, Duration::from_secs(120), || async {
             let r = self.http.get(&url).bearer_auth(ADMIN_TOKEN).send().await?;
             Ok(r.status().is_success())
@@ -174,7 +200,7 @@ impl Kube {
         .await
     }
 
-    async fn start_controller_manager(&self, certs: &Certs) -> Result<Process> {
+    async fn start_controller_manager(&self, certs: &Certs, for_node: bool) -> Result<Process> {
         let port = free_port()?;
         let kc = self.kubeconfig.display().to_string();
         let spec = Spec::new(
@@ -192,7 +218,12 @@ impl Kube {
             self.dir.join("kcm-serving").display()
         ))
         .arg("--leader-elect=false")
-        .arg("--controllers=endpointslice,endpointslicemirroring,garbagecollector,namespace")
+        .arg(if for_node {
+            "--controllers=*"
+        } else {
+            "--controllers=endpointslice,endpointslicemirroring,garbagecollector,namespace"
+        })
+        .arg(format!("--root-ca-file={}", certs.ca_crt.display()))
         .arg(format!(
             "--service-account-private-key-file={}",
             certs.sa_key.display()
@@ -286,9 +317,9 @@ impl Kube {
         Ok(out)
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://<host>:<port>` ([`crate::ports::host`]).
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", crate::ports::host(), self.port)
     }
 
     /// Runs kubectl with this cluster's kubeconfig and returns its standard output.
@@ -335,7 +366,7 @@ fn kubeconfig_yaml(port: u16, ca: &Path, user: &str, token: &str) -> String {
          clusters:\n\
          - name: localenv\n  \
            cluster:\n    \
-             server: https://127.0.0.1:{port}\n    \
+             server: https://{host}:{port}\n    \
              certificate-authority: {ca}\n\
          users:\n\
          - name: {user}\n  \
@@ -348,7 +379,8 @@ fn kubeconfig_yaml(port: u16, ca: &Path, user: &str, token: &str) -> String {
              user: {user}\n    \
              namespace: default\n\
          current-context: localenv\n",
-        ca = ca.display()
+        ca = ca.display(),
+        host = crate::ports::host(),
     )
 }
 
@@ -367,10 +399,16 @@ impl Certs {
             dir,
             "server",
             "kube-apiserver",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n\
-             basicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\n\
-             extendedKeyUsage=serverAuth\n",
+            // 10.96.0.1: the `kubernetes` Service, how Pods of a node reach the API server.
+            &format!(
+                "subjectAltName=IP:127.0.0.1{},IP:10.96.0.1,DNS:localhost,DNS:kubernetes,\
+                 DNS:kubernetes.default,DNS:kubernetes.default.svc,\
+                 DNS:kubernetes.default.svc.cluster.local\n\
+                 basicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth\n",
+                crate::ports::host_san()
+            ),
             (&ca_crt, &ca_key),
         )?;
         let sa_key = dir.join("sa.key");

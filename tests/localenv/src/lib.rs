@@ -18,6 +18,7 @@ pub mod env;
 pub mod etcd;
 pub mod image;
 pub mod kube;
+pub mod node;
 pub mod ports;
 pub mod process;
 pub mod programs;

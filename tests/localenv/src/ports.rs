@@ -1,10 +1,38 @@
-//! Free loopback ports, never handed out twice by one process.
+//! The address peers listen on, and free ports there, never handed out twice by one process.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
+
+static HOST: OnceLock<Ipv4Addr> = OnceLock::new();
+
+/// The address every peer listens on and is reached at: 127.0.0.1, or the node's address in a
+/// process that runs a node ([`crate::node`]), where Pods must reach the API server and the
+/// catalogs and cannot reach a loopback address that is not theirs.
+pub fn host() -> Ipv4Addr {
+    HOST.get().copied().unwrap_or(Ipv4Addr::LOCALHOST)
+}
+
+/// `,IP:<host>` for a certificate's subjectAltName beside 127.0.0.1 when [`host`] is not
+/// 127.0.0.1, else nothing.
+pub fn host_san() -> String {
+    match host() {
+        h if h.is_loopback() => String::new(),
+        h => format!(",IP:{h}"),
+    }
+}
+
+/// Makes `ip` the address of [`host`] for the rest of the process; an error when peers were
+/// already told another one.
+pub fn set_host(ip: Ipv4Addr) -> Result<()> {
+    let set = *HOST.get_or_init(|| ip);
+    if set != ip {
+        bail!("peers of this process already listen on {set}, not {ip}");
+    }
+    Ok(())
+}
 
 /// Runs `start` (which takes its ports from [`free_port`]) up to three times while it fails
 /// because a port was taken between [`free_port`] and the peer's bind: any process's outgoing
@@ -42,14 +70,14 @@ pub fn explain_exit(e: anyhow::Error, ports: &[u16]) -> anyhow::Error {
     }
     match ports
         .iter()
-        .find(|p| TcpListener::bind(("127.0.0.1", **p)).is_err())
+        .find(|p| TcpListener::bind((host(), **p)).is_err())
     {
         Some(p) => e.context(format!("port {p}: address already in use")),
         None => e,
     }
 }
 
-/// A TCP port on 127.0.0.1 that is free now and that this process has not handed out before.
+/// A TCP port on [`host`] that is free now and that this process has not handed out before.
 ///
 /// It is picked below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): a port of
 /// that range may be given to any process's outgoing connection, also while the server that
@@ -74,13 +102,13 @@ pub fn free_port() -> Result<u16> {
         let port = lo + u16::try_from(*at % span).context("port offset")?;
         *at = (*at + 1) % span;
         let mut t = taken.lock().unwrap_or_else(|e| e.into_inner());
-        if t.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+        if t.contains(&port) || TcpListener::bind((host(), port)).is_err() {
             continue;
         }
         t.insert(port);
         return Ok(port);
     }
-    bail!("no free loopback port between {lo} and {hi}")
+    bail!("no free port of {} between {lo} and {hi}", host())
 }
 
 /// The ports below the ephemeral range, from 10000 (or from half of where it begins, when

@@ -4,11 +4,15 @@
 //! Processes are forked by one long-lived thread and carry `PR_SET_PDEATHSIG`, so the kernel
 //! kills them when the test binary exits, however it exits (a panic, an abort, a static
 //! environment that is never dropped). The death signal follows the *thread* that forked, which
-//! is why a dedicated thread does the forking rather than whichever test thread asked.
+//! is why a dedicated thread does the forking rather than whichever test thread asked. There
+//! is one such thread per network namespace the asking threads are in (a node's tests run in
+//! one of their own, see [`crate::node::run`]): a child starts in its forking thread's.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,27 +25,33 @@ use anyhow::{Context, Result, anyhow, bail};
 type SpawnJob = Box<dyn FnOnce() -> std::io::Result<Child> + Send>;
 type SpawnRequest = (SpawnJob, mpsc::Sender<std::io::Result<Child>>);
 
-fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new()
-            .name("localenv-spawner".into())
-            .spawn(move || {
-                for (job, reply) in rx {
-                    let _ = reply.send(job());
-                }
-            })
-            .expect("the spawner thread starts");
-        Mutex::new(tx)
-    })
+/// The spawner thread of the calling thread's network namespace, started from the calling
+/// thread (so in that namespace) the first time.
+fn spawner() -> std::io::Result<mpsc::Sender<SpawnRequest>> {
+    static SPAWNERS: OnceLock<Mutex<HashMap<u64, mpsc::Sender<SpawnRequest>>>> = OnceLock::new();
+    let netns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+    let mut spawners = SPAWNERS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?;
+    if let Some(tx) = spawners.get(&netns) {
+        return Ok(tx.clone());
+    }
+    let (tx, rx) = mpsc::channel::<SpawnRequest>();
+    std::thread::Builder::new()
+        .name("localenv-spawner".into())
+        .spawn(move || {
+            for (job, reply) in rx {
+                let _ = reply.send(job());
+            }
+        })?;
+    spawners.insert(netns, tx.clone());
+    Ok(tx)
 }
 
 fn spawn_on_spawner(job: SpawnJob) -> std::io::Result<Child> {
     let (tx, rx) = mpsc::channel();
-    spawner()
-        .lock()
-        .map_err(|_| std::io::Error::other("spawner lock poisoned"))?
+    spawner()?
         .send((job, tx))
         .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
     rx.recv()

@@ -93,3 +93,30 @@ pub fn curator_classpath() -> Result<String> {
 pub fn python() -> Result<PathBuf> {
     program("CB_PYTHON")
 }
+pub fn kubelet() -> Result<PathBuf> {
+    program("CB_KUBELET")
+}
+pub fn kube_proxy() -> Result<PathBuf> {
+    program("CB_KUBE_PROXY")
+}
+pub fn kube_scheduler() -> Result<PathBuf> {
+    program("CB_KUBE_SCHEDULER")
+}
+/// Kubernetes' `pause` (build/pause/linux/pause.c), linked static: the Pods' sandbox process.
+pub fn pause() -> Result<PathBuf> {
+    program("CB_PAUSE")
+}
+pub fn containerd() -> Result<PathBuf> {
+    program("CB_CONTAINERD")
+}
+/// containerd's own client (`ctr`), for loading images.
+pub fn ctr() -> Result<PathBuf> {
+    program("CB_CTR")
+}
+pub fn runc() -> Result<PathBuf> {
+    program("CB_RUNC")
+}
+/// The directory of the CNI plugins (`bridge`, `host-local`, `portmap`).
+pub fn cni_bin() -> Result<PathBuf> {
+    program("CB_CNI_BIN")
+}

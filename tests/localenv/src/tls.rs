@@ -105,10 +105,13 @@ impl TlsFiles {
             dir,
             "server",
             "localhost",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
-             basicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\n\
-             extendedKeyUsage=serverAuth,clientAuth\n",
+            &format!(
+                "subjectAltName=IP:127.0.0.1{},DNS:localhost\n\
+                 basicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth,clientAuth\n",
+                crate::ports::host_san()
+            ),
             ca,
         )?;
         let (client_crt, client_key) = make_signed(

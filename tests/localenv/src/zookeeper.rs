@@ -96,7 +96,7 @@ impl ZooKeeper {
                 let secure_port = free_port()?;
                 let secure = format!(
                     "secureClientPort={secure_port}\n\
-                     secureClientPortAddress=127.0.0.1\n\
+                     secureClientPortAddress={host}\n\
                      serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n\
                      ssl.keyStore.location={}\n\
                      ssl.keyStore.type=PEM\n\
@@ -104,7 +104,8 @@ impl ZooKeeper {
                      ssl.trustStore.type=PEM\n\
                      ssl.clientAuth=need\n",
                     key_store.display(),
-                    t.ca_file.display()
+                    t.ca_file.display(),
+                    host = crate::ports::host(),
                 );
                 (Some(secure_port), secure)
             }
@@ -128,7 +129,7 @@ impl ZooKeeper {
                  maxSessionTimeout={}\n\
                  dataDir={}\n\
                  clientPort={port}\n\
-                 clientPortAddress=127.0.0.1\n\
+                 clientPortAddress={host}\n\
                  maxClientCnxns={}\n\
                  admin.enableServer=false\n\
                  4lw.commands.whitelist=*\n\
@@ -138,6 +139,7 @@ impl ZooKeeper {
                 120 * TICK_MS,
                 data.join("data").display(),
                 limits.max_client_connections.unwrap_or(0),
+                host = crate::ports::host(),
             ),
         )
         .with_context(|| format!("writing {}", cfg.display()))?;
@@ -179,7 +181,7 @@ impl ZooKeeper {
         if cmd.len() != 4 {
             bail!("four-letter commands have four letters, not {cmd:?}");
         }
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+        let mut s = tokio::net::TcpStream::connect((crate::ports::host(), self.port))
             .await
             .with_context(|| format!("connecting to zookeeper at {}", self.connect_string()))?;
         s.write_all(cmd.as_bytes()).await?;
@@ -190,17 +192,17 @@ impl ZooKeeper {
         Ok(out)
     }
 
-    /// `127.0.0.1:<port>`, a ZooKeeper connect string.
+    /// `<host>:<port>` ([`crate::ports::host`]), a ZooKeeper connect string.
     pub fn connect_string(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", crate::ports::host(), self.port)
     }
 
-    /// `127.0.0.1:<secureClientPort>`: the TLS port of a ZooKeeper started with TLS.
+    /// `<host>:<secureClientPort>`: the TLS port of a ZooKeeper started with TLS.
     pub fn secure_connect_string(&self) -> Result<String> {
         let port = self
             .secure_port
             .context("this ZooKeeper was started without TLS (Builder::zookeeper_tls)")?;
-        Ok(format!("127.0.0.1:{port}"))
+        Ok(format!("{}:{port}", crate::ports::host()))
     }
 
     /// What Curator's `ServiceDiscovery.queryForInstances(name)` returns under `base_path`
@@ -309,7 +311,11 @@ impl Cluster<ZooKeeper> {
             for i in 0..MEMBERS {
                 let (client, quorum, election) = (free_port()?, free_port()?, free_port()?);
                 ports.push(client);
-                servers.push_str(&format!("server.{}=127.0.0.1:{quorum}:{election}\n", i + 1));
+                servers.push_str(&format!(
+                    "server.{}={}:{quorum}:{election}\n",
+                    i + 1,
+                    crate::ports::host()
+                ));
             }
             let members = start_all(|i| {
                 ZooKeeper::spawn(
@@ -327,7 +333,7 @@ impl Cluster<ZooKeeper> {
         .await
     }
 
-    /// `127.0.0.1:<a>,127.0.0.1:<b>,127.0.0.1:<c>`: the ensemble's connect string.
+    /// `<host>:<a>,<host>:<b>,<host>:<c>`: the ensemble's connect string.
     pub fn connect_string(&self) -> String {
         self.members()
             .iter()
