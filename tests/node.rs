@@ -127,10 +127,19 @@ fn holder(kube: &Kube) -> Result<String> {
         .to_string())
 }
 
-/// Waits until one of `among` holds the Lease and says so in its metrics; returns it.
-async fn leader(kube: &Kube, among: &[Replica]) -> Result<Replica> {
+/// Waits until one of `among` (`None`: any replica running now) holds the Lease and says so
+/// in its metrics; returns it.
+async fn leader(kube: &Kube, among: Option<&[Replica]>) -> Result<Replica> {
     localenv::eventually("a replica to hold the Lease", WAIT, || async {
         let h = holder(kube)?;
+        let now;
+        let among = match among {
+            Some(a) => a,
+            None => {
+                now = replicas(kube)?;
+                &now[..]
+            }
+        };
         let Some(r) = among.iter().find(|r| r.name == h) else {
             bail!("the Lease is held by {h:?}");
         };
@@ -425,7 +434,7 @@ fn the_chart_runs_on_a_node_through_install_a_rolling_update_a_leader_pod_delete
         .with_context(|| format!("{}\n{}", node.logs(), pod_logs(kube)))?;
         let first = two_ready(kube, &BTreeSet::new()).await?;
         println!("a. helm install --wait: 2 Pods Ready in {:?}", t.elapsed());
-        let lead = leader(kube, &first).await?;
+        let lead = leader(kube, Some(&first)).await?;
         println!("a. {} holds Lease {NS}/{LEASE}", lead.name);
         let t = Instant::now();
         let api_x = deploy_api_x(&env).await?;
@@ -463,7 +472,7 @@ fn the_chart_runs_on_a_node_through_install_a_rolling_update_a_leader_pod_delete
         .with_context(|| pod_logs(kube))?;
         let old: BTreeSet<String> = first.iter().map(|r| r.name.clone()).collect();
         let second = two_ready(kube, &old).await?;
-        let lead = leader(kube, &second).await?;
+        let lead = leader(kube, Some(&second)).await?;
         println!(
             "b. rolled to {:?} in {:?}; {} leads",
             second.iter().map(|r| &r.name).collect::<Vec<_>>(),
@@ -480,19 +489,24 @@ fn the_chart_runs_on_a_node_through_install_a_rolling_update_a_leader_pod_delete
         );
         println!("b. the new leader wrote 0 entries");
 
-        // c. the leader Pod deleted: the other replica takes over; readers see no gap.
+        // c. the leader Pod deleted: another replica takes over, the standby or (when it comes
+        // up first) the Pod that replaces the deleted one; readers see no gap.
         let readers = spawn_readers(&env, 2, Duration::from_secs(20))?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let t = Instant::now();
         kube.kubectl(&["-n", NS, "delete", "pod", &lead.name, "--wait=false"])?;
-        let standby: Vec<Replica> = second
-            .iter()
-            .filter(|r| r.name != lead.name)
-            .cloned()
-            .collect();
-        let next = leader(kube, &standby).await?;
+        let next = localenv::eventually("another replica to lead", WAIT, || async {
+            let next = leader(kube, None).await?;
+            Ok((next.name != lead.name).then_some(next))
+        })
+        .await?;
+        let which = if second.iter().any(|r| r.name == next.name) {
+            "the standby"
+        } else {
+            "the replacement Pod"
+        };
         println!(
-            "c. leader Pod {} deleted: {} leads {:?} later",
+            "c. leader Pod {} deleted: {which} {} leads {:?} later",
             lead.name,
             next.name,
             t.elapsed()

@@ -6,7 +6,7 @@
 #     a cache outside the repository: kube-apiserver, kube-controller-manager, kubectl (v1.36),
 #     etcd + etcdctl (v3.6) and a reader of the gRPC resolver's layout, Consul (v1.14), helm (v3.22);
 #   - the node (make test-node, make env NODE=1): Debian's containerd, runc, CNI plugins, iptables,
-#     conntrack and gcc; kubelet, kube-proxy and kube-scheduler (v1.36); Kubernetes' pause
+#     conntrack, iproute2 and gcc; kubelet, kube-proxy and kube-scheduler (v1.36); Kubernetes' pause
 #     program (build/pause/linux/pause.c) built static, for the sandbox image;
 #   - Curator's ServiceDiscovery, to read and register in the curator layout (Maven, cached);
 #   - a Python virtualenv with the real catalog clients (kazoo, py-consul), also cached.
@@ -38,6 +38,7 @@ command -v runc >/dev/null 2>&1 || need_pkgs+=(runc)
 [ -x /usr/lib/cni/bridge ] || need_pkgs+=(containernetworking-plugins)
 command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
 command -v conntrack >/dev/null 2>&1 || need_pkgs+=(conntrack)
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc libc6-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "installing Debian packages: ${need_pkgs[*]}"

@@ -11,8 +11,8 @@
 //! test, and by the next run after a crash ([`sweep_stale`]): the kernel settings kubelet sets
 //! (`kernel.panic`, `kernel.panic_on_oops`, `vm.overcommit_memory`), the container processes
 //! and shims (by PID, found in the node's cgroups and by its containerd socket), mounts under
-//! its directory and the Pods' network namespaces (`/run/netns/cni-*`), its cgroups
-//! (`/<cgroup root>` in every hierarchy) and the CNI cache and log links that name it.
+//! its directory (the Pods' network namespaces among them), its cgroups (`/<cgroup root>` in
+//! every hierarchy), the CNI cache and log links that name it, and its network namespace.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -167,8 +167,6 @@ pub struct Node {
     socket: PathBuf,
     /// `/cb-node-<pid>`: kubelet's `cgroupRoot`, under which every Pod's cgroups are.
     cgroup_root: String,
-    /// The Pods' network namespaces that existed before: the others are the node's.
-    netns_before: BTreeSet<OsString>,
     // Stopped in this order by `stop`.
     scheduler: Option<Process>,
     kubelet: Option<Process>,
@@ -190,7 +188,6 @@ impl Node {
             socket: dir.join("containerd.sock"),
             kubeconfig: kube.kubeconfig_path().to_path_buf(),
             cgroup_root: format!("/{PREFIX}{}", std::process::id()),
-            netns_before: pod_namespaces(),
             dir,
             scheduler: None,
             kubelet: None,
@@ -271,6 +268,8 @@ state = "{state}"
   # not lower the pause process's oom_score_adj.
   restrict_oom_score_adj = true
   disable_apparmor = true
+  # The Pods' network namespaces are mounted in the node's directory, not /run/netns.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -475,12 +474,7 @@ state = "{state}"
                 eprintln!("localenv: stopping {}: {e:#}", p.name());
             }
         }
-        clean_up(
-            &self.dir,
-            &self.socket,
-            &self.cgroup_root,
-            &self.netns_before,
-        );
+        clean_up(&self.dir, &self.socket, &self.cgroup_root);
     }
 
     fn delete_pods(&self) {
@@ -525,18 +519,6 @@ impl Drop for Node {
     }
 }
 
-/// The Pods' network namespaces now (`/run/netns/cni-*`).
-fn pod_namespaces() -> BTreeSet<OsString> {
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name())
-                .filter(|n| n.to_string_lossy().starts_with("cni-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn sysctl_path(key: &str) -> PathBuf {
     Path::new("/proc/sys").join(key)
 }
@@ -568,14 +550,10 @@ fn restore_sysctls(dir: &Path) {
 
 /// Undoes what a node in `dir` changed once its processes are stopped (or gone in a crash):
 /// kills what is left of its containers, unmounts, removes its cgroups, restores the kernel
-/// settings. `netns_before`: the Pods' namespaces that are not the node's.
-fn clean_up(dir: &Path, socket: &Path, cgroup_root: &str, netns_before: &BTreeSet<OsString>) {
+/// settings. The Pods' network namespaces are mounted under `dir` (containerd's
+/// `netns_mounts_under_state_dir`), so they go with the other mounts.
+fn clean_up(dir: &Path, socket: &Path, cgroup_root: &str) {
     kill_leftovers(socket, cgroup_root);
-    for ns in pod_namespaces().difference(netns_before) {
-        let path = Path::new("/run/netns").join(ns);
-        unmount(&path);
-        let _ = std::fs::remove_file(&path);
-    }
     unmount_under(dir);
     remove_cgroups(cgroup_root);
     restore_sysctls(dir);
@@ -787,13 +765,11 @@ pub fn sweep_stale(run_dir: &Path, pid: u32) {
         }
     }
     for node in nodes {
-        // The Pods' namespaces of a crashed node cannot be told from others: only the ones
-        // whose mount is gone with their process are removed by `ip netns` users; leave them.
         clean_up(
             &node,
             &node.join("containerd.sock"),
             &format!("/{PREFIX}{pid}"),
-            &pod_namespaces(),
         );
     }
+    sweep_stale_namespaces();
 }
