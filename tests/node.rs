@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail, ensure};
 use localenv::Env;
 use localenv::kube::Kube;
 use serde_json::{Value, json};
-use support::everywhere::{CATALOGS, answers, catalog_specs, no_gap, spawn_readers};
+use support::everywhere::{CATALOGS, catalog_specs, no_gap, spawn_readers, wait_everywhere};
 use support::{ConsulView, sum_metric};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/catalog-bridge");
@@ -178,22 +178,6 @@ fn pod_logs(kube: &Kube) -> String {
     .unwrap_or_else(|e| format!("(no logs: {e:#})"))
 }
 
-async fn wait_everywhere(env: &Env, want: &[&str]) -> Result<()> {
-    localenv::eventually(
-        &format!("every catalog to answer {want:?}"),
-        WAIT,
-        || async {
-            let a = answers(env).await?;
-            if a.iter().all(|(_, v)| v == want) {
-                Ok(Some(()))
-            } else {
-                bail!("{a:?}")
-            }
-        },
-    )
-    .await
-}
-
 /// `shop/api-x` as a user runs it: a Deployment of two real Pods on the node (the sandbox
 /// image's pause program, Ready once running) behind a Service annotated for every catalog;
 /// returns the Pods' `ip:8080`, sorted, once both are Ready.
@@ -275,36 +259,20 @@ fn inspect_container(env: &Env, r: &Replica) -> Result<()> {
         field("CapBnd"),
         field("NoNewPrivs")
     );
-    ensure!(
-        field("Uid") == "65532 65532 65532 65532",
-        "{}: Uid {}",
-        r.name,
-        field("Uid")
-    );
-    ensure!(
-        field("Gid") == "65532 65532 65532 65532",
-        "{}: Gid {}",
-        r.name,
-        field("Gid")
-    );
-    ensure!(
-        field("CapEff") == "0000000000000000",
-        "{}: CapEff {}",
-        r.name,
-        field("CapEff")
-    );
-    ensure!(
-        field("CapBnd") == "0000000000000000",
-        "{}: CapBnd {}",
-        r.name,
-        field("CapBnd")
-    );
-    ensure!(
-        field("NoNewPrivs") == "1",
-        "{}: NoNewPrivs {}",
-        r.name,
-        field("NoNewPrivs")
-    );
+    for (name, want) in [
+        ("Uid", "65532 65532 65532 65532"),
+        ("Gid", "65532 65532 65532 65532"),
+        ("CapEff", "0000000000000000"),
+        ("CapBnd", "0000000000000000"),
+        ("NoNewPrivs", "1"),
+    ] {
+        ensure!(
+            field(name) == want,
+            "{}: {name} {}, not {want}",
+            r.name,
+            field(name)
+        );
+    }
     // mountinfo: `id parent major:minor root mount-point options …`.
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
     let mut writable = Vec::new();
