@@ -1,6 +1,7 @@
 //! The chart on a real node (`make test-node`): the image built without Docker and loaded into
 //! containerd, two replicas running as Pods under kubelet, through `helm install`, a rolling
-//! update, the leader Pod deleted and `helm uninstall`, with readers polling the catalogs
+//! update, the leader Pod deleted, both replicas evicted at once (the PodDisruptionBudget
+//! refuses the second) and `helm uninstall`, with readers polling the catalogs
 //! every 20 ms. Real parts only: kube-apiserver, kube-controller-manager, kube-scheduler,
 //! kubelet, kube-proxy, containerd, runc, Consul, etcd and ZooKeeper, all in a network
 //! namespace of the test's own (`localenv::node`). The Pods reach the API server through the
@@ -227,6 +228,23 @@ async fn deploy_api_x(env: &Env) -> Result<Vec<String>> {
         }
     })
     .await
+}
+
+/// Asks the Eviction API to evict Pod `name` of the release, as `kubectl drain` does; `Ok(Err)`
+/// with the API server's answer when it refuses.
+fn evict(env: &Env, name: &str) -> Result<std::result::Result<(), String>> {
+    let body = env.dir().join(format!("eviction-{name}.json"));
+    std::fs::write(
+        &body,
+        serde_json::to_vec(&json!({"apiVersion": "policy/v1", "kind": "Eviction",
+                                   "metadata": {"name": name, "namespace": NS}}))?,
+    )?;
+    let path = format!("/api/v1/namespaces/{NS}/pods/{name}/eviction");
+    Ok(env
+        .kube()?
+        .kubectl(&["create", "--raw", &path, "-f", &body.display().to_string()])
+        .map(drop)
+        .map_err(|e| format!("{e:#}")))
 }
 
 /// The container's process as the kernel sees it: user, effective capabilities, no new
@@ -486,6 +504,32 @@ fn the_chart_runs_on_a_node_through_install_a_rolling_update_a_leader_pod_delete
             "c. the Deployment runs 2 Ready Pods again {:?} after the delete",
             t.elapsed()
         );
+
+        // The PodDisruptionBudget: both replicas evicted at once, as `kubectl drain` asks the
+        // Eviction API; the first goes, the second is refused while only one is Ready.
+        let readers = spawn_readers(&env, 2, Duration::from_secs(10))?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let [one, two] = &third[..] else {
+            bail!("two replicas expected: {third:?}");
+        };
+        evict(&env, &one.name)?.map_err(anyhow::Error::msg)?;
+        match evict(&env, &two.name)? {
+            Err(refused) if refused.contains("TooManyRequests") => println!(
+                "c. {} evicted; evicting {} too is refused: {}",
+                one.name,
+                two.name,
+                refused.lines().last().unwrap_or_default().trim()
+            ),
+            other => bail!(
+                "evicting {} while {} goes should be refused by the PodDisruptionBudget: \
+                 {other:?}",
+                two.name,
+                one.name
+            ),
+        }
+        no_gap(&readers.await??).with_context(|| pod_logs(kube))?;
+        let evicted: BTreeSet<String> = [one.name.clone()].into();
+        let third = two_ready(kube, &evicted).await?;
 
         // d. non-root, read-only root filesystem, no capabilities, and it works (the export
         // above, the handover): checked on the running processes.
