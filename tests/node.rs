@@ -497,13 +497,13 @@ fn the_chart_runs_on_a_node_through_install_a_rolling_update_a_leader_pod_delete
             next.name,
             t.elapsed()
         );
-        no_gap(&readers.await??).with_context(|| pod_logs(kube))?;
         let gone: BTreeSet<String> = [lead.name.clone()].into();
         let third = two_ready(kube, &gone).await?;
         println!(
             "c. the Deployment runs 2 Ready Pods again {:?} after the delete",
             t.elapsed()
         );
+        no_gap(&readers.await??).with_context(|| pod_logs(kube))?;
 
         // The PodDisruptionBudget: both replicas evicted at once, as `kubectl drain` asks the
         // Eviction API; the first goes, the second is refused while only one is Ready.
