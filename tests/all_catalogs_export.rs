@@ -460,14 +460,7 @@ async fn foreign_entries_survive_and_removing_the_export_removes_exactly_ours() 
         "api_x/192.0.2.7:8080",
         r#"{"Op":0,"Addr":"192.0.2.7:8080"}"#,
     ])?;
-    localenv::python(
-        "import sys\n\
-         from kazoo.client import KazooClient\n\
-         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
-         zk.create('/services/api_x/providers/192.0.2.7:8080', b'{}', makepath=True)\n\
-         zk.stop()\n",
-        &[&zk],
-    )?;
+    support::kazoo_create(&zk, "/services/api_x/providers/192.0.2.7:8080", "{}")?;
     let cb = Controller::start(&env, "cb", "cluster-a", &["--drift-interval=1s"]).await?;
     deploy_api_x(&client, "etcd-plain,etcd-naming,zk-plain").await?;
     let check = |want: &'static [&'static str]| {

@@ -302,13 +302,10 @@ async fn import_one_from_each(
         "/services/memcache/providers/10.8.0.1:11211",
         "10.8.0.1:11211",
     ])?;
-    localenv::python(
-        "import sys\n\
-         from kazoo.client import KazooClient\n\
-         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
-         zk.create('/services/mysql_x/providers/10.9.0.1:3306', b'', makepath=True)\n\
-         zk.stop()\n",
-        &[&env.zookeeper_ensemble()?.connect_string()],
+    support::kazoo_create(
+        &env.zookeeper_ensemble()?.connect_string(),
+        "/services/mysql_x/providers/10.9.0.1:3306",
+        "",
     )?;
     let imports = [
         ("api-z", "consul", "api_z", 7070, "10.7.0.1:7070"),

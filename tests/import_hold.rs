@@ -301,6 +301,27 @@ async fn a_consul_agent_restarted_empty_does_not_empty_the_imported_service() ->
     Ok(())
 }
 
+/// `addrs` put under `/services/<external>/providers/` in etcd and imported as Service
+/// `shop/<name>`: returns once the Service has them all.
+async fn import_from_etcd(
+    env: &Env,
+    client: &kube::Client,
+    cb: &Controller,
+    name: &str,
+    external: &str,
+    addrs: &[&str],
+) -> Result<()> {
+    for a in addrs {
+        env.etcd()?
+            .etcdctl(&["put", &format!("/services/{external}/providers/{a}"), a])?;
+    }
+    kubectl_apply(env, &import(name, "etcd", external, json!({})))?;
+    wait_endpoints(client, name, addrs, WAIT)
+        .await
+        .with_context(|| cb.log())?;
+    Ok(())
+}
+
 /// `etcdctl del --prefix` of the layout's prefix: the imported Service keeps its four
 /// endpoints for the hold (default 30 s), then they go, with an Event.
 #[tokio::test]
@@ -314,13 +335,7 @@ async fn an_etcd_prefix_wiped_does_not_empty_the_imported_service_at_once() -> R
         "10.21.0.3:11211",
         "10.21.0.4:11211",
     ];
-    for a in all {
-        etcd.etcdctl(&["put", &format!("/services/memcache_h/providers/{a}"), a])?;
-    }
-    kubectl_apply(&env, &import("memcache-h", "etcd", "memcache_h", json!({})))?;
-    wait_endpoints(&client, "memcache-h", &all, WAIT)
-        .await
-        .with_context(|| cb.log())?;
+    import_from_etcd(&env, &client, &cb, "memcache-h", "memcache_h", &all).await?;
 
     let out = etcd.etcdctl(&["del", "--prefix", "/services/"])?;
     let wiped = Instant::now();
@@ -369,13 +384,7 @@ async fn a_replica_that_begins_to_lead_over_a_wiped_prefix_holds_and_says_so() -
     let (client, cb) = setup(&env).await?;
     let etcd = env.etcd()?;
     let all = ["10.24.0.1:11211", "10.24.0.2:11211", "10.24.0.3:11211"];
-    for a in all {
-        etcd.etcdctl(&["put", &format!("/services/memcache_l/providers/{a}"), a])?;
-    }
-    kubectl_apply(&env, &import("memcache-l", "etcd", "memcache_l", json!({})))?;
-    wait_endpoints(&client, "memcache-l", &all, WAIT)
-        .await
-        .with_context(|| cb.log())?;
+    import_from_etcd(&env, &client, &cb, "memcache-l", "memcache_l", &all).await?;
     cb.process.stop()?;
 
     etcd.etcdctl(&["del", "--prefix", "/services/"])?;

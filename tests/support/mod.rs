@@ -106,6 +106,20 @@ pub fn consul_catalog_with_token(
     c
 }
 
+/// Creates the persistent node `path` (with its parents) holding `data` in the ZooKeeper at
+/// `connect`, with kazoo, as a registrant outside Kubernetes would.
+pub fn kazoo_create(connect: &str, path: &str, data: &str) -> Result<()> {
+    localenv::python(
+        "import sys\n\
+         from kazoo.client import KazooClient\n\
+         zk = KazooClient(hosts=sys.argv[1]); zk.start(timeout=15)\n\
+         zk.create(sys.argv[2], sys.argv[3].encode(), makepath=True)\n\
+         zk.stop()\n",
+        &[connect, path, data],
+    )
+    .map(drop)
+}
+
 /// The `catalog-bridge` binary: Cargo's path for tests and benchmarks, else
 /// `$CATALOG_BRIDGE_BIN` (set by `make demo`).
 pub fn controller_bin() -> Result<std::path::PathBuf> {
