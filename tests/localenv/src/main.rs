@@ -73,7 +73,7 @@ async fn serve(args: &Args) -> Result<()> {
     println!("  etcd             {}", env.etcd()?.endpoint());
     println!("  zookeeper        {}", env.zookeeper()?.connect_string());
     if env.node().is_ok() {
-        let ns = format!("cb-node-{}", std::process::id());
+        let ns = localenv::node::netns_name();
         println!(
             "  node             {} (Pods in {}), network namespace {ns}",
             localenv::node::NODE_NAME,

@@ -91,7 +91,7 @@ impl Netns {
     /// Creates the namespace with loopback up, holding [`NODE_IP`] too.
     pub fn create() -> Result<Netns> {
         sweep_stale_namespaces();
-        let name = format!("{PREFIX}{}", std::process::id());
+        let name = netns_name();
         // Left by an earlier node of this process that failed before its drop.
         let _ = ip(&["netns", "delete", &name]);
         ip(&["netns", "add", &name])?;
@@ -101,10 +101,6 @@ impl Netns {
         // it arrives on (the Pods' bridge).
         ns.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
         Ok(ns)
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Moves the calling thread into the namespace; threads it starts afterwards are there too.
@@ -134,6 +130,11 @@ impl Drop for Netns {
             eprintln!("localenv: deleting network namespace {}: {e:#}", self.name);
         }
     }
+}
+
+/// The name of this process's namespace (`/run/netns/cb-node-<pid>`), for `ip netns exec`.
+pub fn netns_name() -> String {
+    format!("{PREFIX}{}", std::process::id())
 }
 
 fn ip(args: &[&str]) -> Result<String> {
@@ -719,7 +720,7 @@ fn unmount(path: &Path) {
 }
 
 /// Unmounts everything mounted under `dir` (overlays of containers, Pods' volumes, shm).
-pub fn unmount_under(dir: &Path) {
+fn unmount_under(dir: &Path) {
     for p in mounts_under(dir) {
         unmount(&p);
     }
